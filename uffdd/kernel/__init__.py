@@ -1,0 +1,1 @@
+"""The thin typed shell over the kernel: userfaultfd ioctls, reads, handover sockets."""
