@@ -17,6 +17,10 @@ from uffdd import __version__
 # command name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
     "check": "uffdd.check:check_command",
+    "dump": "uffdd.image.commands:dump",
+    "image": "uffdd.image.commands:image",
+    "page-server": "uffdd.remote.commands:page_server",
+    "restore": "uffdd.restorer_cli:restore",
 }
 
 

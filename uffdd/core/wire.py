@@ -46,11 +46,15 @@ def decode_messages(data: bytes | bytearray | memoryview) -> list[UffdEvent]:
     view = memoryview(data).cast("B")
     if len(view) % MSG_SIZE:
         raise WireError(f"read returned {len(view)} bytes, not a multiple of {MSG_SIZE}")
-    return [decode_message(view[offset : offset + MSG_SIZE]) for offset in range(0, len(view), MSG_SIZE)]
+    return [
+        decode_message(view[offset : offset + MSG_SIZE]) for offset in range(0, len(view), MSG_SIZE)
+    ]
 
 
 def decode_message(record: bytes | bytearray | memoryview) -> UffdEvent:
     """Decode one 32-byte uffd_msg."""
+    # Count bytes, not items: len() of a memoryview of, say, u64s is a quarter of its size.
+    record = memoryview(record).cast("B")
     if len(record) != MSG_SIZE:
         raise WireError(f"a uffd_msg is {MSG_SIZE} bytes, got {len(record)}")
     event = _HEADER.unpack_from(record)[0]

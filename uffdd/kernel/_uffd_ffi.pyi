@@ -1,0 +1,74 @@
+"""Type stub for the cffi extension compiled from ``_ffi_build.py``.
+
+cffi generates the module at build time and ships no types; this stub declares exactly
+what ``_ffi_build._CDEF`` exposes so ``mypy --strict`` checks every use of it.
+"""
+
+import _cffi_backend
+
+ffi: _cffi_backend.FFI
+
+class _Lib:
+    UFFD_API: int
+    UFFD_USER_MODE_ONLY: int
+    USERFAULTFD_IOC_NEW: int
+
+    UFFDIO_API: int
+    UFFDIO_REGISTER: int
+    UFFDIO_UNREGISTER: int
+    UFFDIO_WAKE: int
+    UFFDIO_COPY: int
+    UFFDIO_ZEROPAGE: int
+    UFFDIO_MOVE: int
+    UFFDIO_WRITEPROTECT: int
+    UFFDIO_CONTINUE: int
+    UFFDIO_POISON: int
+
+    _UFFDIO_REGISTER: int
+    _UFFDIO_UNREGISTER: int
+    _UFFDIO_WAKE: int
+    _UFFDIO_COPY: int
+    _UFFDIO_ZEROPAGE: int
+    _UFFDIO_MOVE: int
+    _UFFDIO_WRITEPROTECT: int
+    _UFFDIO_CONTINUE: int
+    _UFFDIO_POISON: int
+    _UFFDIO_API: int
+
+    UFFD_FEATURE_PAGEFAULT_FLAG_WP: int
+    UFFD_FEATURE_EVENT_FORK: int
+    UFFD_FEATURE_EVENT_REMAP: int
+    UFFD_FEATURE_EVENT_REMOVE: int
+    UFFD_FEATURE_MISSING_HUGETLBFS: int
+    UFFD_FEATURE_MISSING_SHMEM: int
+    UFFD_FEATURE_EVENT_UNMAP: int
+    UFFD_FEATURE_SIGBUS: int
+    UFFD_FEATURE_THREAD_ID: int
+    UFFD_FEATURE_MINOR_HUGETLBFS: int
+    UFFD_FEATURE_MINOR_SHMEM: int
+    UFFD_FEATURE_EXACT_ADDRESS: int
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM: int
+    UFFD_FEATURE_WP_UNPOPULATED: int
+    UFFD_FEATURE_POISON: int
+    UFFD_FEATURE_WP_ASYNC: int
+    UFFD_FEATURE_MOVE: int
+
+    UFFDIO_REGISTER_MODE_MISSING: int
+    UFFDIO_REGISTER_MODE_WP: int
+    UFFDIO_REGISTER_MODE_MINOR: int
+    UFFDIO_COPY_MODE_DONTWAKE: int
+    UFFDIO_COPY_MODE_WP: int
+    UFFDIO_ZEROPAGE_MODE_DONTWAKE: int
+    UFFDIO_WRITEPROTECT_MODE_WP: int
+    UFFDIO_WRITEPROTECT_MODE_DONTWAKE: int
+    UFFDIO_CONTINUE_MODE_DONTWAKE: int
+    UFFDIO_CONTINUE_MODE_WP: int
+    UFFDIO_POISON_MODE_DONTWAKE: int
+    UFFDIO_MOVE_MODE_DONTWAKE: int
+    UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: int
+
+    def uffd_ioctl(self, fd: int, request: int, arg: _cffi_backend.FFI.CData, /) -> int: ...
+    def uffd_create(self, flags: int, /) -> int: ...
+    def uffd_create_from_device(self, dev_fd: int, flags: int, /) -> int: ...
+
+lib: _Lib
