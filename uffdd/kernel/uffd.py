@@ -25,7 +25,14 @@ Kernel behaviour worth knowing (seen on 6.18; see also shared/PROTOCOLS.md):
   then answers :attr:`Outcome.EXISTS` and can be skipped.
 - EAGAIN because of an event lasts until the process that raised the event has *run
   again* after the event was read (it lowers the flag itself), so a retry straight after
-  draining can still see EAGAIN: keep deferring, never spin.
+  draining can still see EAGAIN: keep deferring, never spin. (Measured: about a third
+  of immediate retries after reading a REMOVE still got EAGAIN.)
+- With EVENT_UNMAP, an mremap that moves a range reports REMAP(old, new, len) and then
+  UNMAP(old range): the source addresses are unmapped after the move.
+- The uffd's ranges live in its creator's address space, and any holder may register,
+  copy, zeropage, wake... on them. MOVE is the exception: only the process that owns
+  the memory can issue it (from another process the kernel answers EINVAL even when
+  both addresses name the creator's memory), so a daemon cannot use it.
 """
 
 from __future__ import annotations
@@ -481,8 +488,8 @@ class Uffd:
     ) -> OpResult:
         """UFFDIO_MOVE: move anonymous pages from ``src`` to ``dst``, both in the creator's mm.
 
-        Unlike COPY, ``src`` is an address in the address space of the process that
-        created the uffd (not the caller's), both ranges must be private anonymous,
+        Only the process that created the uffd (and owns the memory) can issue it: from
+        any other process the kernel answers EINVAL. Both ranges must be private anonymous,
         writable and alike, and the source pages must not be shared (a page shared
         after fork gives EBUSY). A hole in the source is ENOENT unless
         ``allow_src_holes``.

@@ -1,0 +1,173 @@
+"""Shared pieces of the page-server tests: real images, real servers, certificates.
+
+Every server here is a real grpc.aio server on 127.0.0.1 port 0 or a Unix socket in a
+temporary directory; every image is written with ImageWriter, and the test keeps the
+bytes it wrote to compare against what comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from uffdd.core.addresses import ImageAddr
+from uffdd.image.writer import ImageWriter
+from uffdd.remote.server import PageServer
+from uffdd.remote.tls import ServerTls
+
+PAGE = 4096
+T = TypeVar("T")
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30.0) -> T:
+    """Run one async scenario with a hard timeout (a hang fails, never blocks)."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(scenario(), timeout)
+
+    return asyncio.run(bounded())
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    start: int
+    content: bytes  # what the region must read as (zeros included)
+    name: str
+
+
+@dataclass(frozen=True)
+class Images:
+    root: Path
+    regions: dict[str, list[RegionSpec]]
+
+    def expected(self, image_id: str, address: int, length: int) -> bytes:
+        for region in self.regions[image_id]:
+            if region.start <= address and address + length <= region.start + len(region.content):
+                offset = address - region.start
+                return region.content[offset : offset + length]
+        raise AssertionError(f"[{address:#x}, +{length:#x}) not inside one region")
+
+
+def _pattern(rng: random.Random, pages: list[str]) -> bytes:
+    """Region content page by page: 'd' random data, 'z' zeros."""
+    return b"".join(rng.randbytes(PAGE) if kind == "d" else bytes(PAGE) for kind in pages)
+
+
+def make_images(root: Path) -> Images:
+    """Three images: a mixed one (data, zero holes, a region bigger than a chunk), a
+    small one, and one that is all zeros."""
+    rng = random.Random(1234)
+    specs: dict[str, list[RegionSpec]] = {
+        "mixed": [
+            RegionSpec(0x10000, _pattern(rng, list("ddzzdzdd")), "[heap]"),
+            # 3 MiB of data with a 1 MiB zero hole in the middle: several chunks
+            RegionSpec(
+                0x400000,
+                _pattern(rng, ["d"] * 256 + ["z"] * 256 + ["d"] * 256 + ["z"] * 2),
+                "anon",
+            ),
+            RegionSpec(0x7FF000000000, _pattern(rng, list("dzd")), "[stack]"),
+        ],
+        "small": [RegionSpec(0x1000, _pattern(rng, list("dddd")), "")],
+        "zeros": [RegionSpec(0x200000, bytes(16 * PAGE), "bss")],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for image_id, regions in specs.items():
+        with ImageWriter(root, image_id, page_size=PAGE) as writer:
+            for region in regions:
+                writer.add_region(ImageAddr(region.start), len(region.content), name=region.name)
+                writer.write(ImageAddr(region.start), region.content)
+            writer.commit()
+    return Images(root, specs)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    root: Path,
+    listen: list[str] | None = None,
+    *,
+    tls: ServerTls | None = None,
+    chunk_size: int = 256 * 1024,
+) -> AsyncIterator[PageServer]:
+    """A started PageServer; always stopped (grace 0) when the block ends."""
+    server = PageServer(root, listen or ["127.0.0.1:0"], tls=tls, chunk_size=chunk_size)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path  # a CA nobody's certificate is signed by
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_certs(directory: Path) -> Certs:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("ca", "other-ca"):
+        _openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", f"/CN=uffdd test {name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem",
+            cwd=directory,
+        )  # fmt: skip
+    for name, extension in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        (directory / f"{name}.ext").write_text(extension + "\n")
+        _openssl(
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-subj", f"/CN=uffdd test {name}", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            cwd=directory,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+            cwd=directory,
+        )  # fmt: skip
+    return Certs(
+        ca=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+        other_ca=directory / "other-ca.pem",
+    )
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupt one byte of a file in place."""
+    with path.open("r+b") as file:
+        file.seek(offset)
+        value = file.read(1)
+        file.seek(offset)
+        file.write(bytes((value[0] ^ 0xFF,)))
+        file.flush()
+        os.fsync(file.fileno())

@@ -1,0 +1,114 @@
+"""``uffdd page-server``: serve a directory of snapshot images over gRPC.
+
+Why a ready file: with ``--listen 127.0.0.1:0`` the kernel picks the port; tests and
+supervisors read the bound addresses from the ``--ready-file`` (JSON, written
+atomically once the server accepts calls) or from the ``page server listening`` log
+line. SIGTERM or SIGINT stops accepting calls, lets in-flight calls run for
+``--grace`` seconds, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import click
+
+from uffdd.errors import ConfigError
+from uffdd.log import LEVELS, configure_logging, get_logger
+from uffdd.remote.server import PageServer
+from uffdd.remote.service import DEFAULT_CHUNK_SIZE
+from uffdd.remote.tls import ServerTls
+
+DEFAULT_LISTEN = "127.0.0.1:7070"
+
+
+def _write_ready_file(path: Path, addresses: list[str]) -> None:
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text(json.dumps({"pid": os.getpid(), "addresses": addresses}) + "\n")
+    scratch.replace(path)
+
+
+async def _serve(server: PageServer, grace: float, ready_file: Path | None) -> None:
+    log = get_logger("uffdd.page_server")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    addresses = await server.start()
+    try:
+        if ready_file is not None:
+            _write_ready_file(ready_file, addresses)
+        await stop.wait()
+        log.info("signal received, shutting down")
+    finally:
+        await server.stop(grace)
+
+
+@click.command("page-server")
+@click.option(
+    "--images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Directory holding the images to serve (one subdirectory per image).",
+)
+@click.option(
+    "--listen",
+    multiple=True,
+    metavar="ADDRESS",
+    help=f"host:port or unix:/path; repeatable (default {DEFAULT_LISTEN}; port 0 = any).",
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM cert.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM key.")
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM CA bundle: require client certificates signed by it (mutual TLS).",
+)
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds in-flight calls may run after SIGTERM.")  # fmt: skip
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=4096),
+    default=DEFAULT_CHUNK_SIZE,
+    show_default=True,
+    help="Largest data chunk in bytes (an urgent request waits behind at most one).",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write {pid, addresses} as JSON here once serving.",
+)
+@click.option("--log-format", type=click.Choice(["json", "console"]), default="json",
+              show_default=True)  # fmt: skip
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+def page_server(
+    *,
+    images: Path,
+    listen: tuple[str, ...],
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    grace: float,
+    chunk_size: int,
+    ready_file: Path | None,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """Serve snapshot images to uffdd daemons (gRPC PageService, health, reflection)."""
+    configure_logging(json=log_format == "json", level=log_level)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        tls = ServerTls(tls_cert, tls_key, tls_client_ca)
+    try:
+        server = PageServer(images, listen or (DEFAULT_LISTEN,), tls=tls, chunk_size=chunk_size)
+        asyncio.run(_serve(server, grace, ready_file))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
