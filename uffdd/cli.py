@@ -17,6 +17,8 @@ from uffdd import __version__
 # command name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
     "check": "uffdd.check:check_command",
+    "daemon": "uffdd.daemon_cli:daemon",
+    "demo": "uffdd.demo.command:demo",
     "dump": "uffdd.image.commands:dump",
     "image": "uffdd.image.commands:image",
     "page-server": "uffdd.remote.commands:page_server",
@@ -49,3 +51,7 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="uffdd")
 def main() -> None:
     """uffdd: lazy restore of process memory over userfaultfd."""
+
+
+if __name__ == "__main__":
+    main()

@@ -70,3 +70,29 @@ def expected_page(pattern: Pattern, region: DemoRegion, index: int) -> bytes:
     if region.kind(index) is PageKind.DATA:
         return pattern.page(ImageAddr(region.start + index * PAGE_SIZE))
     return ZERO_PAGE
+
+
+DEMO_BASE = ImageAddr(0x5E00_0000_0000)
+"""Where the demo maps its memory: fixed, so the restored process can map the same
+addresses (far from where the kernel places ordinary mappings)."""
+
+_GAP = 1 << 20
+
+
+def demo_layout(size_mib: int) -> tuple[DemoRegion, ...]:
+    """The demo's regions for about ``size_mib`` MiB: dense data, a sparse region whose
+    untouched pages are not even dumped, a region of zeroed pages, and one to mremap."""
+    total_pages = max(size_mib, 8) * (1 << 20) // PAGE_SIZE
+    shares = (
+        (60, 1, PageKind.UNTOUCHED),  # heap-like: every page data
+        (25, 4, PageKind.UNTOUCHED),  # sparse: 1 page in 4 touched
+        (5, 8, PageKind.ZEROED),  # written then cleared: zero in the image
+        (10, 1, PageKind.UNTOUCHED),  # moved by mremap in the restored process
+    )
+    regions = []
+    address = DEMO_BASE
+    for percent, data_every, others in shares:
+        pages = max(total_pages * percent // 100, 16)
+        regions.append(DemoRegion(ImageAddr(address), pages, data_every, others))
+        address = ImageAddr(address + pages * PAGE_SIZE + _GAP)
+    return tuple(regions)

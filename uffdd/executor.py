@@ -1,0 +1,412 @@
+"""The shell around the core: read uffds, run the core's actions, feed outcomes back.
+
+Why here and not in the core: this is where IO happens (ioctls on userfaultfds, page
+requests over gRPC, pidfd signals), all on the one asyncio loop; every decision is the
+core's (``Tracker.handle*`` -> actions). The loop of one uffd is: read until empty
+(many messages per read), stamp the batch with the time of the read, hand it to the
+core in order, execute the actions in order, and hand each install's outcome straight
+back before anything else of that process is read, as ``core/actions.py`` requires.
+
+Page data is never copied in Python: a chunk arrives as a view into the received gRPC
+message, travels through the core untouched inside ``PagesArrived``/``Copy``, and goes
+to ``UFFDIO_COPY`` with ``ffi.from_buffer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uffdd.core.actions import (
+    Action,
+    AdoptChild,
+    CancelFetch,
+    Copy,
+    Fetch,
+    Kill,
+    Lane,
+    Release,
+    Wake,
+    ZeroFill,
+)
+from uffdd.core.addresses import PAGE_SIZE, ImageAddr
+from uffdd.core.events import (
+    EventsDrained,
+    Exited,
+    FetchFailed,
+    InstallOutcome,
+    InstallResult,
+    PagesArrived,
+    ProcId,
+    ShellEvent,
+    Tick,
+)
+from uffdd.core.policy import Policy
+from uffdd.core.process import LazyRegion
+from uffdd.core.stats import LatencyHistogram, ProcessSummary
+from uffdd.core.tracker import Tracker
+from uffdd.errors import PageServerError, UffdOpError
+from uffdd.kernel.uffd import OpResult, Uffd
+from uffdd.log import get_logger
+from uffdd.remote.client import Chunk, PageClient, Request
+from uffdd.remote.convert import Priority
+
+_log = get_logger("uffdd.executor")
+
+_READ_BATCH = 64
+_PRIORITY = {Lane.URGENT: Priority.URGENT, Lane.BULK: Priority.BULK}
+
+
+@dataclass(frozen=True, slots=True)
+class TreeOutcome:
+    """How a restore tree ended: resident (``failure`` None) or killed, with a summary."""
+
+    root: ProcId
+    failure: str | None
+    processes: tuple[ProcessSummary, ...]
+    faults: int
+    fault_p50: float | None
+    fault_p99: float | None
+    bytes_resident: int
+    seconds: float
+
+
+@dataclass(eq=False)
+class _Tree:
+    """One handed-over restore: the root process and everything it forks."""
+
+    root: ProcId
+    pid: int
+    pidfd: int
+    client: PageClient
+    started: float
+    on_done: Callable[[TreeOutcome], None]
+    members: set[ProcId] = field(default_factory=set)
+    failure: str | None = None
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    summaries: list[ProcessSummary] = field(default_factory=list)
+
+
+class Executor:
+    """Serves every lazy process of the daemon on the running loop."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.tracker = Tracker(policy)
+        self._loop = asyncio.get_running_loop()
+        self._uffds: dict[ProcId, Uffd] = {}
+        self._tree_of: dict[ProcId, _Tree] = {}
+        self._trees: dict[ProcId, _Tree] = {}
+        self._requests: dict[int, Request] = {}
+        self._queue: deque[Action] = deque()
+        self._running = False
+        self._tick: asyncio.TimerHandle | None = None
+
+    # -- what the daemon calls ---------------------------------------------------------
+
+    def add_tree(
+        self,
+        root: ProcId,
+        *,
+        uffd: Uffd,
+        pid: int,
+        pidfd: int,
+        client: PageClient,
+        image_id: str,
+        regions: list[LazyRegion],
+        data: list[tuple[int, int]],
+        on_done: Callable[[TreeOutcome], None],
+    ) -> None:
+        """Start serving a handed-over process (its uffd stays owned by the caller's
+        Handover, which closes it once ``on_done`` ran)."""
+        now = time.monotonic()
+        tree = _Tree(root, pid, pidfd, client, now, on_done)
+        self._trees[root] = tree
+        self._watch(root, uffd, tree)
+        if pidfd >= 0:
+            self._loop.add_reader(pidfd, self._root_exited, root)
+        self._run(self.tracker.add_process(root, image_id, regions, data, now, handed_over=True))
+
+    def progress(self, root: ProcId) -> tuple[int, int]:
+        """(resident bytes, total bytes) of a tree."""
+        progress = self.tracker.progress(root)
+        return progress.bytes_resident, progress.bytes_total
+
+    @property
+    def trees(self) -> list[ProcId]:
+        return list(self._trees)
+
+    def kill_tree(self, root: ProcId, reason: str) -> None:
+        """Kill a whole restore tree (never leave it reading zeros) and end it."""
+        tree = self._trees.get(root)
+        if tree is None:
+            return
+        for proc in list(tree.members):
+            self._run(self.tracker.process(proc).kill(reason, time.monotonic()))
+        self._end_tree(tree, failure=reason)
+
+    # -- reading uffds -----------------------------------------------------------------
+
+    def _watch(self, proc: ProcId, uffd: Uffd, tree: _Tree) -> None:
+        self._uffds[proc] = uffd
+        self._tree_of[proc] = tree
+        tree.members.add(proc)
+        self._loop.add_reader(uffd.fd, self._readable, proc)
+
+    def _readable(self, proc: ProcId) -> None:
+        uffd = self._uffds.get(proc)
+        if uffd is None:
+            return
+        now = time.monotonic()
+        events = []
+        while batch := uffd.read_events(_READ_BATCH):
+            events.extend(batch)
+        if events:
+            self._run(self.tracker.handle_uffd(proc, events, now))
+        # Everything queued has been read: installs that met EAGAIN may go again.
+        if proc in self._uffds:
+            self._handle(EventsDrained(proc))
+
+    def _root_exited(self, root: ProcId) -> None:
+        tree = self._trees.get(root)
+        if tree is None:
+            return
+        self._loop.remove_reader(tree.pidfd)
+        self._handle(Exited(root))
+
+    # -- the core loop -----------------------------------------------------------------
+
+    def _handle(self, event: ShellEvent) -> None:
+        self._run(self.tracker.handle(event, time.monotonic()))
+
+    def _run(self, actions: list[Action]) -> None:
+        """Execute actions in order; outcomes go back to the core as they come.
+
+        Re-entrant calls (an outcome producing actions while actions run) append to the
+        one queue, so every action runs in the order the core produced it.
+        """
+        self._queue.extend(actions)
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self._queue:
+                self._execute(self._queue.popleft())
+        finally:
+            self._running = False
+        self._schedule_tick()
+
+    def _execute(self, action: Action) -> None:
+        if isinstance(action, Copy):
+            self._install(action, self._copy)
+        elif isinstance(action, ZeroFill):
+            self._install(action, self._zero)
+        elif isinstance(action, Fetch):
+            self._fetch(action)
+        elif isinstance(action, Wake):
+            uffd = self._uffds.get(action.proc)
+            if uffd is not None:
+                self._guard(action.proc, "wake", lambda: uffd.wake(action.run_addr, action.length))
+        elif isinstance(action, CancelFetch):
+            request = self._requests.pop(action.request_id, None)
+            if request is not None:
+                request.cancel()
+        elif isinstance(action, AdoptChild):
+            self._adopt(action)
+        elif isinstance(action, Release):
+            self._release(action)
+        else:
+            self._kill(action)
+
+    def _install(
+        self, action: Copy | ZeroFill, operation: Callable[[Uffd, Copy | ZeroFill], OpResult]
+    ) -> None:
+        uffd = self._uffds.get(action.proc)
+        if uffd is None:
+            result = InstallResult.GONE
+            done = 0
+        else:
+            try:
+                outcome = operation(uffd, action)
+            except UffdOpError as exc:
+                # Not an outcome a handler expects: this process cannot be served safely.
+                self._run(self.tracker.process(action.proc).kill(str(exc), time.monotonic()))
+                return
+            result, done = InstallResult(outcome.outcome.value), outcome.done
+        self._handle(InstallOutcome(action.proc, action.install_id, result, done))
+
+    @staticmethod
+    def _copy(uffd: Uffd, action: Copy | ZeroFill) -> OpResult:
+        assert isinstance(action, Copy)
+        data = memoryview(action.data)  # type: ignore[arg-type]
+        view = data[action.data_offset : action.data_offset + action.length]
+        return uffd.copy(action.run_addr, view, dontwake=action.dontwake)
+
+    @staticmethod
+    def _zero(uffd: Uffd, action: Copy | ZeroFill) -> OpResult:
+        assert isinstance(action, ZeroFill)
+        if action.page_size == PAGE_SIZE:
+            return uffd.zeropage(action.run_addr, action.length)
+        # hugetlbfs has no ZEROPAGE: install zeros from a buffer of the right size.
+        return uffd.copy(action.run_addr, bytes(action.length))
+
+    def _guard(self, proc: ProcId, what: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except UffdOpError as exc:
+            _log.warning("uffd operation failed", proc=proc, op=what, error=str(exc))
+
+    # -- page server -------------------------------------------------------------------
+
+    def _fetch(self, action: Fetch) -> None:
+        tree = self._tree_of.get(action.proc)
+        if tree is None:
+            self._handle(FetchFailed(action.request_id, "the requesting process is gone"))
+            return
+        request_id = action.request_id
+
+        def on_chunk(chunk: Chunk) -> None:
+            data: object = chunk.data if chunk.data is not None else bytes(chunk.length)
+            self._handle(PagesArrived(request_id, ImageAddr(chunk.address), chunk.length, data))
+
+        def on_done(error: PageServerError | None) -> None:
+            self._requests.pop(request_id, None)
+            if error is not None:
+                self._handle(FetchFailed(request_id, str(error)))
+
+        self._requests[request_id] = tree.client.submit(
+            action.image_id,
+            action.image_addr,
+            action.length,
+            _PRIORITY[action.lane],
+            on_chunk=on_chunk,
+            on_done=on_done,
+        )
+
+    # -- process life cycle ------------------------------------------------------------
+
+    def _adopt(self, action: AdoptChild) -> None:
+        tree = self._tree_of.get(action.parent)
+        uffd = Uffd.adopt(action.child_fd, nonblocking=True)
+        if tree is None:  # the parent's tree ended while the fork event was queued
+            uffd.close()
+            return
+        _log.info("following fork", parent=action.parent, child=action.child)
+        self._watch(action.child, uffd, tree)
+
+    def _release(self, action: Release) -> None:
+        tree = self._tree_of.get(action.proc)
+        uffd = self._uffds.pop(action.proc, None)
+        if uffd is not None:
+            self._loop.remove_reader(uffd.fd)
+            uffd.close()
+        self._tree_of.pop(action.proc, None)
+        if tree is None:
+            return
+        summary = self.tracker.summary(action.proc, time.monotonic())
+        tree.summaries.append(summary)
+        tree.latency.merge(self.tracker.process(action.proc).stats.latency)
+        tree.members.discard(action.proc)
+        _log.info(
+            "process released" if not action.exited else "process exited",
+            proc=action.proc,
+            pages=summary.bytes_resident // PAGE_SIZE,
+            bytes=summary.bytes_resident,
+            faults=summary.faults,
+            fault_p50_us=_micros(summary.latency_p50),
+            fault_p99_us=_micros(summary.latency_p99),
+            seconds_to_resident=summary.time_to_resident,
+        )
+        if not tree.members:
+            self._end_tree(tree, failure=tree.failure)
+
+    def _kill(self, action: Kill) -> None:
+        tree = self._tree_of.get(action.proc)
+        if tree is None:
+            return
+        _log.error("killing restore tree", proc=action.proc, reason=action.reason)
+        if tree.failure is None:
+            tree.failure = f"{action.proc}: {action.reason}"
+            _kill_tree(tree.pid, tree.pidfd)
+        # The process is dead or dying (SIGKILL cannot be caught): its uffd may close.
+        self._release(Release(action.proc, exited=True))
+
+    def _end_tree(self, tree: _Tree, failure: str | None) -> None:
+        if self._trees.pop(tree.root, None) is None:
+            return
+        for proc in list(tree.members):
+            self._release(Release(proc, exited=True))
+        if tree.pidfd >= 0:
+            self._loop.remove_reader(tree.pidfd)
+        outcome = TreeOutcome(
+            root=tree.root,
+            failure=failure,
+            processes=tuple(tree.summaries),
+            faults=sum(s.faults for s in tree.summaries),
+            fault_p50=tree.latency.quantile(0.5),
+            fault_p99=tree.latency.quantile(0.99),
+            bytes_resident=sum(s.bytes_resident for s in tree.summaries),
+            seconds=time.monotonic() - tree.started,
+        )
+        tree.on_done(outcome)
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        wakeup = self.tracker.next_wakeup()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        if wakeup is None:
+            return
+        delay = max(wakeup - time.monotonic(), 0.001)
+        self._tick = self._loop.call_later(delay, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        self._handle(Tick())
+
+    def close(self) -> None:
+        """Stop timers and readers (the trees must have ended)."""
+        if self._tick is not None:
+            self._tick.cancel()
+        for uffd in self._uffds.values():
+            self._loop.remove_reader(uffd.fd)
+
+
+def _micros(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e6, 1)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (children first found, deepest last)."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def _kill_tree(pid: int, pidfd: int) -> None:
+    """SIGKILL the restored process and everything it forked (children first found
+    while the root still lives, so none is reparented out of reach)."""
+    for child in _descendants(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    if pidfd >= 0:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)

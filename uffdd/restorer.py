@@ -1,0 +1,377 @@
+"""The restorer side of the native handover: a library the restored process calls on itself.
+
+Why in-process: the memory being restored is the caller's own. The caller (a restored
+workload, a VMM, a test's child process) maps the regions at their run-time addresses,
+registers them with a userfaultfd it creates, and hands the uffd to the uffdd daemon;
+from the ack on, every access to a missing page is served by the daemon. So::
+
+    session = Restorer("/run/uffdd/handover.sock").restore(
+        "my-image", [RegionSpec(image_address=..., length=..., run_address=...)]
+    )
+    ...                                  # use the memory: faults are served
+    summary = session.wait_resident(timeout=60)   # optional: every page is in
+
+Rules this follows (shared/PROTOCOLS.md):
+
+- Regions are mapped with MAP_FIXED_NOREPLACE: never over an existing mapping (a taken
+  range is a clear RestoreError). ``run_address=None`` lets the kernel choose.
+- The uffd gets EVENT_FORK|EVENT_REMAP|EVENT_REMOVE|EVENT_UNMAP (required, so the daemon
+  can follow forks, mremap, madvise and munmap) and THREAD_ID (wished), never
+  UFFD_USER_MODE_ONLY (a read() into lazy memory would fail with EFAULT).
+- Our copy of the uffd is kept until the ack (if the daemon refuses, closing it
+  unregisters the ranges: nothing is lost) and closed right after it: the daemon then
+  holds the only copy, and keeping ours would only keep the ranges alive after a daemon
+  crash, as zero-filled lies rather than a clean failure.
+- Nothing here touches the registered memory: before the ack no one would serve it.
+
+Python's mmap module cannot map at a fixed address, hence ctypes over libc's mmap.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
+from uffdd.core.handover import (
+    DEFAULT_SOCKET_PATH,
+    HUGE_1G,
+    HUGE_2M,
+    MAX_REPLY_BYTES,
+    Ack,
+    Error,
+    ErrorCode,
+    Failed,
+    HandoverRegion,
+    HandoverRequest,
+    Progress,
+    ResidentSummary,
+)
+from uffdd.errors import PeerProtocolError, UffddError
+from uffdd.handover_protocol import decode_reply, encode_request
+from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "REQUIRED_FEATURES",
+    "HandoverRefused",
+    "RegionSpec",
+    "RestoreError",
+    "RestoreFailed",
+    "Restorer",
+    "Session",
+    "map_anonymous",
+    "unmap",
+]
+
+DEFAULT_SOCKET = Path(DEFAULT_SOCKET_PATH)
+REQUIRED_FEATURES = (
+    Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
+)
+WISHED_FEATURES = Feature.THREAD_ID
+
+_PROT_READ = 0x1
+_PROT_WRITE = 0x2
+_MAP_PRIVATE = 0x02
+_MAP_ANONYMOUS = 0x20
+_MAP_NORESERVE = 0x4000
+_MAP_HUGETLB = 0x40000
+_MAP_FIXED_NOREPLACE = 0x100000
+_MAP_HUGE_SHIFT = 26
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+class RestoreError(UffddError):
+    """The restore could not be set up here: a range is taken, a uffd cannot be made..."""
+
+
+class HandoverRefused(UffddError):
+    """The daemon refused the handover; ``code`` and ``reason`` are its answer."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(f"the daemon refused the handover ({code.name}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class RestoreFailed(UffddError):
+    """After the ack, the daemon reported Failed, or hung up before Resident."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    """A range to restore: its pages are ``[image_address, +length)`` of the image.
+
+    ``run_address`` is where to map it in this process (None: wherever the kernel likes;
+    with ``map_memory=False`` it must name memory the caller already mapped).
+    """
+
+    image_address: int
+    length: int
+    page_size: int = PAGE_SIZE
+    run_address: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    address: int
+    length: int
+
+
+class Session:
+    """A handed-over restore: the daemon serves the memory; this is the line back to it."""
+
+    def __init__(
+        self, sock: socket.socket, session_id: str, regions: tuple[HandoverRegion, ...]
+    ) -> None:
+        self._sock: socket.socket | None = sock
+        self.session_id = session_id
+        self.regions = regions
+        """The regions as handed over, with their run-time addresses."""
+        self.last_progress: Progress | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.length for r in self.regions)
+
+    def wait_resident(
+        self,
+        timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> ResidentSummary:
+        """Block until the daemon reports every page resident; return its summary.
+
+        Raises RestoreFailed on Failed or a hang-up, TimeoutError after ``timeout``
+        seconds (the session stays usable: call again to keep waiting).
+        """
+        sock = self._sock
+        if sock is None:
+            raise RestoreFailed(f"session {self.session_id}: the connection is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(MAX_REPLY_BYTES)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"session {self.session_id}: not resident after {timeout:g} s"
+                ) from None
+            except OSError as exc:
+                self.close()
+                raise RestoreFailed(
+                    f"session {self.session_id}: connection to the daemon lost: {exc}"
+                ) from exc
+            if not data:
+                self.close()
+                raise RestoreFailed(
+                    f"session {self.session_id}: the daemon hung up before the memory was "
+                    "resident (did it exit?)"
+                )
+            reply = decode_reply(data)
+            if isinstance(reply, Progress):
+                self.last_progress = reply
+                if on_progress is not None:
+                    on_progress(reply)
+                continue
+            self.close()
+            if isinstance(reply, ResidentSummary):
+                return reply
+            if isinstance(reply, Failed):
+                raise RestoreFailed(f"session {self.session_id}: {reply.reason}")
+            raise PeerProtocolError(
+                f"session {self.session_id}: unexpected {type(reply).__name__} reply"
+            )
+
+    def close(self) -> None:
+        """Stop listening to the daemon (serving goes on; the memory stays)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class Restorer:
+    """Hands this process's lazily restored memory to a uffdd daemon."""
+
+    socket_path: Path = DEFAULT_SOCKET
+    timeout: float = 30.0
+    """Seconds for connecting and for the daemon's answer (ack or error)."""
+    name: str = "uffdd.restorer"
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def restore(
+        self,
+        image_id: str,
+        regions: Sequence[RegionSpec],
+        *,
+        page_server: str = "",
+        map_memory: bool = True,
+        pid: int = 0,
+    ) -> Session:
+        """Map (unless ``map_memory`` is False), register, hand over, wait for the ack.
+
+        Raises RestoreError (local failure), HandoverRefused (the daemon's Error reply,
+        e.g. an unknown image), OSError (no daemon at the socket) or TimeoutError. On
+        any failure everything set up here is undone: mappings made here are unmapped,
+        the uffd closed, the connection closed.
+        """
+        mapped: list[_Mapped] = []
+        try:
+            placed = self._place(regions, map_memory, mapped)
+            request = HandoverRequest(
+                image_id=image_id,
+                regions=placed,
+                pid=pid,
+                page_server=page_server,
+                restorer=self.name,
+                labels=dict(self.labels),
+            )
+            with _make_uffd(placed) as uffd:
+                for region in placed:
+                    uffd.register(region.run_address, region.length, RegisterMode.MISSING)
+                sock, session_id = self._hand_over(encode_request(request), uffd)
+            # Leaving the block closed our copy of the uffd: the daemon holds its own.
+        except BaseException:
+            for m in mapped:
+                _munmap(m.address, m.length)
+            raise
+        return Session(sock, session_id, placed)
+
+    def _place(
+        self, regions: Sequence[RegionSpec], map_memory: bool, mapped: list[_Mapped]
+    ) -> tuple[HandoverRegion, ...]:
+        placed: list[HandoverRegion] = []
+        for spec in regions:
+            if map_memory:
+                address = map_anonymous(spec.length, spec.page_size, spec.run_address)
+                mapped.append(_Mapped(address, spec.length))
+            elif spec.run_address is None:
+                raise RestoreError("with map_memory=False every region needs a run_address")
+            else:
+                address = spec.run_address
+            placed.append(
+                HandoverRegion(
+                    run_address=RunAddr(address),
+                    image_address=ImageAddr(spec.image_address),
+                    length=spec.length,
+                    page_size=spec.page_size,
+                )
+            )
+        return tuple(placed)
+
+    def _hand_over(self, request: bytes, uffd: Uffd) -> tuple[socket.socket, str]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.socket_path))
+            rights = array.array("i", [uffd.fd]).tobytes()
+            # A daemon that refuses may answer and hang up before our send: its reply,
+            # read below, says why.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            try:
+                data = sock.recv(MAX_REPLY_BYTES)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                raise RestoreFailed(
+                    f"the daemon at {self.socket_path} hung up without answering the handover"
+                )
+            reply = decode_reply(data)
+            if isinstance(reply, Error):
+                raise HandoverRefused(reply.code, reply.message)
+            if not isinstance(reply, Ack):
+                raise PeerProtocolError(
+                    f"expected an ack from the daemon, got {type(reply).__name__}"
+                )
+        except BaseException:
+            sock.close()
+            raise
+        return sock, reply.session_id
+
+
+def _make_uffd(regions: tuple[HandoverRegion, ...]) -> Uffd:
+    huge = any(r.page_size != PAGE_SIZE for r in regions)
+    required = REQUIRED_FEATURES | (Feature.MISSING_HUGETLBFS if huge else Feature(0))
+    uffd = Uffd.create(nonblocking=True, user_mode_only=False)
+    try:
+        uffd.api(required | WISHED_FEATURES, required=required)
+    except BaseException:
+        uffd.close()
+        raise
+    return uffd
+
+
+def map_anonymous(length: int, page_size: int = PAGE_SIZE, address: int | None = None) -> int:
+    """Map private anonymous read-write memory; at exactly ``address`` if given.
+
+    A fixed address never replaces an existing mapping (MAP_FIXED_NOREPLACE): a taken
+    range raises RestoreError. Huge page sizes map hugetlbfs pages of that size (the
+    pool must have them: vm.nr_hugepages).
+    """
+    flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
+    if page_size != PAGE_SIZE:
+        if page_size not in (HUGE_2M, HUGE_1G):
+            raise RestoreError(f"page size {page_size} is not 4 KiB, 2 MiB or 1 GiB")
+        flags |= _MAP_HUGETLB | ((page_size.bit_length() - 1) << _MAP_HUGE_SHIFT)
+    if length <= 0 or length % page_size:
+        raise RestoreError(f"length {length:#x} is not a positive multiple of {page_size}")
+    if address is not None:
+        if address % page_size:
+            raise RestoreError(f"address {address:#x} is not aligned to {page_size}")
+        flags |= _MAP_FIXED_NOREPLACE
+    result = _mmap(address, length, _PROT_READ | _PROT_WRITE, flags, -1, 0)
+    if result is None or result == _MAP_FAILED:
+        err = ctypes.get_errno()
+        where = "" if address is None else f" at [{address:#x}, +{length:#x})"
+        if err == errno.EEXIST:
+            raise RestoreError(f"cannot map{where}: the range is already mapped in this process")
+        raise RestoreError(f"cannot map {length:#x} bytes{where}: {os.strerror(err)}")
+    if address is not None and result != address:  # a kernel without NOREPLACE: a hint
+        _munmap(result, length)
+        raise RestoreError(f"cannot map at {address:#x}: the kernel placed it at {result:#x}")
+    return int(result)
+
+
+def unmap(address: int, length: int) -> None:
+    """Unmap memory mapped by :func:`map_anonymous` (e.g. after a session is over)."""
+    if _munmap(address, length) != 0:
+        raise RestoreError(
+            f"munmap [{address:#x}, +{length:#x}): {os.strerror(ctypes.get_errno())}"
+        )
