@@ -222,7 +222,16 @@ class Daemon:
         handover = self._sessions.pop(outcome.root, None)
         if not self._sessions:
             self._idle.set()
-        if outcome.failure is None:
+        if outcome.exited:
+            _log.info(
+                "restore ended: the process exited before it was fully resident",
+                proc=outcome.root,
+                processes=len(outcome.processes),
+                bytes=outcome.bytes_resident,
+                faults=outcome.faults,
+                seconds=round(outcome.seconds, 3),
+            )
+        elif outcome.failure is None:
             _log.info(
                 "fully resident",
                 proc=outcome.root,
@@ -242,7 +251,9 @@ class Daemon:
 
     async def _report(self, handover: Handover, outcome: TreeOutcome) -> None:
         try:
-            if outcome.failure is None:
+            if outcome.exited:
+                await handover.reply.send_failed("the restored process exited")
+            elif outcome.failure is None:
                 await handover.reply.send_resident(
                     ResidentSummary(
                         pages=outcome.bytes_resident // PAGE_SIZE,

@@ -66,10 +66,12 @@ _PRIORITY = {Lane.URGENT: Priority.URGENT, Lane.BULK: Priority.BULK}
 
 @dataclass(frozen=True, slots=True)
 class TreeOutcome:
-    """How a restore tree ended: resident (``failure`` None) or killed, with a summary."""
+    """How a restore tree ended, with a summary: fully resident (``failure`` None and not
+    ``exited``), the restored process exited first (``exited``), or killed (``failure``)."""
 
     root: ProcId
     failure: str | None
+    exited: bool
     processes: tuple[ProcessSummary, ...]
     faults: int
     fault_p50: float | None
@@ -90,6 +92,8 @@ class _Tree:
     on_done: Callable[[TreeOutcome], None]
     members: set[ProcId] = field(default_factory=set)
     failure: str | None = None
+    root_exited: bool = False
+    """The restored process itself exited before it was fully resident."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     summaries: list[ProcessSummary] = field(default_factory=list)
 
@@ -313,6 +317,8 @@ class Executor:
         tree.summaries.append(summary)
         tree.latency.merge(self.tracker.process(action.proc).stats.latency)
         tree.members.discard(action.proc)
+        if action.exited and action.proc == tree.root:
+            tree.root_exited = True
         _log.info(
             "process released" if not action.exited else "process exited",
             proc=action.proc,
@@ -347,6 +353,7 @@ class Executor:
         outcome = TreeOutcome(
             root=tree.root,
             failure=failure,
+            exited=tree.root_exited and failure is None,
             processes=tuple(tree.summaries),
             faults=sum(s.faults for s in tree.summaries),
             fault_p50=tree.latency.quantile(0.5),

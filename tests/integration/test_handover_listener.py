@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -124,6 +125,9 @@ print(json.dumps({"reply": sock.recv(65536).hex()}))
 
 
 def open_fds() -> int:
+    # Collect first: garbage of earlier tests (sockets, pipes) closes its fds only when
+    # collected, which would move the baseline under the test's feet.
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 

@@ -11,16 +11,13 @@ checking every byte. Each piece runs as its own process, as in production.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -28,10 +25,10 @@ from typing import IO, Any
 import click
 
 from uffdd.demo.pattern import demo_layout
+from uffdd.demo.services import ServiceError, log_tail, service, uffdd_command, wait_for_path
 from uffdd.image.dump import dump_process
 
 _PYTHON = sys.executable
-_READY_TIMEOUT = 30.0
 
 
 @dataclass
@@ -44,44 +41,6 @@ class _Run:
 
 class DemoError(click.ClickException):
     """A step of the demo failed; the message says which and why."""
-
-
-def _uffdd(*args: str) -> list[str]:
-    return [_PYTHON, "-m", "uffdd.cli", *args]
-
-
-def _wait_for(path: Path, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + _READY_TIMEOUT
-    while not path.exists():
-        if process.poll() is not None:
-            raise DemoError(f"{what} exited with {process.returncode}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise DemoError(f"{what} not ready after {_READY_TIMEOUT:g} s:\n{_tail(log)}")
-        time.sleep(0.02)
-
-
-def _tail(log: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@contextlib.contextmanager
-def _service(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a service process for the block; SIGTERM (then SIGKILL) it afterwards."""
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _bar(done: int, total: int, width: int = 32) -> str:
@@ -200,6 +159,8 @@ def demo(size_mib: int, seed: int, workdir: Path | None) -> None:
     base.mkdir(parents=True, exist_ok=True)
     try:
         ok = _run_demo(base, size_mib, seed)
+    except ServiceError as exc:
+        raise DemoError(str(exc)) from exc
     finally:
         if temporary:
             shutil.rmtree(base, ignore_errors=True)
@@ -239,8 +200,8 @@ def _run_demo(base: Path, size_mib: int, seed: int) -> bool:
     click.echo(f"    {result.read_bytes / 2**20:.1f} MiB read, image {result.path}")
 
     click.echo(f"3/5 uffdd page-server on unix:{pages_sock}")
-    with _service(
-        _uffdd(
+    with service(
+        uffdd_command(
             "page-server",
             "--images",
             str(images),
@@ -251,13 +212,15 @@ def _run_demo(base: Path, size_mib: int, seed: int) -> bool:
         ),
         base / "page-server.log",
     ) as server:
-        _wait_for(base / "pages.ready", "the page server", server, base / "page-server.log")
+        wait_for_path(base / "pages.ready", "the page server", server, base / "page-server.log")
         click.echo(f"4/5 uffdd daemon on {handover}")
-        with _service(
-            _uffdd("daemon", "--handover", str(handover), "--page-server", f"unix:{pages_sock}"),
+        with service(
+            uffdd_command(
+                "daemon", "--handover", str(handover), "--page-server", f"unix:{pages_sock}"
+            ),
             base / "daemon.log",
         ) as daemon:
-            _wait_for(handover, "the daemon", daemon, base / "daemon.log")
+            wait_for_path(handover, "the daemon", daemon, base / "daemon.log")
             click.echo("5/5 a new process restores lazily and checks every byte")
             run = _Run()
             code = _restore(
@@ -276,5 +239,5 @@ def _run_demo(base: Path, size_mib: int, seed: int) -> bool:
             )
     ok = _report(run, dump_seconds, result.total_bytes) and code == 0
     if not ok:
-        click.echo(f"daemon log:\n{_tail(base / 'daemon.log')}", err=True)
+        click.echo(f"daemon log:\n{log_tail(base / 'daemon.log')}", err=True)
     return ok

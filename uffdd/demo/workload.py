@@ -27,6 +27,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,13 @@ def run_restored(
     image_id: str,
     page_server: str,
     resident_timeout: float,
+    mode: str = "exercise",
 ) -> bool:
-    """Restore the layout lazily through the daemon and check every byte; True if right."""
+    """Restore the layout lazily through the daemon and check every byte; True if right.
+
+    ``mode``: ``exercise`` (the full script), ``idle`` (one access, then wait for the
+    daemon to make everything resident, then check), ``exit-early`` (one access, then
+    exit while the transfer is in flight)."""
     heap, sparse, zeroed, moved = layout
     checker = Checker(pattern)
     started = time.monotonic()
@@ -187,6 +193,15 @@ def run_restored(
     first = time.perf_counter()
     checker.page(heap, 0)
     emit("first_access", microseconds=round((time.perf_counter() - first) * 1e6, 1))
+    if mode == "exit-early":
+        # Leave while the background transfer is in flight: the daemon must notice.
+        emit("done", ok=checker.mismatches == 0, verified_bytes=checker.checked_bytes)
+        sys.stdout.flush()
+        os._exit(0)
+    if mode == "idle":
+        # Touch nothing more until the daemon says everything is resident.
+        progress.join(resident_timeout)
+        return _finish(checker, outcome, lambda: _check_all(checker, layout, None, None))
 
     half = list(range(1, heap.pages // 2))
     rng.shuffle(half)
@@ -236,13 +251,28 @@ def run_restored(
     _phase("munmap mid-transfer", checker, lambda: None)
 
     def everything() -> None:
-        checker.pages(heap, range(heap.pages))
-        checker.pages(sparse, range(cut))
-        checker.pages(zeroed, range(zeroed.pages))
-        checker.pages(moved, range(moved.pages), run_start=new_home)
+        _check_all(checker, layout, cut, new_home)
 
     _phase("every byte, all regions", checker, everything)
     progress.join(resident_timeout)
+    return _finish(checker, outcome, everything)
+
+
+def _check_all(
+    checker: Checker, layout: tuple[DemoRegion, ...], cut: int | None, new_home: int | None
+) -> None:
+    """Check every page still mapped: ``cut`` pages of the sparse region remain after
+    the munmap, and the last region lives at ``new_home`` after the mremap (None: as
+    restored)."""
+    heap, sparse, zeroed, moved = layout
+    checker.pages(heap, range(heap.pages))
+    checker.pages(sparse, range(sparse.pages if cut is None else cut))
+    checker.pages(zeroed, range(zeroed.pages))
+    checker.pages(moved, range(moved.pages), run_start=new_home)
+
+
+def _finish(checker: Checker, outcome: dict[str, Any], everything: Callable[[], None]) -> bool:
+    """Once resident (or failed): check everything again, then report."""
     if "summary" in outcome:
         _phase("every byte again, fully resident", checker, everything)
     ok = checker.mismatches == 0 and "summary" in outcome
@@ -282,6 +312,12 @@ def source(size_mib: int, seed: int) -> None:
 @click.option("--image", "image_id", required=True)
 @click.option("--page-server", default="", help="Page server (default: the daemon's).")
 @click.option("--resident-timeout", type=float, default=300.0, show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["exercise", "idle", "exit-early"]),
+    default="exercise",
+    show_default=True,
+)
 def restored(
     size_mib: int,
     seed: int,
@@ -289,10 +325,17 @@ def restored(
     image_id: str,
     page_server: str,
     resident_timeout: float,
+    mode: str,
 ) -> None:
     """Restore lazily through the daemon, exercise it, check every byte."""
     ok = run_restored(
-        demo_layout(size_mib), Pattern(seed), handover, image_id, page_server, resident_timeout
+        demo_layout(size_mib),
+        Pattern(seed),
+        handover,
+        image_id,
+        page_server,
+        resident_timeout,
+        mode,
     )
     sys.exit(0 if ok else 1)
 

@@ -19,6 +19,7 @@ import click
 
 from uffdd.errors import ConfigError
 from uffdd.log import LEVELS, configure_logging, get_logger
+from uffdd.remote.ratelimit import parse_rate
 from uffdd.remote.server import PageServer
 from uffdd.remote.service import DEFAULT_CHUNK_SIZE
 from uffdd.remote.tls import ServerTls
@@ -78,6 +79,11 @@ async def _serve(server: PageServer, grace: float, ready_file: Path | None) -> N
     help="Largest data chunk in bytes (an urgent request waits behind at most one).",
 )
 @click.option(
+    "--bulk-rate-limit",
+    metavar="RATE",
+    help="Cap background (bulk) data per second, e.g. 100M; demand faults are never capped.",
+)
+@click.option(
     "--ready-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write {pid, addresses} as JSON here once serving.",
@@ -94,6 +100,7 @@ def page_server(
     tls_client_ca: Path | None,
     grace: float,
     chunk_size: int,
+    bulk_rate_limit: str | None,
     ready_file: Path | None,
     log_format: str,
     log_level: str,
@@ -108,7 +115,17 @@ def page_server(
     if tls_cert is not None and tls_key is not None:
         tls = ServerTls(tls_cert, tls_key, tls_client_ca)
     try:
-        server = PageServer(images, listen or (DEFAULT_LISTEN,), tls=tls, chunk_size=chunk_size)
+        bulk_rate = None if bulk_rate_limit is None else parse_rate(bulk_rate_limit)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bulk-rate-limit") from exc
+    try:
+        server = PageServer(
+            images,
+            listen or (DEFAULT_LISTEN,),
+            tls=tls,
+            chunk_size=chunk_size,
+            bulk_rate=bulk_rate,
+        )
         asyncio.run(_serve(server, grace, ready_file))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc

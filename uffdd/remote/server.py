@@ -71,6 +71,7 @@ class PageServer:
         tls: ServerTls | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_request_length: int = DEFAULT_MAX_REQUEST_LENGTH,
+        bulk_rate: int | None = None,
     ) -> None:
         if not listen:
             raise ConfigError("the page server needs at least one address to listen on")
@@ -79,7 +80,7 @@ class PageServer:
         self.listen = list(listen)
         self.tls = tls
         self.catalog = ImageCatalog(images, max_request_length=max_request_length)
-        self.service = PageService(self.catalog, chunk_size=chunk_size)
+        self.service = PageService(self.catalog, chunk_size=chunk_size, bulk_rate=bulk_rate)
         self.addresses: list[str] = []
         self._max_message = chunk_size + 64 * 1024
         # grpc.aio objects belong to the loop they are made in: made in start()

@@ -31,6 +31,7 @@ from uffdd.log import get_logger
 from uffdd.remote import chunk_codec
 from uffdd.remote.catalog import ImageCatalog, RequestError
 from uffdd.remote.convert import image_info_to_proto
+from uffdd.remote.ratelimit import TokenBucket
 from uffdd.v1 import pages_pb2
 
 SERVICE_NAME = pages_pb2.DESCRIPTOR.services_by_name["PageService"].full_name
@@ -65,6 +66,7 @@ class _StreamState:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     requests_done: bool = False
     bulk_pass: bool = False  # one bulk chunk may go although urgent work is pending
+    last_was_bulk: bool = False  # the message just produced came from the bulk lane
 
 
 class PageService:
@@ -76,10 +78,13 @@ class PageService:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+        bulk_rate: int | None = None,
     ) -> None:
         self.catalog = catalog
         self.chunk_size = chunk_size
         self.max_queued_requests = max_queued_requests
+        # Shared by every stream: the cap is on the server's bulk output as a whole.
+        self._bulk_limit = None if bulk_rate is None else TokenBucket(bulk_rate, chunk_size)
         # Urgent requests queued on any stream of this server. While there are some,
         # bulk chunks wait (at most BULK_YIELD_SECONDS at a time): with urgent and bulk
         # on separate streams (the client's two lanes), this is what keeps the one
@@ -173,6 +178,8 @@ class PageService:
             while True:
                 message = self._next_message(state)
                 if message is not None:
+                    if state.last_was_bulk and self._bulk_limit is not None:
+                        await self._bulk_limit.consume(len(message))
                     yield message
                     continue
                 if state.requests_done and not state.by_id:
@@ -295,6 +302,7 @@ class PageService:
                 return None
             if lane:
                 state.bulk_pass = False
+                state.last_was_bulk = lane is state.bulk
                 return self._next_chunk(lane, state)
         return None
 

@@ -1,0 +1,74 @@
+"""Running uffdd's own services as child processes: start, wait until ready, stop.
+
+Why shared: ``uffdd demo`` and the end-to-end tests both start a page server and a
+daemon exactly as an operator would (separate processes, logs to files) and must stop
+them cleanly whatever happens; one implementation keeps both honest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+READY_TIMEOUT = 30.0
+
+
+class ServiceError(Exception):
+    """A service did not come up; the message carries the end of its log."""
+
+
+def uffdd_command(*args: str) -> list[str]:
+    """The command line running ``uffdd ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "uffdd.cli", *args]
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_for_path(
+    path: Path,
+    what: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = READY_TIMEOUT,
+) -> None:
+    """Wait until ``path`` exists (a socket bound, a ready file written)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise ServiceError(f"{what} exited with {process.returncode}:\n{log_tail(log)}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{what} not ready after {timeout:g} s:\n{log_tail(log)}")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def service(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a service for the block, output to ``log``; SIGTERM (then SIGKILL) after."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL; returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

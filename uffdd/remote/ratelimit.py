@@ -1,0 +1,52 @@
+"""A token bucket for the page server's bulk lane (``--bulk-rate-limit``).
+
+Why: a migration's background transfer competes with the source host's own work and
+network; operators cap it (QEMU has max-postcopy-bandwidth for the same reason). Only
+bulk data is limited: a demand fault's pages never wait for tokens, so the cap slows
+residency, never a blocked thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class TokenBucket:
+    """``rate`` bytes per second with bursts up to ``burst`` bytes."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError("rate and burst must be positive")
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def consume(self, amount: int) -> None:
+        """Take ``amount`` bytes, sleeping until the bucket allows it (it may go into
+        debt for one chunk larger than the burst, repaid by the next wait)."""
+        self._refill()
+        self._tokens -= amount
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
+def parse_rate(text: str) -> int:
+    """``"50M"`` -> bytes per second (suffixes K, M, G: powers of 1024; plain bytes)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    cleaned = text.strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
+    suffix = cleaned[-1:] if cleaned[-1:] in units else ""
+    number = cleaned[: len(cleaned) - len(suffix)]
+    try:
+        value = float(number) * units[suffix]
+    except ValueError:
+        raise ValueError(f"not a rate: {text!r} (e.g. 50M for 50 MiB/s)") from None
+    if value < 4096:
+        raise ValueError(f"rate {text!r} is below one page per second")
+    return int(value)
