@@ -8,9 +8,11 @@ the shells produce (data arrived, a fetch failed, the process exited) join them 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import NewType
 
-from uffdd.core.addresses import RunAddr
+from uffdd.core.addresses import ImageAddr, RunAddr
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +61,104 @@ class Unmap:
 
 UffdEvent = PageFault | Fork | Remap | Remove | Unmap
 """Every event a userfaultfd read can produce."""
+
+
+# -- events the shells produce -----------------------------------------------------------
+#
+# Kernel events carry no process id (the uffd they were read from names the process); the
+# shell events below do, except those routed by request id (PagesArrived, FetchFailed)
+# and Tick, which concerns every process.
+
+ProcId = NewType("ProcId", str)
+"""Names one lazy process. The shell picks the ids of the processes it adopts; the core
+names fork children ``"<parent>.<n>"``, so an id spells out its lineage."""
+
+
+class InstallResult(enum.Enum):
+    """How an install action (Copy or ZeroFill) ended, as the kernel shell saw it.
+
+    Mirrors ``uffdd.kernel.uffd.Outcome`` (the core may not import the kernel layer).
+    """
+
+    DONE = "done"
+    """The whole range is installed (and its waiters woken unless DONTWAKE)."""
+    EXISTS = "exists"
+    """EEXIST: the first page not done is already present."""
+    RETRY = "retry"
+    """EAGAIN: stopped after ``done`` bytes (queued events, or a present page)."""
+    LAYOUT_CHANGED = "layout_changed"
+    """ENOENT: the range is no longer mapped as it was."""
+    GONE = "gone"
+    """ESRCH/ENOSPC: the process behind the uffd has exited."""
+
+
+@dataclass(frozen=True, slots=True)
+class PagesArrived:
+    """Data for ``[image_addr, image_addr + length)`` of request ``request_id`` is local.
+
+    An answer may arrive in several parts, each inside the requested range. ``data`` is
+    the shell's buffer (e.g. a memoryview); the core never reads it, it only hands it
+    back in Copy actions with an offset, so no second copy of page data is made.
+    """
+
+    request_id: int
+    image_addr: ImageAddr
+    length: int
+    data: object
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed:
+    """Request ``request_id`` cannot be answered (server gone, deadline, bad data)."""
+
+    request_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstallOutcome:
+    """The kernel's answer to the Copy/ZeroFill action ``install_id`` of process ``proc``.
+
+    ``done`` is how many bytes from the start of the action's range were installed.
+    """
+
+    proc: ProcId
+    install_id: int
+    result: InstallResult
+    done: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EventsDrained:
+    """The shell read ``proc``'s uffd until it was empty: deferred installs may retry."""
+
+    proc: ProcId
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverComplete:
+    """The restorer finished the handover (CRIU's RSTF): background transfer may start."""
+
+    proc: ProcId
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """``proc`` exited (pidfd readable, uffd hung up, or an install reported GONE)."""
+
+    proc: ProcId
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: check deadlines and retry deferred installs. The time is the
+    ``now`` argument every ``handle`` call takes."""
+
+
+ProcessEvent = UffdEvent | InstallOutcome | EventsDrained | HandoverComplete | Exited
+"""Events that concern one process (kernel events through ``Tracker.handle_uffd``)."""
+
+ShellEvent = (
+    PagesArrived | FetchFailed | InstallOutcome | EventsDrained | HandoverComplete | Exited | Tick
+)
+"""Everything a shell feeds to ``Tracker.handle``."""

@@ -1,0 +1,488 @@
+"""The core against a simulated kernel and page server, driven by hypothesis.
+
+Why a state machine: the bugs of a lazy-restore handler live in interleavings (data
+arriving after a remove, a remap while a fetch is out, a fork during an EAGAIN
+deferral). Hypothesis generates those sequences; a naive per-page model says what every
+run-time page must read, and a small fake kernel executes the core's actions the way
+userfaultfd does:
+
+- kernel events are queued when they happen and read in batches; while a
+  non-cooperative event (fork, remap, remove, unmap) is unread, every install fails
+  with EAGAIN (the kernel's ``mmap_changing``);
+- a copy stops at a present page (EEXIST first, else EAGAIN with the bytes done);
+- a woken thread whose page is still missing faults again; one on an unmapped page dies.
+
+Checked after every step and at the end: (1) each Copy installs exactly the image page
+the model names for that run-time page, never into a removed/zero page nor an unmapped
+one, and a ZeroFill only where zeros are right; (2) every blocked thread is woken once
+the data has arrived; (3) Release only when every data page is installed correctly;
+(4) a process never asks for a page it already has in flight.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from uffdd.core.actions import (
+    Action,
+    AdoptChild,
+    CancelFetch,
+    Copy,
+    Fetch,
+    Kill,
+    Release,
+    Wake,
+    ZeroFill,
+)
+from uffdd.core.addresses import ImageAddr, RunAddr
+from uffdd.core.events import (
+    EventsDrained,
+    Fork,
+    HandoverComplete,
+    InstallOutcome,
+    InstallResult,
+    PageFault,
+    PagesArrived,
+    ProcId,
+    Remap,
+    Remove,
+    Tick,
+    UffdEvent,
+    Unmap,
+)
+from uffdd.core.policy import KiB, Policy
+from uffdd.core.process import LazyRegion, State
+from uffdd.core.tracker import Tracker
+
+P = 4096
+ROOT = ProcId("r")
+# Two lazy regions; the run-time space has room to mremap into (0x10 .. 0x50 pages).
+REGIONS = (
+    LazyRegion(RunAddr(0x10 * P), ImageAddr(0x100 * P), 12 * P),
+    LazyRegion(RunAddr(0x30 * P), ImageAddr(0x200 * P), 6 * P),
+)
+POLICY = Policy(
+    fault_around=4 * P,
+    bulk_min=2 * P,
+    bulk_max=8 * P,
+    max_in_flight=16 * P,
+    urgent_deadline=1e9,
+    bulk_deadline=1e9,
+    retry_interval=0.01,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """What the fake page server sends: the image address its first byte comes from."""
+
+    image: int
+
+
+@dataclass
+class Page:
+    """The model of one mapped lazy run-time page."""
+
+    image: int
+    kind: str  # "data" (read the image page), "zero" (image zero), "removed" (zeros)
+
+
+@dataclass
+class FakeProc:
+    """The kernel's view of one process, plus the model of what it must read."""
+
+    name: ProcId
+    pages: dict[int, Page]
+    present: dict[int, object] = field(default_factory=dict)
+    blocked: dict[int, int] = field(default_factory=dict)
+    queue: list[UffdEvent] = field(default_factory=list)
+    adopted: bool = True
+    done: bool = False
+
+    @property
+    def changing(self) -> bool:
+        """An unread non-cooperative event: installs fail with EAGAIN."""
+        return any(not isinstance(e, PageFault) for e in self.queue)
+
+    def expected(self, run: int) -> object:
+        page = self.pages[run]
+        return ("image", page.image) if page.kind == "data" else "zero"
+
+
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracker = Tracker(POLICY)
+        self.now = 0.0
+        self.procs: dict[ProcId, FakeProc] = {}
+        self.by_fd: dict[int, FakeProc] = {}
+        self.next_fd = 100
+        # request id -> (image start, image end) still unanswered, and the processes
+        # known to wait for it (the issuer, and fork children at fork time)
+        self.outstanding: dict[int, tuple[int, int]] = {}
+        self.waiting: dict[int, set[ProcId]] = {}
+        self.undelivered: dict[int, set[int]] = {}
+        self.issued: dict[int, tuple[int, int]] = {}
+        self.handed_over = False
+
+    # -- set-up ------------------------------------------------------------------------
+
+    @initialize(
+        data_pages=st.sets(st.integers(0, 17), min_size=4, max_size=18),
+        handover=st.sampled_from([False, False, False, True]),
+    )
+    def adopt(self, data_pages: set[int], handover: bool) -> None:
+        pages: dict[int, Page] = {}
+        data: list[tuple[int, int]] = []
+        index = 0
+        for region in REGIONS:
+            for offset in range(0, region.length, P):
+                image = region.image + offset
+                kind = "data" if index in data_pages else "zero"
+                pages[region.run + offset] = Page(image, kind)
+                if kind == "data":
+                    data.append((image, P))
+                index += 1
+        self.procs[ROOT] = FakeProc(ROOT, pages)
+        self.handed_over = handover
+        self.execute(
+            self.tracker.add_process(ROOT, "img", REGIONS, data, self.now, handed_over=handover)
+        )
+
+    # -- executing actions like the kernel and the page server would -------------------
+
+    def execute(self, actions: list[Action]) -> None:
+        work: deque[Action] = deque(actions)
+        while work:
+            action = work.popleft()
+            result = self.perform(action)
+            if result is not None:
+                work.extend(self.tracker.handle(result, self.now))
+
+    def perform(self, action: Action) -> InstallOutcome | None:
+        if isinstance(action, Copy):
+            return self.copy(action)
+        if isinstance(action, ZeroFill):
+            return self.zero_fill(action)
+        if isinstance(action, Wake):
+            self.wake(self.procs[action.proc], action.run_addr, action.length)
+        elif isinstance(action, Fetch):
+            self.fetch(action)
+        elif isinstance(action, CancelFetch):
+            self.outstanding.pop(action.request_id, None)
+        elif isinstance(action, AdoptChild):
+            child = self.by_fd[action.child_fd]
+            assert not child.adopted
+            child.adopted = True
+            child.name = action.child
+            self.procs[action.child] = child
+            assert self.tracker.parent(action.child) == action.parent
+            # the child waits for what its parent waited for at the fork
+            for request_id in self.tracker.process(action.child).requests:
+                self.waiting[request_id].add(action.child)
+        elif isinstance(action, Release):
+            self.release(action)
+        else:
+            assert not isinstance(action, Kill), f"unexpected kill: {action.reason}"
+        return None
+
+    def copy(self, action: Copy) -> InstallOutcome:
+        proc = self.procs[action.proc]
+        assert not proc.done, "an install for a process that was released"
+        assert isinstance(action.data, Chunk)
+        assert action.image_addr == action.data.image + action.data_offset
+        if proc.changing:
+            return InstallOutcome(proc.name, action.install_id, InstallResult.RETRY, 0)
+        done = 0
+        result = InstallResult.DONE
+        for offset in range(0, action.length, P):
+            run = action.run_addr + offset
+            assert run in proc.pages, f"Copy into unmapped page {run:#x}"
+            if run in proc.present:
+                result = InstallResult.RETRY if done else InstallResult.EXISTS
+                break
+            source = ("image", action.data.image + action.data_offset + offset)
+            # (1): exactly the image page the model names; never into a zero page
+            assert proc.expected(run) == source, (
+                f"Copy of {source} into {run:#x} which must read {proc.expected(run)}"
+            )
+            proc.present[run] = source
+            done += P
+        if not action.dontwake:
+            self.wake(proc, action.run_addr, done)
+        return InstallOutcome(proc.name, action.install_id, result, done)
+
+    def zero_fill(self, action: ZeroFill) -> InstallOutcome:
+        proc = self.procs[action.proc]
+        assert not proc.done
+        if proc.changing:
+            return InstallOutcome(proc.name, action.install_id, InstallResult.RETRY, 0)
+        run = action.run_addr
+        assert action.length == P
+        if run not in proc.pages:
+            return InstallOutcome(proc.name, action.install_id, InstallResult.LAYOUT_CHANGED)
+        if run in proc.present:
+            return InstallOutcome(proc.name, action.install_id, InstallResult.EXISTS)
+        assert proc.expected(run) == "zero", f"ZeroFill of {run:#x}: must read image data"
+        proc.present[run] = "zero"
+        self.wake(proc, run, P)
+        return InstallOutcome(proc.name, action.install_id, InstallResult.DONE, P)
+
+    def wake(self, proc: FakeProc, start: int, length: int) -> None:
+        for run in [r for r in proc.blocked if start <= r < start + length]:
+            threads = proc.blocked.pop(run)
+            if run in proc.pages and run not in proc.present:
+                for _ in range(threads):  # still missing: the access faults again
+                    self.block(proc, run)
+
+    def block(self, proc: FakeProc, run: int) -> None:
+        proc.blocked[run] = proc.blocked.get(run, 0) + 1
+        proc.queue.append(PageFault(RunAddr(run)))
+
+    def fetch(self, action: Fetch) -> None:
+        lo, hi = action.image_addr, action.image_addr + action.length
+        assert action.image_id == "img"
+        # (4): the process (or its ancestors, before a fork) has none of it in flight
+        for request_id, waiting in self.waiting.items():
+            if action.proc in waiting and request_id in self.outstanding:
+                left = self.undelivered[request_id]
+                assert not any(lo <= page < hi for page in left), (
+                    f"{action.proc} fetches {lo:#x}..{hi:#x} twice (request {request_id})"
+                )
+        self.outstanding[action.request_id] = (lo, hi)
+        self.issued[action.request_id] = (lo, hi)
+        self.waiting[action.request_id] = {action.proc}
+        self.undelivered[action.request_id] = set(range(lo, hi, P))
+
+    def release(self, action: Release) -> None:
+        proc = self.procs[action.proc]
+        assert not proc.done
+        proc.done = True
+        if action.exited:
+            return
+        # closing the uffd wakes every waiter; the kernel fills zeros from now on
+        for run in proc.blocked:
+            assert run not in proc.pages or proc.expected(run) == "zero" or run in proc.present
+        proc.blocked.clear()
+        # (3): everything the image holds data for is installed, and correctly
+        for run, page in proc.pages.items():
+            if page.kind == "data":
+                assert proc.present.get(run) == ("image", page.image), (
+                    f"released {proc.name} with {run:#x} not installed"
+                )
+        assert self.handed_over
+
+    # -- rule helpers ------------------------------------------------------------------
+
+    def live(self) -> list[FakeProc]:
+        return [p for p in self.procs.values() if p.adopted and not p.done]
+
+    def pick(self, index: int) -> FakeProc:
+        live = self.live()
+        return live[index % len(live)]
+
+    def read(self, proc: FakeProc) -> None:
+        """The shell reads the whole queue as one batch, acts, then reports the drain."""
+        batch, proc.queue = proc.queue, []
+        if batch:
+            self.execute(self.tracker.handle_uffd(proc.name, batch, self.now))
+        if not proc.done:
+            self.execute(self.tracker.handle(EventsDrained(proc.name), self.now))
+
+    def deliver(self, request_id: int, lo: int, hi: int) -> None:
+        self.undelivered.get(request_id, set()).difference_update(range(lo, hi, P))
+        # the buffer starts at the first byte delivered; Copy offsets index into it
+        event = PagesArrived(request_id, ImageAddr(lo), hi - lo, Chunk(lo))
+        self.execute(self.tracker.handle(event, self.now))
+
+    # -- rules -------------------------------------------------------------------------
+
+    @precondition(lambda self: bool(self.live()))
+    @rule(who=st.integers(0, 7), which=st.integers(0, 63))
+    def fault(self, who: int, which: int) -> None:
+        proc = self.pick(who)
+        missing = sorted(r for r in proc.pages if r not in proc.present)
+        if missing:
+            self.block(proc, missing[which % len(missing)])
+
+    @precondition(lambda self: bool(self.live()))
+    @rule(who=st.integers(0, 7), which=st.integers(0, 63))
+    def stale_fault(self, who: int, which: int) -> None:
+        """A fault message read after the page was installed (the thread runs on)."""
+        proc = self.pick(who)
+        present = sorted(proc.present)
+        if present:
+            proc.queue.append(PageFault(RunAddr(present[which % len(present)])))
+
+    @precondition(lambda self: bool(self.live()))
+    @rule(who=st.integers(0, 7))
+    def read_events(self, who: int) -> None:
+        self.read(self.pick(who))
+
+    @precondition(lambda self: bool(self.outstanding))
+    @rule(which=st.integers(0, 63), part=st.sampled_from(["all", "head", "tail"]))
+    def arrive(self, which: int, part: str) -> None:
+        request_id = sorted(self.outstanding)[which % len(self.outstanding)]
+        lo, hi = self.outstanding[request_id]
+        pages = (hi - lo) // P
+        if part == "head" and pages > 1:
+            hi = lo + (pages // 2) * P
+        elif part == "tail" and pages > 1:
+            lo = lo + (pages // 2) * P
+        if part == "all" or pages > 1:
+            self.deliver(request_id, lo, hi)
+        if not self.undelivered[request_id]:
+            del self.outstanding[request_id]
+
+    @precondition(lambda self: bool(self.issued))
+    @rule(which=st.integers(0, 63))
+    def arrive_again(self, which: int) -> None:
+        """Duplicated or late data (after a cancel, a remove, an unmap, a release)."""
+        request_id = sorted(self.issued)[which % len(self.issued)]
+        lo, hi = self.issued[request_id]
+        self.deliver(request_id, lo, hi)
+        if request_id in self.outstanding and not self.undelivered[request_id]:
+            del self.outstanding[request_id]
+
+    @precondition(lambda self: bool(self.live()))
+    @rule(who=st.integers(0, 7), start=st.integers(0x0E, 0x50), pages=st.integers(1, 6))
+    def remove(self, who: int, start: int, pages: int) -> None:
+        proc = self.pick(who)
+        lo, hi = start * P, (start + pages) * P
+        for run in range(lo, hi, P):
+            if run in proc.pages:
+                proc.pages[run].kind = "removed"
+                proc.present.pop(run, None)  # the zap (after the event is read)
+        proc.queue.append(Remove(RunAddr(lo), RunAddr(hi)))
+
+    @precondition(lambda self: bool(self.live()))
+    @rule(who=st.integers(0, 7), start=st.integers(0x0E, 0x50), pages=st.integers(1, 6))
+    def unmap(self, who: int, start: int, pages: int) -> None:
+        proc = self.pick(who)
+        lo, hi = start * P, (start + pages) * P
+        for run in range(lo, hi, P):
+            proc.pages.pop(run, None)
+            proc.present.pop(run, None)
+        proc.queue.append(Unmap(RunAddr(lo), RunAddr(hi)))
+
+    @precondition(lambda self: bool(self.live()))
+    @rule(
+        who=st.integers(0, 7),
+        old=st.integers(0x0E, 0x50),
+        new=st.integers(0x0E, 0x60),
+        pages=st.integers(1, 6),
+    )
+    def remap(self, who: int, old: int, new: int, pages: int) -> None:
+        if old < new + pages and new < old + pages:
+            return  # source and destination of mremap never overlap
+        proc = self.pick(who)
+        moving = {}
+        for index in range(pages):
+            run = (old + index) * P
+            if run in proc.pages:
+                moving[index] = (proc.pages.pop(run), proc.present.pop(run, None))
+        for index in range(pages):
+            run = (new + index) * P
+            proc.pages.pop(run, None)
+            proc.present.pop(run, None)
+        for index, (page, content) in moving.items():
+            run = (new + index) * P
+            proc.pages[run] = page
+            if content is not None:
+                proc.present[run] = content
+        proc.queue.append(Remap(RunAddr(old * P), RunAddr(new * P), pages * P))
+
+    @precondition(lambda self: bool(self.live()) and len(self.procs) < 5)
+    @rule(who=st.integers(0, 7))
+    def fork(self, who: int) -> None:
+        proc = self.pick(who)
+        fd = self.next_fd
+        self.next_fd += 1
+        child = FakeProc(
+            ProcId(f"?{fd}"),
+            {run: Page(p.image, p.kind) for run, p in proc.pages.items()},
+            dict(proc.present),
+            adopted=False,
+        )
+        self.by_fd[fd] = child
+        proc.queue.append(Fork(fd))
+
+    @precondition(lambda self: not self.handed_over)
+    @rule()
+    def handover(self) -> None:
+        self.handed_over = True
+        self.execute(self.tracker.handle(HandoverComplete(ROOT), self.now))
+
+    @rule(dt=st.sampled_from([0.001, 0.02]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self.execute(self.tracker.handle(Tick(), self.now))
+
+    # -- invariants --------------------------------------------------------------------
+
+    @invariant()
+    def core_state_matches_the_model(self) -> None:
+        for proc in self.live():
+            if proc.queue:
+                continue  # the core has not read what happened yet
+            core = self.tracker.process(proc.name)
+            assert core.state is State.LIVE
+            mapped = {}
+            for piece in core.map:
+                for offset in range(0, piece.length, P):
+                    mapped[piece.run + offset] = piece.image + offset
+            assert mapped == {run: page.image for run, page in proc.pages.items()}
+            for run, page in proc.pages.items():
+                image = page.image
+                if page.kind != "data":
+                    assert image in core.zero
+                elif run in proc.present:
+                    assert image not in core.missing
+                    assert image not in core.inflight
+                else:
+                    assert (
+                        image in core.missing or image in core.inflight or image in core.installing
+                    ), f"{run:#x} is missing but the core thinks it resident"
+
+    def teardown(self) -> None:
+        if not self.procs:
+            return
+        if not self.handed_over:
+            self.handover()
+        # Settle: read every queue, answer every request, retry, until quiet.
+        for _ in range(200):
+            for proc in self.live():
+                self.read(proc)
+            for request_id in sorted(self.outstanding):
+                lo, hi = self.outstanding.pop(request_id)
+                self.deliver(request_id, lo, hi)
+            self.tick(0.02)
+            if not self.outstanding and not any(p.queue for p in self.live()):
+                if not self.live():
+                    break
+        # (2) and (3): every process was released, no thread is left blocked
+        for proc in self.procs.values():
+            if proc.adopted:
+                assert proc.done, f"{proc.name} never released: {self.tracker.process(proc.name)}"
+                assert not proc.blocked, f"threads of {proc.name} still blocked"
+        assert self.tracker.progress().fraction == 1.0
+
+
+CoreMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestCoreMachine = CoreMachine.TestCase

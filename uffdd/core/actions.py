@@ -1,0 +1,132 @@
+"""What the core asks the shells to do: the output half of ``handle(event) -> [Action]``.
+
+Why values: the core decides and never performs IO, so every decision is a frozen
+record a test can inspect and a shell can execute. Actions that touch a process's
+userfaultfd name the process (``proc``); fetches are routed by request id.
+
+Contract for the shell, per process: execute the actions in the order given, and feed
+the outcome of every install action (Copy, ZeroFill) back as an ``InstallOutcome``
+before passing the next batch of that process's uffd events to the core. The core
+relies on it: an install decided before a REMOVE was read must run before that REMOVE
+is acknowledged, or snapshot data could land in a page that must read zeros.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from uffdd.core.addresses import ImageAddr, RunAddr
+from uffdd.core.events import ProcId
+
+
+class Lane(enum.Enum):
+    """Which queue a fetch travels on: demand faults never wait behind bulk transfer."""
+
+    URGENT = "urgent"
+    BULK = "bulk"
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """UFFDIO_COPY ``length`` bytes to ``run_addr`` from ``data[data_offset:]``.
+
+    ``data`` is the buffer of a ``PagesArrived`` event, passed through untouched;
+    ``image_addr`` is the image address of the first byte (for logs and checks).
+    ``dontwake``: no thread is known to wait on the range, so skip the wake.
+    Report the result as ``InstallOutcome(proc, install_id, ...)``.
+    """
+
+    proc: ProcId
+    install_id: int
+    run_addr: RunAddr
+    image_addr: ImageAddr
+    length: int
+    data: object
+    data_offset: int
+    dontwake: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroFill:
+    """UFFDIO_ZEROPAGE ``[run_addr, run_addr + length)`` and wake its waiters.
+
+    ``page_size`` > 4096 means hugetlbfs, which has no ZEROPAGE: the shell installs
+    zeros with UFFDIO_COPY from a zeroed buffer instead. Report the result as an
+    ``InstallOutcome`` like a Copy.
+    """
+
+    proc: ProcId
+    install_id: int
+    run_addr: RunAddr
+    length: int
+    page_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """UFFDIO_WAKE ``[run_addr, run_addr + length)``: waiters retry their access."""
+
+    proc: ProcId
+    run_addr: RunAddr
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Ask the page server for ``[image_addr, image_addr + length)`` of ``image_id``.
+
+    Answer with ``PagesArrived(request_id, ...)`` (possibly in parts) or
+    ``FetchFailed(request_id, reason)``. ``proc`` is the process that asked (for logs;
+    the answer is routed by request id to every process waiting for it).
+    """
+
+    request_id: int
+    image_id: str
+    image_addr: ImageAddr
+    length: int
+    lane: Lane
+    proc: ProcId
+
+
+@dataclass(frozen=True, slots=True)
+class CancelFetch:
+    """Nobody needs request ``request_id`` any more; late data for it is ignored."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptChild:
+    """``parent`` forked: serve ``child_fd`` (a uffd in the daemon's fd table) as ``child``."""
+
+    parent: ProcId
+    child: ProcId
+    child_fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Stop serving ``proc``: close its uffd and report.
+
+    ``exited`` False: every page is resident (what is left unregistered reads zeros,
+    which is what the image says for it); report completion. True: the process exited.
+    """
+
+    proc: ProcId
+    exited: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    """``proc`` cannot be served correctly: kill it (pidfd), then close its uffd.
+
+    Never close the uffd of a live process instead: later faults would read zeros.
+    """
+
+    proc: ProcId
+    reason: str
+
+
+Action = Copy | ZeroFill | Wake | Fetch | CancelFetch | AdoptChild | Release | Kill
+"""Everything the core can ask for."""

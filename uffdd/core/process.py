@@ -1,0 +1,672 @@
+"""One lazily restored process: ``LazyProcess.handle(event, now) -> list[Action]``.
+
+Why here: this is where the ordering rules live, and only here. Page states are kept
+per image address (the map from run-time to image addresses is injective within one
+process), as interval sets that partition the mapped lazy pages:
+
+- ``missing``    DATA in the image, not requested yet;
+- ``inflight``   DATA requested (a fetch is outstanding and this process still wants it);
+- ``installing`` DATA arrived; a Copy is outstanding or deferred (EAGAIN);
+- ``zero``       ZERO in the image, or REMOVED by madvise: faults get a ZeroFill, and
+                 snapshot data is never installed there again (terminal state);
+- resident       everything else that is mapped (installed, or found present).
+
+Unmapped pages (GONE) are not in the map at all, and drop out of every set.
+
+The shell contract (see ``actions.py``): actions of a process are executed in order and
+every install outcome is fed back before that process's next uffd batch. So when a
+kernel event is handled no install is half-way; only *deferred* installs exist, and
+they are re-derived from the current state when retried, which is what makes REMOVE,
+UNMAP and REMAP during an EAGAIN deferral safe.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from uffdd.core.actions import Action, AdoptChild, Copy, Fetch, Kill, Lane, Release, Wake, ZeroFill
+from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr, page_floor
+from uffdd.core.events import (
+    EventsDrained,
+    Exited,
+    Fork,
+    HandoverComplete,
+    InstallOutcome,
+    InstallResult,
+    PageFault,
+    PagesArrived,
+    ProcId,
+    Remap,
+    Remove,
+    Tick,
+    Unmap,
+)
+from uffdd.core.policy import Policy
+from uffdd.core.ranges import Piece, RangeSet, RegionMap
+from uffdd.core.stats import ProcessStats, ProcessSummary
+
+ProcessInput = (
+    PageFault
+    | Fork
+    | Remap
+    | Remove
+    | Unmap
+    | PagesArrived
+    | Tick
+    | InstallOutcome
+    | EventsDrained
+    | HandoverComplete
+    | Exited
+)
+"""Every event one process reacts to."""
+
+
+class State(enum.Enum):
+    LIVE = "live"
+    RELEASED = "released"
+    """Fully resident; the uffd was released."""
+    EXITED = "exited"
+    KILLED = "killed"
+
+
+@dataclass(frozen=True, slots=True)
+class LazyRegion:
+    """A lazy range of a process as handed over: where it is now, where in the image."""
+
+    run: RunAddr
+    image: ImageAddr
+    length: int
+    page_size: int = PAGE_SIZE
+
+
+class IdSource:
+    """Request and install ids, unique across a tracker (shared by its processes)."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def __call__(self) -> int:
+        self._next += 1
+        return self._next
+
+
+class _Kind(enum.Enum):
+    COPY = "copy"
+    ZERO = "zero"
+
+
+@dataclass(frozen=True, slots=True)
+class _Install:
+    """An install the core asked for (outstanding) or must ask for again (deferred)."""
+
+    kind: _Kind
+    run: int
+    length: int
+    page_size: int
+    image: int = 0
+    data: object = None
+    data_base: int = 0
+    """The image address of ``data[0]``."""
+    dontwake: bool = False
+    attempts: int = 0
+    """Consecutive LAYOUT_CHANGED answers (a kill after ``Policy.max_layout_retries``)."""
+
+
+class LazyProcess:
+    """The state and rules of one process; drive it through :class:`~.tracker.Tracker`.
+
+    Standalone use (tests) works too; then fetch cancellation and routing of arrivals
+    to fork children are the caller's business.
+    """
+
+    def __init__(
+        self,
+        proc: ProcId,
+        image_id: str,
+        regions: tuple[LazyRegion, ...] | list[LazyRegion],
+        data: tuple[tuple[int, int], ...] | list[tuple[int, int]],
+        now: float,
+        *,
+        policy: Policy | None = None,
+        ids: IdSource | None = None,
+        handed_over: bool = False,
+    ) -> None:
+        """``data``: the (image address, length) extents the image stores; every other
+        page of ``regions`` reads as zeros."""
+        self.proc = proc
+        self.image_id = image_id
+        self.policy = policy or Policy()
+        self._ids = ids or IdSource()
+        self.state = State.LIVE
+        self.handed_over = handed_over
+        self.map = RegionMap()
+        self.missing: RangeSet[ImageAddr] = RangeSet()
+        self.inflight: RangeSet[ImageAddr] = RangeSet()
+        self.installing: RangeSet[ImageAddr] = RangeSet()
+        self.zero: RangeSet[ImageAddr] = RangeSet()
+        self.requests: dict[int, tuple[ImageAddr, int]] = {}
+        """Requests this process waits for: id -> (image start, image end)."""
+        self._installs: dict[int, _Install] = {}
+        self._deferred: list[_Install] = []
+        self._deferred_since: float | None = None
+        self._waiters: dict[int, list[float]] = {}
+        """Run-time page -> times of the faults blocked on it (stamped by the shell)."""
+        self._chunk = self.policy.bulk_min
+        self._forks = 0
+        self._born: list[LazyProcess] = []
+        self.stats = ProcessStats(started=now)
+        for region in regions:
+            self._add_region(region, data)
+        self.stats.data_total = self.missing.total
+
+    def _add_region(
+        self, region: LazyRegion, data: tuple[tuple[int, int], ...] | list[tuple[int, int]]
+    ) -> None:
+        size = region.page_size
+        if size <= 0 or size % PAGE_SIZE or size & (size - 1):
+            raise ValueError(f"page size {size} is not a power-of-two multiple of {PAGE_SIZE}")
+        if region.run % size or region.image % size or region.length % size:
+            raise ValueError(f"region {region} is not aligned to its page size")
+        if self.map.pieces_in_image(region.image, region.image + region.length):
+            raise ValueError(f"region {region} overlaps another region's image range")
+        self.map.insert(Piece(region.run, region.image, region.length, size))
+        start, end = region.image, region.image + region.length
+        self.zero.add(start, end)
+        for d_start, d_len in data:
+            lo, hi = max(start, d_start), min(end, d_start + d_len)
+            if hi <= lo:
+                continue
+            if lo % size or hi % size:
+                raise ValueError(f"data extent {d_start:#x}+{d_len:#x} splits a page")
+            self.zero.discard(lo, hi)
+            self.missing.add(lo, hi)
+
+    # -- the entry point ---------------------------------------------------------------
+
+    def handle(self, event: ProcessInput, now: float) -> list[Action]:
+        """Apply one event; return what the shell must do, in order."""
+        return self.handle_batch([event], now)
+
+    def handle_batch(self, events: Sequence[ProcessInput], now: float) -> list[Action]:
+        """Apply events read together (one read() of the uffd), in order.
+
+        Faults are recorded in order but *answered* after the whole batch: the shell
+        executes the actions only after the batch, when every later event of the batch
+        has happened in the kernel. A ZeroFill decided for a fault before a REMAP read in
+        the same batch could otherwise land on data the remap moved there.
+        """
+        out: list[Action] = []
+        faulted: list[int] = []
+        for event in events:
+            if self.state is not State.LIVE:
+                break  # late events for a finished process are moot
+            if isinstance(event, PageFault):
+                faulted.append(self._fault(event.address, now))
+            else:
+                self._apply(event, now, out)
+        if self.state is State.LIVE:
+            # Waiters woken meanwhile (remap, unmap, remove) fault again if they must.
+            for page in dict.fromkeys(faulted):
+                if page in self._waiters:
+                    self._resolve(page, now, out)
+            self._pump(now, out)
+        return out
+
+    def _apply(self, event: ProcessInput, now: float, out: list[Action]) -> None:
+        if isinstance(event, PagesArrived):
+            self._arrived(event, out)
+        elif isinstance(event, InstallOutcome):
+            self._outcome(event, now, out)
+        elif isinstance(event, Remove):
+            self._remove(event.start, event.end, out)
+        elif isinstance(event, Unmap):
+            self._wake_waiters(event.start, event.end, out)
+            self._forget(self.map.drop(event.start, event.end))
+        elif isinstance(event, Remap):
+            # Threads blocked at the old (or displaced) addresses wait on addresses
+            # that no longer hold these pages: wake them so they retry and fault anew.
+            self._wake_waiters(event.old, event.old + event.length, out)
+            self._wake_waiters(event.new, event.new + event.length, out)
+            _, displaced = self.map.move(event.old, event.new, event.length)
+            self._forget(displaced)
+        elif isinstance(event, Fork):
+            child = self._spawn(now)
+            self._born.append(child)
+            out.append(AdoptChild(self.proc, child.proc, event.child_fd))
+        elif isinstance(event, EventsDrained):
+            self._retry_deferred(now, out)
+        elif isinstance(event, Tick):
+            if (
+                self._deferred_since is not None
+                and now - self._deferred_since >= self.policy.retry_interval
+            ):
+                self._retry_deferred(now, out)
+        elif isinstance(event, HandoverComplete):
+            self.handed_over = True
+        elif isinstance(event, Exited):
+            self._finish(State.EXITED, now)
+            out.append(Release(self.proc, exited=True))
+
+    def kill(self, reason: str, now: float) -> list[Action]:
+        """Give up on this process: it must die rather than read wrong memory."""
+        if self.state is not State.LIVE:
+            return []
+        self._finish(State.KILLED, now)
+        return [Kill(self.proc, reason)]
+
+    def pump(self, now: float) -> list[Action]:
+        """Start background fetches the budget allows; release when fully resident."""
+        out: list[Action] = []
+        if self.state is State.LIVE:
+            self._pump(now, out)
+        return out
+
+    def take_children(self) -> list[LazyProcess]:
+        """The children created by Fork events since the last call (for the tracker)."""
+        born, self._born = self._born, []
+        return born
+
+    # -- faults ------------------------------------------------------------------------
+
+    def _fault(self, address: int, now: float) -> int:
+        """Record a blocked thread (answered at the end of the batch); its page."""
+        self.stats.faults += 1
+        piece = self.map.lookup(address)
+        size = piece.page_size if piece else PAGE_SIZE
+        page = page_floor(address, size)
+        self._waiters.setdefault(page, []).append(now)
+        if piece is not None and piece.to_image(page) in self.missing:
+            self._chunk = self.policy.next_chunk(self._chunk, grew=False)
+        return page
+
+    def _resolve(self, page: int, now: float, out: list[Action]) -> None:
+        """Decide for a run-time page a thread waits on, by the page's state."""
+        piece = self.map.lookup(page)
+        if piece is None:
+            # Not a lazy page (any more): a stale fault on an unmapped address (the
+            # ZeroFill fails with ENOENT and we wake it), or memory that grew by mremap
+            # and was never in the image (zeros are right, as for CRIU).
+            self._zero_fill(page, PAGE_SIZE, out)
+            return
+        image = piece.to_image(page)
+        if image in self.zero:
+            self._zero_fill(page, piece.page_size, out)
+        elif image in self.missing:
+            lo, hi = self.policy.fault_window(
+                image, piece.page_size, piece.image, piece.image_end, self.missing
+            )
+            self._fetch(lo, hi, Lane.URGENT, out)
+        elif image in self.inflight or image in self.installing:
+            pass  # the pending copy wakes it; a duplicate fault never fetches twice
+        else:
+            # Resident already: the fault was queued before our copy landed.
+            self._wake_waiters(page, page + piece.page_size, out, now=now)
+
+    def _zero_fill(self, page: int, size: int, out: list[Action]) -> None:
+        install = _Install(_Kind.ZERO, page, size, size)
+        install_id = self._ids()
+        self._installs[install_id] = install
+        out.append(ZeroFill(self.proc, install_id, RunAddr(page), size, size))
+
+    # -- fetching ----------------------------------------------------------------------
+
+    def _fetch(self, start: int, end: int, lane: Lane, out: list[Action]) -> None:
+        request_id = self._ids()
+        self.missing.discard(start, end)
+        self.inflight.add(start, end)
+        self.requests[request_id] = (ImageAddr(start), end)
+        self.stats.fetched += end - start
+        out.append(Fetch(request_id, self.image_id, ImageAddr(start), end - start, lane, self.proc))
+
+    def _pump(self, now: float, out: list[Action]) -> None:
+        """Background sweep: lowest missing image pages first, within the budget."""
+        while self.handed_over and self.missing:
+            first = self.missing.first()
+            assert first is not None
+            piece = self.map.lookup_image(first[0])
+            assert piece is not None, "a missing page outside the map"
+            span = (first[0], min(first[1], piece.image_end))
+            window = self.policy.bulk_window(
+                span, piece.page_size, self._chunk, self.inflight.total + self.installing.total
+            )
+            if window is None:
+                break
+            self._fetch(window[0], window[1], Lane.BULK, out)
+            self._chunk = self.policy.next_chunk(self._chunk, grew=True)
+        self._maybe_release(now, out)
+
+    def _maybe_release(self, now: float, out: list[Action]) -> None:
+        # Only when nothing is missing, in flight, being installed or deferred: closing
+        # the uffd makes every later fault read zeros, which is right only for pages
+        # that the image says are zero or that were removed.
+        if (
+            self.handed_over
+            and not self.missing
+            and not self.inflight
+            and not self.installing
+            and not self._installs
+            and not self._deferred
+        ):
+            self._finish(State.RELEASED, now)
+            out.append(Release(self.proc))
+
+    # -- data arrives ------------------------------------------------------------------
+
+    def _arrived(self, event: PagesArrived, out: list[Action]) -> None:
+        request = self.requests.get(event.request_id)
+        if request is None:
+            return  # late or duplicate data: nothing waits for it here
+        lo, hi = event.image_addr, event.image_addr + event.length
+        if lo < request[0] or hi > request[1]:
+            raise ValueError(f"data {lo:#x}+{event.length:#x} outside request {event.request_id}")
+        # Only pages still in flight take the data: a page removed, unmapped, or already
+        # installed by an earlier (duplicate) arrival keeps what it has.
+        for start, end in self.inflight.intersect(lo, hi):
+            self.inflight.discard(start, end)
+            self.installing.add(start, end)
+            self._install_copy(start, end, event.data, lo, attempts=0, out=out)
+        if not self.inflight.overlaps(*request):
+            del self.requests[event.request_id]
+
+    def _install_copy(
+        self,
+        start: int,
+        end: int,
+        data: object,
+        data_base: int,
+        *,
+        attempts: int,
+        out: list[Action],
+    ) -> None:
+        # Translate at issue time, so data for a range moved by mremap goes to its new
+        # run-time address; one Copy per mapping piece.
+        for piece in self.map.pieces_in_image(start, end):
+            dontwake = not self._has_waiters(piece.run, piece.run_end)
+            install = _Install(
+                _Kind.COPY,
+                piece.run,
+                piece.length,
+                piece.page_size,
+                piece.image,
+                data,
+                data_base,
+                dontwake,
+                attempts,
+            )
+            install_id = self._ids()
+            self._installs[install_id] = install
+            out.append(
+                Copy(
+                    self.proc,
+                    install_id,
+                    piece.run,
+                    piece.image,
+                    piece.length,
+                    data,
+                    piece.image - data_base,
+                    dontwake,
+                )
+            )
+
+    # -- install outcomes --------------------------------------------------------------
+
+    def _outcome(self, event: InstallOutcome, now: float, out: list[Action]) -> None:
+        install = self._installs.pop(event.install_id, None)
+        if install is None:
+            return
+        if event.result is InstallResult.GONE:
+            self._finish(State.EXITED, now)
+            out.append(Release(self.proc, exited=True))
+            return
+        size = install.page_size
+        done = install.length if event.result is InstallResult.DONE else event.done
+        done = max(0, min(done, install.length))
+        done -= done % size
+        if done:
+            self._installed(install, 0, done, now, out)
+        if done == install.length:
+            return
+        if event.result is InstallResult.EXISTS:
+            # The first page not done is present already: resident; go on after it.
+            self._installed(install, done, size, now, out, woken=False)
+            if done + size < install.length:
+                self._reissue(install, done + size, out)
+        elif event.result is InstallResult.RETRY:
+            if done:
+                self._reissue(install, done, out)  # progress made: retry the rest now
+            else:
+                self._defer(install, done, now)  # queued events: after they are read
+        elif install.kind is _Kind.ZERO:
+            # LAYOUT_CHANGED for a zero fill: the address is not ours any more; let the
+            # thread retry (it faults again if the address is still registered).
+            self._wake_waiters(install.run + done, install.run + install.length, out)
+        elif install.attempts + 1 > self.policy.max_layout_retries:
+            self._finish(State.KILLED, now)
+            out.append(
+                Kill(
+                    self.proc,
+                    f"UFFDIO_COPY to {install.run + done:#x} keeps failing with ENOENT",
+                )
+            )
+        else:
+            self._defer(replace(install, attempts=install.attempts + 1), done, now)
+
+    def _installed(
+        self,
+        install: _Install,
+        offset: int,
+        length: int,
+        now: float,
+        out: list[Action],
+        *,
+        woken: bool = True,
+    ) -> None:
+        """``length`` bytes from ``offset`` of ``install`` are in place."""
+        run = install.run + offset
+        if install.kind is _Kind.COPY:
+            image = install.image + offset
+            self.stats.data_installed += self.installing.discard(image, image + length)
+        else:
+            self.stats.zero_fills += 1
+        # The kernel woke the range unless DONTWAKE (or the page was found present).
+        kernel_woke = woken and not install.dontwake
+        self._wake_waiters(run, run + length, out, now=now, emit=not kernel_woke)
+
+    def _reissue(self, install: _Install, offset: int, out: list[Action]) -> None:
+        if install.kind is _Kind.COPY:
+            image = install.image + offset
+            for start, end in self.installing.intersect(image, install.image + install.length):
+                self._install_copy(start, end, install.data, install.data_base, attempts=0, out=out)
+        else:
+            self._zero_fill(install.run + offset, install.page_size, out)
+
+    def _defer(self, install: _Install, offset: int, now: float) -> None:
+        if install.kind is _Kind.COPY:
+            install = replace(
+                install,
+                run=install.run + offset,
+                image=install.image + offset,
+                length=install.length - offset,
+            )
+        if self._deferred_since is None:
+            self._deferred_since = now
+        self._deferred.append(install)
+
+    def _retry_deferred(self, now: float, out: list[Action]) -> None:
+        deferred, self._deferred = self._deferred, []
+        self._deferred_since = None
+        for install in deferred:
+            if install.kind is _Kind.COPY:
+                # Re-derive from the current state: pages removed or unmapped meanwhile
+                # are no longer installing, and a remap changed where they go.
+                for start, end in self.installing.intersect(
+                    install.image, install.image + install.length
+                ):
+                    self._install_copy(
+                        start,
+                        end,
+                        install.data,
+                        install.data_base,
+                        attempts=install.attempts,
+                        out=out,
+                    )
+            elif self._has_waiters(install.run, install.run + install.length):
+                self._resolve(install.run, now, out)
+
+    # -- layout changes ----------------------------------------------------------------
+
+    def _remove(self, start: int, end: int, out: list[Action]) -> None:
+        # Blocked threads retry and fault again: the page then reads zeros.
+        self._wake_waiters(start, end, out)
+        for piece in self.map.pieces_in_run(start, end):
+            lo, hi = piece.image, piece.image_end
+            self.stats.data_dropped += (
+                self.missing.discard(lo, hi)
+                + self.inflight.discard(lo, hi)
+                + self.installing.discard(lo, hi)
+            )
+            self.zero.add(lo, hi)
+        self._prune_requests()
+
+    def _forget(self, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            lo, hi = piece.image, piece.image_end
+            self.stats.data_dropped += (
+                self.missing.discard(lo, hi)
+                + self.inflight.discard(lo, hi)
+                + self.installing.discard(lo, hi)
+            )
+            self.zero.discard(lo, hi)
+        self._prune_requests()
+
+    def _prune_requests(self) -> None:
+        for request_id, (lo, hi) in list(self.requests.items()):
+            if not self.inflight.overlaps(lo, hi):
+                del self.requests[request_id]
+
+    # -- fork --------------------------------------------------------------------------
+
+    def _spawn(self, now: float) -> LazyProcess:
+        """The child of a fork: the parent's remaining lazy state, its own uffd.
+
+        Pages installed before the fork are in the child too; pages whose install is
+        deferred are not (the fork made it fail), so the child gets its own deferred
+        copies of them. It waits for the parent's requests as well.
+        """
+        self._forks += 1
+        child = LazyProcess(
+            ProcId(f"{self.proc}.{self._forks}"),
+            self.image_id,
+            (),
+            (),
+            now,
+            policy=self.policy,
+            ids=self._ids,
+            handed_over=self.handed_over,
+        )
+        child.map = self.map.copy()
+        child.missing = self.missing.copy()
+        child.inflight = self.inflight.copy()
+        child.installing = self.installing.copy()
+        child.zero = self.zero.copy()
+        child.requests = dict(self.requests)
+        pending = [*self._deferred, *self._installs.values()]
+        child._deferred = [
+            replace(i, attempts=0, dontwake=False) for i in pending if i.kind is _Kind.COPY
+        ]
+        child._deferred_since = now if child._deferred else None
+        child._chunk = self._chunk
+        child.stats.data_total = child.missing.total + child.inflight.total + child.installing.total
+        return child
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _has_waiters(self, start: int, end: int) -> bool:
+        return any(start <= page < end for page in self._waiters)
+
+    def _wake_waiters(
+        self,
+        start: int,
+        end: int,
+        out: list[Action],
+        *,
+        now: float | None = None,
+        emit: bool = True,
+    ) -> None:
+        """Forget the waiters in ``[start, end)``; record their latency when resolved
+        (``now`` given); emit a Wake unless the kernel already woke them."""
+        pages = [page for page in self._waiters if start <= page < end]
+        if not pages:
+            return
+        for page in pages:
+            stamps = self._waiters.pop(page)
+            if now is not None:
+                for stamp in stamps:
+                    self.stats.latency.record(now - stamp)
+        if emit:
+            lo = min(pages)
+            hi = max(pages) + (self.map.lookup(max(pages)) or _DEFAULT).page_size
+            out.append(Wake(self.proc, RunAddr(lo), hi - lo))
+
+    def _finish(self, state: State, now: float) -> None:
+        self.state = state
+        self.stats.finished = now
+        dropped = self.missing.total + self.inflight.total + self.installing.total
+        if state is not State.RELEASED:
+            self.stats.data_dropped += dropped
+        for ranges in (self.missing, self.inflight, self.installing):
+            ranges.clear()
+        self.requests.clear()
+        self._installs.clear()
+        self._deferred.clear()
+        self._deferred_since = None
+        self._waiters.clear()
+
+    @property
+    def deferred(self) -> int:
+        """How many installs wait for the uffd's event queue to drain."""
+        return len(self._deferred)
+
+    @property
+    def next_retry(self) -> float | None:
+        """When a Tick should retry deferred installs, if any are waiting."""
+        if self._deferred_since is None:
+            return None
+        return self._deferred_since + self.policy.retry_interval
+
+    def summary(self, now: float) -> ProcessSummary:
+        stats = self.stats
+        mapped = sum(p.length // p.page_size for p in self.map)
+        missing = self.missing.total + self.inflight.total + self.installing.total
+        return ProcessSummary(
+            proc=self.proc,
+            state=self.state.value,
+            pages=mapped,
+            bytes_total=stats.data_total,
+            bytes_resident=stats.data_installed,
+            bytes_missing=missing,
+            faults=stats.faults,
+            zero_fills=stats.zero_fills,
+            bytes_fetched=stats.fetched,
+            latency_p50=stats.latency.quantile(0.5),
+            latency_p99=stats.latency.quantile(0.99),
+            latency_buckets=tuple(stats.latency.buckets),
+            time_to_resident=(
+                stats.finished - stats.started
+                if self.state is State.RELEASED and stats.finished is not None
+                else None
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LazyProcess({self.proc!r}, {self.state.value}, missing={self.missing.total:#x}, "
+            f"inflight={self.inflight.total:#x}, installing={self.installing.total:#x})"
+        )
+
+
+_DEFAULT = Piece(RunAddr(0), ImageAddr(0), 0, PAGE_SIZE)
