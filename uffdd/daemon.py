@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from uffdd import systemd
 from uffdd.config import DaemonConfig
@@ -28,12 +30,63 @@ from uffdd.errors import PageServerError, PageServerNotFound
 from uffdd.executor import Executor, TreeOutcome
 from uffdd.image.format import ExtentKind
 from uffdd.kernel.handover import Handover, HandoverPolicy, Listener, accept_handovers
+from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.remote.client import PageClient
 from uffdd.remote.convert import ImageInfo
 from uffdd.remote.tls import ClientTls
+from uffdd.sources import PageSource
 
 _log = get_logger("uffdd.daemon")
+
+
+class Reporter(Protocol):
+    """The line back to whoever handed a process over (the native handover's reply
+    channel is one; a dialect without replies passes ``SilentReporter``)."""
+
+    async def send_progress(self, resident_bytes: int, total_bytes: int) -> bool: ...
+    async def send_resident(self, summary: ResidentSummary) -> bool: ...
+    async def send_failed(self, reason: str) -> bool: ...
+
+
+class SilentReporter:
+    """For restorers that expect no reply (Firecracker, CRIU): the log says it all."""
+
+    async def send_progress(self, resident_bytes: int, total_bytes: int) -> bool:
+        return True
+
+    async def send_resident(self, summary: ResidentSummary) -> bool:
+        return True
+
+    async def send_failed(self, reason: str) -> bool:
+        return True
+
+
+@dataclass(eq=False)
+class Restore:
+    """One process to serve, whatever protocol brought it (native, CRIU, Firecracker).
+
+    The daemon owns it from :meth:`Daemon.start` on and calls ``close`` (which must
+    release the uffd, the pidfd and the connection) once the tree ended: fully
+    resident, exited, or killed because it could not be served.
+    """
+
+    name: str
+    """Short label for logs and the process id (e.g. ``criu-1234``)."""
+    pid: int
+    pidfd: int
+    uffd: Uffd
+    image_id: str
+    regions: list[LazyRegion]
+    data: list[tuple[int, int]]
+    """Image ranges holding data (everything else in the regions reads zeros)."""
+    source: PageSource
+    reporter: Reporter
+    close: Callable[[], None]
+    handed_over: bool = True
+    """False: hold the background sweep until :meth:`Daemon.handover_complete`."""
+    on_done: Callable[[TreeOutcome], None] | None = None
+    """Called after the daemon's own bookkeeping (a dialect that waits for its tasks)."""
 
 
 @dataclass
@@ -95,8 +148,8 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self._clients = _Clients(config)
-        self._sessions: dict[ProcId, Handover] = {}
+        self.clients = _Clients(config)
+        self._sessions: dict[ProcId, Restore] = {}
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -107,8 +160,19 @@ class Daemon:
         """Begin a graceful stop (what SIGTERM and SIGINT do)."""
         self._stopping.set()
 
-    async def run(self, listener: Listener | None = None) -> None:
-        """Serve until stopped; then drain within the grace period and return."""
+    async def run(
+        self,
+        listener: Listener | None = None,
+        *,
+        native: bool = True,
+        listeners: Sequence[Callable[[Daemon], Coroutine[object, object, None]]] = (),
+    ) -> None:
+        """Serve until stopped; then drain within the grace period and return.
+
+        ``native``: take native handovers (on ``listener``, a socket-activated fd, or
+        the configured path). ``listeners``: more front doors (the CRIU and Firecracker
+        dialects), each a coroutine run for the daemon's life and cancelled at stop.
+        """
         loop = asyncio.get_running_loop()
         self._executor = Executor(
             Policy(
@@ -117,28 +181,34 @@ class Daemon:
                 bulk_deadline=max(self.config.fetch_deadline, 60.0),
             )
         )
-        listener = listener or self._listen()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
-        policy = (
-            HandoverPolicy()
-            if self.config.allowed_uids is None
-            else HandoverPolicy(allowed_uids=self.config.allowed_uids)
-        )
-        accepting = loop.create_task(
-            accept_handovers(listener.sock, self._on_handover, policy=policy)
-        )
+        doors: list[asyncio.Task[None]] = []
+        if native:
+            listener = listener or self._listen()
+            policy = (
+                HandoverPolicy()
+                if self.config.allowed_uids is None
+                else HandoverPolicy(allowed_uids=self.config.allowed_uids)
+            )
+            doors.append(
+                loop.create_task(accept_handovers(listener.sock, self._on_handover, policy=policy))
+            )
+            _log.info("listening", handover=str(listener.path), page_server=self.config.page_server)
+        doors.extend(loop.create_task(door(self)) for door in listeners)
         ticking = loop.create_task(self._progress_loop())
-        _log.info("listening", handover=str(listener.path), page_server=self.config.page_server)
         systemd.ready("waiting for handovers")
         try:
             await self._stopping.wait()
         finally:
             systemd.stopping(f"stopping: {len(self._sessions)} restore(s) in progress")
-            accepting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await accepting
-            listener.close()
+            for door_task in doors:
+                door_task.cancel()
+            for door_task in doors:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await door_task
+            if listener is not None:
+                listener.close()
             await self._drain()
             ticking.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -146,7 +216,7 @@ class Daemon:
             if self._replies:
                 await asyncio.gather(*self._replies, return_exceptions=True)
             self._executor.close()
-            await self._clients.close()
+            await self.clients.close()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             _log.info("stopped")
@@ -182,7 +252,7 @@ class Daemon:
                 "the handover names no page server and the daemon has no default "
                 "(uffdd daemon --page-server)",
             )
-        client = self._clients.get(target)
+        client = self.clients.get(target)
         try:
             info = await client.image_info(handover.image_id, timeout=self.config.fetch_deadline)
         except PageServerNotFound as exc:
@@ -193,33 +263,61 @@ class Daemon:
         data = [
             (int(e.start), e.start + e.length) for e in info.extents if e.kind is ExtentKind.DATA
         ]
-        root = ProcId(f"p{handover.pid}-{handover.session_id[:6]}")
-        self._sessions[root] = handover
-        self._idle.clear()
-        self._executor.add_tree(
-            root,
-            uffd=handover.uffd,
-            pid=handover.pid,
-            pidfd=handover.pidfd,
-            client=client,
-            image_id=handover.image_id,
-            regions=regions,
-            data=data,
-            on_done=self._tree_done,
-        )
-        _log.info(
-            "serving",
-            proc=root,
-            pid=handover.pid,
-            image=handover.image_id,
+        self.start(
+            Restore(
+                name=f"p{handover.pid}-{handover.session_id[:6]}",
+                pid=handover.pid,
+                pidfd=handover.pidfd,
+                uffd=handover.uffd,
+                image_id=handover.image_id,
+                regions=regions,
+                data=data,
+                source=client,
+                reporter=handover.reply,
+                close=handover.close,
+            ),
             page_server=target,
-            bytes=sum(r.length for r in regions),
             session=handover.session_id,
         )
         await handover.reply.send_ack()
 
+    def start(self, restore: Restore, **log_fields: object) -> ProcId:
+        """Serve ``restore`` from now on; returns its process id in the tracker."""
+        assert self._executor is not None, "the daemon is not running"
+        root = ProcId(restore.name)
+        if root in self._sessions:
+            raise ValueError(f"a restore named {root!r} is being served already")
+        self._sessions[root] = restore
+        self._idle.clear()
+        self._executor.add_tree(
+            root,
+            uffd=restore.uffd,
+            pid=restore.pid,
+            pidfd=restore.pidfd,
+            source=restore.source,
+            image_id=restore.image_id,
+            regions=restore.regions,
+            data=restore.data,
+            on_done=self._tree_done,
+            handed_over=restore.handed_over,
+        )
+        _log.info(
+            "serving",
+            proc=root,
+            pid=restore.pid,
+            image=restore.image_id,
+            bytes=sum(r.length for r in restore.regions),
+            **log_fields,
+        )
+        return root
+
+    def handover_complete(self, root: ProcId) -> None:
+        """The restorer is done handing over: start ``root``'s background sweep."""
+        assert self._executor is not None, "the daemon is not running"
+        self._executor.handover_complete(root)
+
     def _tree_done(self, outcome: TreeOutcome) -> None:
-        handover = self._sessions.pop(outcome.root, None)
+        restore = self._sessions.pop(outcome.root, None)
         if not self._sessions:
             self._idle.set()
         if outcome.exited:
@@ -244,17 +342,19 @@ class Daemon:
             )
         else:
             _log.error("restore failed", proc=outcome.root, reason=outcome.failure)
-        if handover is not None:
-            task = asyncio.get_running_loop().create_task(self._report(handover, outcome))
+        if restore is not None:
+            task = asyncio.get_running_loop().create_task(self._report(restore, outcome))
             self._replies.add(task)
             task.add_done_callback(self._replies.discard)
+            if restore.on_done is not None:
+                restore.on_done(outcome)
 
-    async def _report(self, handover: Handover, outcome: TreeOutcome) -> None:
+    async def _report(self, restore: Restore, outcome: TreeOutcome) -> None:
         try:
             if outcome.exited:
-                await handover.reply.send_failed("the restored process exited")
+                await restore.reporter.send_failed("the restored process exited")
             elif outcome.failure is None:
-                await handover.reply.send_resident(
+                await restore.reporter.send_resident(
                     ResidentSummary(
                         pages=outcome.bytes_resident // PAGE_SIZE,
                         bytes=outcome.bytes_resident,
@@ -265,9 +365,9 @@ class Daemon:
                     )
                 )
             else:
-                await handover.reply.send_failed(outcome.failure)
+                await restore.reporter.send_failed(outcome.failure)
         finally:
-            handover.close()
+            restore.close()
 
     async def _progress_loop(self) -> None:
         interval = self.config.progress_interval
@@ -278,9 +378,9 @@ class Daemon:
             await asyncio.sleep(interval)
             systemd.watchdog_ping()
             assert self._executor is not None
-            for root, handover in list(self._sessions.items()):
+            for root, restore in list(self._sessions.items()):
                 resident, total = self._executor.progress(root)
-                await handover.reply.send_progress(resident, total)
+                await restore.reporter.send_progress(resident, total)
             systemd.status(f"serving {len(self._sessions)} restore(s)")
 
 

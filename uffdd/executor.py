@@ -41,6 +41,7 @@ from uffdd.core.events import (
     EventsDrained,
     Exited,
     FetchFailed,
+    HandoverComplete,
     InstallOutcome,
     InstallResult,
     PagesArrived,
@@ -55,8 +56,9 @@ from uffdd.core.tracker import Tracker
 from uffdd.errors import PageServerError, UffdOpError
 from uffdd.kernel.uffd import OpResult, Uffd
 from uffdd.log import get_logger
-from uffdd.remote.client import Chunk, PageClient, Request
+from uffdd.remote.client import Chunk
 from uffdd.remote.convert import Priority
+from uffdd.sources import FetchHandle, PageSource
 
 _log = get_logger("uffdd.executor")
 
@@ -87,7 +89,7 @@ class _Tree:
     root: ProcId
     pid: int
     pidfd: int
-    client: PageClient
+    source: PageSource
     started: float
     on_done: Callable[[TreeOutcome], None]
     members: set[ProcId] = field(default_factory=set)
@@ -107,7 +109,7 @@ class Executor:
         self._uffds: dict[ProcId, Uffd] = {}
         self._tree_of: dict[ProcId, _Tree] = {}
         self._trees: dict[ProcId, _Tree] = {}
-        self._requests: dict[int, Request] = {}
+        self._requests: dict[int, FetchHandle] = {}
         self._queue: deque[Action] = deque()
         self._running = False
         self._tick: asyncio.TimerHandle | None = None
@@ -121,21 +123,31 @@ class Executor:
         uffd: Uffd,
         pid: int,
         pidfd: int,
-        client: PageClient,
+        source: PageSource,
         image_id: str,
         regions: list[LazyRegion],
         data: list[tuple[int, int]],
         on_done: Callable[[TreeOutcome], None],
+        handed_over: bool = True,
     ) -> None:
-        """Start serving a handed-over process (its uffd stays owned by the caller's
-        Handover, which closes it once ``on_done`` ran)."""
+        """Start serving a handed-over process (its uffd stays owned by the caller,
+        which closes it once ``on_done`` ran). ``handed_over`` False: demand faults are
+        served at once, the background sweep waits for :meth:`handover_complete` (CRIU
+        sends its restore-finished marker after the last task)."""
         now = time.monotonic()
-        tree = _Tree(root, pid, pidfd, client, now, on_done)
+        tree = _Tree(root, pid, pidfd, source, now, on_done)
         self._trees[root] = tree
         self._watch(root, uffd, tree)
         if pidfd >= 0:
             self._loop.add_reader(pidfd, self._root_exited, root)
-        self._run(self.tracker.add_process(root, image_id, regions, data, now, handed_over=True))
+        self._run(
+            self.tracker.add_process(root, image_id, regions, data, now, handed_over=handed_over)
+        )
+
+    def handover_complete(self, root: ProcId) -> None:
+        """The restorer finished the whole restore: start the background sweep."""
+        if root in self._trees:
+            self._handle(HandoverComplete(root))
 
     def progress(self, root: ProcId) -> tuple[int, int]:
         """(resident bytes, total bytes) of a tree."""
@@ -284,7 +296,7 @@ class Executor:
             if error is not None:
                 self._handle(FetchFailed(request_id, str(error)))
 
-        self._requests[request_id] = tree.client.submit(
+        self._requests[request_id] = tree.source.submit(
             action.image_id,
             action.image_addr,
             action.length,
