@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +56,7 @@ def test_restore_with_fork_remap_remove_unmap_verifies_every_byte(
         "madvise(DONTNEED) reads zeros",
         "fork tree, 3 levels, untouched memory",
         "mremap to a new address",
+        "mremap shrink then grow: the tail reads zeros",
         "munmap mid-transfer",
         "every byte, all regions",
         "every byte again, fully resident",
@@ -203,3 +205,23 @@ def test_sigterm_kills_what_is_not_resident_after_the_grace(images: Path, tmp_pa
         assert running.daemon.wait(60) == 0
     (failure,) = _events(running.daemon_events(), "restore failed")
     assert "grace" in str(failure["reason"])
+
+
+def test_corrupt_image_data_kills_the_process_instead_of_serving_it(
+    images: Path, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt-images"
+    shutil.copytree(images, corrupt)
+    pages = corrupt / "demo" / "pages.bin"
+    with pages.open("r+b") as data:
+        data.seek(pages.stat().st_size // 2)
+        byte = data.read(1)
+        data.seek(-1, os.SEEK_CUR)
+        data.write(bytes([byte[0] ^ 0xFF]))
+    with services(tmp_path, corrupt) as running:
+        restored = start_restored(running.handover, "demo", mode="idle")
+        # The sweep reaches the bad chunk: the page server refuses to serve it
+        # (DATA_LOSS), and the daemon kills the process rather than install it.
+        assert restored.finish(timeout=60) == -signal.SIGKILL
+    (failure,) = _events(running.daemon_events(), "restore failed")
+    assert "checksum" in str(failure["reason"]).lower(), failure

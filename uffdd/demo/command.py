@@ -95,7 +95,7 @@ def _restore(command: list[str], run: _Run) -> int:
             progress.finish()
             mark = "ok" if event["mismatches"] == 0 else f"{event['mismatches']} WRONG"
             click.echo(
-                f"  {event['name']:<40} {event['pages']:>7} pages  "
+                f"  {event['name']:<46} {event['pages']:>7} pages  "
                 f"{event['seconds']:7.3f} s  {mark}"
             )
         elif name == "failed":

@@ -46,6 +46,13 @@ def move(old: int, length: int, new: int) -> None:
         raise _fail("mremap")
 
 
+def resize(address: int, old_length: int, new_length: int) -> None:
+    """mremap in place: shrink (the tail is unmapped) or grow (fresh memory after)."""
+    result = _mremap(address, old_length, new_length, 0, None)
+    if result is None or result == _FAILED:
+        raise _fail("mremap")
+
+
 def drop(address: int, length: int) -> None:
     """madvise(MADV_DONTNEED): the range stays mapped and reads zeros afterwards."""
     if _madvise(address, length, MADV_DONTNEED) != 0:

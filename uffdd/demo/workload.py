@@ -16,7 +16,8 @@ for the ``uffdd demo`` command, which draws the progress bar and the report:
 
 The script exercises what uffdd must follow: random-order reads, a fork whose child and
 grandchild read memory the parent never touched, madvise(DONTNEED) (those pages must
-then read zeros, never snapshot data), mremap to a new address, and munmap mid-transfer.
+then read zeros, never snapshot data), mremap that moves, shrinks and grows, and munmap
+mid-transfer.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class Checker:
     mismatches: int = 0
     first_wrong: list[str] = field(default_factory=list)
     dropped: set[int] = field(default_factory=set)
-    """Image addresses of pages dropped with madvise(DONTNEED): they must read zeros."""
+    """Image addresses of pages that must read zeros now: dropped with
+    madvise(DONTNEED), or unmapped by an mremap shrink and regrown."""
 
     def page(self, region: DemoRegion, index: int, run_start: int | None = None) -> bool:
         """Check one page, read at ``run_start`` (the region's start unless it moved)."""
@@ -242,6 +244,18 @@ def run_restored(
     vm.move(moved.start, moved.length, new_home)
     _phase(
         "mremap to a new address",
+        checker,
+        lambda: checker.pages(moved, range(moved.pages), run_start=new_home),
+    )
+
+    # Shrink in place (the tail is unmapped, snapshot and all), then grow back: the
+    # regrown tail is fresh memory and must read zeros, never the snapshot's data.
+    keep = moved.pages * 3 // 4
+    vm.resize(new_home, moved.length, keep * PAGE_SIZE)
+    vm.resize(new_home, keep * PAGE_SIZE, moved.length)
+    checker.dropped.update(moved.start + i * PAGE_SIZE for i in range(keep, moved.pages))
+    _phase(
+        "mremap shrink then grow: the tail reads zeros",
         checker,
         lambda: checker.pages(moved, range(moved.pages), run_start=new_home),
     )
