@@ -78,7 +78,9 @@ def test_dumped_process_memory_comes_back_byte_for_byte(tmp_path: Path) -> None:
         try:
             pid = json.loads(source.stdout.readline())["pid"]
             # The source is idle (blocked on stdin): its demo regions no longer change.
-            memory = {r.start: _read_mem(pid, r.start, r.length) for r in demo_layout(SIZE_MIB)}
+            memory = {
+                int(r.start): _read_mem(pid, r.start, r.length) for r in demo_layout(SIZE_MIB)
+            }
             dumped = subprocess.run(
                 uffdd_command("dump", str(pid), "-o", str(images), "--image-id", "chain",
                               "--include", "[anon]"),
