@@ -24,16 +24,14 @@ Rules this follows (shared/PROTOCOLS.md):
   crash, as zero-filled lies rather than a clean failure.
 - Nothing here touches the registered memory: before the ack no one would serve it.
 
-Python's mmap module cannot map at a fixed address, hence ctypes over libc's mmap.
+Python's mmap module cannot map at a fixed address, hence ``uffdd.kernel.memory``.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import errno
-import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +56,7 @@ from uffdd.core.handover import (
 )
 from uffdd.errors import PeerProtocolError, UffddError
 from uffdd.handover_protocol import decode_reply, encode_request
+from uffdd.kernel import memory
 from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
 
 __all__ = [
@@ -78,31 +77,6 @@ REQUIRED_FEATURES = (
     Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
 )
 WISHED_FEATURES = Feature.THREAD_ID
-
-_PROT_READ = 0x1
-_PROT_WRITE = 0x2
-_MAP_PRIVATE = 0x02
-_MAP_ANONYMOUS = 0x20
-_MAP_NORESERVE = 0x4000
-_MAP_HUGETLB = 0x40000
-_MAP_FIXED_NOREPLACE = 0x100000
-_MAP_HUGE_SHIFT = 26
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_munmap = _libc.munmap
-_munmap.restype = ctypes.c_int
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 class RestoreError(UffddError):
@@ -269,7 +243,8 @@ class Restorer:
             # Leaving the block closed our copy of the uffd: the daemon holds its own.
         except BaseException:
             for m in mapped:
-                _munmap(m.address, m.length)
+                with contextlib.suppress(OSError):
+                    memory.munmap(m.address, m.length)
             raise
         return Session(sock, session_id, placed)
 
@@ -345,33 +320,35 @@ def map_anonymous(length: int, page_size: int = PAGE_SIZE, address: int | None =
     range raises RestoreError. Huge page sizes map hugetlbfs pages of that size (the
     pool must have them: vm.nr_hugepages).
     """
-    flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
+    flags = memory.MAP_PRIVATE | memory.MAP_ANONYMOUS | memory.MAP_NORESERVE
     if page_size != PAGE_SIZE:
         if page_size not in (HUGE_2M, HUGE_1G):
             raise RestoreError(f"page size {page_size} is not 4 KiB, 2 MiB or 1 GiB")
-        flags |= _MAP_HUGETLB | ((page_size.bit_length() - 1) << _MAP_HUGE_SHIFT)
+        flags |= memory.MAP_HUGETLB | ((page_size.bit_length() - 1) << memory.MAP_HUGE_SHIFT)
     if length <= 0 or length % page_size:
         raise RestoreError(f"length {length:#x} is not a positive multiple of {page_size}")
     if address is not None:
         if address % page_size:
             raise RestoreError(f"address {address:#x} is not aligned to {page_size}")
-        flags |= _MAP_FIXED_NOREPLACE
-    result = _mmap(address, length, _PROT_READ | _PROT_WRITE, flags, -1, 0)
-    if result is None or result == _MAP_FAILED:
-        err = ctypes.get_errno()
+        flags |= memory.MAP_FIXED_NOREPLACE
+    try:
+        result = memory.mmap(address, length, memory.PROT_READ | memory.PROT_WRITE, flags)
+    except OSError as exc:
         where = "" if address is None else f" at [{address:#x}, +{length:#x})"
-        if err == errno.EEXIST:
-            raise RestoreError(f"cannot map{where}: the range is already mapped in this process")
-        raise RestoreError(f"cannot map {length:#x} bytes{where}: {os.strerror(err)}")
+        if exc.errno == errno.EEXIST:
+            raise RestoreError(
+                f"cannot map{where}: the range is already mapped in this process"
+            ) from exc
+        raise RestoreError(f"cannot map {length:#x} bytes{where}: {exc.strerror}") from exc
     if address is not None and result != address:  # a kernel without NOREPLACE: a hint
-        _munmap(result, length)
+        memory.munmap(result, length)
         raise RestoreError(f"cannot map at {address:#x}: the kernel placed it at {result:#x}")
-    return int(result)
+    return result
 
 
 def unmap(address: int, length: int) -> None:
     """Unmap memory mapped by :func:`map_anonymous` (e.g. after a session is over)."""
-    if _munmap(address, length) != 0:
-        raise RestoreError(
-            f"munmap [{address:#x}, +{length:#x}): {os.strerror(ctypes.get_errno())}"
-        )
+    try:
+        memory.munmap(address, length)
+    except OSError as exc:
+        raise RestoreError(f"munmap [{address:#x}, +{length:#x}): {exc.strerror}") from exc

@@ -1,68 +1,35 @@
-"""The memory calls the demo's restored process makes on itself: mremap, madvise, munmap.
+"""The memory calls the demo's restored process makes on itself, by what they mean.
 
-Why ctypes: Python's mmap objects cannot move, drop or partly unmap memory at a given
-address, and these calls are exactly what uffdd must follow (REMAP, REMOVE, UNMAP
-events), so the demo makes them the way a C program would.
+Why: the demo exercises exactly what uffdd must follow (REMAP, REMOVE and UNMAP
+events), so it moves, resizes, drops and unmaps its own memory the way a C program
+would (``uffdd.kernel.memory``), and reads and writes it at raw addresses.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-_mremap = _libc.mremap
-_mremap.restype = ctypes.c_void_p
-_mremap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_void_p,
-]
-_madvise = _libc.madvise
-_madvise.restype = ctypes.c_int
-_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_munmap = _libc.munmap
-_munmap.restype = ctypes.c_int
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-
-MREMAP_MAYMOVE = 1
-MREMAP_FIXED = 2
-MADV_DONTNEED = 4
-_FAILED = ctypes.c_void_p(-1).value
-
-
-def _fail(call: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{call}: {os.strerror(err)}")
+from uffdd.kernel import memory
 
 
 def move(old: int, length: int, new: int) -> None:
     """mremap ``[old, +length)`` to exactly ``new`` (the old range disappears)."""
-    result = _mremap(old, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, new)
-    if result is None or result == _FAILED:
-        raise _fail("mremap")
+    memory.mremap(old, length, length, memory.MREMAP_MAYMOVE | memory.MREMAP_FIXED, new)
 
 
 def resize(address: int, old_length: int, new_length: int) -> None:
     """mremap in place: shrink (the tail is unmapped) or grow (fresh memory after)."""
-    result = _mremap(address, old_length, new_length, 0, None)
-    if result is None or result == _FAILED:
-        raise _fail("mremap")
+    memory.mremap(address, old_length, new_length)
 
 
 def drop(address: int, length: int) -> None:
     """madvise(MADV_DONTNEED): the range stays mapped and reads zeros afterwards."""
-    if _madvise(address, length, MADV_DONTNEED) != 0:
-        raise _fail("madvise")
+    memory.madvise(address, length, memory.MADV_DONTNEED)
 
 
 def unmap(address: int, length: int) -> None:
     """munmap the range."""
-    if _munmap(address, length) != 0:
-        raise _fail("munmap")
+    memory.munmap(address, length)
 
 
 def read(address: int, length: int) -> bytes:

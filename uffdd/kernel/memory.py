@@ -1,0 +1,83 @@
+"""The memory calls a process makes on itself: mmap, munmap, mremap, madvise.
+
+Why ctypes, and why one module: Python's ``mmap`` objects cannot map at a chosen
+address, move, shrink or partly drop memory, and a restorer (or a workload exercising
+uffdd) needs exactly those calls, the way a C program makes them. Failures raise
+``OSError`` with the errno; callers add what the failure means to them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_HUGETLB = 0x40000
+MAP_FIXED_NOREPLACE = 0x100000
+MAP_HUGE_SHIFT = 26
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
+MADV_DONTNEED = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_mremap = _libc.mremap
+_mremap.restype = ctypes.c_void_p
+_mremap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
+]
+_madvise = _libc.madvise
+_madvise.restype = ctypes.c_int
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_FAILED = ctypes.c_void_p(-1).value
+
+
+def _error(call: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{call}: {os.strerror(err)}")
+
+
+def mmap(address: int | None, length: int, prot: int, flags: int) -> int:
+    """mmap anonymous memory (no file); the address it landed at."""
+    result = _mmap(address, length, prot, flags, -1, 0)
+    if result is None or result == _FAILED:
+        raise _error("mmap")
+    return int(result)
+
+
+def munmap(address: int, length: int) -> None:
+    if _munmap(address, length) != 0:
+        raise _error("munmap")
+
+
+def mremap(address: int, old_length: int, new_length: int, flags: int = 0, new: int = 0) -> int:
+    """mremap; with ``MREMAP_FIXED`` the memory moves to exactly ``new``."""
+    result = _mremap(address, old_length, new_length, flags, new or None)
+    if result is None or result == _FAILED:
+        raise _error("mremap")
+    return int(result)
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    if _madvise(address, length, advice) != 0:
+        raise _error("madvise")
