@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,7 +38,7 @@ def test_rangeset_matches_a_set_of_ints(
         assert ranges.total == len(model)
         listed = list(ranges.spans())
         # sorted, disjoint, never adjacent (always merged)
-        assert all(a[1] < b[0] for a, b in zip(listed, listed[1:], strict=False))
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(listed))
         assert all(s < e for s, e in listed)
     lo, hi = probe
     inside = {a for s, e in ranges.intersect(lo, hi) for a in range(s, e)}
@@ -45,7 +47,8 @@ def test_rangeset_matches_a_set_of_ints(
     assert (point in ranges) == (point in model)
     span = ranges.span_at(point)
     if point in model:
-        assert span is not None and span[0] <= point < span[1]
+        assert span is not None
+        assert span[0] <= point < span[1]
         assert set(range(*span)) <= model
     else:
         assert span is None
@@ -60,12 +63,15 @@ def test_rangeset_matches_a_set_of_ints(
 def test_rangeset_merges_adjacent_spans_and_splits_on_discard() -> None:
     ranges: RangeSet[ImageAddr] = RangeSet([(0, 4), (4, 8), (12, 16)])
     assert list(ranges.spans()) == [(0, 8), (12, 16)]
-    assert len(ranges) == 2 and ranges.total == 12
+    assert len(ranges) == 2
+    assert ranges.total == 12
     assert ranges.discard(2, 14) == 8
     assert list(ranges.spans()) == [(0, 2), (14, 16)]
     assert ranges.discard(5, 6) == 0
     ranges.clear()
-    assert not ranges and ranges.total == 0 and ranges.first() is None
+    assert not ranges
+    assert ranges.total == 0
+    assert ranges.first() is None
 
 
 def test_rangeset_ignores_empty_spans() -> None:
@@ -84,10 +90,12 @@ def _piece(run: int, image: int, length: int) -> Piece:
 def test_region_map_translates_both_ways() -> None:
     regions = RegionMap([_piece(100, 0, 10), _piece(200, 50, 10)])
     found = regions.lookup(205)
-    assert found is not None and found.to_image(205) == 55
+    assert found is not None
+    assert found.to_image(205) == 55
     assert regions.lookup(110) is None
     by_image = regions.lookup_image(52)
-    assert by_image is not None and by_image.to_run(52) == 202
+    assert by_image is not None
+    assert by_image.to_run(52) == 202
     assert regions.pieces_in_image(5, 55) == [_piece(105, 5, 5), _piece(200, 50, 5)]
     assert regions.total == 20
     with pytest.raises(ValueError, match="already mapped"):
@@ -149,4 +157,5 @@ def test_region_map_matches_a_page_dict(ops: list[tuple[str, int, int, int]]) ->
     assert actual == model
     for run, image in model.items():
         found = regions.lookup_image(image)
-        assert found is not None and found.to_run(image) == run
+        assert found is not None
+        assert found.to_run(image) == run

@@ -61,7 +61,7 @@ from uffdd.core.events import (
     UffdEvent,
     Unmap,
 )
-from uffdd.core.policy import KiB, Policy
+from uffdd.core.policy import Policy
 from uffdd.core.process import LazyRegion, State
 from uffdd.core.tracker import Tracker
 
@@ -190,7 +190,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert self.tracker.parent(action.child) == action.parent
             # the child waits for what its parent waited for at the fork
             for request_id in self.tracker.process(action.child).requests:
-                self.waiting[request_id].add(action.child)
+                self.waiting.setdefault(request_id, set()).add(action.child)
         elif isinstance(action, Release):
             self.release(action)
         else:
@@ -271,8 +271,11 @@ class CoreMachine(RuleBasedStateMachine):
         proc.done = True
         if action.exited:
             return
-        # closing the uffd wakes every waiter; the kernel fills zeros from now on
-        for run in proc.blocked:
+        # (2) a thread may still block only if the core has not read its fault yet;
+        # closing the uffd wakes it and the kernel fills zeros from now on
+        for run, threads in proc.blocked.items():
+            unread = sum(1 for e in proc.queue if isinstance(e, PageFault) and e.address == run)
+            assert threads <= unread, f"released {proc.name} with a fault at {run:#x} unanswered"
             assert run not in proc.pages or proc.expected(run) == "zero" or run in proc.present
         proc.blocked.clear()
         # (3): everything the image holds data for is installed, and correctly
@@ -309,12 +312,14 @@ class CoreMachine(RuleBasedStateMachine):
     # -- rules -------------------------------------------------------------------------
 
     @precondition(lambda self: bool(self.live()))
-    @rule(who=st.integers(0, 7), which=st.integers(0, 63))
-    def fault(self, who: int, which: int) -> None:
+    @rule(who=st.integers(0, 7), which=st.integers(0, 63), read_now=st.booleans())
+    def fault(self, who: int, which: int, read_now: bool) -> None:
         proc = self.pick(who)
         missing = sorted(r for r in proc.pages if r not in proc.present)
         if missing:
             self.block(proc, missing[which % len(missing)])
+        if read_now:
+            self.read(proc)
 
     @precondition(lambda self: bool(self.live()))
     @rule(who=st.integers(0, 7), which=st.integers(0, 63))
@@ -355,10 +360,22 @@ class CoreMachine(RuleBasedStateMachine):
         if request_id in self.outstanding and not self.undelivered[request_id]:
             del self.outstanding[request_id]
 
+    @staticmethod
+    def near(proc: FakeProc, which: int) -> int:
+        """A page number: often one a thread waits on, mostly one that is mapped."""
+        blocked = sorted(proc.blocked)
+        if which < 20 and blocked:
+            return blocked[which % len(blocked)] // P
+        mapped = sorted(proc.pages)
+        if which >= 48 or not mapped:
+            return 0x0E + which
+        return mapped[which % len(mapped)] // P
+
     @precondition(lambda self: bool(self.live()))
-    @rule(who=st.integers(0, 7), start=st.integers(0x0E, 0x50), pages=st.integers(1, 6))
+    @rule(who=st.integers(0, 7), start=st.integers(0, 63), pages=st.integers(1, 4))
     def remove(self, who: int, start: int, pages: int) -> None:
         proc = self.pick(who)
+        start = self.near(proc, start)
         lo, hi = start * P, (start + pages) * P
         for run in range(lo, hi, P):
             if run in proc.pages:
@@ -367,9 +384,10 @@ class CoreMachine(RuleBasedStateMachine):
         proc.queue.append(Remove(RunAddr(lo), RunAddr(hi)))
 
     @precondition(lambda self: bool(self.live()))
-    @rule(who=st.integers(0, 7), start=st.integers(0x0E, 0x50), pages=st.integers(1, 6))
+    @rule(who=st.integers(0, 7), start=st.integers(0, 63), pages=st.integers(1, 4))
     def unmap(self, who: int, start: int, pages: int) -> None:
         proc = self.pick(who)
+        start = self.near(proc, start)
         lo, hi = start * P, (start + pages) * P
         for run in range(lo, hi, P):
             proc.pages.pop(run, None)
@@ -379,14 +397,15 @@ class CoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.live()))
     @rule(
         who=st.integers(0, 7),
-        old=st.integers(0x0E, 0x50),
+        old=st.integers(0, 63),
         new=st.integers(0x0E, 0x60),
-        pages=st.integers(1, 6),
+        pages=st.integers(1, 4),
     )
     def remap(self, who: int, old: int, new: int, pages: int) -> None:
+        proc = self.pick(who)
+        old = self.near(proc, old)
         if old < new + pages and new < old + pages:
             return  # source and destination of mremap never overlap
-        proc = self.pick(who)
         moving = {}
         for index in range(pages):
             run = (old + index) * P
@@ -455,13 +474,9 @@ class CoreMachine(RuleBasedStateMachine):
                         image in core.missing or image in core.inflight or image in core.installing
                     ), f"{run:#x} is missing but the core thinks it resident"
 
-    def teardown(self) -> None:
-        if not self.procs:
-            return
-        if not self.handed_over:
-            self.handover()
-        # Settle: read every queue, answer every request, retry, until quiet.
-        for _ in range(200):
+    def settle(self) -> None:
+        """Read every queue, answer every request, let time pass, until quiet."""
+        for _ in range(100):
             for proc in self.live():
                 self.read(proc)
             for request_id in sorted(self.outstanding):
@@ -469,18 +484,30 @@ class CoreMachine(RuleBasedStateMachine):
                 self.deliver(request_id, lo, hi)
             self.tick(0.02)
             if not self.outstanding and not any(p.queue for p in self.live()):
-                if not self.live():
-                    break
-        # (2) and (3): every process was released, no thread is left blocked
+                break
+
+    def teardown(self) -> None:
+        if not self.procs:
+            return
+        # (2) every blocked thread is answered once the data it needs has arrived,
+        # even without the background sweep (before the handover there is none)
+        self.settle()
+        for proc in self.live():
+            assert not proc.blocked, f"threads of {proc.name} still blocked: {proc.blocked}"
+        if not self.handed_over:
+            self.handover()
+        self.settle()
+        # (3) with the sweep, every process is eventually released
         for proc in self.procs.values():
             if proc.adopted:
                 assert proc.done, f"{proc.name} never released: {self.tracker.process(proc.name)}"
                 assert not proc.blocked, f"threads of {proc.name} still blocked"
         assert self.tracker.progress().fraction == 1.0
+        assert self.tracker.requests_in_flight() == 0
 
 
 CoreMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=250,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -36,6 +36,9 @@ class Policy:
     """Deferred installs (EAGAIN) are retried after a drain, or on a Tick this late."""
     max_layout_retries: int = 3
     """ENOENT on the same data this many times without a layout event: kill."""
+    sweep: bool = True
+    """Stream what no fault asked for in the background. Off: pages arrive only on
+    demand and a process is never released (for benchmarks and experiments)."""
 
     def __post_init__(self) -> None:
         for name in ("fault_around", "bulk_min", "bulk_max", "max_in_flight"):

@@ -159,13 +159,12 @@ class LazyProcess:
         self._forks = 0
         self._born: list[LazyProcess] = []
         self.stats = ProcessStats(started=now)
+        stored: RangeSet[ImageAddr] = RangeSet((start, start + length) for start, length in data)
         for region in regions:
-            self._add_region(region, data)
+            self._add_region(region, stored)
         self.stats.data_total = self.missing.total
 
-    def _add_region(
-        self, region: LazyRegion, data: tuple[tuple[int, int], ...] | list[tuple[int, int]]
-    ) -> None:
+    def _add_region(self, region: LazyRegion, stored: RangeSet[ImageAddr]) -> None:
         size = region.page_size
         if size <= 0 or size % PAGE_SIZE or size & (size - 1):
             raise ValueError(f"page size {size} is not a power-of-two multiple of {PAGE_SIZE}")
@@ -175,15 +174,14 @@ class LazyProcess:
             raise ValueError(f"region {region} overlaps another region's image range")
         self.map.insert(Piece(region.run, region.image, region.length, size))
         start, end = region.image, region.image + region.length
-        self.zero.add(start, end)
-        for d_start, d_len in data:
-            lo, hi = max(start, d_start), min(end, d_start + d_len)
-            if hi <= lo:
-                continue
+        cursor = start  # built in ascending order: appends, no hole punching
+        for lo, hi in stored.intersect(start, end):
             if lo % size or hi % size:
-                raise ValueError(f"data extent {d_start:#x}+{d_len:#x} splits a page")
-            self.zero.discard(lo, hi)
+                raise ValueError(f"data {lo:#x}..{hi:#x} splits a page of {region}")
+            self.zero.add(cursor, lo)
             self.missing.add(lo, hi)
+            cursor = hi
+        self.zero.add(cursor, end)
 
     # -- the entry point ---------------------------------------------------------------
 
@@ -265,10 +263,12 @@ class LazyProcess:
             self._pump(now, out)
         return out
 
-    def take_children(self) -> list[LazyProcess]:
-        """The children created by Fork events since the last call (for the tracker)."""
-        born, self._born = self._born, []
-        return born
+    def take_child(self, child: ProcId) -> LazyProcess:
+        """The child that a Fork event created (once; for the tracker to adopt)."""
+        for index, born in enumerate(self._born):
+            if born.proc == child:
+                return self._born.pop(index)
+        raise KeyError(child)
 
     # -- faults ------------------------------------------------------------------------
 
@@ -324,7 +324,7 @@ class LazyProcess:
 
     def _pump(self, now: float, out: list[Action]) -> None:
         """Background sweep: lowest missing image pages first, within the budget."""
-        while self.handed_over and self.missing:
+        while self.policy.sweep and self.handed_over and self.missing:
             first = self.missing.first()
             assert first is not None
             piece = self.map.lookup_image(first[0])

@@ -43,6 +43,11 @@ class RangeSet(Generic[A]):
         if end <= start:
             return
         starts, ends = self._starts, self._ends
+        if not ends or start > ends[-1]:  # fast path: ascending construction appends
+            starts.append(start)
+            ends.append(end)
+            self._total += end - start
+            return
         i = bisect_left(ends, start)  # first span ending at or after start (adjacent too)
         j = bisect_right(starts, end)  # one past the last span starting at or before end
         if i < j:
@@ -227,8 +232,7 @@ class RegionMap:
     def lookup_image(self, address: int) -> Piece | None:
         """The piece holding image ``address``, or None."""
         by_image = self._image_index()
-        starts = [p.image for p in by_image]
-        i = bisect_right(starts, address) - 1
+        i = bisect_right(by_image, address, key=lambda p: p.image) - 1
         if i >= 0 and address < by_image[i].image_end:
             return by_image[i]
         return None

@@ -123,6 +123,14 @@ class Tracker:
         assert isinstance(event, InstallOutcome | EventsDrained | Exited)
         return self._run(process, event, now)
 
+    def kill_tree(self, proc: ProcId, reason: str, now: float) -> list[Action]:
+        """Kill every live process of ``proc``'s restore tree (a restorer or image
+        failure the shell saw itself), cancelling what only they waited for."""
+        out: list[Action] = []
+        for member in self._tree(self._root[proc]):
+            out.extend(self._absorb(member, member.kill(reason, now), now))
+        return out
+
     # -- queries -----------------------------------------------------------------------
 
     def process(self, proc: ProcId) -> LazyProcess:
@@ -202,14 +210,14 @@ class Tracker:
                 )
                 self._subscribed[process.proc].add(action.request_id)
             elif isinstance(action, AdoptChild):
-                for child in process.take_children():
-                    self._register(child, self._root[process.proc], process.proc)
-                    for request_id in child.requests:
-                        self._requests[request_id].waiting.add(child.proc)
-                        self._subscribed[child.proc].add(request_id)
-                    # Installs the fork made fail are the child's to do too; its uffd
-                    # is fresh, so they can go at once.
-                    out.extend(self._run(child, EventsDrained(child.proc), now))
+                child = process.take_child(action.child)
+                self._register(child, self._root[process.proc], process.proc)
+                for request_id in child.requests:
+                    self._requests[request_id].waiting.add(child.proc)
+                    self._subscribed[child.proc].add(request_id)
+                # Installs the fork made fail are the child's to do too; its uffd is
+                # fresh, so they can go at once (after the AdoptChild).
+                out.extend(self._run(child, EventsDrained(child.proc), now))
         out.extend(self._reconcile(process))
         return out
 
@@ -267,9 +275,7 @@ class Tracker:
         )
         out: list[Action] = []
         for root in sorted({self._root[p] for p in request.waiting}):
-            for member in self._tree(root):
-                actions = member.kill(why, now)
-                out.extend(self._absorb(member, actions, now))
+            out.extend(self.kill_tree(root, why, now))
         return out
 
     def _tick(self, event: Tick, now: float) -> list[Action]:

@@ -1,0 +1,455 @@
+"""The ordering rules of LazyProcess and Tracker, one named scenario each.
+
+The state machine in test_tracker_machine.py explores interleavings; these pin down the
+individual rules (and document them) with exact expected actions.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import pytest
+
+from uffdd.core.actions import (
+    Action,
+    AdoptChild,
+    CancelFetch,
+    Copy,
+    Fetch,
+    Kill,
+    Lane,
+    Release,
+    Wake,
+    ZeroFill,
+)
+from uffdd.core.addresses import ImageAddr, RunAddr
+from uffdd.core.events import (
+    EventsDrained,
+    Exited,
+    FetchFailed,
+    Fork,
+    HandoverComplete,
+    InstallOutcome,
+    InstallResult,
+    PageFault,
+    PagesArrived,
+    ProcId,
+    Remap,
+    Remove,
+    Tick,
+    Unmap,
+)
+from uffdd.core.policy import Policy
+from uffdd.core.process import LazyProcess, LazyRegion, State
+from uffdd.core.tracker import Tracker
+
+T = TypeVar("T")
+P = 4096
+R = ProcId("r")
+RUN = 0x10000
+IMG = 0x100000
+POLICY = Policy(fault_around=4 * P, bulk_min=4 * P, bulk_max=16 * P, max_in_flight=32 * P)
+
+
+def run(page: int) -> RunAddr:
+    return RunAddr(RUN + page * P)
+
+
+def img(page: int) -> ImageAddr:
+    return ImageAddr(IMG + page * P)
+
+
+def make(
+    data_pages: range | list[int] = range(16),
+    *,
+    pages: int = 16,
+    handed_over: bool = False,
+    policy: Policy = POLICY,
+) -> tuple[Tracker, list[Action]]:
+    tracker = Tracker(policy)
+    data = [(int(img(p)), P) for p in data_pages]
+    actions = tracker.add_process(
+        R, "img", [LazyRegion(run(0), img(0), pages * P)], data, 0.0, handed_over=handed_over
+    )
+    return tracker, actions
+
+
+def only(actions: list[Action], kind: type[T]) -> list[T]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def done(tracker: Tracker, action: Copy | ZeroFill, now: float = 1.0) -> list[Action]:
+    outcome = InstallOutcome(action.proc, action.install_id, InstallResult.DONE, action.length)
+    return tracker.handle(outcome, now)
+
+
+def test_a_fault_on_a_zero_page_is_zero_filled_at_once() -> None:
+    tracker, _ = make(data_pages=[])
+    [zero] = tracker.handle_uffd(R, [PageFault(RunAddr(run(3) + 123))], 1.0)
+    assert isinstance(zero, ZeroFill)
+    assert zero == ZeroFill(R, zero.install_id, run(3), P, P)
+    assert tracker.process(R).stats.faults == 1
+
+
+def test_a_fault_on_data_fetches_the_aligned_window_urgently() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(5))], 1.0)
+    assert isinstance(fetch, Fetch)
+    assert (fetch.image_addr, fetch.length, fetch.lane) == (img(4), 4 * P, Lane.URGENT)
+
+
+def test_fault_around_is_clipped_to_what_is_still_missing() -> None:
+    tracker, _ = make(data_pages=[0, 1, 3])  # page 2 is zero: the window stops there
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    assert (fetch.image_addr, fetch.length) == (img(0), 2 * P)
+    # page 3 is missing still; a fault there fetches it alone
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(3))], 1.1)
+    assert isinstance(fetch, Fetch)
+    assert (fetch.image_addr, fetch.length) == (img(3), P)
+
+
+def test_duplicate_faults_wait_for_the_same_fetch_and_are_all_woken() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1)), PageFault(run(1))], 1.0)
+    assert tracker.handle_uffd(R, [PageFault(run(2))], 1.5) == []  # in flight: no refetch
+    assert isinstance(fetch, Fetch)
+    copies = tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "buf"), 2.0)
+    [copy] = copies
+    assert isinstance(copy, Copy)
+    assert copy == Copy(R, copy.install_id, run(0), img(0), 4 * P, "buf", 0, dontwake=False)
+    assert done(tracker, copy, 2.5) == []
+    latency = tracker.process(R).stats.latency
+    assert latency.count == 3  # every fault was answered by the one copy
+    summary = tracker.summary(R, 3.0)
+    assert summary.faults == 3
+    assert summary.bytes_resident == 4 * P
+    assert summary.latency_p99 is not None
+    assert summary.latency_p99 >= 1.5
+
+
+def test_data_arriving_after_a_remove_is_never_installed() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    actions = tracker.handle_uffd(R, [Remove(run(0), run(4))], 1.1)
+    # the blocked thread is woken to fault again, and the request is cancelled
+    assert actions == [Wake(R, run(1), P), CancelFetch(fetch.request_id)]
+    assert tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "late"), 1.2) == []
+    [zero] = tracker.handle_uffd(R, [PageFault(run(1))], 1.3)
+    assert isinstance(zero, ZeroFill)
+    assert zero.run_addr == run(1)
+
+
+def test_a_remove_of_part_of_a_request_keeps_the_rest() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    assert tracker.handle_uffd(R, [Remove(run(2), run(3))], 1.1) == []
+    copies = only(tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.2), Copy)
+    assert [(c.run_addr, c.length, c.data_offset) for c in copies] == [
+        (run(0), 2 * P, 0),
+        (run(3), P, 3 * P),
+    ]
+
+
+def test_an_unmap_drops_ranges_and_in_flight_work() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    actions = tracker.handle_uffd(R, [Unmap(run(0), run(8))], 1.1)
+    assert actions == [Wake(R, run(1), P), CancelFetch(fetch.request_id)]
+    assert tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "late"), 1.2) == []
+    # a stale fault on the unmapped address: zero fill fails, the thread is woken
+    [zero] = tracker.handle_uffd(R, [PageFault(run(1))], 1.3)
+    assert isinstance(zero, ZeroFill)
+    outcome = InstallOutcome(R, zero.install_id, InstallResult.LAYOUT_CHANGED)
+    assert tracker.handle(outcome, 1.4) == [Wake(R, run(1), P)]
+    assert tracker.process(R).map.total == 8 * P
+
+
+def test_data_arriving_after_a_remap_goes_to_the_new_address() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    new = RunAddr(0x800000)
+    actions = tracker.handle_uffd(R, [Remap(run(0), new, 2 * P)], 1.1)
+    assert actions == [Wake(R, run(1), P)]  # the thread waits on an address now gone
+    copies = only(tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.2), Copy)
+    assert [(c.run_addr, c.image_addr, c.length) for c in copies] == [
+        (new, img(0), 2 * P),
+        (run(2), img(2), 2 * P),
+    ]
+
+
+def test_a_remap_wakes_threads_waiting_at_the_displaced_destination() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(9))], 1.0)
+    assert isinstance(fetch, Fetch)
+    actions = tracker.handle_uffd(R, [Remap(run(0), run(9), P)], 1.1)
+    assert Wake(R, run(9), P) in actions
+    # page 9 now holds image page 0; image page 9 is gone
+    piece = tracker.process(R).map.lookup(run(9))
+    assert piece is not None
+    assert piece.to_image(run(9)) == img(0)
+
+
+def test_faults_in_a_batch_are_answered_against_the_layout_after_the_batch() -> None:
+    # page 5 is zero, page 0 is data; the fault on 5 is read together with a remap
+    # that moves page 0 onto 5: zero-filling 5 now would destroy data
+    tracker, _ = make(data_pages=[0])
+    actions = tracker.handle_uffd(R, [PageFault(run(5)), Remap(run(0), run(5), P)], 1.0)
+    assert not only(actions, ZeroFill)
+    assert only(actions, Wake) == [Wake(R, run(5), P)]
+
+
+def test_fork_children_inherit_requests_and_data_is_installed_in_both() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    [adopt] = tracker.handle_uffd(R, [Fork(42)], 1.1)
+    assert adopt == AdoptChild(R, ProcId("r.1"), 42)
+    child = ProcId("r.1")
+    assert tracker.parent(child) == R
+    assert tracker.root(child) == R
+    # the child removes one of the pages before the data comes
+    tracker.handle_uffd(child, [Remove(run(0), run(1))], 1.2)
+    copies = only(tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.3), Copy)
+    assert sorted((c.proc, c.run_addr, c.length) for c in copies) == [
+        (R, run(0), 4 * P),
+        (child, run(1), 3 * P),
+    ]
+
+
+def test_a_deferred_copy_is_inherited_by_a_fork_child() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    [copy] = tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.1)
+    assert isinstance(copy, Copy)
+    tracker.handle(InstallOutcome(R, copy.install_id, InstallResult.RETRY, 0), 1.2)
+    actions = tracker.handle_uffd(R, [Fork(7)], 1.3)
+    assert isinstance(actions[0], AdoptChild)
+    # the child's uffd is fresh: its copy goes at once
+    [child_copy] = only(actions, Copy)
+    assert (child_copy.proc, child_copy.run_addr, child_copy.data) == ("r.1", run(0), "d")
+    [retry] = tracker.handle(EventsDrained(R), 1.4)
+    assert isinstance(retry, Copy)
+    assert (retry.proc, retry.run_addr, retry.length) == (R, run(0), 4 * P)
+
+
+def test_eagain_defers_until_the_events_are_drained() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    [copy] = tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.1)
+    assert isinstance(copy, Copy)
+    assert tracker.handle(InstallOutcome(R, copy.install_id, InstallResult.RETRY, 0), 1.2) == []
+    assert tracker.process(R).deferred == 1
+    # the queued event is a remove of page 3: the retry must skip it
+    tracker.handle_uffd(R, [Remove(run(3), run(4))], 1.3)
+    [retry] = tracker.handle(EventsDrained(R), 1.4)
+    assert isinstance(retry, Copy)
+    assert (retry.run_addr, retry.length, retry.data_offset) == (run(0), 3 * P, 0)
+
+
+def test_a_tick_retries_a_deferred_install_when_no_drain_comes() -> None:
+    tracker, _ = make()
+    [zero] = tracker.handle_uffd(R, [PageFault(RunAddr(0x900000))], 1.0)
+    assert isinstance(zero, ZeroFill)
+    tracker.handle(InstallOutcome(R, zero.install_id, InstallResult.RETRY, 0), 1.0)
+    assert tracker.next_wakeup() == pytest.approx(1.0 + POLICY.retry_interval)
+    assert tracker.handle(Tick(), 1.0 + POLICY.retry_interval / 2) == []
+    [again] = tracker.handle(Tick(), 1.0 + POLICY.retry_interval)
+    assert isinstance(again, ZeroFill)
+    assert again.run_addr == 0x900000
+
+
+def test_a_partial_copy_goes_on_and_eexist_counts_as_resident() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(3))], 1.0)
+    assert isinstance(fetch, Fetch)
+    [copy] = tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.1)
+    assert isinstance(copy, Copy)
+    # one page done, then a present page: go on at once from page 1
+    [rest] = tracker.handle(InstallOutcome(R, copy.install_id, InstallResult.RETRY, P), 1.2)
+    assert isinstance(rest, Copy)
+    assert (rest.run_addr, rest.length, rest.data_offset) == (run(1), 3 * P, P)
+    # page 1 is present: resident; the rest goes on
+    [last] = tracker.handle(InstallOutcome(R, rest.install_id, InstallResult.EXISTS, 0), 1.3)
+    assert isinstance(last, Copy)
+    assert (last.run_addr, last.length, last.data_offset) == (run(2), 2 * P, 2 * P)
+    # page 3 (the fault) present too: its waiter is woken by us, not by the kernel
+    outcome = InstallOutcome(R, last.install_id, InstallResult.EXISTS, P)
+    assert tracker.handle(outcome, 1.4) == [Wake(R, run(3), P)]
+    process = tracker.process(R)
+    assert not process.installing
+    assert process.stats.latency.count == 1
+
+
+def test_enoent_over_and_over_kills_rather_than_guess() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    assert isinstance(fetch, Fetch)
+    [copy] = tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.1)
+    kills: list[Kill] = []
+    for attempt in range(POLICY.max_layout_retries + 1):
+        assert isinstance(copy, Copy), attempt
+        outcome = InstallOutcome(R, copy.install_id, InstallResult.LAYOUT_CHANGED)
+        kills = only(tracker.handle(outcome, 1.2), Kill)
+        if kills:
+            break
+        [copy] = tracker.handle(EventsDrained(R), 1.3)
+    assert kills
+    assert "ENOENT" in kills[0].reason
+    assert tracker.process(R).state is State.KILLED
+
+
+def test_an_install_finding_the_process_gone_releases_it() -> None:
+    tracker, _ = make(data_pages=[])
+    [zero] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    assert isinstance(zero, ZeroFill)
+    outcome = InstallOutcome(R, zero.install_id, InstallResult.GONE)
+    assert tracker.handle(outcome, 1.1) == [Release(R, exited=True)]
+    assert tracker.complete(R)
+
+
+def test_exit_cancels_what_only_it_waited_for() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    assert isinstance(fetch, Fetch)
+    assert tracker.handle(Exited(R), 1.1) == [
+        Release(R, exited=True),
+        CancelFetch(fetch.request_id),
+    ]
+    assert tracker.handle_uffd(R, [PageFault(run(5))], 1.2) == []
+
+
+def test_release_comes_only_when_nothing_is_missing() -> None:
+    tracker, actions = make(data_pages=range(8), handed_over=True)
+    fetches = only(actions, Fetch)
+    assert [(f.image_addr, f.length, f.lane) for f in fetches] == [
+        (img(0), 4 * P, Lane.BULK),
+        (img(4), 4 * P, Lane.BULK),
+    ]
+    [first] = tracker.handle(PagesArrived(fetches[0].request_id, img(0), 4 * P, "a"), 1.0)
+    assert isinstance(first, Copy)
+    assert first.dontwake  # nobody waits: no wake needed
+    assert done(tracker, first, 1.1) == []
+    [second] = tracker.handle(PagesArrived(fetches[1].request_id, img(4), 4 * P, "b"), 1.2)
+    assert isinstance(second, Copy)
+    assert done(tracker, second, 1.5) == [Release(R)]
+    assert tracker.complete(R)
+    summary = tracker.summary(R, 2.0)
+    assert summary.time_to_resident == 1.5
+    assert summary.bytes_resident == summary.bytes_total == 8 * P
+    assert tracker.progress().fraction == 1.0
+
+
+def test_nothing_is_released_before_the_handover_completes() -> None:
+    tracker, actions = make(data_pages=[])
+    assert actions == []
+    assert tracker.handle(HandoverComplete(R), 1.0) == [Release(R)]
+
+
+def test_a_failed_fetch_kills_the_whole_tree() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    assert isinstance(fetch, Fetch)
+    tracker.handle_uffd(R, [Fork(5)], 1.1)
+    actions = tracker.handle(FetchFailed(fetch.request_id, "server gone"), 1.2)
+    kills = only(actions, Kill)
+    assert sorted(k.proc for k in kills) == [R, "r.1"]
+    assert all("server gone" in k.reason for k in kills)
+    assert tracker.complete(R)
+    assert tracker.requests_in_flight() == 0
+
+
+def test_a_fetch_past_its_deadline_kills() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    assert isinstance(fetch, Fetch)
+    deadline = 1.0 + POLICY.urgent_deadline
+    assert tracker.next_wakeup() == deadline
+    assert tracker.handle(Tick(), deadline - 0.1) == []
+    [kill] = tracker.handle(Tick(), deadline)
+    assert isinstance(kill, Kill)
+    assert "deadline" in kill.reason
+
+
+def test_data_outside_the_request_kills_instead_of_installing() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    assert isinstance(fetch, Fetch)
+    [kill] = tracker.handle(PagesArrived(fetch.request_id, img(2), 4 * P, "bad"), 1.1)
+    assert isinstance(kill, Kill)
+    assert "outside" in kill.reason
+
+
+def test_late_and_duplicate_data_is_ignored() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    assert isinstance(fetch, Fetch)
+    [copy] = tracker.handle(PagesArrived(fetch.request_id, img(0), 2 * P, "a"), 1.1)
+    assert isinstance(copy, Copy)
+    assert tracker.handle(PagesArrived(fetch.request_id, img(0), 2 * P, "a"), 1.2) == []
+    [rest] = tracker.handle(PagesArrived(fetch.request_id, img(2), 2 * P, "b"), 1.3)
+    assert isinstance(rest, Copy)
+    assert tracker.requests_in_flight() == 0
+    assert tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "c"), 1.4) == []
+
+
+def test_huge_pages_are_fetched_and_zero_filled_whole() -> None:
+    huge = 2 * 1024 * 1024
+    tracker = Tracker(POLICY)
+    regions = [LazyRegion(RunAddr(0x40000000), ImageAddr(0x80000000), 4 * huge, huge)]
+    tracker.add_process(R, "img", regions, [(0x80000000, huge)], 0.0)
+    [fetch] = tracker.handle_uffd(R, [PageFault(RunAddr(0x40000000 + 5 * P))], 1.0)
+    assert isinstance(fetch, Fetch)
+    assert (fetch.image_addr, fetch.length) == (0x80000000, huge)
+    [zero] = tracker.handle_uffd(R, [PageFault(RunAddr(0x40000000 + huge + P))], 1.1)
+    assert isinstance(zero, ZeroFill)
+    assert zero == ZeroFill(R, zero.install_id, RunAddr(0x40000000 + huge), huge, huge)
+
+
+def test_regions_must_be_page_aligned_and_disjoint() -> None:
+    with pytest.raises(ValueError, match="aligned"):
+        LazyProcess(R, "i", [LazyRegion(RunAddr(RUN + 1), img(0), P)], [], 0.0)
+    with pytest.raises(ValueError, match="overlaps"):
+        LazyProcess(
+            R,
+            "i",
+            [LazyRegion(run(0), img(0), 2 * P), LazyRegion(run(8), img(1), P)],
+            [],
+            0.0,
+        )
+    with pytest.raises(ValueError, match="splits a page"):
+        LazyProcess(R, "i", [LazyRegion(run(0), img(0), P)], [(IMG + 1, 100)], 0.0)
+    tracker, _ = make()
+    with pytest.raises(ValueError, match="already tracked"):
+        tracker.add_process(R, "img", [], [], 0.0)
+
+
+def test_the_shell_can_kill_a_tree_and_orphaned_requests_are_cancelled() -> None:
+    tracker, _ = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    assert isinstance(fetch, Fetch)
+    tracker.handle_uffd(R, [Fork(5)], 1.1)
+    actions = tracker.kill_tree(ProcId("r.1"), "restorer died", 1.2)
+    assert sorted(a.proc for a in only(actions, Kill)) == [R, "r.1"]
+    assert only(actions, CancelFetch) == [CancelFetch(fetch.request_id)]
+    assert tracker.live() == []
+    assert tracker.kill_tree(R, "again", 1.3) == []
+
+
+def test_without_the_sweep_only_faults_fetch_and_nothing_is_released() -> None:
+    quiet = Policy(fault_around=4 * P, bulk_min=4 * P, bulk_max=16 * P, sweep=False)
+    tracker, actions = make(handed_over=True, policy=quiet)
+    assert only(actions, Fetch) == []
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(5))], 1.0)
+    assert isinstance(fetch, Fetch)
+    assert fetch.lane is Lane.URGENT
+    # The same process with the sweep on streams the rest at once.
+    _, swept = make(handed_over=True)
+    assert [f.lane for f in only(swept, Fetch)] == [Lane.BULK] * len(only(swept, Fetch))
+    assert only(swept, Fetch)
