@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -39,14 +40,27 @@ class ResolvedRange:
     extents: list[Extent]
 
 
+class _Images(Protocol):
+    def list(self) -> list[str]: ...
+    def open(self, image_id: str) -> ImageReader: ...
+    def close(self) -> None: ...
+
+
 class ImageCatalog:
     """Every image under one directory, opened on first use and kept open (immutable;
-    the store caches the readers)."""
+    the store caches the readers). A CRIU images directory (it holds ``pstree.img``)
+    is served as one image ``criu-<pid>`` per task."""
 
     def __init__(self, root: Path, *, max_request_length: int = DEFAULT_MAX_REQUEST_LENGTH):
         self.root = root
         self.max_request_length = max_request_length
-        self._store = ImageStore(root)
+        self._store: _Images
+        if (root / "pstree.img").is_file():
+            from uffdd.criu.catalog import CriuImages  # noqa: PLC0415 - only for CRIU dirs
+
+            self._store = CriuImages(root)
+        else:
+            self._store = ImageStore(root)
 
     def list(self) -> list[str]:
         return self._store.list()
