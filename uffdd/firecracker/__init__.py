@@ -1,0 +1,1 @@
+"""Firecracker's UFFD memory backend: uffdd as the page-fault handler of restored VMs."""
