@@ -20,7 +20,9 @@ COMMANDS: dict[str, str] = {
     "daemon": "uffdd.daemon_cli:daemon",
     "demo": "uffdd.demo.command:demo",
     "dump": "uffdd.image.commands:dump",
+    "firecracker": "uffdd.firecracker.commands:firecracker",
     "image": "uffdd.image.commands:image",
+    "lazy-pages": "uffdd.criu.commands:lazy_pages",
     "page-server": "uffdd.remote.commands:page_server",
     "restore": "uffdd.restorer_cli:restore",
 }

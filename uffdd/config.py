@@ -49,6 +49,14 @@ class DaemonConfig:
     """Seconds between progress messages to restorers."""
     max_inflight_bytes: int = 64 << 20
     """Bytes of page data one process may have requested and not yet installed."""
+    fault_around: int = 64 << 10
+    """Bytes fetched around a demand fault (a power of two)."""
+    bulk_max: int = 4 << 20
+    """Largest background request; requests grow to it while no fault comes."""
+    sweep: bool = True
+    """Stream the rest in the background (off: demand faults only; never resident)."""
+    images: str = ""
+    """A local image root: handovers naming no page server are served from it."""
     log_format: str = "json"
     log_level: str = "info"
 
@@ -61,12 +69,30 @@ class DaemonConfig:
                 problems.append(f"{name} must be positive")
         if self.max_inflight_bytes < 1 << 20:
             problems.append("max_inflight_bytes must be at least 1 MiB")
+        for name in ("fault_around", "bulk_max"):
+            value = getattr(self, name)
+            if value < 4096 or value & (value - 1):
+                problems.append(f"{name} must be a power of two of at least 4096")
         if not 0 <= self.handover_mode <= 0o777:
             problems.append("handover_mode must be a file mode such as 0o600")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def parse_size(text: str) -> int:
+    """``"64K"``, ``"4MiB"``, ``"1.5G"`` or plain bytes -> bytes (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = cleaned[-1:] if cleaned[-1:] in units else ""
+    try:
+        value = float(cleaned[: len(cleaned) - len(suffix)]) * units[suffix]
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 64K, 4M)") from None
+    if value < 0:
+        raise ValueError(f"not a size: {text!r} (negative)")
+    return int(value)
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(DaemonConfig)}
@@ -110,6 +136,10 @@ def _coerce(name: str, value: Any) -> Any:
             if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids):
                 raise ValueError("a list of non-negative integers")
             return frozenset(uids)
+        if kind in (bool, "bool"):
+            if not isinstance(value, bool):
+                raise ValueError("true or false")
+            return value
         if name == "handover_mode":
             return int(value, 8) if isinstance(value, str) else int(value)
         if kind in (float, "float"):

@@ -26,16 +26,16 @@ from uffdd.core.events import ProcId
 from uffdd.core.handover import ErrorCode, HandoverRejected, ResidentSummary
 from uffdd.core.policy import Policy
 from uffdd.core.process import LazyRegion
-from uffdd.errors import PageServerError, PageServerNotFound
+from uffdd.errors import ImageError, PageServerError, PageServerNotFound
 from uffdd.executor import Executor, TreeOutcome
-from uffdd.image.format import ExtentKind
+from uffdd.image.format import ExtentLike, Region, stored_ranges
+from uffdd.image.store import ImageNotFound, ImageStore
 from uffdd.kernel.handover import Handover, HandoverPolicy, Listener, accept_handovers
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.remote.client import PageClient
-from uffdd.remote.convert import ImageInfo
 from uffdd.remote.tls import ClientTls
-from uffdd.sources import PageSource
+from uffdd.sources import LocalImageSource, PageSource
 
 _log = get_logger("uffdd.daemon")
 
@@ -79,7 +79,8 @@ class Restore:
     image_id: str
     regions: list[LazyRegion]
     data: list[tuple[int, int]]
-    """Image ranges holding data (everything else in the regions reads zeros)."""
+    """(image address, length) of the ranges holding data (everything else in the
+    regions reads zeros): ``uffdd.image.format.stored_ranges`` of the image's extents."""
     source: PageSource
     reporter: Reporter
     close: Callable[[], None]
@@ -116,20 +117,21 @@ class _Clients:
         self.clients.clear()
 
 
-def regions_in_image(handover: Handover, info: ImageInfo) -> list[LazyRegion]:
+def regions_in_image(
+    handover: Handover, image_id: str, image_regions: Sequence[Region]
+) -> list[LazyRegion]:
     """The handover's regions as core values, each checked to lie inside one image
     region with the same page size (anything else would be served as zeros)."""
     lazy = []
     for region in handover.regions:
         start, end = region.image_address, region.image_address + region.length
         home = next(
-            (r for r in info.regions if r.start <= start and end <= r.start + r.length), None
+            (r for r in image_regions if r.start <= start and end <= r.start + r.length), None
         )
         if home is None:
             raise HandoverRejected(
                 ErrorCode.BAD_REGIONS,
-                f"image range [{start:#x}, {end:#x}) is not inside one region of image "
-                f"{info.image_id}",
+                f"image range [{start:#x}, {end:#x}) is not inside one region of image {image_id}",
             )
         if home.page_size != region.page_size:
             raise HandoverRejected(
@@ -155,6 +157,7 @@ class Daemon:
         self._idle.set()
         self._replies: set[asyncio.Task[None]] = set()
         self._executor: Executor | None = None
+        self._store: ImageStore | None = None
 
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM and SIGINT do)."""
@@ -176,9 +179,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._executor = Executor(
             Policy(
+                fault_around=self.config.fault_around,
+                bulk_max=self.config.bulk_max,
                 max_in_flight=_power_of_two_at_most(self.config.max_inflight_bytes),
                 urgent_deadline=self.config.fetch_deadline,
                 bulk_deadline=max(self.config.fetch_deadline, 60.0),
+                sweep=self.config.sweep,
             )
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -217,6 +223,8 @@ class Daemon:
                 await asyncio.gather(*self._replies, return_exceptions=True)
             self._executor.close()
             await self.clients.close()
+            if self._store is not None:
+                self._store.close()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             _log.info("stopped")
@@ -245,24 +253,9 @@ class Daemon:
         assert self._executor is not None
         if self._stopping.is_set():
             raise HandoverRejected(ErrorCode.REFUSED, "uffdd is shutting down")
-        target = handover.page_server or self.config.page_server
-        if not target:
-            raise HandoverRejected(
-                ErrorCode.BAD_REQUEST,
-                "the handover names no page server and the daemon has no default "
-                "(uffdd daemon --page-server)",
-            )
-        client = self.clients.get(target)
-        try:
-            info = await client.image_info(handover.image_id, timeout=self.config.fetch_deadline)
-        except PageServerNotFound as exc:
-            raise HandoverRejected(ErrorCode.BAD_REQUEST, str(exc)) from exc
-        except PageServerError as exc:
-            raise HandoverRejected(ErrorCode.REFUSED, f"page server unavailable: {exc}") from exc
-        regions = regions_in_image(handover, info)
-        data = [
-            (int(e.start), e.start + e.length) for e in info.extents if e.kind is ExtentKind.DATA
-        ]
+        source, image_regions, extents, where = await self._find_image(handover)
+        regions = regions_in_image(handover, handover.image_id, image_regions)
+        data = stored_ranges(extents)
         self.start(
             Restore(
                 name=f"p{handover.pid}-{handover.session_id[:6]}",
@@ -272,14 +265,49 @@ class Daemon:
                 image_id=handover.image_id,
                 regions=regions,
                 data=data,
-                source=client,
+                source=source,
                 reporter=handover.reply,
                 close=handover.close,
             ),
-            page_server=target,
+            source=where,
             session=handover.session_id,
         )
         await handover.reply.send_ack()
+
+    async def _find_image(
+        self, handover: Handover
+    ) -> tuple[PageSource, Sequence[Region], Sequence[ExtentLike], str]:
+        """Where the handover's image lives: the page server it names, else the local
+        image root (``--images``), else the default page server. Returns the source,
+        the image's regions and extents, and a label for the log."""
+        image_id = handover.image_id
+        target = handover.page_server or ("" if self.config.images else self.config.page_server)
+        if target:
+            client = self.clients.get(target)
+            try:
+                info = await client.image_info(image_id, timeout=self.config.fetch_deadline)
+            except PageServerNotFound as exc:
+                raise HandoverRejected(ErrorCode.BAD_REQUEST, str(exc)) from exc
+            except PageServerError as exc:
+                raise HandoverRejected(
+                    ErrorCode.REFUSED, f"page server unavailable: {exc}"
+                ) from exc
+            return client, info.regions, info.extents, target
+        if self.config.images:
+            if self._store is None:
+                self._store = ImageStore(Path(self.config.images))
+            try:
+                reader = self._store.open(image_id)
+            except ImageNotFound as exc:
+                raise HandoverRejected(ErrorCode.BAD_REQUEST, str(exc)) from exc
+            except ImageError as exc:
+                raise HandoverRejected(ErrorCode.REFUSED, f"image {image_id}: {exc}") from exc
+            return LocalImageSource(reader), reader.regions, reader.all_extents(), "local"
+        raise HandoverRejected(
+            ErrorCode.BAD_REQUEST,
+            "the handover names no page server and the daemon has neither a default "
+            "(--page-server) nor local images (--images)",
+        )
 
     def start(self, restore: Restore, **log_fields: object) -> ProcId:
         """Serve ``restore`` from now on; returns its process id in the tracker."""

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import click
 
-from uffdd.config import LOG_FORMATS, build, load_toml
+from uffdd.config import LOG_FORMATS, build, load_toml, parse_size
+from uffdd.criu.lazy_pages import serve_criu_restores
 from uffdd.daemon import Daemon
 from uffdd.errors import ConfigError
+from uffdd.firecracker.doors import firecracker_doors
 from uffdd.log import LEVELS, configure_logging, get_logger
 
 
@@ -51,6 +53,34 @@ from uffdd.log import LEVELS, configure_logging, get_logger
 @click.option("--grace", type=float, help="Seconds SIGTERM waits for restores in progress.")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), envvar="UFFDD_LOG_FORMAT")
 @click.option("--log-level", type=click.Choice(LEVELS), envvar="UFFDD_LOG_LEVEL")
+@click.option(
+    "--images",
+    envvar="UFFDD_IMAGES",
+    help="Local image root: handovers naming no page server are served from it.",
+)
+@click.option("--fault-around", metavar="SIZE", help="Bytes fetched around a fault (64K).")
+@click.option("--bulk-max", metavar="SIZE", help="Largest background request (4M).")
+@click.option("--max-inflight", metavar="SIZE", help="Bulk bytes in flight per process (64M).")
+@click.option(
+    "--sweep/--no-sweep",
+    default=None,
+    help="Stream the rest in the background (default) or serve demand faults only.",
+)
+@click.option(
+    "--criu-images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Also take CRIU lazy-pages handovers for this dump (lazy-pages.socket in "
+    "--criu-work-dir, default the dump directory); one restore per connection.",
+)
+@click.option("--criu-work-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--firecracker",
+    "firecracker_specs",
+    multiple=True,
+    metavar="SOCKET=IMAGE",
+    help="Also take Firecracker handovers on SOCKET, restoring from IMAGE (an image id "
+    "on --page-server, or an image directory). Repeat for more sockets.",
+)
 def daemon(
     config_file: Path | None,
     handover: str | None,
@@ -64,6 +94,14 @@ def daemon(
     grace: float | None,
     log_format: str | None,
     log_level: str | None,
+    images: str | None,
+    fault_around: str | None,
+    bulk_max: str | None,
+    max_inflight: str | None,
+    sweep: bool | None,
+    criu_images: Path | None,
+    criu_work_dir: Path | None,
+    firecracker_specs: tuple[str, ...],
 ) -> None:
     """Serve handed-over userfaultfds until every process is fully resident."""
     try:
@@ -88,14 +126,38 @@ def daemon(
                 "grace": grace,
                 "log_format": log_format,
                 "log_level": log_level,
+                "images": images,
+                "fault_around": _size(fault_around, "--fault-around"),
+                "bulk_max": _size(bulk_max, "--bulk-max"),
+                "max_inflight_bytes": _size(max_inflight, "--max-inflight"),
+                "sweep": sweep,
             },
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     configure_logging(json=config.log_format == "json", level=config.log_level)
     try:
-        asyncio.run(Daemon(config).run())
+        doors = firecracker_doors(firecracker_specs, config)
+        listeners = list(doors.doors)
+        if criu_images is not None:
+            dump, work = criu_images, criu_work_dir
+            listeners.append(
+                lambda daemon: serve_criu_restores(daemon, dump, work, config.page_server or None)
+            )
+        try:
+            asyncio.run(Daemon(config).run(listeners=listeners))
+        finally:
+            doors.close()
     except ConfigError as exc:
         get_logger("uffdd.daemon").error("cannot start", error=str(exc))
         click.echo(f"uffdd daemon: {exc}", err=True)
         sys.exit(2)
+
+
+def _size(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag) from exc

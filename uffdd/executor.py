@@ -163,8 +163,7 @@ class Executor:
         tree = self._trees.get(root)
         if tree is None:
             return
-        for proc in list(tree.members):
-            self._run(self.tracker.process(proc).kill(reason, time.monotonic()))
+        self._run(self.tracker.kill_tree(root, reason, time.monotonic()))
         self._end_tree(tree, failure=reason)
 
     # -- reading uffds -----------------------------------------------------------------
@@ -252,7 +251,7 @@ class Executor:
                 outcome = operation(uffd, action)
             except UffdOpError as exc:
                 # Not an outcome a handler expects: this process cannot be served safely.
-                self._run(self.tracker.process(action.proc).kill(str(exc), time.monotonic()))
+                self._run(self.tracker.kill_tree(action.proc, str(exc), time.monotonic()))
                 return
             result, done = InstallResult(outcome.outcome.value), outcome.done
         self._handle(InstallOutcome(action.proc, action.install_id, result, done))

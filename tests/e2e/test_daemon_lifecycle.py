@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.lazy_restore import make_demo_image, page_server, services, start_restored
+from support.lazy_restore import daemon, make_demo_image, page_server, services, start_restored
 
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.handover import Error, ErrorCode, HandoverRegion, HandoverRequest
@@ -44,7 +44,9 @@ def _events(running_log: list[dict[str, object]], name: str) -> list[dict[str, o
 def test_restore_with_fork_remap_remove_unmap_verifies_every_byte(
     images: Path, tmp_path: Path
 ) -> None:
-    with services(tmp_path, images) as running:
+    # A capped bulk lane keeps the transfer going while the workload forks, remaps and
+    # drops memory, so all of it happens mid-transfer (demand faults are not capped).
+    with services(tmp_path, images, server_args=("--bulk-rate-limit", "6M")) as running:
         restored = start_restored(running.handover, "demo")
         assert restored.finish() == 0, restored.events
     done = restored.last("done")
@@ -225,3 +227,12 @@ def test_corrupt_image_data_kills_the_process_instead_of_serving_it(
         assert restored.finish(timeout=60) == -signal.SIGKILL
     (failure,) = _events(running.daemon_events(), "restore failed")
     assert "checksum" in str(failure["reason"]).lower(), failure
+
+
+def test_local_images_without_a_page_server(images: Path, tmp_path: Path) -> None:
+    # `uffdd daemon --images ROOT`: the handover names no page server, pages come
+    # from the local image, served in place from its mmap.
+    with daemon(tmp_path, "", "--images", str(images)):
+        restored = start_restored(tmp_path / "handover.sock", "demo")
+        assert restored.finish() == 0, restored.events
+    assert restored.last("done")["ok"] is True

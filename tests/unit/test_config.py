@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uffdd.config import DaemonConfig, build, load_toml
+from uffdd.config import DaemonConfig, build, load_toml, parse_size
 from uffdd.errors import ConfigError
 
 
@@ -43,3 +43,18 @@ def test_file_then_overrides() -> None:
 def test_bad_values_are_named(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build(load_toml(text, "uffdd.toml"), {})
+
+
+def test_tuning_values_and_switches() -> None:
+    config = build(load_toml("[daemon]\nsweep = false\nfault_around = 131072\n"), {})
+    assert config.sweep is False
+    assert config.fault_around == 128 << 10
+    with pytest.raises(ConfigError, match="setting sweep: expected true or false"):
+        build(load_toml('[daemon]\nsweep = "no"\n'), {})
+    with pytest.raises(ConfigError, match="bulk_max must be a power of two"):
+        build({}, {"bulk_max": 3 << 20})
+
+
+@pytest.mark.parametrize(("text", "size"), [("64K", 64 << 10), ("4MiB", 4 << 20), ("512", 512)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size

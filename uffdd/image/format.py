@@ -11,7 +11,9 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import xxhash
 
@@ -173,3 +175,20 @@ def source_from_proto(source: image_pb2.ImageSource) -> ImageSource:
 
 def is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
+
+
+class ExtentLike(Protocol):
+    """An extent as any room describes it (local ``Extent``, the page service's)."""
+
+    @property
+    def start(self) -> ImageAddr: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def kind(self) -> ExtentKind: ...
+
+
+def stored_ranges(extents: Iterable[ExtentLike]) -> list[tuple[int, int]]:
+    """``(image address, length)`` of every DATA extent: what the core's
+    ``Tracker.add_process(data=...)`` takes (everything else reads zeros)."""
+    return [(int(e.start), e.length) for e in extents if e.kind is ExtentKind.DATA]

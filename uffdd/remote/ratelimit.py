@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from uffdd.config import parse_size
+
 
 class TokenBucket:
     """``rate`` bytes per second with bursts up to ``burst`` bytes."""
@@ -39,14 +41,10 @@ class TokenBucket:
 
 def parse_rate(text: str) -> int:
     """``"50M"`` -> bytes per second (suffixes K, M, G: powers of 1024; plain bytes)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    cleaned = text.strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
-    suffix = cleaned[-1:] if cleaned[-1:] in units else ""
-    number = cleaned[: len(cleaned) - len(suffix)]
     try:
-        value = float(number) * units[suffix]
+        value = parse_size(text.strip().upper().removesuffix("/S"))
     except ValueError:
         raise ValueError(f"not a rate: {text!r} (e.g. 50M for 50 MiB/s)") from None
     if value < 4096:
         raise ValueError(f"rate {text!r} is below one page per second")
-    return int(value)
+    return value
