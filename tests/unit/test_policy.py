@@ -34,7 +34,8 @@ def test_bulk_chunks_double_up_to_the_maximum_and_reset_on_a_fault() -> None:
         chunk = policy.next_chunk(chunk, grew=True)
         sizes.append(chunk)
     assert sizes == [128 * KiB, 256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 4 * MiB, 4 * MiB]
-    assert policy.next_chunk(4 * MiB, grew=False) == 64 * KiB
+    assert policy.next_chunk(4 * MiB, grew=False) == 2 * MiB
+    assert policy.next_chunk(64 * KiB, grew=False) == 64 * KiB
 
 
 def test_fault_window_is_aligned_and_clipped() -> None:
@@ -85,7 +86,7 @@ def _install(tracker: Tracker, fetch: Fetch, now: float) -> list[Fetch]:
     return [a for a in tracker.handle(outcome, now) if isinstance(a, Fetch)]
 
 
-def test_a_fault_resets_the_bulk_chunk() -> None:
+def test_a_fault_halves_the_bulk_chunk() -> None:
     policy = Policy(bulk_min=4 * P, bulk_max=16 * P, max_in_flight=64 * P)
     tracker, fetches = _sweep(policy, 256)
     assert [f.length // P for f in fetches] == [4, 8, 16, 16, 16]
@@ -95,9 +96,9 @@ def test_a_fault_resets_the_bulk_chunk() -> None:
     # the urgent fetch goes beyond the budget (60 + 16 of 64 pages in flight)
     assert tracker.process(R).inflight.total == 76 * P
     assert _install(tracker, fetches[0], 1.1) == []
-    # once there is room, the bulk chunk starts small again
+    # once there is room, the bulk chunk goes on at half its size
     more = _install(tracker, urgent, 1.2)
-    assert [(f.image_addr // P, f.length // P) for f in more] == [(60, 4)]
+    assert [(f.image_addr // P, f.length // P) for f in more] == [(60, 8)]
 
 
 def test_latency_histogram_uses_power_of_two_microsecond_buckets() -> None:

@@ -453,3 +453,26 @@ def test_without_the_sweep_only_faults_fetch_and_nothing_is_released() -> None:
     _, swept = make(handed_over=True)
     assert [f.lane for f in only(swept, Fetch)] == [Lane.BULK] * len(only(swept, Fetch))
     assert only(swept, Fetch)
+
+
+def test_a_fault_on_a_page_only_the_sweep_asked_for_asks_again_urgently() -> None:
+    tracker, actions = make(handed_over=True)
+    [bulk] = [f for f in only(actions, Fetch) if f.image_addr <= img(5) < f.image_addr + f.length]
+    assert bulk.lane is Lane.BULK
+    [urgent] = only(tracker.handle_uffd(R, [PageFault(run(5))], 1.0), Fetch)
+    assert (urgent.lane, urgent.image_addr, urgent.length) == (Lane.URGENT, img(4), 4 * P)
+    # A second fault there waits for that urgent request: no third fetch.
+    assert only(tracker.handle_uffd(R, [PageFault(run(6))], 1.0), Fetch) == []
+    # The urgent answer installs the pages; the bulk answer then skips them.
+    data = bytes(4 * P)
+    [copy] = only(tracker.handle(PagesArrived(urgent.request_id, img(4), 4 * P, data), 1.0), Copy)
+    assert (copy.run_addr, copy.length) == (run(4), 4 * P)
+    done(tracker, copy)
+    late = tracker.handle(
+        PagesArrived(bulk.request_id, bulk.image_addr, bulk.length, bytes(bulk.length)), 2.0
+    )
+    installed = {
+        page for c in only(late, Copy) for page in range(c.run_addr, c.run_addr + c.length, P)
+    }
+    assert installed.isdisjoint(range(run(4), run(8), P))  # the urgent answer got them
+    assert installed  # the rest of the bulk answer still goes in

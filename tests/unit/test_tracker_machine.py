@@ -41,6 +41,7 @@ from uffdd.core.actions import (
     Copy,
     Fetch,
     Kill,
+    Lane,
     Release,
     Wake,
     ZeroFill,
@@ -134,6 +135,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.waiting: dict[int, set[ProcId]] = {}
         self.undelivered: dict[int, set[int]] = {}
         self.issued: dict[int, tuple[int, int]] = {}
+        self.lanes: dict[int, Lane] = {}
         self.handed_over = False
 
     # -- set-up ------------------------------------------------------------------------
@@ -253,14 +255,20 @@ class CoreMachine(RuleBasedStateMachine):
     def fetch(self, action: Fetch) -> None:
         lo, hi = action.image_addr, action.image_addr + action.length
         assert action.image_id == "img"
-        # (4): the process (or its ancestors, before a fork) has none of it in flight
+        # (4): the process (or its ancestors, before a fork) has none of it in flight,
+        # except that a demand fault may ask again urgently for what only the
+        # background sweep (bulk) has asked for
         for request_id, waiting in self.waiting.items():
             if action.proc in waiting and request_id in self.outstanding:
+                if action.lane is Lane.URGENT and self.lanes[request_id] is Lane.BULK:
+                    continue
                 left = self.undelivered[request_id]
                 assert not any(lo <= page < hi for page in left), (
-                    f"{action.proc} fetches {lo:#x}..{hi:#x} twice (request {request_id})"
+                    f"{action.proc} fetches {lo:#x}..{hi:#x} twice on "
+                    f"{action.lane.name} (request {request_id}: {self.lanes[request_id].name})"
                 )
         self.outstanding[action.request_id] = (lo, hi)
+        self.lanes[action.request_id] = action.lane
         self.issued[action.request_id] = (lo, hi)
         self.waiting[action.request_id] = {action.proc}
         self.undelivered[action.request_id] = set(range(lo, hi, P))
@@ -480,6 +488,8 @@ class CoreMachine(RuleBasedStateMachine):
             for proc in self.live():
                 self.read(proc)
             for request_id in sorted(self.outstanding):
+                if request_id not in self.outstanding:
+                    continue  # cancelled by an earlier delivery (a duplicate answered)
                 lo, hi = self.outstanding.pop(request_id)
                 self.deliver(request_id, lo, hi)
             self.tick(0.02)

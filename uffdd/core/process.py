@@ -149,6 +149,8 @@ class LazyProcess:
         self.installing: RangeSet[ImageAddr] = RangeSet()
         self.zero: RangeSet[ImageAddr] = RangeSet()
         self.requests: dict[int, tuple[ImageAddr, int]] = {}
+        self._urgent: set[int] = set()
+        """Ids of ``requests`` sent on the urgent lane."""
         """Requests this process waits for: id -> (image start, image end)."""
         self._installs: dict[int, _Install] = {}
         self._deferred: list[_Install] = []
@@ -300,6 +302,15 @@ class LazyProcess:
                 image, piece.page_size, piece.image, piece.image_end, self.missing
             )
             self._fetch(lo, hi, Lane.URGENT, out)
+        elif image in (bulk_only := self._bulk_only()):
+            # Only the background sweep asked for it, and a bulk answer may sit behind
+            # megabytes of queued data: ask again on the urgent lane (never for pages an
+            # urgent request covers already). Whichever answer comes first is
+            # installed; the other finds the pages no longer in flight.
+            lo, hi = self.policy.fault_window(
+                image, piece.page_size, piece.image, piece.image_end, bulk_only
+            )
+            self._request(lo, hi, Lane.URGENT, out)
         elif image in self.inflight or image in self.installing:
             pass  # the pending copy wakes it; a duplicate fault never fetches twice
         else:
@@ -315,12 +326,25 @@ class LazyProcess:
     # -- fetching ----------------------------------------------------------------------
 
     def _fetch(self, start: int, end: int, lane: Lane, out: list[Action]) -> None:
-        request_id = self._ids()
         self.missing.discard(start, end)
         self.inflight.add(start, end)
+        self._request(start, end, lane, out)
+
+    def _request(self, start: int, end: int, lane: Lane, out: list[Action]) -> None:
+        request_id = self._ids()
         self.requests[request_id] = (ImageAddr(start), end)
+        if lane is Lane.URGENT:
+            self._urgent.add(request_id)
         self.stats.fetched += end - start
         out.append(Fetch(request_id, self.image_id, ImageAddr(start), end - start, lane, self.proc))
+
+    def _bulk_only(self) -> RangeSet[ImageAddr]:
+        """Pages in flight that no outstanding urgent request covers."""
+        self._urgent &= self.requests.keys()  # forget answered or dropped requests
+        pages = self.inflight.copy()
+        for request_id in self._urgent:
+            pages.discard(*self.requests[request_id])
+        return pages
 
     def _pump(self, now: float, out: list[Action]) -> None:
         """Background sweep: lowest missing image pages first, within the budget."""
@@ -574,6 +598,7 @@ class LazyProcess:
         child.installing = self.installing.copy()
         child.zero = self.zero.copy()
         child.requests = dict(self.requests)
+        child._urgent = set(self._urgent)
         pending = [*self._deferred, *self._installs.values()]
         child._deferred = [
             replace(i, attempts=0, dontwake=False) for i in pending if i.kind is _Kind.COPY
