@@ -30,6 +30,7 @@ from uffdd.criu.reader import CriuImageReader, CriuLayout, image_id_for
 from uffdd.daemon import Daemon, Restore, SilentReporter
 from uffdd.errors import ImageError, PageServerError, PeerProtocolError
 from uffdd.executor import TreeOutcome
+from uffdd.kernel.fdpass import close_fds, fds_in, wait_readable
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.sources import LocalImageSource, PageSource
@@ -70,7 +71,6 @@ class _Stream:
 
     async def read(self, length: int) -> tuple[bytes, list[int]]:
         """``length`` bytes, fewer only at end of stream; the fds received meanwhile."""
-        loop = asyncio.get_running_loop()
         data, fds = b"", list[int]()
         while len(data) < length:
             try:
@@ -78,36 +78,16 @@ class _Stream:
                     length - len(data), _FDS_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
-                ready = loop.create_future()
-                loop.add_reader(self.sock, _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(self.sock)
+                await wait_readable(self.sock.fileno())
                 continue
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    usable = len(payload) - len(payload) % 4
-                    fds.extend(struct.unpack(f"={usable // 4}i", payload[:usable]))
+            fds.extend(fds_in(ancdata))
             if flags & socket.MSG_CTRUNC:
-                _close_all(fds)
+                close_fds(fds)
                 raise CriuProtocolError("more fds came at once than the protocol allows")
             if not chunk:
                 break
             data += chunk
         return data, fds
-
-
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()
 
 
 def _releaser(resources: list[Callable[[], None]]) -> Callable[[], None]:
@@ -160,7 +140,7 @@ class CriuRestore:
         while True:
             raw, fds = await stream.read(_PID.size)
             if fds:
-                _close_all(fds)
+                close_fds(fds)
                 raise CriuProtocolError("an fd came with a pid, not after it")
             if not raw:
                 raise CriuProtocolError(
@@ -189,7 +169,7 @@ class CriuRestore:
                 continue
             payload, fds = await stream.read(1)
             if len(fds) != 1 or len(payload) != 1:
-                _close_all(fds)
+                close_fds(fds)
                 what = "a hang-up" if not payload else f"{len(fds)} fds"
                 raise CriuProtocolError(f"task {pid}: expected its uffd, got {what}")
             await self._start(pid, fds[0])

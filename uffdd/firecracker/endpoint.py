@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from uffdd.errors import ConfigError
+from uffdd.kernel.fdpass import fds_in, wait_readable
 from uffdd.log import get_logger
 
 _log = get_logger("uffdd.firecracker")
@@ -87,7 +88,6 @@ async def recv(conn: socket.socket, fds: list[int], timeout: float | None) -> by
     """One recvmsg (its fds go to ``fds``): the data, b"" at EOF, None on timeout.
 
     (On a stream socket an fd always travels with at least one byte of data.)"""
-    loop = asyncio.get_running_loop()
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
@@ -99,7 +99,7 @@ async def recv(conn: socket.socket, fds: list[int], timeout: float | None) -> by
         except ConnectionResetError:
             return b""
         else:
-            fds.extend(_fds_of(ancillary))
+            fds.extend(fds_in(ancillary))
             if flags & socket.MSG_CTRUNC:
                 _log.warning("a Firecracker peer sent more fds than fit; the kernel dropped some")
             return data
@@ -107,7 +107,7 @@ async def recv(conn: socket.socket, fds: list[int], timeout: float | None) -> by
         if remaining is not None and remaining <= 0:
             return None
         try:
-            await asyncio.wait_for(_readable(loop, conn.fileno()), remaining)
+            await asyncio.wait_for(wait_readable(conn.fileno()), remaining)
         except TimeoutError:
             return None
 
@@ -122,30 +122,7 @@ def drain_now(conn: socket.socket, fds: list[int]) -> bytes:
             )
         except OSError:
             return received
-        fds.extend(_fds_of(ancillary))
+        fds.extend(fds_in(ancillary))
         if not data:
             return received
         received += data
-
-
-def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            whole = len(payload) - len(payload) % _INT
-            fds.extend(array.array("i", payload[:whole]))
-    return fds
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fileno: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fileno, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fileno)

@@ -59,6 +59,7 @@ from uffdd.core.handover import (
 )
 from uffdd.errors import ConfigError, InternalError, PeerProtocolError
 from uffdd.handover_protocol import decode_request, encode_reply
+from uffdd.kernel.fdpass import close_fds, fds_in, wait_readable
 from uffdd.kernel.uffd import Feature, Uffd
 from uffdd.log import get_logger
 
@@ -344,7 +345,7 @@ def _discard_pending(sock: socket.socket) -> None:
             )
         except OSError:
             return
-        fds = _fds_of(ancillary)
+        fds = fds_in(ancillary)
         for fd in fds:
             os.close(fd)
         if not data and not fds:
@@ -427,27 +428,22 @@ async def receive_handover(
         conn.setblocking(False)
         return await _handshake(conn, channel, policy, fds)
     except HandoverRejected as exc:
-        _close_fds(fds)  # before the reply: once the peer reads it, nothing of its is open
+        close_fds(fds)  # before the reply: once the peer reads it, nothing of its is open
         await channel.send_error(exc.code, exc.reason)
         raise
     except PeerProtocolError:
-        _close_fds(fds)
+        close_fds(fds)
         channel.close()
         raise
     except Exception as exc:  # our bug or a resource failure: the peer still hears
-        _close_fds(fds)
+        close_fds(fds)
         _log.exception("handover handshake failed", session=channel.session_id)
         await channel.send_error(ErrorCode.INTERNAL, f"internal error: {exc}")
         raise HandoverRejected(ErrorCode.INTERNAL, str(exc)) from exc
     except BaseException:  # cancelled: no reply, just let go of everything
-        _close_fds(fds)
+        close_fds(fds)
         channel.close()
         raise
-
-
-def _close_fds(fds: list[int]) -> None:
-    while fds:
-        os.close(fds.pop())
 
 
 async def _handshake(
@@ -519,7 +515,6 @@ def peer_credentials(conn: socket.socket) -> PeerCredentials:
 
 async def _recv_request(conn: socket.socket, fds: list[int]) -> tuple[bytes, int]:
     """One record and its flags; the fds it carried (close-on-exec) are added to ``fds``."""
-    loop = asyncio.get_running_loop()
     while True:
         try:
             data, ancillary, flags, _ = conn.recvmsg(
@@ -530,32 +525,9 @@ async def _recv_request(conn: socket.socket, fds: list[int]) -> tuple[bytes, int
         except ConnectionResetError:
             return b"", 0
         else:
-            fds.extend(_fds_of(ancillary))
+            fds.extend(fds_in(ancillary))
             return data, flags
-        await _readable(loop, conn.fileno())
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fileno: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fileno, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fileno)
-
-
-def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            whole = len(payload) - len(payload) % _INT
-            fds.extend(array.array("i", payload[:whole]))
-    return fds
+        await wait_readable(conn.fileno())
 
 
 def _check_uffd(fd: int, required: Feature) -> tuple[Uffd, Feature]:
@@ -725,7 +697,7 @@ async def _refuse_busy(conn: socket.socket, policy: HandoverPolicy) -> None:
     except TimeoutError:
         pass
     finally:
-        _close_fds(fds)
+        close_fds(fds)
     await channel.send_error(ErrorCode.REFUSED, "too many handovers in progress; retry later")
 
 
