@@ -60,7 +60,7 @@ from uffdd.log import LEVELS, configure_logging, get_logger
 )
 @click.option("--fault-around", metavar="SIZE", help="Bytes fetched around a fault (64K).")
 @click.option("--bulk-max", metavar="SIZE", help="Largest background request (4M).")
-@click.option("--max-inflight", metavar="SIZE", help="Bulk bytes in flight per process (8M).")
+@click.option("--max-inflight", metavar="SIZE", help="Bulk bytes in flight per process (64M).")
 @click.option(
     "--sweep/--no-sweep",
     default=None,
