@@ -105,6 +105,10 @@ class Executor:
 
     def __init__(self, policy: Policy | None = None) -> None:
         self.tracker = Tracker(policy)
+        self._deadlines = {
+            Lane.URGENT: self.tracker.policy.urgent_deadline,
+            Lane.BULK: self.tracker.policy.bulk_deadline,
+        }
         self._loop = asyncio.get_running_loop()
         self._uffds: dict[ProcId, Uffd] = {}
         self._tree_of: dict[ProcId, _Tree] = {}
@@ -302,6 +306,10 @@ class Executor:
             _PRIORITY[action.lane],
             on_chunk=on_chunk,
             on_done=on_done,
+            # Each lane has its own deadline: a bulk request may wait in the client
+            # behind megabytes of others (a sparse image makes thousands of small
+            # ones); only a demand fault must be answered within the short one.
+            deadline=self._deadlines[action.lane],
         )
 
     # -- process life cycle ------------------------------------------------------------

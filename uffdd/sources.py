@@ -42,7 +42,11 @@ class PageSource(Protocol):
         *,
         on_chunk: ChunkCallback,
         on_done: DoneCallback,
-    ) -> FetchHandle: ...
+        deadline: float | None = None,
+    ) -> FetchHandle:
+        """Fetch ``[address, +length)``; ``deadline``: seconds from now before the
+        request fails with PageServerUnavailable (None: the source's default)."""
+        ...
 
 
 class _LocalFetch:
@@ -72,6 +76,7 @@ class LocalImageSource:
         *,
         on_chunk: ChunkCallback,
         on_done: DoneCallback,
+        deadline: float | None = None,  # a local read never waits on anyone
     ) -> FetchHandle:
         handle = _LocalFetch()
         # Deliver on the next loop iteration, as a network source would: the caller

@@ -74,6 +74,7 @@ class TimedSource:
         *,
         on_chunk: ChunkCallback,
         on_done: DoneCallback,
+        deadline: float | None = None,
     ) -> FetchHandle:
         lane = "urgent" if priority == Priority.URGENT else "bulk"
         started = time.perf_counter_ns()
@@ -91,7 +92,9 @@ class TimedSource:
             record(f"fetch {lane}: submit -> done", _since(started))
             on_done(error)
 
-        return self.inner.submit(image_id, address, length, priority, on_chunk=chunk, on_done=done)
+        return self.inner.submit(
+            image_id, address, length, priority, on_chunk=chunk, on_done=done, deadline=deadline
+        )
 
 
 def _since(started: int) -> float:

@@ -192,10 +192,17 @@ class _GatedSource:
         *,
         on_chunk: ChunkCallback,
         on_done: DoneCallback,
+        deadline: float | None = None,
     ) -> FetchHandle:
         def submit() -> FetchHandle:
             return self.inner.submit(
-                image_id, address, length, priority, on_chunk=on_chunk, on_done=on_done
+                image_id,
+                address,
+                length,
+                priority,
+                on_chunk=on_chunk,
+                on_done=on_done,
+                deadline=deadline,
             )
 
         if priority is Priority.URGENT or self.gate.is_open:

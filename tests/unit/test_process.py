@@ -476,3 +476,18 @@ def test_a_fault_on_a_page_only_the_sweep_asked_for_asks_again_urgently() -> Non
     }
     assert installed.isdisjoint(range(run(4), run(8), P))  # the urgent answer got them
     assert installed  # the rest of the bulk answer still goes in
+
+
+def test_the_sweep_reaches_across_zero_gaps_but_only_missing_pages_go_in_flight() -> None:
+    # Data on every fourth page, zeros between: one bulk request, not four.
+    wide = Policy(fault_around=4 * P, bulk_min=16 * P, bulk_max=16 * P, max_in_flight=32 * P)
+    tracker, actions = make(data_pages=[0, 4, 8, 12], handed_over=True, policy=wide)
+    [bulk] = only(actions, Fetch)
+    assert (bulk.lane, bulk.image_addr, bulk.length) == (Lane.BULK, img(0), 13 * P)
+    core = tracker.process(R)
+    assert core.inflight.total == 4 * P
+    # Zero runs in the answer install nothing; the data pages do.
+    copies = only(
+        tracker.handle(PagesArrived(bulk.request_id, img(0), 13 * P, bytes(13 * P)), 1.0), Copy
+    )
+    assert sorted(c.run_addr for c in copies) == [run(0), run(4), run(8), run(12)]

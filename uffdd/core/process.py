@@ -353,15 +353,37 @@ class LazyProcess:
             assert first is not None
             piece = self.map.lookup_image(first[0])
             assert piece is not None, "a missing page outside the map"
-            span = (first[0], min(first[1], piece.image_end))
+            span = (first[0], self._sweep_end(first[0], piece.image_end))
             window = self.policy.bulk_window(
                 span, piece.page_size, self._chunk, self.inflight.total + self.installing.total
             )
             if window is None:
                 break
-            self._fetch(window[0], window[1], Lane.BULK, out)
+            # Only the missing pages go in flight; the zero pages between them come
+            # back as zero runs, which no install takes.
+            parts = self.missing.intersect(*window)
+            for start, end in parts:
+                self.missing.discard(start, end)
+                self.inflight.add(start, end)
+            self._request(window[0], parts[-1][1], Lane.BULK, out)
             self._chunk = self.policy.next_chunk(self._chunk, grew=True)
         self._maybe_release(now, out)
+
+    def _sweep_end(self, start: int, limit: int) -> int:
+        """How far one bulk request from missing ``start`` may reach: across gaps the
+        image knows to be zero (a sparse image would otherwise cost a request per
+        isolated page), never over pages in flight, installing or resident."""
+        end = start
+        while end < limit:
+            span = self.missing.span_at(end)
+            if span is not None:
+                end = min(span[1], limit)
+                continue
+            gap = self.zero.span_at(end)
+            if gap is None or gap[1] >= limit or gap[1] not in self.missing:
+                break
+            end = gap[1]
+        return end
 
     def _maybe_release(self, now: float, out: list[Action]) -> None:
         # Only when nothing is missing, in flight, being installed or deferred: closing
