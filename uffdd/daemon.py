@@ -198,7 +198,9 @@ class Daemon:
                 else HandoverPolicy(allowed_uids=self.config.allowed_uids)
             )
             doors.append(
-                loop.create_task(accept_handovers(listener.sock, self._on_handover, policy=policy))
+                loop.create_task(
+                    accept_handovers(listener.sock, self.serve_handover, policy=policy)
+                )
             )
             _log.info("listening", handover=str(listener.path), page_server=self.config.page_server)
         doors.extend(loop.create_task(door(self)) for door in listeners)
@@ -249,11 +251,13 @@ class Daemon:
 
     # -- one handover --------------------------------------------------------------------
 
-    async def _on_handover(self, handover: Handover) -> None:
+    async def serve_handover(self, handover: Handover) -> None:
+        """Serve one native handover (what the native door calls for each; another
+        door with its own listener policy may call it too)."""
         assert self._executor is not None
         if self._stopping.is_set():
             raise HandoverRejected(ErrorCode.REFUSED, "uffdd is shutting down")
-        source, image_regions, extents, where = await self._find_image(handover)
+        source, image_regions, extents, where = await self.find_image(handover)
         regions = regions_in_image(handover, handover.image_id, image_regions)
         data = stored_ranges(extents)
         self.start(
@@ -274,7 +278,7 @@ class Daemon:
         )
         await handover.reply.send_ack()
 
-    async def _find_image(
+    async def find_image(
         self, handover: Handover
     ) -> tuple[PageSource, Sequence[Region], Sequence[ExtentLike], str]:
         """Where the handover's image lives: the page server it names, else the local
