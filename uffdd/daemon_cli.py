@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from uffdd.cli_options import allow_uids, page_server_tls
 from uffdd.config import LOG_FORMATS, build, load_toml, parse_size
 from uffdd.criu.lazy_pages import serve_criu_restores
 from uffdd.daemon import Daemon
@@ -30,21 +31,13 @@ from uffdd.log import LEVELS, configure_logging, get_logger
 )
 @click.option("--handover", envvar="UFFDD_HANDOVER", help="Native handover socket path.")
 @click.option("--handover-mode", help="Socket file mode, octal (default 0600).")
-@click.option(
-    "--allow-uid",
-    "allow_uids",
-    type=int,
-    multiple=True,
-    help="Peer uid allowed to hand over (repeat; default root and our uid).",
-)
+@allow_uids
 @click.option(
     "--page-server",
     envvar="UFFDD_PAGE_SERVER",
     help="Default page server: HOST:PORT or unix:/path.",
 )
-@click.option("--tls-ca", help="CA bundle to verify the page server (enables TLS).")
-@click.option("--tls-cert", help="Client certificate for mutual TLS.")
-@click.option("--tls-key", help="Key of the client certificate.")
+@page_server_tls
 @click.option(
     "--fetch-deadline",
     type=float,

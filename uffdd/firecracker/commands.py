@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from uffdd.cli_options import allow_uids, page_server_tls
 from uffdd.config import LOG_FORMATS, build
 from uffdd.daemon import Daemon
 from uffdd.errors import ConfigError
@@ -63,16 +64,8 @@ from uffdd.log import LEVELS, configure_logging, get_logger
 )
 @click.option("--image", "image_id", help="Image id on --page-server.")
 @click.option("--page-server", help="Page server with --image: HOST:PORT or unix:/path.")
-@click.option("--tls-ca", help="CA bundle to verify the page server (enables TLS).")
-@click.option("--tls-cert", help="Client certificate for mutual TLS.")
-@click.option("--tls-key", help="Key of the client certificate.")
-@click.option(
-    "--allow-uid",
-    "allow_uids",
-    type=int,
-    multiple=True,
-    help="Peer uid allowed to hand over (repeat; default root and our uid).",
-)
+@page_server_tls
+@allow_uids
 @click.option(
     "--fd-wait",
     type=float,
