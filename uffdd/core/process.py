@@ -281,8 +281,6 @@ class LazyProcess:
         size = piece.page_size if piece else PAGE_SIZE
         page = page_floor(address, size)
         self._waiters.setdefault(page, []).append(now)
-        if piece is not None and piece.to_image(page) in self.missing:
-            self._chunk = self.policy.next_chunk(self._chunk, grew=False)
         return page
 
     def _resolve(self, page: int, now: float, out: list[Action]) -> None:
@@ -366,7 +364,7 @@ class LazyProcess:
                 self.missing.discard(start, end)
                 self.inflight.add(start, end)
             self._request(window[0], parts[-1][1], Lane.BULK, out)
-            self._chunk = self.policy.next_chunk(self._chunk, grew=True)
+            self._chunk = self.policy.next_chunk(self._chunk)
         self._maybe_release(now, out)
 
     def _sweep_end(self, start: int, limit: int) -> int:

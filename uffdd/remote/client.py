@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +45,6 @@ from uffdd.v1 import pages_pb2
 DEFAULT_WINDOW_BYTES = 32 * 1024 * 1024
 DEFAULT_DEADLINE = 30.0
 MAX_MESSAGE = 128 * 1024 * 1024
-URGENT_YIELD_SECONDS = 0.005
 _STREAM_METHOD = "/uffdd.v1.PageService/Stream"
 
 _log = get_logger("uffdd.remote.client")
@@ -192,10 +190,8 @@ class _Lane:
         self.bulk_queue: collections.deque[Request] = collections.deque()
         self.cancels: collections.deque[int] = collections.deque()
         self.in_window = 0
-        # the bulk lane pauses reading while the urgent lane has work (see _read)
-        self.yield_to: _Lane | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
+        # the bulk lane of two gives the loop a turn after each chunk (see _read)
+        self.yields = False
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -206,7 +202,6 @@ class _Lane:
             self._open()
         queue = self.urgent_queue if request.priority == Priority.URGENT else self.bulk_queue
         queue.append(request)
-        self.idle.clear()
         self._wakeup.set()
 
     def release(self, length: int) -> None:
@@ -232,8 +227,6 @@ class _Lane:
             self._wakeup.set()
         if error is not None or not notify:
             request.release(request._charged)
-        if not (self.outstanding or self.urgent_queue or self.bulk_queue):
-            self.idle.set()
         if notify:
             try:
                 request._on_done(error)
@@ -310,8 +303,12 @@ class _Lane:
         try:
             async for message in call:
                 self._deliver(chunk_codec.decode_chunk(message))
-                if self.yield_to is not None and not self.yield_to.idle.is_set():
-                    await self._yield_to_urgent(self.yield_to)
+                if self.yields:
+                    # One loop turn between bulk chunks: a fault read or an urgent
+                    # chunk that became ready meanwhile runs before the next one.
+                    # (Holding bulk back while urgent work is outstanding starved
+                    # the sweep of a process that faults all the time.)
+                    await asyncio.sleep(0)
             error = PageServerUnavailable(f"page server {self.client.target} ended the page stream")
         except aio.AioRpcError as exc:
             error = PageServerUnavailable(
@@ -326,12 +323,6 @@ class _Lane:
         )
         self._fail_all(error)
 
-    async def _yield_to_urgent(self, urgent: _Lane) -> None:
-        """Hold bulk data (this process's CPU, and through HTTP/2 flow control the
-        server's) while a demand fault is being served; at most URGENT_YIELD_SECONDS."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(urgent.idle.wait(), URGENT_YIELD_SECONDS)
-
     def _fail_all(self, error: PageServerError) -> None:
         if self.call is not None:
             self.call.cancel()
@@ -344,7 +335,6 @@ class _Lane:
         self.urgent_queue.clear()
         self.bulk_queue.clear()
         self.cancels.clear()
-        self.idle.set()
         for request in waiting:
             self.finish(request, error)
         self.outstanding.clear()
@@ -437,7 +427,7 @@ class PageClient:
         self._bulk = _Lane(self, "bulk", window_bytes)
         self._urgent = _Lane(self, "urgent", None) if lanes == 2 else self._bulk
         if lanes == 2:
-            self._bulk.yield_to = self._urgent
+            self._bulk.yields = True
         self._unary = self._urgent.channel
 
     def _new_channel(self) -> aio.Channel:
