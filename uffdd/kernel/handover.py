@@ -487,7 +487,10 @@ async def _handshake(
         pid, pidfd = _open_process(peer, request.pid)
         try:
             if policy.check_mappings:
-                _check_mapped(pid, request.regions)
+                # In a thread: reading /proc/PID/maps waits for the process's mmap lock,
+                # which a busy restore holds often (10 ms a read with 64 restores at
+                # once, all of it stalling every other restore on the loop).
+                await asyncio.to_thread(_check_mapped, pid, request.regions)
         except BaseException:
             os.close(pidfd)
             raise
