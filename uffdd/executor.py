@@ -10,11 +10,18 @@ back before anything else of that process is read, as ``core/actions.py`` requir
 Page data is never copied in Python: a chunk arrives as a view into the received gRPC
 message, travels through the core untouched inside ``PagesArrived``/``Copy``, and goes
 to ``UFFDIO_COPY`` with ``ffi.from_buffer``.
+
+When the tree's source holds the image locally, a read goes through the C fast path
+first (``Uffd.fast_serve``): it answers faults where the core's ``fast_ranges`` say the
+image's data is right and the data's checksum chunk is verified, and stops at the first
+message it cannot answer; that message and everything after it takes the path above.
+The core learns what C installed (``FastServed``) in the same batch, before the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import signal
@@ -36,10 +43,11 @@ from uffdd.core.actions import (
     Wake,
     ZeroFill,
 )
-from uffdd.core.addresses import PAGE_SIZE, ImageAddr
+from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
 from uffdd.core.events import (
     EventsDrained,
     Exited,
+    FastServed,
     FetchFailed,
     HandoverComplete,
     InstallOutcome,
@@ -48,17 +56,19 @@ from uffdd.core.events import (
     ProcId,
     ShellEvent,
     Tick,
+    UffdEvent,
 )
 from uffdd.core.policy import Policy
-from uffdd.core.process import LazyRegion
+from uffdd.core.process import LazyProcess, LazyRegion
 from uffdd.core.stats import LatencyHistogram, ProcessSummary
 from uffdd.core.tracker import Tracker
+from uffdd.core.wire import decode_messages
 from uffdd.errors import PageServerError, UffdOpError
-from uffdd.kernel.uffd import OpResult, Uffd
+from uffdd.kernel.uffd import FastStatus, FastTable, OpResult, Uffd
 from uffdd.log import get_logger
 from uffdd.remote.client import Chunk
 from uffdd.remote.convert import Priority
-from uffdd.sources import FetchHandle, PageSource
+from uffdd.sources import FetchHandle, LocalData, PageSource, local_data_of
 
 _log = get_logger("uffdd.executor")
 
@@ -98,6 +108,8 @@ class _Tree:
     """The restored process itself exited before it was fully resident."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     summaries: list[ProcessSummary] = field(default_factory=list)
+    local: LocalData | None = None
+    """The image in place, when the source has it locally (the C fast path serves)."""
 
 
 class Executor:
@@ -117,6 +129,8 @@ class Executor:
         self._queue: deque[Action] = deque()
         self._running = False
         self._tick: asyncio.TimerHandle | None = None
+        self._fast: dict[ProcId, tuple[int, FastTable]] = {}
+        """Each process's fast-path table, with the layout generation it was built at."""
 
     # -- what the daemon calls ---------------------------------------------------------
 
@@ -140,6 +154,9 @@ class Executor:
         sends its restore-finished marker after the last task)."""
         now = time.monotonic()
         tree = _Tree(root, pid, pidfd, source, now, on_done)
+        local = local_data_of(source)
+        if local is not None and local.image_id == image_id:
+            tree.local = local
         self._trees[root] = tree
         self._watch(root, uffd, tree)
         if pidfd >= 0:
@@ -183,14 +200,61 @@ class Executor:
         if uffd is None:
             return
         now = time.monotonic()
-        events = []
-        while batch := uffd.read_events(_READ_BATCH):
+        events: list[UffdEvent | FastServed] = []
+        error = 0
+        table = self._fast_table(proc)
+        if table is not None:
+            drained, error = self._serve_fast(proc, uffd, table, events)
+            now = time.monotonic()  # the rest was read just now, at the end of it
+        else:
+            drained = False
+        while not drained and (batch := uffd.read_events(_READ_BATCH)):
             events.extend(batch)
         if events:
             self._run(self.tracker.handle_uffd(proc, events, now))
+        if error:
+            raise UffdOpError("read", error)
         # Everything queued has been read: installs that met EAGAIN may go again.
         if proc in self._uffds:
             self._handle(EventsDrained(proc))
+
+    def _serve_fast(
+        self, proc: ProcId, uffd: Uffd, table: FastTable, events: list[UffdEvent | FastServed]
+    ) -> tuple[bool, int]:
+        """Answer what C can; append a FastServed and the rest's events, in order.
+        Returns (the fd is drained, errno of a failed read)."""
+        while True:
+            read_at = time.monotonic()
+            result = uffd.fast_serve(table)
+            if result.faults or result.installs:
+                installs = tuple((RunAddr(run), length) for run, length in result.installs)
+                events.append(FastServed(proc, installs, result.faults, read_at))
+            if result.rest:
+                events.extend(decode_messages(result.rest))
+            if result.error or result.status is not FastStatus.FULL:
+                return result.status is FastStatus.DRAINED, result.error
+
+    def _fast_table(self, proc: ProcId) -> FastTable | None:
+        """The process's fast-path table, rebuilt when its layout changed."""
+        tree = self._tree_of.get(proc)
+        if tree is None or tree.local is None:
+            return None
+        process = self.tracker.process(proc)
+        cached = self._fast.get(proc)
+        if cached is not None and cached[0] == process.layout_generation:
+            return cached[1]
+        if cached is not None:
+            cached[1].close()
+        local = tree.local
+        table = FastTable(
+            _table_rows(process, local),
+            local.data,
+            local.verified,
+            local.chunk_size,
+            self.tracker.policy.fault_around,
+        )
+        self._fast[proc] = (process.layout_generation, table)
+        return table
 
     def _root_exited(self, root: ProcId) -> None:
         tree = self._trees.get(root)
@@ -324,6 +388,9 @@ class Executor:
         self._watch(action.child, uffd, tree)
 
     def _release(self, action: Release) -> None:
+        fast = self._fast.pop(action.proc, None)
+        if fast is not None:
+            fast[1].close()
         tree = self._tree_of.get(action.proc)
         uffd = self._uffds.pop(action.proc, None)
         if uffd is not None:
@@ -404,6 +471,27 @@ class Executor:
             self._tick.cancel()
         for uffd in self._uffds.values():
             self._loop.remove_reader(uffd.fd)
+        for _, table in self._fast.values():
+            table.close()
+        self._fast.clear()
+
+
+def _table_rows(process: LazyProcess, local: LocalData) -> list[tuple[int, int, int]]:
+    """The process's fast ranges as (run-time address, length, data offset) rows: each
+    cut where it crosses from one DATA extent of the image to the next."""
+    extents = local.extents
+    starts = [start for start, _, _ in extents]
+    rows: list[tuple[int, int, int]] = []
+    for run, image, length in process.fast_ranges():
+        end = image + length
+        index = max(bisect.bisect_right(starts, image) - 1, 0)
+        while index < len(extents) and extents[index][0] < end:
+            start, size, offset = extents[index]
+            lo, hi = max(image, start), min(end, start + size)
+            if lo < hi:
+                rows.append((run + (lo - image), hi - lo, offset + (lo - start)))
+            index += 1
+    return rows
 
 
 def _micros(seconds: float | None) -> float | None:

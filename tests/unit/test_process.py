@@ -83,12 +83,44 @@ def done(tracker: Tracker, action: Copy | ZeroFill, now: float = 1.0) -> list[Ac
     return tracker.handle(outcome, now)
 
 
-def test_a_fault_on_a_zero_page_is_zero_filled_at_once() -> None:
+def test_a_fault_on_a_zero_page_zero_fills_its_window_at_once() -> None:
     tracker, _ = make(data_pages=[])
     [zero] = tracker.handle_uffd(R, [PageFault(RunAddr(run(3) + 123))], 1.0)
     assert isinstance(zero, ZeroFill)
-    assert zero == ZeroFill(R, zero.install_id, run(3), P, P)
+    # the aligned fault-around window (4 pages here), like a data fault's
+    assert zero == ZeroFill(R, zero.install_id, run(0), 4 * P, P)
     assert tracker.process(R).stats.faults == 1
+
+
+def test_a_zero_window_stops_at_data_and_goes_on_past_a_present_page() -> None:
+    tracker, _ = make(data_pages=[0])
+    [zero] = tracker.handle_uffd(R, [PageFault(run(2))], 1.0)
+    assert isinstance(zero, ZeroFill)
+    assert zero == ZeroFill(R, zero.install_id, run(1), 3 * P, P)
+    # page 2 was present already (the kernel did page 1, then met page 2)
+    outcome = InstallOutcome(R, zero.install_id, InstallResult.RETRY, P)
+    [rest] = tracker.handle(outcome, 1.1)
+    assert isinstance(rest, ZeroFill)
+    assert rest == ZeroFill(R, rest.install_id, run(2), 2 * P, P)
+    outcome = InstallOutcome(R, rest.install_id, InstallResult.EXISTS, 0)
+    [last] = [a for a in tracker.handle(outcome, 1.2) if isinstance(a, ZeroFill)]
+    assert last == ZeroFill(R, last.install_id, run(3), P, P)
+
+
+def test_a_deferred_zero_window_resolves_every_waiting_page() -> None:
+    tracker, _ = make(data_pages=[])
+    # two threads in one window: one fill answers both
+    [zero] = tracker.handle_uffd(R, [PageFault(run(1)), PageFault(run(3))], 1.0)
+    assert isinstance(zero, ZeroFill)
+    assert zero == ZeroFill(R, zero.install_id, run(0), 4 * P, P)
+    assert tracker.handle(InstallOutcome(R, zero.install_id, InstallResult.RETRY, 0), 1.1) == []
+    # deferred (events queued): after the drain each waiting page is resolved again
+    # (the first new fill covers the second page, so one fill goes)
+    [again] = tracker.handle(EventsDrained(R), 1.2)
+    assert isinstance(again, ZeroFill)
+    assert again == ZeroFill(R, again.install_id, run(0), 4 * P, P)
+    outcome = InstallOutcome(R, again.install_id, InstallResult.DONE, 4 * P)
+    assert only(tracker.handle(outcome, 1.3), Wake) == []  # the kernel woke both
 
 
 def test_a_fault_on_data_fetches_the_aligned_window_urgently() -> None:
@@ -138,7 +170,7 @@ def test_data_arriving_after_a_remove_is_never_installed() -> None:
     assert tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "late"), 1.2) == []
     [zero] = tracker.handle_uffd(R, [PageFault(run(1))], 1.3)
     assert isinstance(zero, ZeroFill)
-    assert zero.run_addr == run(1)
+    assert (zero.run_addr, zero.length) == (run(0), 4 * P)  # the removed window
 
 
 def test_a_remove_of_part_of_a_request_keeps_the_rest() -> None:

@@ -17,6 +17,12 @@ the model names for that run-time page, never into a removed/zero page nor an un
 one, and a ZeroFill only where zeros are right; (2) every blocked thread is woken once
 the data has arrived; (3) Release only when every data page is installed correctly;
 (4) a process never asks for a page it already has in flight.
+
+The ``fast_serve`` rule plays the executor's C fast path: with a table of
+``fast_ranges`` cached per layout generation (as the executor caches it), it answers
+the faults at the head of the queue by copying image data (fault-around window, then
+the page alone, then a wake), stops at the first message it cannot answer, and reports
+``FastServed`` in the same batch as the rest; its copies are checked like the core's.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from uffdd.core.actions import (
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import (
     EventsDrained,
+    FastServed,
     Fork,
     HandoverComplete,
     InstallOutcome,
@@ -137,6 +144,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.issued: dict[int, tuple[int, int]] = {}
         self.lanes: dict[int, Lane] = {}
         self.handed_over = False
+        # the fast path's table of each process: (layout generation, run ranges)
+        self.tables: dict[ProcId, tuple[int, list[tuple[int, int, int]]]] = {}
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -226,20 +235,29 @@ class CoreMachine(RuleBasedStateMachine):
         return InstallOutcome(proc.name, action.install_id, result, done)
 
     def zero_fill(self, action: ZeroFill) -> InstallOutcome:
+        """UFFDIO_ZEROPAGE as the kernel does it: page by page, stopping at the first
+        present page (EEXIST, or EAGAIN with the bytes done before it)."""
         proc = self.procs[action.proc]
         assert not proc.done
         if proc.changing:
             return InstallOutcome(proc.name, action.install_id, InstallResult.RETRY, 0)
-        run = action.run_addr
-        assert action.length == P
-        if run not in proc.pages:
+        if action.run_addr not in proc.pages:
             return InstallOutcome(proc.name, action.install_id, InstallResult.LAYOUT_CHANGED)
-        if run in proc.present:
-            return InstallOutcome(proc.name, action.install_id, InstallResult.EXISTS)
-        assert proc.expected(run) == "zero", f"ZeroFill of {run:#x}: must read image data"
-        proc.present[run] = "zero"
-        self.wake(proc, run, P)
-        return InstallOutcome(proc.name, action.install_id, InstallResult.DONE, P)
+        done = 0
+        result = InstallResult.DONE
+        for offset in range(0, action.length, P):
+            run = action.run_addr + offset
+            if run not in proc.pages:
+                result = InstallResult.RETRY if done else InstallResult.LAYOUT_CHANGED
+                break
+            if run in proc.present:
+                result = InstallResult.RETRY if done else InstallResult.EXISTS
+                break
+            assert proc.expected(run) == "zero", f"ZeroFill of {run:#x}: must read image data"
+            proc.present[run] = "zero"
+            done += P
+        self.wake(proc, action.run_addr, done)
+        return InstallOutcome(proc.name, action.install_id, result, done)
 
     def wake(self, proc: FakeProc, start: int, length: int) -> None:
         for run in [r for r in proc.blocked if start <= r < start + length]:
@@ -320,14 +338,20 @@ class CoreMachine(RuleBasedStateMachine):
     # -- rules -------------------------------------------------------------------------
 
     @precondition(lambda self: bool(self.live()))
-    @rule(who=st.integers(0, 7), which=st.integers(0, 63), read_now=st.booleans())
-    def fault(self, who: int, which: int, read_now: bool) -> None:
+    @rule(
+        who=st.integers(0, 7),
+        which=st.integers(0, 63),
+        read_now=st.sampled_from(["no", "slow path", "fast path"]),
+    )
+    def fault(self, who: int, which: int, read_now: str) -> None:
         proc = self.pick(who)
         missing = sorted(r for r in proc.pages if r not in proc.present)
         if missing:
             self.block(proc, missing[which % len(missing)])
-        if read_now:
+        if read_now == "slow path":
             self.read(proc)
+        elif read_now == "fast path":
+            self.fast_serve(who)
 
     @precondition(lambda self: bool(self.live()))
     @rule(who=st.integers(0, 7), which=st.integers(0, 63))
@@ -337,6 +361,82 @@ class CoreMachine(RuleBasedStateMachine):
         present = sorted(proc.present)
         if present:
             proc.queue.append(PageFault(RunAddr(present[which % len(present)])))
+
+    # -- the shell's C fast path --------------------------------------------------------
+
+    def fast_table(self, proc: FakeProc) -> list[tuple[int, int, int]]:
+        core = self.tracker.process(proc.name)
+        cached = self.tables.get(proc.name)
+        if cached is None or cached[0] != core.layout_generation:
+            ranges = [(int(run), int(image), length) for run, image, length in core.fast_ranges()]
+            cached = (core.layout_generation, ranges)
+            self.tables[proc.name] = cached
+        return cached[1]
+
+    def fast_copy(
+        self, proc: FakeProc, rng: tuple[int, int, int], lo: int, hi: int
+    ) -> tuple[int, bool]:
+        """UFFDIO_COPY of image data like the kernel: (bytes done, ended on a present page)."""
+        run, image, _ = rng
+        if proc.changing:
+            return 0, False
+        done = 0
+        for page in range(lo, hi, P):
+            if page in proc.present:
+                self.wake(proc, lo, done)  # the kernel wakes what it did copy
+                return done, True
+            source = ("image", image + page - run)
+            assert page in proc.pages, f"fast path copies into unmapped {page:#x}"
+            assert proc.expected(page) == source, (
+                f"fast path copies {source} into {page:#x}, which must read {proc.expected(page)}"
+            )
+            proc.present[page] = source
+            done += P
+        self.wake(proc, lo, done)
+        return done, False
+
+    def fast_one(
+        self, proc: FakeProc, event: UffdEvent, installs: list[tuple[RunAddr, int]]
+    ) -> bool:
+        """One message on the fast path: True when answered there."""
+        if not isinstance(event, PageFault):
+            return False
+        page = event.address - event.address % P
+        found = [r for r in self.fast_table(proc) if r[0] <= page < r[0] + r[2]]
+        if not found:
+            return False
+        rng = found[0]
+        lo = max(page - page % POLICY.fault_around, rng[0])
+        hi = min(page - page % POLICY.fault_around + POLICY.fault_around, rng[0] + rng[2])
+        for start, end in ((lo, hi), (page, page + P)):
+            done, present = self.fast_copy(proc, rng, start, end)
+            if done:
+                installs.append((RunAddr(start), done))
+            if start <= page < start + done:
+                return True
+            if not present:
+                return False  # EAGAIN: an event is pending
+        self.wake(proc, page, P)  # EEXIST on the page itself: it is there
+        return True
+
+    @precondition(lambda self: bool(self.live()))
+    @rule(who=st.integers(0, 7))
+    def fast_serve(self, who: int) -> None:
+        proc = self.pick(who)
+        installs: list[tuple[RunAddr, int]] = []
+        served = 0
+        while proc.queue and self.fast_one(proc, proc.queue[0], installs):
+            proc.queue.pop(0)
+            served += 1
+        rest, proc.queue = proc.queue, []
+        batch: list[UffdEvent | FastServed] = []
+        if served:
+            batch.append(FastServed(proc.name, tuple(installs), served, self.now))
+        batch.extend(rest)
+        if batch:
+            self.execute(self.tracker.handle_uffd(proc.name, batch, self.now))
+        if not proc.done:
+            self.execute(self.tracker.handle(EventsDrained(proc.name), self.now))
 
     @precondition(lambda self: bool(self.live()))
     @rule(who=st.integers(0, 7))

@@ -129,6 +129,22 @@ class InstallOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class FastServed:
+    """The shell's C fast path answered ``faults`` faults of ``proc`` read at ``read_at``.
+
+    ``installs``: the run-time ranges it filled with image data (UFFDIO_COPY, woken).
+    It serves only where ``LazyProcess.fast_ranges`` says image data is right, and
+    only faults read before any other message of the uffd, so the core takes these
+    pages as resident whatever state they were in.
+    """
+
+    proc: ProcId
+    installs: tuple[tuple[RunAddr, int], ...]
+    faults: int
+    read_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class EventsDrained:
     """The shell read ``proc``'s uffd until it was empty: deferred installs may retry."""
 
@@ -155,10 +171,17 @@ class Tick:
     ``now`` argument every ``handle`` call takes."""
 
 
-ProcessEvent = UffdEvent | InstallOutcome | EventsDrained | HandoverComplete | Exited
+ProcessEvent = UffdEvent | InstallOutcome | FastServed | EventsDrained | HandoverComplete | Exited
 """Events that concern one process (kernel events through ``Tracker.handle_uffd``)."""
 
 ShellEvent = (
-    PagesArrived | FetchFailed | InstallOutcome | EventsDrained | HandoverComplete | Exited | Tick
+    PagesArrived
+    | FetchFailed
+    | InstallOutcome
+    | FastServed
+    | EventsDrained
+    | HandoverComplete
+    | Exited
+    | Tick
 )
 """Everything a shell feeds to ``Tracker.handle``."""

@@ -13,6 +13,10 @@ process), as interval sets that partition the mapped lazy pages:
 
 Unmapped pages (GONE) are not in the map at all, and drop out of every set.
 
+A shell may also answer faults itself (a C fast path, for local image data): it asks
+``fast_ranges()`` where image data is the right answer, serves only faults read before
+any other message, and reports what it installed as ``FastServed``.
+
 The shell contract (see ``actions.py``): actions of a process are executed in order and
 every install outcome is fed back before that process's next uffd batch. So when a
 kernel event is handled no install is half-way; only *deferred* installs exist, and
@@ -31,6 +35,7 @@ from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr, page_floor
 from uffdd.core.events import (
     EventsDrained,
     Exited,
+    FastServed,
     Fork,
     HandoverComplete,
     InstallOutcome,
@@ -56,6 +61,7 @@ ProcessInput = (
     | PagesArrived
     | Tick
     | InstallOutcome
+    | FastServed
     | EventsDrained
     | HandoverComplete
     | Exited
@@ -160,6 +166,8 @@ class LazyProcess:
         self._chunk = self.policy.bulk_min
         self._forks = 0
         self._born: list[LazyProcess] = []
+        self.layout_generation = 0
+        """Changes whenever ``fast_ranges()`` may change (a shell caches its result)."""
         self.stats = ProcessStats(started=now)
         stored: RangeSet[ImageAddr] = RangeSet((start, start + length) for start, length in data)
         for region in regions:
@@ -217,10 +225,14 @@ class LazyProcess:
         return out
 
     def _apply(self, event: ProcessInput, now: float, out: list[Action]) -> None:
+        if isinstance(event, Remove | Unmap | Remap | Fork):
+            self.layout_generation += 1
         if isinstance(event, PagesArrived):
             self._arrived(event, out)
         elif isinstance(event, InstallOutcome):
             self._outcome(event, now, out)
+        elif isinstance(event, FastServed):
+            self._fast_served(event, now, out)
         elif isinstance(event, Remove):
             self._remove(event.start, event.end, out)
         elif isinstance(event, Unmap):
@@ -272,6 +284,48 @@ class LazyProcess:
                 return self._born.pop(index)
         raise KeyError(child)
 
+    def fast_ranges(self) -> list[tuple[RunAddr, ImageAddr, int]]:
+        """Where a fault's right answer is the image's data: (run, image, length), in
+        run-time order.
+
+        Mapped 4 KiB pages outside ``zero`` (not known-zero, not removed); the shell's
+        fast path installs image data for faults there without asking the core.
+        Resident pages are included: the kernel never reports a fault on a present
+        page, and a stale fault only finds it present (EEXIST). Recompute it when
+        :attr:`layout_generation` changes.
+        """
+        if self.state is not State.LIVE:
+            return []
+        out: list[tuple[RunAddr, ImageAddr, int]] = []
+        for piece in self.map:
+            if piece.page_size != PAGE_SIZE:
+                continue
+            cursor = piece.image
+            for lo, hi in self.zero.intersect(piece.image, piece.image_end):
+                if cursor < lo:
+                    out.append((piece.to_run(cursor), ImageAddr(cursor), lo - cursor))
+                cursor = hi
+            if cursor < piece.image_end:
+                out.append((piece.to_run(cursor), ImageAddr(cursor), piece.image_end - cursor))
+        return out
+
+    def _fast_served(self, event: FastServed, now: float, out: list[Action]) -> None:
+        """The shell's fast path installed image data: those pages are resident now."""
+        self.stats.faults += event.faults
+        for _ in range(event.faults):
+            self.stats.latency.record(now - event.read_at)
+        dropped = False
+        for run, length in event.installs:
+            for piece in self.map.pieces_in_run(run, run + length):
+                lo, hi = piece.image, piece.image_end
+                taken = self.inflight.discard(lo, hi) + self.installing.discard(lo, hi)
+                self.stats.data_installed += self.missing.discard(lo, hi) + taken
+                dropped = dropped or taken > 0
+            # The copy woke every thread blocked in the range.
+            self._wake_waiters(run, run + length, out, now=now, emit=False)
+        if dropped:
+            self._prune_requests()  # arrivals for these pages are moot now
+
     # -- faults ------------------------------------------------------------------------
 
     def _fault(self, address: int, now: float) -> int:
@@ -294,7 +348,14 @@ class LazyProcess:
             return
         image = piece.to_image(page)
         if image in self.zero:
-            self._zero_fill(page, piece.page_size, out)
+            if self._zero_fill_covers(page):
+                return  # a fill on its way wakes this thread too
+            # Fault-around for zeros too: a madvise'd or sparse span is read page after
+            # page, and one fill per fault cost the 1 GiB demo seconds.
+            lo, hi = self.policy.fault_window(
+                image, piece.page_size, piece.image, piece.image_end, self.zero
+            )
+            self._zero_fill(piece.to_run(lo), piece.page_size, out, length=hi - lo)
         elif image in self.missing:
             lo, hi = self.policy.fault_window(
                 image, piece.page_size, piece.image, piece.image_end, self.missing
@@ -315,11 +376,21 @@ class LazyProcess:
             # Resident already: the fault was queued before our copy landed.
             self._wake_waiters(page, page + piece.page_size, out, now=now)
 
-    def _zero_fill(self, page: int, size: int, out: list[Action]) -> None:
-        install = _Install(_Kind.ZERO, page, size, size)
+    def _zero_fill_covers(self, page: int) -> bool:
+        return any(
+            i.kind is _Kind.ZERO and i.run <= page < i.run + i.length
+            for i in self._installs.values()
+        )
+
+    def _zero_fill(
+        self, page: int, size: int, out: list[Action], *, length: int | None = None
+    ) -> None:
+        """Fill ``length`` bytes (default: one page of ``size``) from run ``page``."""
+        length = size if length is None else length
+        install = _Install(_Kind.ZERO, page, length, size)
         install_id = self._ids()
         self._installs[install_id] = install
-        out.append(ZeroFill(self.proc, install_id, RunAddr(page), size, size))
+        out.append(ZeroFill(self.proc, install_id, RunAddr(page), length, size))
 
     # -- fetching ----------------------------------------------------------------------
 
@@ -351,7 +422,11 @@ class LazyProcess:
             assert first is not None
             piece = self.map.lookup_image(first[0])
             assert piece is not None, "a missing page outside the map"
-            span = (first[0], self._sweep_end(first[0], piece.image_end))
+            # The walk stops a chunk on: past it is work the next request redoes, and
+            # after a madvise over a sparse span the walk would cross thousands of
+            # gaps on every arrival (the 1 GiB demo's sweep stalled on it).
+            limit = min(piece.image_end, first[0] + self._chunk)
+            span = (first[0], self._sweep_end(first[0], limit))
             window = self.policy.bulk_window(
                 span, piece.page_size, self._chunk, self.inflight.total + self.installing.total
             )
@@ -526,7 +601,9 @@ class LazyProcess:
             for start, end in self.installing.intersect(image, install.image + install.length):
                 self._install_copy(start, end, install.data, install.data_base, attempts=0, out=out)
         else:
-            self._zero_fill(install.run + offset, install.page_size, out)
+            self._zero_fill(
+                install.run + offset, install.page_size, out, length=install.length - offset
+            )
 
     def _defer(self, install: _Install, offset: int, now: float) -> None:
         if install.kind is _Kind.COPY:
@@ -558,8 +635,13 @@ class LazyProcess:
                         attempts=install.attempts,
                         out=out,
                     )
-            elif self._has_waiters(install.run, install.run + install.length):
-                self._resolve(install.run, now, out)
+            else:
+                # A zero fill spans a fault-around window: every thread waiting in it
+                # gets its page resolved again (overlapping fills meet EEXIST, which is
+                # fine); a window with no waiter left is dropped.
+                stop = install.run + install.length
+                for page in sorted(p for p in self._waiters if install.run <= p < stop):
+                    self._resolve(page, now, out)
 
     # -- layout changes ----------------------------------------------------------------
 
@@ -659,6 +741,7 @@ class LazyProcess:
 
     def _finish(self, state: State, now: float) -> None:
         self.state = state
+        self.layout_generation += 1
         self.stats.finished = now
         dropped = self.missing.total + self.inflight.total + self.installing.total
         if state is not State.RELEASED:

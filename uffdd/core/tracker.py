@@ -11,13 +11,14 @@ How a shell drives it (all calls take ``now``, monotonic seconds; nothing reads 
 - ``handle_uffd(proc, events, now)`` with each batch decoded from one read(), in order,
   stamped with the time of the read (fault latency is measured from it);
 - ``handle(event, now)`` for everything else: PagesArrived, FetchFailed,
-  InstallOutcome, EventsDrained, HandoverComplete, Exited, Tick;
+  InstallOutcome, FastServed, EventsDrained, HandoverComplete, Exited, Tick;
 - execute the returned actions in order (see ``actions.py`` for the contract), and
   call ``handle(Tick(), now)`` by ``next_wakeup()`` at the latest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from uffdd.core.actions import Action, AdoptChild, CancelFetch, Fetch, Lane
@@ -25,6 +26,7 @@ from uffdd.core.addresses import PAGE_SIZE, ImageAddr
 from uffdd.core.events import (
     EventsDrained,
     Exited,
+    FastServed,
     FetchFailed,
     HandoverComplete,
     InstallOutcome,
@@ -96,8 +98,11 @@ class Tracker:
         self._register(process, root=proc)
         return self._absorb(process, process.pump(now), now)
 
-    def handle_uffd(self, proc: ProcId, events: list[UffdEvent], now: float) -> list[Action]:
-        """Apply a batch of kernel events read from ``proc``'s uffd, in order."""
+    def handle_uffd(
+        self, proc: ProcId, events: Sequence[UffdEvent | FastServed], now: float
+    ) -> list[Action]:
+        """Apply a batch of kernel events read from ``proc``'s uffd, in order (with
+        ``FastServed`` where the shell's fast path answered the faults read before)."""
         process = self._procs.get(proc)
         if process is None:
             return []
@@ -120,7 +125,7 @@ class Tracker:
             for member in self._tree(self._root[event.proc]):
                 out.extend(self._run(member, HandoverComplete(member.proc), now))
             return out
-        assert isinstance(event, InstallOutcome | EventsDrained | Exited)
+        assert isinstance(event, InstallOutcome | FastServed | EventsDrained | Exited)
         return self._run(process, event, now)
 
     def kill_tree(self, proc: ProcId, reason: str, now: float) -> list[Action]:

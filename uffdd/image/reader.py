@@ -207,6 +207,44 @@ class ImageReader:
             index += 1
         return ", ".join(parts) or "none"
 
+    # -- in-place serving (the daemon's C fast path) -------------------------------------
+
+    @property
+    def verified(self) -> bytearray:
+        """One byte per checksum chunk of the data file, non-zero once it verified.
+
+        Live: a fast path may serve a chunk's bytes from :meth:`data_buffer` as soon as
+        its byte is set, and must never serve them before.
+        """
+        return self._verified
+
+    def data_buffer(self) -> memoryview:
+        """The whole data file, zero-copy and *unverified*: check :attr:`verified`."""
+        return self._view
+
+    def data_extents(self) -> tuple[Extent, ...]:
+        """Every DATA extent (image address, length, data offset), in address order."""
+        return tuple(e for e in self._extents if e.kind is ExtentKind.DATA)
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def verify_chunks(self, first: int, count: int) -> int:
+        """Verify chunks ``[first, first + count)`` not verified yet; return the next.
+
+        A chunk whose checksum does not match stays unverified (serving it through
+        :meth:`data` then reports the corruption); a data file that changed size
+        verifies nothing more.
+        """
+        end = min(first + count, len(self._checksums))
+        if self.closed or os.fstat(self._file.fileno()).st_size != self.data_size:
+            return len(self._checksums)
+        for chunk in range(first, end):
+            if not self._verified[chunk] and self._check_chunk(chunk) is None:
+                self._verified[chunk] = 1
+        return end
+
     def region_of(self, address: int) -> Region | None:
         """The region holding ``address``, if any."""
         for region in self.regions:

@@ -2,7 +2,9 @@
 
 Why API mode: the ioctl request numbers and struct layouts come from the C compiler
 reading <linux/userfaultfd.h>, not from numbers we retype in Python, and calls release
-the GIL so a hot path in C can later run beside the asyncio loop. The machine's libc
+the GIL. ``uffdd_fast_serve`` is the hot path in C: it reads a uffd and answers faults on
+pages whose data is local (an mmap'ed image) and verified, and hands every other message,
+raw, back to the Python core (policy never moves into C). The machine's libc
 headers describe Linux 6.1 while the kernel is 6.18, so the UAPI added since (MOVE,
 POISON, WP_ASYNC, WP_UNPOPULATED, CONTINUE_MODE_WP) is defined here when the headers
 lack it; the values are the kernel's ABI and cannot change.
@@ -58,6 +60,7 @@ _SOURCE = (
     r"""
 #include <errno.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -85,6 +88,170 @@ static int uffd_create_from_device(int dev_fd, int flags)
 {
     int fd = ioctl(dev_fd, USERFAULTFD_IOC_NEW, flags);
     return fd >= 0 ? fd : -errno;
+}
+
+/* -- the fast path: serve faults on pages whose data is local, in C ---------------- */
+
+struct uffdd_fast_range {
+    uint64_t run_start;
+    uint64_t run_end;
+    uint64_t data_offset;  /* where run_start's bytes are in the data buffer */
+};
+
+struct uffdd_fast_done {
+    uint64_t run;
+    uint64_t len;
+    uint64_t msg_index;
+};
+
+struct uffdd_fast_out {
+    size_t nread;    /* messages read */
+    size_t nrest;    /* messages copied to rest (the slow path's) */
+    size_t ndone;    /* installs recorded in done */
+    size_t nfaults;  /* faults answered here (installed or woken) */
+};
+
+#define UFFDD_FAST_BATCH 64
+#define UFFDD_PAGE 4096ULL
+
+struct uffdd_fast_ctx {
+    int fd;
+    const struct uffdd_fast_range *ranges;
+    size_t nranges;
+    const char *data;
+    const uint8_t *verified;
+    size_t nverified;
+    unsigned chunk_shift;
+    uint64_t around;
+    struct uffdd_fast_done *done;
+    struct uffdd_fast_out *out;
+};
+
+static const struct uffdd_fast_range *
+fast_find(const struct uffdd_fast_ctx *c, uint64_t addr)
+{
+    size_t lo = 0, hi = c->nranges;  /* first range with run_start > addr */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (c->ranges[mid].run_start <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0 || addr >= c->ranges[lo - 1].run_end)
+        return NULL;
+    return &c->ranges[lo - 1];
+}
+
+/* Every checksum chunk holding the data of [start, end) has been verified. */
+static int fast_verified(const struct uffdd_fast_ctx *c, const struct uffdd_fast_range *r,
+                         uint64_t start, uint64_t end)
+{
+    uint64_t first = (r->data_offset + (start - r->run_start)) >> c->chunk_shift;
+    uint64_t last = (r->data_offset + (end - 1 - r->run_start)) >> c->chunk_shift;
+    for (uint64_t chunk = first; chunk <= last; chunk++)
+        if (chunk >= c->nverified || !c->verified[chunk])
+            return 0;
+    return 1;
+}
+
+/* UFFDIO_COPY [start, end): 0, or the errno; *copied: the bytes installed (woken). */
+static int fast_copy(const struct uffdd_fast_ctx *c, const struct uffdd_fast_range *r,
+                     uint64_t start, uint64_t end, uint64_t index, uint64_t *copied)
+{
+    struct uffdio_copy arg;
+    arg.dst = start;
+    arg.src = (uint64_t)(uintptr_t)(c->data + r->data_offset + (start - r->run_start));
+    arg.len = end - start;
+    arg.mode = 0;
+    arg.copy = 0;
+    int err = ioctl(c->fd, UFFDIO_COPY, &arg) == 0 ? 0 : errno;
+    *copied = err == 0 ? end - start : (arg.copy > 0 ? (uint64_t)arg.copy : 0);
+    if (*copied) {
+        struct uffdd_fast_done *d = &c->done[c->out->ndone++];
+        d->run = start;
+        d->len = *copied;
+        d->msg_index = index;
+    }
+    return err;
+}
+
+/* Serve one message; 0 when answered here, 1 when it is the slow path's. */
+static int fast_one(const struct uffdd_fast_ctx *c, const struct uffd_msg *msg, uint64_t index)
+{
+    if (msg->event != UFFD_EVENT_PAGEFAULT)
+        return 1;
+    if (msg->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR))
+        return 1;
+    uint64_t page = msg->arg.pagefault.address & ~(UFFDD_PAGE - 1);
+    const struct uffdd_fast_range *r = fast_find(c, page);
+    if (r == NULL || !fast_verified(c, r, page, page + UFFDD_PAGE))
+        return 1;
+    uint64_t start = page & ~(c->around - 1), end = start + c->around, copied = 0;
+    if (start < r->run_start)
+        start = r->run_start;
+    if (end > r->run_end)
+        end = r->run_end;
+    if (end - start > UFFDD_PAGE && fast_verified(c, r, start, end)) {
+        int err = fast_copy(c, r, start, end, index, &copied);
+        if (err == 0 || page < start + copied)
+            goto served;
+        if (err != EEXIST && err != EAGAIN)
+            return 1;
+        /* EEXIST, or EAGAIN part way (a present page in the window, or an event
+           pending): the faulting page alone says which. */
+    }
+    int err = fast_copy(c, r, page, page + UFFDD_PAGE, index, &copied);
+    if (err == EEXIST) {
+        struct uffdio_range range = {page, UFFDD_PAGE};
+        if (ioctl(c->fd, UFFDIO_WAKE, &range) != 0)
+            return 1;
+    } else if (err != 0) {
+        return 1;
+    }
+served:
+    c->out->nfaults++;
+    return 0;
+}
+
+/* Read and serve faults until the fd is empty (0), a message needs the slow path (1:
+   it and the rest of its read are in rest; more may be queued), or done has no room
+   for another read (2: call again). -errno when read() fails. */
+static int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nranges,
+                            const char *data, const uint8_t *verified, size_t nverified,
+                            unsigned chunk_shift, uint64_t around,
+                            char *rest, size_t rest_cap,
+                            struct uffdd_fast_done *done, size_t done_cap,
+                            struct uffdd_fast_out *out)
+{
+    struct uffdd_fast_ctx c = {fd, ranges, nranges, data, verified, nverified,
+                               chunk_shift, around, done, out};
+    struct uffd_msg msgs[UFFDD_FAST_BATCH];
+    out->nread = out->nrest = out->ndone = out->nfaults = 0;
+    if (rest_cap < UFFDD_FAST_BATCH || around < UFFDD_PAGE || (around & (around - 1)))
+        return -EINVAL;
+    for (;;) {
+        if (done_cap - out->ndone < 2 * UFFDD_FAST_BATCH)
+            return 2;
+        ssize_t n = read(fd, msgs, sizeof(msgs));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN ? 0 : -errno;
+        }
+        size_t count = (size_t)n / sizeof(struct uffd_msg);
+        if (count == 0)
+            return 0;
+        for (size_t i = 0; i < count; i++) {
+            if (fast_one(&c, &msgs[i], out->nread + i)) {
+                memcpy(rest, &msgs[i], (count - i) * sizeof(struct uffd_msg));
+                out->nrest = count - i;
+                out->nread += count;
+                return 1;
+            }
+        }
+        out->nread += count;
+    }
 }
 """
 )
@@ -164,6 +331,18 @@ struct uffdio_move { __u64 dst; __u64 src; __u64 len; __u64 mode; __s64 move; };
 int uffd_ioctl(int fd, unsigned long request, void *arg);
 int uffd_create(int flags);
 int uffd_create_from_device(int dev_fd, int flags);
+
+struct uffdd_fast_range { uint64_t run_start; uint64_t run_end; uint64_t data_offset; };
+struct uffdd_fast_done { uint64_t run; uint64_t len; uint64_t msg_index; };
+struct uffdd_fast_out { size_t nread; size_t nrest; size_t ndone; size_t nfaults; };
+#define UFFDD_FAST_BATCH ...
+
+int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nranges,
+                     const char *data, const uint8_t *verified, size_t nverified,
+                     unsigned chunk_shift, uint64_t around,
+                     char *rest, size_t rest_cap,
+                     struct uffdd_fast_done *done, size_t done_cap,
+                     struct uffdd_fast_out *out);
 """
 
 ffibuilder = FFI()

@@ -70,5 +70,23 @@ class _Lib:
     def uffd_ioctl(self, fd: int, request: int, arg: _cffi_backend.FFI.CData, /) -> int: ...
     def uffd_create(self, flags: int, /) -> int: ...
     def uffd_create_from_device(self, dev_fd: int, flags: int, /) -> int: ...
+    UFFDD_FAST_BATCH: int
+    def uffdd_fast_serve(
+        self,
+        fd: int,
+        ranges: _cffi_backend.FFI.CData,
+        nranges: int,
+        data: _cffi_backend.FFI.CData,
+        verified: _cffi_backend.FFI.CData,
+        nverified: int,
+        chunk_shift: int,
+        around: int,
+        rest: _cffi_backend.FFI.CData,
+        rest_cap: int,
+        done: _cffi_backend.FFI.CData,
+        done_cap: int,
+        out: _cffi_backend.FFI.CData,
+        /,
+    ) -> int: ...
 
 lib: _Lib

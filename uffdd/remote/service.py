@@ -24,12 +24,11 @@ import grpc
 import xxhash
 from grpc import aio
 
-from uffdd.errors import ImageError
-from uffdd.image.format import Extent, ExtentKind
-from uffdd.image.reader import ImageReader
+from uffdd.image.format import ExtentKind
 from uffdd.log import get_logger
 from uffdd.remote import chunk_codec
 from uffdd.remote.catalog import ImageCatalog, RequestError
+from uffdd.remote.chunking import RangeCursor, extent_data, log_refusal
 from uffdd.remote.convert import image_info_to_proto
 from uffdd.remote.ratelimit import TokenBucket
 from uffdd.v1 import pages_pb2
@@ -48,11 +47,7 @@ class _Pending:
     """A queued Fetch: where the next chunk starts."""
 
     request_id: int
-    image: ImageReader
-    extents: list[Extent]
-    index: int = 0  # current extent
-    offset: int = 0  # bytes of the current extent already sent
-    view: memoryview | None = None  # the current DATA extent's bytes (mmap view)
+    cursor: RangeCursor
     urgent: bool = False
     cancelled: bool = False
 
@@ -91,6 +86,8 @@ class PageService:
         # event loop and the CPUs free for the demand fault.
         self._urgent_pending = 0
         self._bulk_waiters: set[asyncio.Event] = set()
+        # advertised in ListImages; set by the PageServer once its fast lane listens
+        self.fast_lane_addresses: list[str] = []
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         """The method table, with PageChunk serialized by chunk_codec (pre-encoded)."""
@@ -125,7 +122,9 @@ class PageService:
     async def list_images(
         self, request: pages_pb2.ListImagesRequest, context: aio.ServicerContext[object, object]
     ) -> pages_pb2.ListImagesResponse:
-        return pages_pb2.ListImagesResponse(image_ids=self.catalog.list())
+        return pages_pb2.ListImagesResponse(
+            image_ids=self.catalog.list(), fast_lane_addresses=self.fast_lane_addresses
+        )
 
     async def get_image_info(
         self, request: pages_pb2.GetImageInfoRequest, context: aio.ServicerContext[object, object]
@@ -150,7 +149,7 @@ class PageService:
             position = 0
             for extent in resolved.extents:
                 if extent.kind == ExtentKind.DATA:
-                    data[position : position + extent.length] = _extent_data(resolved.image, extent)
+                    data[position : position + extent.length] = extent_data(resolved.image, extent)
                 position += extent.length
         except RequestError as exc:
             _log.info("request refused", rpc="Read", code=exc.code.name, reason=exc.message)
@@ -226,15 +225,22 @@ class PageService:
         finally:
             self._bulk_waiters.discard(state.wakeup)
 
+    def urgent_started(self) -> None:
+        """An urgent request is queued (on a stream or on the fast lane): bulk waits."""
+        self._urgent_pending += 1
+
+    def urgent_finished(self) -> None:
+        self._urgent_pending -= 1
+        if not self._urgent_pending:
+            for wakeup in self._bulk_waiters:
+                wakeup.set()
+
     def _forget(self, state: _StreamState, pending: _Pending) -> None:
         """``pending`` is complete, failed or cancelled: it holds nothing any more."""
         del state.by_id[pending.request_id]
-        pending.view = None
+        pending.cursor.drop()
         if pending.urgent:
-            self._urgent_pending -= 1
-            if not self._urgent_pending:
-                for wakeup in self._bulk_waiters:
-                    wakeup.set()
+            self.urgent_finished()
 
     def _accept(self, fetch: pages_pb2.Fetch, state: _StreamState) -> None:
         try:
@@ -254,15 +260,8 @@ class PageService:
                 )
             resolved = self.catalog.resolve(fetch.image_id, fetch.image_address, fetch.length)
         except RequestError as exc:
-            _log.info(
-                "request refused",
-                rpc="Stream",
-                request_id=fetch.request_id,
-                image_id=fetch.image_id,
-                image_address=fetch.image_address,
-                length=fetch.length,
-                code=exc.code.name,
-                reason=exc.message,
+            log_refusal(
+                "Stream", fetch.request_id, fetch.image_id, fetch.image_address, fetch.length, exc
             )
             state.errors.append(
                 chunk_codec.encode_error_chunk(
@@ -271,10 +270,10 @@ class PageService:
             )
             return
         urgent = fetch.priority == pages_pb2.PRIORITY_URGENT
-        pending = _Pending(fetch.request_id, resolved.image, resolved.extents, urgent=urgent)
+        pending = _Pending(fetch.request_id, RangeCursor(resolved), urgent=urgent)
         state.by_id[fetch.request_id] = pending
         if urgent:
-            self._urgent_pending += 1
+            self.urgent_started()
             state.urgent.append(pending)
         else:
             state.bulk.append(pending)
@@ -284,7 +283,7 @@ class PageService:
         if pending is None:
             return  # already complete: nothing to say
         pending.cancelled = True  # dropped from its queue when it reaches the head
-        address = _position(pending)
+        address = pending.cursor.position()
         self._forget(state, pending)
         state.errors.append(
             chunk_codec.encode_error_chunk(
@@ -308,65 +307,30 @@ class PageService:
 
     def _next_chunk(self, lane: collections.deque[_Pending], state: _StreamState) -> bytes:
         pending = lane[0]
-        extent = pending.extents[pending.index]
-        address = extent.start + pending.offset
-        if extent.kind == ExtentKind.ZERO:
-            length = extent.length - pending.offset
-            view = None
-        else:
-            if pending.view is None:
-                try:
-                    pending.view = _extent_data(pending.image, extent)
-                except RequestError as exc:
-                    lane.popleft()
-                    self._forget(state, pending)
-                    _log.error(
-                        "image data corrupt",
-                        image_id=pending.image.image_id,
-                        image_address=address,
-                        reason=exc.message,
-                    )
-                    return chunk_codec.encode_error_chunk(
-                        pending.request_id, address, exc.code.value[0], exc.message
-                    )
-            length = min(self.chunk_size, extent.length - pending.offset)
-            view = pending.view[pending.offset : pending.offset + length]
-        pending.offset += length
-        if pending.offset == extent.length:
-            pending.index += 1
-            pending.offset = 0
-            pending.view = None
-        last = pending.index == len(pending.extents)
-        if last:
+        try:
+            piece = pending.cursor.next_piece(self.chunk_size)
+        except RequestError as exc:
+            lane.popleft()
+            address = pending.cursor.position()
+            self._forget(state, pending)
+            return chunk_codec.encode_error_chunk(
+                pending.request_id, address, exc.code.value[0], exc.message
+            )
+        if piece.last:
             lane.popleft()
             self._forget(state, pending)
-        if view is None:
-            return chunk_codec.encode_zero_chunk(pending.request_id, address, length, last)
+        if piece.data is None:
+            return chunk_codec.encode_zero_chunk(
+                pending.request_id, piece.address, piece.length, piece.last
+            )
         return chunk_codec.encode_data_chunk(
-            pending.request_id, address, view, xxhash.xxh3_64_intdigest(view), last
+            pending.request_id,
+            piece.address,
+            piece.data,
+            xxhash.xxh3_64_intdigest(piece.data),
+            piece.last,
         )
 
 
 def _pre_encoded(message: bytes) -> bytes:
     return message
-
-
-def _position(pending: _Pending) -> int:
-    if pending.index < len(pending.extents):
-        return pending.extents[pending.index].start + pending.offset
-    return 0
-
-
-def _extent_data(image: ImageReader, extent: Extent) -> memoryview:
-    """The stored bytes of a DATA extent, verified by the reader against its checksum."""
-    try:
-        view = image.data(extent)
-    except ImageError as exc:
-        raise RequestError(grpc.StatusCode.DATA_LOSS, f"image {image.image_id!r}: {exc}") from exc
-    if len(view) != extent.length:
-        raise RequestError(
-            grpc.StatusCode.DATA_LOSS,
-            f"image {image.image_id!r}: extent at {extent.start:#x} holds {len(view)} bytes, "
-            f"expected {extent.length}",
-        )
-    return view

@@ -1,0 +1,155 @@
+"""The core's side of the C fast path: ``fast_ranges``, ``layout_generation``, ``FastServed``.
+
+Why separate from test_process.py: these rules are the contract between the core and a
+shell that answers faults itself; each is pinned here with exact expectations (the
+state machine in test_tracker_machine.py explores their interleavings).
+"""
+
+from __future__ import annotations
+
+from uffdd.core.actions import CancelFetch, Copy, Fetch, Release
+from uffdd.core.addresses import ImageAddr, RunAddr
+from uffdd.core.events import (
+    EventsDrained,
+    FastServed,
+    Fork,
+    InstallOutcome,
+    InstallResult,
+    PageFault,
+    PagesArrived,
+    ProcId,
+    Remap,
+    Remove,
+    Unmap,
+)
+from uffdd.core.policy import Policy
+from uffdd.core.process import LazyRegion
+from uffdd.core.tracker import Tracker
+
+P = 4096
+R = ProcId("r")
+RUN = 0x10000
+IMG = 0x100000
+POLICY = Policy(fault_around=4 * P, bulk_min=4 * P, bulk_max=16 * P, max_in_flight=32 * P)
+
+
+def run(page: int) -> RunAddr:
+    return RunAddr(RUN + page * P)
+
+
+def img(page: int) -> ImageAddr:
+    return ImageAddr(IMG + page * P)
+
+
+def make(
+    data_pages: range | list[int] = range(16), *, handed_over: bool = False, huge: bool = False
+) -> Tracker:
+    tracker = Tracker(POLICY)
+    data = [(int(img(p)), P) for p in data_pages]
+    regions = [LazyRegion(run(0), img(0), 16 * P)]
+    if huge:
+        regions.append(LazyRegion(RunAddr(0x400000), ImageAddr(0x400000), 2 << 20, 2 << 20))
+        data.append((0x400000, 2 << 20))
+    tracker.add_process(R, "img", regions, data, 0.0, handed_over=handed_over)
+    return tracker
+
+
+def served(*installs: tuple[int, int], faults: int = 1, at: float = 1.0) -> FastServed:
+    return FastServed(R, tuple((RunAddr(a), n) for a, n in installs), faults, at)
+
+
+def test_fast_ranges_are_the_data_pages_of_base_page_pieces() -> None:
+    tracker = make(data_pages=[0, 1, 2, 5, 6, 15], huge=True)
+    # zero pages (3, 4, 7..14) and the huge-page region are the core's business
+    assert tracker.process(R).fast_ranges() == [
+        (run(0), img(0), 3 * P),
+        (run(5), img(5), 2 * P),
+        (run(15), img(15), P),
+    ]
+
+
+def test_removed_pages_leave_the_fast_ranges_and_the_generation_moves() -> None:
+    tracker = make()
+    process = tracker.process(R)
+    before = process.layout_generation
+    tracker.handle_uffd(R, [Remove(run(2), run(4))], 1.0)
+    assert process.layout_generation != before
+    assert process.fast_ranges() == [(run(0), img(0), 2 * P), (run(4), img(4), 12 * P)]
+
+
+def test_remap_and_unmap_move_the_fast_ranges_with_the_map() -> None:
+    tracker = make()
+    process = tracker.process(R)
+    generations = {process.layout_generation}
+    tracker.handle_uffd(R, [Remap(run(0), RunAddr(0x900000), 4 * P)], 1.0)
+    generations.add(process.layout_generation)
+    tracker.handle_uffd(R, [Unmap(run(8), run(16))], 1.1)
+    generations.add(process.layout_generation)
+    assert len(generations) == 3
+    assert process.fast_ranges() == [
+        (run(4), img(4), 4 * P),
+        (RunAddr(0x900000), img(0), 4 * P),
+    ]
+
+
+def test_faults_and_drains_leave_the_generation_alone() -> None:
+    tracker = make()
+    process = tracker.process(R)
+    before = process.layout_generation
+    tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    tracker.handle(EventsDrained(R), 1.1)
+    tracker.handle_uffd(R, [served((run(8), 4 * P))], 1.2)
+    assert process.layout_generation == before
+
+
+def test_fast_served_pages_are_resident_and_counted() -> None:
+    tracker = make()
+    assert tracker.handle_uffd(R, [served((run(0), 4 * P), faults=2, at=1.0)], 1.00001) == []
+    process = tracker.process(R)
+    assert process.stats.faults == 2
+    assert process.stats.latency.count == 2
+    assert process.stats.data_installed == 4 * P
+    assert not process.missing.overlaps(img(0), img(4))
+    # a later fault there (a stale one) only wakes: nothing is fetched again
+    actions = tracker.handle_uffd(R, [PageFault(run(1))], 2.0)
+    assert not [a for a in actions if isinstance(a, Fetch)]
+
+
+def test_fast_served_pages_in_flight_cancel_the_fetch_and_late_data_does_nothing() -> None:
+    tracker = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    # the slow path fetched pages 0..3; then the chunk verified and C served them
+    actions = tracker.handle_uffd(R, [served((run(0), 4 * P))], 1.1)
+    assert actions == [CancelFetch(fetch.request_id)]
+    assert tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "late"), 1.2) == []
+    process = tracker.process(R)
+    assert process.stats.data_installed == 4 * P
+    # the thread blocked on page 1 was woken by C's copy: its latency counts
+    assert process.stats.latency.count == 2
+
+
+def test_a_deferred_copy_of_fast_served_pages_is_not_retried() -> None:
+    tracker = make()
+    [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    assert isinstance(fetch, Fetch)
+    [copy] = tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.1)
+    assert isinstance(copy, Copy)
+    tracker.handle(InstallOutcome(R, copy.install_id, InstallResult.RETRY, 0), 1.2)
+    assert tracker.process(R).deferred == 1
+    # C served two of the four pages meanwhile: the retry covers only the others
+    tracker.handle_uffd(R, [served((run(0), 2 * P))], 1.3)
+    [retry] = tracker.handle(EventsDrained(R), 1.4)
+    assert isinstance(retry, Copy)
+    assert (retry.run_addr, retry.length, retry.data_offset) == (run(2), 2 * P, 2 * P)
+
+
+def test_fast_served_to_full_residency_releases_after_the_rest_of_the_batch() -> None:
+    tracker = make(data_pages=range(8), handed_over=True)
+    sweeps = set(tracker.process(R).requests)
+    # C fills everything; a fork read right after it is still followed, then both go
+    actions = tracker.handle_uffd(R, [served((run(0), 8 * P)), Fork(77)], 1.0)
+    kinds = [type(a).__name__ for a in actions]
+    assert kinds[:3] == ["AdoptChild", "Release", "Release"], kinds
+    assert {a.request_id for a in actions if isinstance(a, CancelFetch)} == sweeps
+    assert {a.proc for a in actions if isinstance(a, Release)} == {R, ProcId("r.1")}
