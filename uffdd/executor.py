@@ -447,6 +447,7 @@ class Executor:
             bytes_resident=sum(s.bytes_resident for s in tree.summaries),
             seconds=time.monotonic() - tree.started,
         )
+        self.tracker.forget_tree(tree.root)
         tree.on_done(outcome)
 
     # -- timers --------------------------------------------------------------------------

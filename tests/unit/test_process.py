@@ -523,3 +523,49 @@ def test_the_sweep_reaches_across_zero_gaps_but_only_missing_pages_go_in_flight(
         tracker.handle(PagesArrived(bulk.request_id, img(0), 13 * P, bytes(13 * P)), 1.0), Copy
     )
     assert sorted(c.run_addr for c in copies) == [run(0), run(4), run(8), run(12)]
+
+
+def test_a_fork_child_takes_its_parents_sweep_instead_of_fetching_again() -> None:
+    tracker, _ = make(data_pages=range(8), pages=8)
+    tracker.handle_uffd(R, [Fork(5)], 1.0)
+    child = ProcId("r.1")
+    fetches = only(tracker.handle(HandoverComplete(R), 1.1), Fetch)
+    # one sweep for the tree: the child holds its own while the parent sweeps
+    assert [(f.proc, f.lane, f.image_addr, f.length) for f in fetches] == [
+        (R, Lane.BULK, img(0), 4 * P),
+        (R, Lane.BULK, img(4), 4 * P),
+    ]
+    fetch = fetches[0]
+    copies = only(tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.2), Copy)
+    assert sorted((c.proc, c.run_addr, c.length) for c in copies) == [
+        (R, run(0), 4 * P),
+        (child, run(0), 4 * P),
+    ]
+    assert tracker.process(child).installing.total == 4 * P
+    assert tracker.process(child).missing.total == 4 * P
+
+
+def test_a_fork_child_sweeps_what_is_left_once_its_parent_is_done() -> None:
+    tracker, _ = make(data_pages=range(8), pages=8)
+    tracker.handle_uffd(R, [Fork(5)], 1.0)
+    child = ProcId("r.1")
+    tracker.handle_uffd(R, [Remove(run(4), run(8))], 1.1)  # the parent drops the tail
+    [fetch] = only(tracker.handle(HandoverComplete(R), 1.2), Fetch)
+    actions = tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.3)
+    parent_copy = next(c for c in only(actions, Copy) if c.proc == R)
+    actions = done(tracker, parent_copy, 1.4)
+    assert only(actions, Release) == [Release(R, exited=False)]
+    # the parent is resident; the child now fetches the tail it still misses itself
+    [tail] = only(actions, Fetch)
+    assert (tail.proc, tail.image_addr, tail.length) == (child, img(4), 4 * P)
+
+
+def test_a_finished_tree_is_forgotten() -> None:
+    tracker, _ = make(data_pages=[0], pages=1, handed_over=True)
+    tracker.handle(Exited(R), 1.0)
+    assert tracker.processes() == [R]
+    tracker.forget_tree(R)
+    assert tracker.processes() == []
+    assert tracker.requests_in_flight() == 0
+    assert tracker.progress(R).bytes_total == 0
+    assert tracker.handle(Exited(R), 1.1) == []

@@ -145,6 +145,17 @@ class FastServed:
 
 
 @dataclass(frozen=True, slots=True)
+class TreeData:
+    """Data another process of the same restore tree fetched (the tracker passes it
+    on, never a shell): pages this process still misses in the range take it, since
+    every process of a tree reads the same image."""
+
+    image_addr: ImageAddr
+    length: int
+    data: object
+
+
+@dataclass(frozen=True, slots=True)
 class EventsDrained:
     """The shell read ``proc``'s uffd until it was empty: deferred installs may retry."""
 

@@ -46,6 +46,7 @@ from uffdd.core.events import (
     Remap,
     Remove,
     Tick,
+    TreeData,
     Unmap,
 )
 from uffdd.core.policy import Policy
@@ -59,6 +60,7 @@ ProcessInput = (
     | Remove
     | Unmap
     | PagesArrived
+    | TreeData
     | Tick
     | InstallOutcome
     | FastServed
@@ -167,6 +169,9 @@ class LazyProcess:
         self._forks = 0
         self._born: list[LazyProcess] = []
         self.layout_generation = 0
+        self.sweep_held = False
+        """Set by the tracker while the parent sweeps what this fork child misses too
+        (its arrivals reach the child as TreeData): one transfer for the whole tree."""
         """Changes whenever ``fast_ranges()`` may change (a shell caches its result)."""
         self.stats = ProcessStats(started=now)
         stored: RangeSet[ImageAddr] = RangeSet((start, start + length) for start, length in data)
@@ -229,6 +234,8 @@ class LazyProcess:
             self.layout_generation += 1
         if isinstance(event, PagesArrived):
             self._arrived(event, out)
+        elif isinstance(event, TreeData):
+            self._tree_data(event, out)
         elif isinstance(event, InstallOutcome):
             self._outcome(event, now, out)
         elif isinstance(event, FastServed):
@@ -417,7 +424,7 @@ class LazyProcess:
 
     def _pump(self, now: float, out: list[Action]) -> None:
         """Background sweep: lowest missing image pages first, within the budget."""
-        while self.policy.sweep and self.handed_over and self.missing:
+        while self.policy.sweep and self.handed_over and not self.sweep_held and self.missing:
             first = self.missing.first()
             assert first is not None
             piece = self.map.lookup_image(first[0])
@@ -490,6 +497,19 @@ class LazyProcess:
             self._install_copy(start, end, event.data, lo, attempts=0, out=out)
         if not self.inflight.overlaps(*request):
             del self.requests[event.request_id]
+
+    def _tree_data(self, event: TreeData, out: list[Action]) -> None:
+        """Install a relative's data into the pages this process still misses."""
+        lo, hi = event.image_addr, event.image_addr + event.length
+        for start, end in self.missing.intersect(lo, hi):
+            for piece in self.map.pieces_in_image(start, end):
+                if piece.page_size != PAGE_SIZE:
+                    continue  # a huge page may be cut by the chunk: its own fetch does it
+                self.missing.discard(piece.image, piece.image_end)
+                self.installing.add(piece.image, piece.image_end)
+                self._install_copy(
+                    piece.image, piece.image_end, event.data, lo, attempts=0, out=out
+                )
 
     def _install_copy(
         self,

@@ -34,6 +34,7 @@ from uffdd.core.events import (
     ProcId,
     ShellEvent,
     Tick,
+    TreeData,
     UffdEvent,
 )
 from uffdd.core.policy import Policy
@@ -49,6 +50,7 @@ class _Request:
     end: int
     lane: Lane
     deadline: float
+    tree: ProcId
     waiting: set[ProcId] = field(default_factory=set)
     arrived: RangeSet[ImageAddr] = field(default_factory=RangeSet)
 
@@ -62,6 +64,8 @@ class Tracker:
         self._procs: dict[ProcId, LazyProcess] = {}
         self._root: dict[ProcId, ProcId] = {}
         self._parent: dict[ProcId, ProcId] = {}
+        self._members: dict[ProcId, list[LazyProcess]] = {}
+        """Each restore tree's processes (root first), by root."""
         self._requests: dict[int, _Request] = {}
         self._subscribed: dict[ProcId, set[int]] = {}
 
@@ -186,9 +190,25 @@ class Tracker:
         if parent is not None:
             self._parent[process.proc] = parent
         self._subscribed[process.proc] = set()
+        self._members.setdefault(root, []).append(process)
 
     def _tree(self, root: ProcId) -> list[LazyProcess]:
-        return [p for proc, p in self._procs.items() if self._root[proc] == root]
+        return list(self._members.get(root, ()))
+
+    def forget_tree(self, root: ProcId) -> None:
+        """Drop a tree the shell no longer serves (its uffds are closed), so a
+        long-running daemon keeps no state per finished restore; later events for
+        its processes are ignored."""
+        for process in self._members.pop(root, []):
+            self._procs.pop(process.proc, None)
+            self._root.pop(process.proc, None)
+            self._parent.pop(process.proc, None)
+            for request_id in self._subscribed.pop(process.proc, set()):
+                request = self._requests.get(request_id)
+                if request is not None:
+                    request.waiting.discard(process.proc)
+                    if not request.waiting:
+                        del self._requests[request_id]
 
     def _run(self, process: LazyProcess, event: ProcessInput, now: float) -> list[Action]:
         actions = process.handle(event, now)
@@ -211,12 +231,17 @@ class Tracker:
                     action.image_addr + action.length,
                     action.lane,
                     deadline,
+                    self._root[process.proc],
                     {process.proc},
                 )
                 self._subscribed[process.proc].add(action.request_id)
             elif isinstance(action, AdoptChild):
                 child = process.take_child(action.child)
                 self._register(child, self._root[process.proc], process.proc)
+                # The parent's sweep brings what the child misses (TreeData) until the
+                # parent is done; then the child sweeps what is left (a range the parent
+                # removed or unmapped meanwhile).
+                child.sweep_held = True
                 for request_id in child.requests:
                     self._requests[request_id].waiting.add(child.proc)
                     self._subscribed[child.proc].add(request_id)
@@ -224,6 +249,17 @@ class Tracker:
                 # fresh, so they can go at once (after the AdoptChild).
                 out.extend(self._run(child, EventsDrained(child.proc), now))
         out.extend(self._reconcile(process))
+        if process.state is not State.LIVE:
+            out.extend(self._resume_children(process, now))
+        return out
+
+    def _resume_children(self, process: LazyProcess, now: float) -> list[Action]:
+        """``process`` is done: its fork children sweep for themselves from now on."""
+        out: list[Action] = []
+        for member in self._tree(self._root[process.proc]):
+            if member.sweep_held and self._parent.get(member.proc) == process.proc:
+                member.sweep_held = False
+                out.extend(self._absorb(member, member.pump(now), now))
         return out
 
     def _reconcile(self, process: LazyProcess) -> list[Action]:
@@ -263,6 +299,14 @@ class Tracker:
         out: list[Action] = []
         for proc in sorted(request.waiting):
             out.extend(self._run(self._procs[proc], event, now))
+        # The rest of the tree takes what it misses too: one transfer per tree.
+        for member in self._tree(request.tree):
+            if (
+                member.proc not in request.waiting
+                and member.state is State.LIVE
+                and member.missing.overlaps(lo, hi)
+            ):
+                out.extend(self._run(member, TreeData(lo, event.length, event.data), now))
         # Fully answered: nobody can still wait for it (each waiter took its pages).
         if request.arrived.total >= request.end - request.start:
             self._requests.pop(event.request_id, None)
