@@ -1,6 +1,7 @@
 """Page server benchmark: bulk throughput and urgent latency, against references.
 
-Run: ``python bench/bench_page_server.py [--size 1GiB] [--transport tcp,unix]``.
+Run: ``python bench/bench_page_server.py [--size 1GiB] [--transport tcp,unix]
+[--fast-lane on,off]``.
 
 Why these numbers: the daemon's background sweep needs bulk throughput (compared with
 a plain read() of the same data file, in the same run, so the machine's speed cancels
@@ -8,6 +9,8 @@ out), and a demand fault needs low latency even while the sweep saturates the st
 (compared with the same urgent requests on an idle server). The page server runs in
 its own process (``uffdd page-server``), as in production; this process is the client.
 Targets: bulk >= 1 GiB/s over loopback; urgent p99 under bulk <= 2x urgent p99 alone.
+With the fast lane on, urgent requests take the server's raw socket (bulk stays on
+gRPC); off, they take the gRPC urgent lane: both in one run show what it saves.
 """
 
 from __future__ import annotations
@@ -213,11 +216,31 @@ def fmt_us(seconds: float) -> str:
     return f"{seconds * 1e6:7.0f} us"
 
 
+async def wait_fast_lane(client: PageClient) -> None:
+    await client.image_info(IMAGE_ID)  # starts the fast lane's discovery
+    for _ in range(500):
+        if client.fast_lane_address is not None:
+            return
+        await asyncio.sleep(0.01)
+    raise RuntimeError("the fast lane did not connect")
+
+
 async def run_transport(
-    target: str, size: int, *, request: int, lanes: int, window: int, urgent_count: int
+    target: str,
+    size: int,
+    *,
+    request: int,
+    lanes: int,
+    window: int,
+    urgent_count: int,
+    fast_lane: bool,
 ) -> dict[str, float]:
-    async with PageClient(target, lanes=lanes, window_bytes=window, deadline=120) as client:
+    async with PageClient(
+        target, lanes=lanes, window_bytes=window, deadline=120, fast_lane=fast_lane
+    ) as client:
         await client.wait_ready(30)
+        if fast_lane:
+            await wait_fast_lane(client)
         await bulk_throughput(client, min(size, 256 * MiB), request)  # warm up
         bulk = max([await bulk_throughput(client, size, request) for _ in range(2)])
         await urgent_latencies(client, size, 200)  # warm up
@@ -251,8 +274,11 @@ async def run_transport(
     }
 
 
-def report(transport: str, lanes: int, result: dict[str, float], reference: float) -> None:
-    print(f"\n[{transport}, {lanes} lane{'s' if lanes > 1 else ''}]")
+def report(
+    transport: str, lanes: int, fast_lane: bool, result: dict[str, float], reference: float
+) -> None:
+    urgent = "urgent on the fast lane" if fast_lane else "urgent on gRPC"
+    print(f"\n[{transport}, {lanes} gRPC lane{'s' if lanes > 1 else ''}, {urgent}]")
     print(
         f"  bulk throughput      {result['bulk']:6.2f} GiB/s  "
         f"({result['bulk'] / reference:.3f}x plain read; target >= 1 GiB/s)"
@@ -280,15 +306,17 @@ async def run_all(args: argparse.Namespace, scratch: Path, size: int, reference:
         listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{scratch}/pages.sock"
         with page_server(scratch / "images", listen, chunk, scratch) as target:
             for lanes in map(int, args.lanes.split(",")):
-                result = await run_transport(
-                    target,
-                    size,
-                    request=request,
-                    lanes=lanes,
-                    window=window,
-                    urgent_count=args.urgent,
-                )
-                report(transport, lanes, result, reference)
+                for fast in args.fast_lane.split(","):
+                    result = await run_transport(
+                        target,
+                        size,
+                        request=request,
+                        lanes=lanes,
+                        window=window,
+                        urgent_count=args.urgent,
+                        fast_lane=fast == "on",
+                    )
+                    report(transport, lanes, fast == "on", result, reference)
 
 
 def main() -> None:
@@ -299,6 +327,9 @@ def main() -> None:
     parser.add_argument("--request", default="8MiB", help="bulk request size")
     parser.add_argument("--window", default="32MiB", help="client bulk window")
     parser.add_argument("--lanes", default="2,1", help="client lanes to compare")
+    parser.add_argument(
+        "--fast-lane", default="on,off", help="urgent requests over the fast lane: on, off or both"
+    )
     parser.add_argument("--urgent", type=int, default=2000, help="urgent requests per run")
     args = parser.parse_args()
     size = parse_size(args.size)

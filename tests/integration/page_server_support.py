@@ -95,9 +95,12 @@ async def serving(
     *,
     tls: ServerTls | None = None,
     chunk_size: int = 256 * 1024,
+    fast_lane: bool = True,
 ) -> AsyncIterator[PageServer]:
     """A started PageServer; always stopped (grace 0) when the block ends."""
-    server = PageServer(root, listen or ["127.0.0.1:0"], tls=tls, chunk_size=chunk_size)
+    server = PageServer(
+        root, listen or ["127.0.0.1:0"], tls=tls, chunk_size=chunk_size, fast_lane=fast_lane
+    )
     await server.start()
     try:
         yield server

@@ -9,6 +9,10 @@ pace. Every chunk is checked (request id, address, length, xxh3-64) before it is
 on, as a view into the received message (no copy). Every request ends: with data,
 with a PageServerError from the server, at its deadline, or when the stream breaks
 (PageServerUnavailable for everything outstanding; the next request reconnects).
+
+When the server advertises a fast lane (a raw socket, see fastlane_client.py), urgent
+requests take it instead of the gRPC urgent lane: same requests, same checks
+(request.py), a fraction of the round trip. The gRPC lanes stay the fallback.
 """
 
 from __future__ import annotations
@@ -16,12 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-import xxhash
 from grpc import aio
 
 from uffdd.core.addresses import ImageAddr
@@ -30,6 +31,15 @@ from uffdd.errors import (
     PageServerError,
     PageServerUnavailable,
 )
+
+__all__ = [
+    "Chunk",
+    "ChunkCallback",
+    "DoneCallback",
+    "FetchStream",
+    "PageClient",
+    "Request",
+]
 from uffdd.log import get_logger
 from uffdd.remote import chunk_codec
 from uffdd.remote.convert import (
@@ -37,78 +47,21 @@ from uffdd.remote.convert import (
     Priority,
     error_for_status,
     image_info_from_proto,
-    status_code,
 )
+from uffdd.remote.fastlane_client import FastLane
+from uffdd.remote.request import Chunk, ChunkCallback, DoneCallback, Request
 from uffdd.remote.tls import ClientTls
 from uffdd.v1 import pages_pb2
 
 DEFAULT_WINDOW_BYTES = 32 * 1024 * 1024
 DEFAULT_DEADLINE = 30.0
 MAX_MESSAGE = 128 * 1024 * 1024
+FAST_LANE_DISCOVERY_TIMEOUT = 5.0
 _STREAM_METHOD = "/uffdd.v1.PageService/Stream"
 
 _log = get_logger("uffdd.remote.client")
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """Part of a request's range, in order. ``data`` is None when the range reads as
-    zeros; otherwise a read-only view of exactly ``length`` verified bytes."""
-
-    address: ImageAddr
-    length: int
-    data: memoryview | None
-
-
-ChunkCallback = Callable[[Chunk], None]
-DoneCallback = Callable[[PageServerError | None], None]
-
-
-class Request:
-    """One submitted fetch. Callbacks run on the event loop, chunks in address order;
-    ``on_done`` runs exactly once (None = complete) unless ``cancel()`` ran first or
-    ``on_chunk`` raised (logged, and the request is cancelled)."""
-
-    def __init__(
-        self,
-        lane: _Lane,
-        *,
-        request_id: int,
-        image_id: str,
-        address: ImageAddr,
-        length: int,
-        priority: Priority,
-        on_chunk: ChunkCallback,
-        on_done: DoneCallback,
-        auto_release: bool = True,
-    ) -> None:
-        self.request_id = request_id
-        self.image_id = image_id
-        self.address = address
-        self.length = length
-        self.priority = priority
-        self._lane = lane
-        self._on_chunk = on_chunk
-        self._on_done = on_done
-        self._auto_release = auto_release  # credit returns once on_chunk returns
-        self._next = int(address)
-        self._charged = 0  # bulk window bytes held by this request
-        self._timer: asyncio.TimerHandle | None = None
-        self.done = False
-
-    def cancel(self) -> None:
-        """Stop the request: no further callbacks; the server is told to stop."""
-        if not self.done:
-            self._lane.finish(self, None, notify=False, tell_server=True)
-
-    def release(self, length: int) -> None:
-        """Return ``length`` bytes of window credit (the consumer took a chunk)."""
-        length = min(length, self._charged)
-        if length:
-            self._charged -= length
-            self._lane.release(length)
 
 
 class FetchStream:
@@ -233,16 +186,6 @@ class _Lane:
             except Exception:
                 _log.exception("on_done callback failed", request_id=request.request_id)
 
-    def deadline_passed(self, request: Request) -> None:
-        self.finish(
-            request,
-            PageServerUnavailable(
-                f"page server {self.client.target}: request for {request.image_id} "
-                f"[{request.address:#x}, +{request.length:#x}) missed its deadline"
-            ),
-            tell_server=True,
-        )
-
     # -- the stream -------------------------------------------------------------------
 
     def _open(self) -> None:
@@ -342,52 +285,8 @@ class _Lane:
 
     def _deliver(self, wire: chunk_codec.WireChunk) -> None:
         request = self.outstanding.get(wire.request_id)
-        if request is None:
-            return  # cancelled or timed out: late chunks are expected
-        if wire.error_code:
-            self.finish(
-                request,
-                error_for_status(
-                    status_code(wire.error_code),
-                    f"{request.image_id} [{request.address:#x}, +{request.length:#x}): "
-                    f"{wire.error_message}",
-                ),
-            )
-            return
-        end = request.address + request.length
-        problem = None
-        if wire.image_address != request._next or wire.length <= 0:
-            problem = (
-                f"chunk at {wire.image_address:#x}+{wire.length:#x}, expected {request._next:#x}"
-            )
-        elif request._next + wire.length > end:
-            problem = f"chunk at {wire.image_address:#x}+{wire.length:#x} runs past {end:#x}"
-        elif wire.last != (request._next + wire.length == end):
-            problem = "request ended early" if wire.last else "last chunk not marked last"
-        elif not wire.zero and xxhash.xxh3_64_intdigest(wire.data) != wire.checksum:
-            problem = f"checksum mismatch in chunk at {wire.image_address:#x}"
-        if problem is not None:
-            self.finish(
-                request,
-                PageServerDataError(
-                    f"page server {self.client.target}, {request.image_id}: {problem}"
-                ),
-                tell_server=True,
-            )
-            return
-        request._next += wire.length
-        chunk = Chunk(ImageAddr(wire.image_address), wire.length, None if wire.zero else wire.data)
-        try:
-            request._on_chunk(chunk)
-        except Exception:
-            # the consumer's bug must not take the lane (and every other request) down
-            _log.exception("on_chunk callback failed", request_id=request.request_id)
-            self.finish(request, None, notify=False, tell_server=True)
-            return
-        if request._auto_release:
-            request.release(wire.length)
-        if wire.last:
-            self.finish(request, None)
+        if request is not None:  # else cancelled or timed out: late chunks are expected
+            request.deliver(wire, self.client.target)
 
     async def close(self) -> None:
         self._fail_all(PageServerUnavailable(f"page client for {self.client.target} closed"))
@@ -403,6 +302,8 @@ class PageClient:
 
     ``lanes=2`` (default) gives urgent requests their own stream on their own
     connection; ``lanes=1`` shares one stream (the server still serves urgent first).
+    ``fast_lane=True`` (default) sends urgent requests over the server's fast lane
+    once it is found and connected (gRPC meanwhile, and whenever it is unavailable).
     ``window_bytes`` bounds bulk bytes requested but not yet consumed; ``deadline``
     (seconds) is the default time a request may take before it fails with
     PageServerUnavailable. Use as ``async with PageClient(...) as client:`` inside the
@@ -417,6 +318,7 @@ class PageClient:
         lanes: int = 2,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         deadline: float | None = DEFAULT_DEADLINE,
+        fast_lane: bool = True,
     ) -> None:
         if lanes not in (1, 2):
             raise ValueError("lanes must be 1 or 2")
@@ -429,6 +331,12 @@ class PageClient:
         if lanes == 2:
             self._bulk.yields = True
         self._unary = self._urgent.channel
+        self._fast = FastLane(target, tls, self._fast_lane_addresses) if fast_lane else None
+
+    @property
+    def fast_lane_address(self) -> str | None:
+        """The fast lane urgent requests take now (None: they take gRPC)."""
+        return None if self._fast is None else self._fast.address
 
     def _new_channel(self) -> aio.Channel:
         options: list[tuple[str, str | int]] = [
@@ -455,6 +363,8 @@ class PageClient:
 
     async def close(self) -> None:
         """Fail everything outstanding (PageServerUnavailable) and close the channels."""
+        if self._fast is not None:
+            await self._fast.close()
         await self._urgent.close()
         if self._bulk is not self._urgent:
             await self._bulk.close()
@@ -471,16 +381,25 @@ class PageClient:
             raise PageServerUnavailable(f"page server {self.target}: {exc.details()}") from exc
 
     async def list_images(self, *, timeout: float | None = None) -> list[str]:
+        return list((await self._list_images(timeout)).image_ids)
+
+    async def _list_images(self, timeout: float | None) -> pages_pb2.ListImagesResponse:
         call = self._unary.unary_unary(
             "/uffdd.v1.PageService/ListImages",
             request_serializer=pages_pb2.ListImagesRequest.SerializeToString,
             response_deserializer=pages_pb2.ListImagesResponse.FromString,
         )
-        response = await self._unary_call(call, pages_pb2.ListImagesRequest(), timeout)
-        return list(response.image_ids)
+        return await self._unary_call(call, pages_pb2.ListImagesRequest(), timeout)
+
+    async def _fast_lane_addresses(self) -> list[str]:
+        """Discovery for the fast lane (an old server's answer has none)."""
+        timeout = min(self.deadline or FAST_LANE_DISCOVERY_TIMEOUT, FAST_LANE_DISCOVERY_TIMEOUT)
+        return list((await self._list_images(timeout)).fast_lane_addresses)
 
     async def image_info(self, image_id: str, *, timeout: float | None = None) -> ImageInfo:
         """The image's regions and DATA/ZERO extents; PageServerNotFound if unknown."""
+        if self._fast is not None:
+            self._fast.usable()  # find the fast lane before the first demand fault
         call = self._unary.unary_unary(
             "/uffdd.v1.PageService/GetImageInfo",
             request_serializer=pages_pb2.GetImageInfoRequest.SerializeToString,
@@ -546,7 +465,12 @@ class PageClient:
         deadline: float | None,
         auto_release: bool,
     ) -> Request:
-        lane = self._urgent if priority == Priority.URGENT else self._bulk
+        lane: _Lane | FastLane = self._bulk
+        if priority == Priority.URGENT:
+            lane = self._urgent
+            fast = self._fast
+            if fast is not None and fast.usable() and fast.carries(image_id, length):
+                lane = fast
         request = Request(
             lane,
             request_id=next(self._ids),
@@ -561,7 +485,7 @@ class PageClient:
         seconds = self.deadline if deadline is None else deadline
         if seconds is not None:
             request._timer = asyncio.get_running_loop().call_later(
-                seconds, lane.deadline_passed, request
+                seconds, request.expire, self.target
             )
         lane.submit(request)
         return request

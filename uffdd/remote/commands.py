@@ -1,9 +1,9 @@
 """``uffdd page-server``: serve a directory of snapshot images over gRPC.
 
 Why a ready file: with ``--listen 127.0.0.1:0`` the kernel picks the port; tests and
-supervisors read the bound addresses from the ``--ready-file`` (JSON, written
-atomically once the server accepts calls) or from the ``page server listening`` log
-line. SIGTERM or SIGINT stops accepting calls, lets in-flight calls run for
+supervisors read the bound addresses (and the fast lane's) from the ``--ready-file``
+(JSON, written atomically once the server accepts calls) or from the ``page server
+listening`` log line. SIGTERM or SIGINT stops accepting calls, lets in-flight calls run for
 ``--grace`` seconds, then exits 0.
 """
 
@@ -27,9 +27,14 @@ from uffdd.remote.tls import ServerTls
 DEFAULT_LISTEN = "127.0.0.1:7070"
 
 
-def _write_ready_file(path: Path, addresses: list[str]) -> None:
+def _write_ready_file(path: Path, addresses: list[str], fast_lane_addresses: list[str]) -> None:
     scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_text(json.dumps({"pid": os.getpid(), "addresses": addresses}) + "\n")
+    content = {
+        "pid": os.getpid(),
+        "addresses": addresses,
+        "fast_lane_addresses": fast_lane_addresses,
+    }
+    scratch.write_text(json.dumps(content) + "\n")
     scratch.replace(path)
 
 
@@ -42,7 +47,7 @@ async def _serve(server: PageServer, grace: float, ready_file: Path | None) -> N
     addresses = await server.start()
     try:
         if ready_file is not None:
-            _write_ready_file(ready_file, addresses)
+            _write_ready_file(ready_file, addresses, server.fast_lane_addresses)
         await stop.wait()
         log.info("signal received, shutting down")
     finally:
@@ -84,6 +89,13 @@ async def _serve(server: PageServer, grace: float, ready_file: Path | None) -> N
     help="Cap background (bulk) data per second, e.g. 100M; demand faults are never capped.",
 )
 @click.option(
+    "--fast-lane/--no-fast-lane",
+    default=True,
+    show_default=True,
+    help="Also serve urgent fetches on a raw socket next to each listener (TCP: a port "
+    "the kernel picks; unix:PATH: PATH.urgent); clients find it through ListImages.",
+)
+@click.option(
     "--ready-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write {pid, addresses} as JSON here once serving.",
@@ -101,6 +113,7 @@ def page_server(
     grace: float,
     chunk_size: int,
     bulk_rate_limit: str | None,
+    fast_lane: bool,
     ready_file: Path | None,
     log_format: str,
     log_level: str,
@@ -125,6 +138,7 @@ def page_server(
             tls=tls,
             chunk_size=chunk_size,
             bulk_rate=bulk_rate,
+            fast_lane=fast_lane,
         )
         asyncio.run(_serve(server, grace, ready_file))
     except ConfigError as exc:

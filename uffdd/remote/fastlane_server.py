@@ -23,7 +23,6 @@ import socket
 import ssl
 from pathlib import Path
 
-import grpc
 import xxhash
 
 from uffdd.errors import ConfigError
@@ -31,6 +30,7 @@ from uffdd.log import get_logger
 from uffdd.remote import fastlane_wire as wire
 from uffdd.remote.catalog import RequestError
 from uffdd.remote.chunking import RangeCursor, log_refusal
+from uffdd.remote.fastlane_wire import tcp_host, unix_path
 from uffdd.remote.service import PageService
 
 MAX_QUEUED = 1024  # requests parsed ahead of the one being answered, per connection
@@ -63,6 +63,7 @@ class _Connection(asyncio.Protocol):
         self._queue: collections.deque[_Job | bytes] = collections.deque()
         self._paused = False  # the transport's write buffer is above high water
         self._reading = True
+        self._draining = False  # shutting down: answer what is queued, read nothing new
         self._closing = False
         self._peer = ""
 
@@ -71,6 +72,11 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if self._lane.stopping:
+            # accepted just before the listener closed: nobody will shut it later
+            self._closing = True
+            transport.abort()
+            return
         self._peer = str(transport.get_extra_info("peername") or "unix")
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -81,7 +87,7 @@ class _Connection(asyncio.Protocol):
         _log.debug("fast lane connection", peer=self._peer)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._draining:
             return
         self._buffer += data
         self._run()
@@ -111,7 +117,8 @@ class _Connection(asyncio.Protocol):
     def _run(self) -> None:
         """Parse what was received and answer until done or the transport is full."""
         while not self._closing:
-            self._parse()
+            if not self._draining:
+                self._parse()
             if not self._queue or self._paused:
                 break
             self._pump()
@@ -120,7 +127,7 @@ class _Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self._transport is None or self._closing:
             return
-        want = not self._paused and len(self._queue) < MAX_QUEUED
+        want = not (self._paused or self._draining) and len(self._queue) < MAX_QUEUED
         if want != self._reading:
             self._reading = want
             if want:
@@ -217,8 +224,9 @@ class _Connection(asyncio.Protocol):
 
     def _garbage(self, reason: str) -> None:
         """A frame that cannot be parsed: answer what came before it, then hang up."""
-        _log.warning("fast lane: malformed frame, closing the connection", peer=self._peer,
-                     reason=reason)  # fmt: skip
+        _log.warning(
+            "fast lane: malformed frame, closing the connection", peer=self._peer, reason=reason
+        )
         self._buffer.clear()
         if self._queue and not self._paused:
             self._pump()
@@ -239,14 +247,9 @@ class _Connection(asyncio.Protocol):
 
     def stop_reading(self) -> None:
         """Shutdown: answer what is queued, take nothing new."""
-        self._closing = True  # data_received ignores anything more
-        if self._transport is not None and self._reading:
-            self._reading = False
-            self._transport.pause_reading()
-        if self._queue and not self._paused and self._transport is not None:
-            self._closing = False
-            self._pump()
-            self._closing = True
+        self._draining = True
+        self._buffer.clear()
+        self._run()
 
     def shut(self) -> None:
         self._close(abort=bool(self._queue))
@@ -260,7 +263,8 @@ class FastLaneServer:
         self.ssl_context = ssl_context
         self.connections: set[_Connection] = set()
         self.addresses: list[str] = []
-        self._servers: list[asyncio.AbstractServer] = []
+        self.stopping = False
+        self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
 
     async def listen(self, grpc_listen: str) -> list[str]:
@@ -291,8 +295,24 @@ class FastLaneServer:
         self.addresses += found
         return found
 
+    async def _stop_accepting(self) -> None:
+        """Take no new connections, and let those already accepted attach first.
+
+        Python 3.11's Server.close() while an accepted connection is still being set up
+        (its task not run yet) fails that set-up and leaves the socket open and
+        unanswered until garbage collection: the client would wait for its deadline.
+        """
+        loop = asyncio.get_running_loop()
+        for server in self._servers:
+            for sock in server.sockets:
+                loop.remove_reader(sock.fileno())
+        for _ in range(3):  # the set-up tasks of connections accepted just before
+            await asyncio.sleep(0)
+
     async def stop(self, grace: float | None) -> None:
         """Stop listening, answer what is queued for up to ``grace`` seconds, close."""
+        self.stopping = True
+        await self._stop_accepting()
         for server in self._servers:
             server.close()
         for connection in list(self.connections):
@@ -314,22 +334,7 @@ class FastLaneServer:
         await asyncio.sleep(0)  # let the transports run connection_lost
 
 
-def unix_path(listen: str) -> str | None:
-    """The file system path of a gRPC ``unix:`` address, else None."""
-    if listen.startswith("unix://"):
-        return listen.removeprefix("unix://")
-    if listen.startswith("unix:"):
-        return listen.removeprefix("unix:")
-    return None
-
-
-def tcp_host(address: str) -> str:
-    """The host of ``host:port`` (brackets of an IPv6 literal removed; may be '')."""
-    host = address.rpartition(":")[0]
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def _tcp_addresses(host: str, server: asyncio.AbstractServer) -> list[str]:
+def _tcp_addresses(host: str, server: asyncio.Server) -> list[str]:
     """What to advertise: the listen host as given (so a client matches it against the
     host it dialled), with each port the kernel chose."""
     found: list[str] = []
@@ -340,7 +345,3 @@ def _tcp_addresses(host: str, server: asyncio.AbstractServer) -> list[str]:
         if address not in found:
             found.append(address)
     return found
-
-
-def status_number(code: grpc.StatusCode) -> int:
-    return int(code.value[0])

@@ -60,3 +60,18 @@ def body_length(length: int, flags: int, message_length: int) -> int:
     if flags & FLAG_ZERO:
         return 0
     return length
+
+
+def unix_path(address: str) -> str | None:
+    """The file system path of a gRPC-style ``unix:`` address, else None."""
+    if address.startswith("unix://"):
+        return address.removeprefix("unix://")
+    if address.startswith("unix:"):
+        return address.removeprefix("unix:")
+    return None
+
+
+def tcp_host(address: str) -> str:
+    """The host of ``host:port`` (brackets of an IPv6 literal removed; may be '')."""
+    host = address.removeprefix("dns:///").rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host

@@ -3,11 +3,14 @@
 Why these extras: health lets systemd, load balancers and the daemon's start-up probe
 ask "is it serving?" the standard way, and reflection lets ``grpcurl list`` and
 ``grpcurl describe`` work without the .proto files at hand. Listening on TCP (with
-optional TLS/mTLS) and on Unix sockets is just a list of addresses.
+optional TLS/mTLS) and on Unix sockets is just a list of addresses. Next to each
+listener a fast lane (fastlane_server.py) serves urgent fetches over a raw socket on
+the same event loop, with the same TLS; ListImages advertises it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, cast
@@ -20,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from uffdd.errors import ConfigError
 from uffdd.log import get_logger
 from uffdd.remote.catalog import DEFAULT_MAX_REQUEST_LENGTH, ImageCatalog
+from uffdd.remote.fastlane_server import FastLaneServer
 from uffdd.remote.service import DEFAULT_CHUNK_SIZE, SERVICE_NAME, PageService
 from uffdd.remote.tls import ServerTls
 
@@ -72,6 +76,7 @@ class PageServer:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_request_length: int = DEFAULT_MAX_REQUEST_LENGTH,
         bulk_rate: int | None = None,
+        fast_lane: bool = True,
     ) -> None:
         if not listen:
             raise ConfigError("the page server needs at least one address to listen on")
@@ -82,6 +87,9 @@ class PageServer:
         self.catalog = ImageCatalog(images, max_request_length=max_request_length)
         self.service = PageService(self.catalog, chunk_size=chunk_size, bulk_rate=bulk_rate)
         self.addresses: list[str] = []
+        self.fast_lane_addresses: list[str] = []
+        self._fast_lane_enabled = fast_lane
+        self.fast_lane: FastLaneServer | None = None
         self._max_message = chunk_size + 64 * 1024
         # grpc.aio objects belong to the loop they are made in: made in start()
         self._health: _Health | None = None
@@ -109,21 +117,42 @@ class PageServer:
                 raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
             self.addresses.append(_bound_address(listen, port))
         await server.start()
+        if self._fast_lane_enabled:
+            try:
+                await self._start_fast_lane()
+            except ConfigError:
+                await self.stop(0)
+                raise
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         _log.info(
             "page server listening",
             addresses=self.addresses,
+            fast_lane_addresses=self.fast_lane_addresses,
             images=str(self.catalog.root),
             tls="mutual" if self.tls and self.tls.client_ca else "on" if self.tls else "off",
         )
         return self.addresses
+
+    async def _start_fast_lane(self) -> None:
+        lane = self.fast_lane = FastLaneServer(
+            self.service, None if self.tls is None else self.tls.ssl_context()
+        )
+        for listen in self.listen:
+            self.fast_lane_addresses += await lane.listen(listen)
+        self.service.fast_lane_addresses = self.fast_lane_addresses
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting calls, give in-flight calls ``grace`` seconds, then cancel them."""
         _log.info("page server stopping", grace=grace)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self._server is not None:
+        if self.fast_lane is not None:
+            self.service.fast_lane_addresses = []
+            if self._server is not None:
+                await asyncio.gather(self.fast_lane.stop(grace), self._server.stop(grace))
+            else:
+                await self.fast_lane.stop(grace)
+        elif self._server is not None:
             await self._server.stop(grace)
         self.catalog.close()
         _log.info("page server stopped")

@@ -1,0 +1,573 @@
+"""The fast lane end to end: urgent fetches over the page server's raw socket.
+
+Real PageServers (in-process, and one ``uffdd page-server`` process) on 127.0.0.1 and
+Unix sockets. The fast lane must give the same bytes and the same errors as gRPC,
+survive garbage, and never leave a request hanging: when it breaks, what it carried
+fails with PageServerUnavailable and later urgent requests take gRPC. The misbehaving
+fast lanes here are small asyncio servers speaking the frames by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import ssl
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from page_server_support import (
+    PAGE,
+    Images,
+    eventually,
+    flip_byte,
+    make_certs,
+    make_images,
+    run,
+    serving,
+)
+
+from uffdd.core.addresses import ImageAddr
+from uffdd.errors import PageServerError, PageServerUnavailable
+from uffdd.image.format import DATA_NAME
+from uffdd.remote import fastlane_wire as wire
+from uffdd.remote.client import Chunk, PageClient
+from uffdd.remote.convert import Priority
+from uffdd.remote.fastlane_client import FastLane, candidates
+from uffdd.remote.fastlane_server import MAX_QUEUED
+from uffdd.remote.server import PageServer
+from uffdd.remote.tls import ClientTls, ServerTls
+
+pytestmark = pytest.mark.timeout(60)
+
+LAUNCH = [sys.executable, "-c", "from uffdd.remote.commands import page_server; page_server()"]
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Images:
+    return make_images(tmp_path / "images")
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+async def on_fast_lane(client: PageClient) -> str:
+    """Wait until ``client`` found and connected the server's fast lane."""
+    await client.image_info("small")  # starts the discovery
+
+    async def connected() -> bool:
+        return client.fast_lane_address is not None
+
+    await eventually(connected, timeout=10)
+    assert client.fast_lane_address is not None
+    return client.fast_lane_address
+
+
+async def fetch_fast(client: PageClient, image_id: str, address: int, length: int) -> bytes:
+    """Fetch over the fast lane (asserting it was the fast lane)."""
+    stream = client.fetch(image_id, ImageAddr(address), length)
+    assert stream.request is not None
+    assert isinstance(stream.request.lane, FastLane)
+    return bytes(await stream.read_all())
+
+
+async def error_of(client: PageClient, image_id: str, address: int, length: int) -> str:
+    """The exception class and status code a fetch fails with."""
+    with pytest.raises(PageServerError) as caught:
+        await client.fetch(image_id, ImageAddr(address), length).read_all()
+    return f"{type(caught.value).__name__} {str(caught.value).split(':')[0]}"
+
+
+def request_frame(request_id: int, image_id: str, address: int, length: int) -> bytes:
+    return wire.encode_request(request_id, image_id.encode(), address, length)
+
+
+@contextlib.asynccontextmanager
+async def fake_fast_lane(answer: Answer) -> AsyncIterator[str]:
+    """A raw fast-lane server on 127.0.0.1 whose connections ``answer`` handles; every
+    connection is closed (and its handler cancelled) when the block ends."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+            handlers.discard(task)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def grpc_with_fake_fast_lane(images: Images, answer: Answer) -> AsyncIterator[PageServer]:
+    """A real page server (gRPC) advertising a hand-written fast lane instead of its own."""
+    async with (
+        fake_fast_lane(answer) as lane,
+        serving(images.root, chunk_size=4096, fast_lane=False) as server,
+    ):
+        server.service.fast_lane_addresses = [lane]
+        yield server
+
+
+async def read_requests(reader: asyncio.StreamReader) -> AsyncIterator[tuple[int, int, int]]:
+    """(request id, address, length) of each request frame until the client hangs up."""
+    while True:
+        try:
+            header = await reader.readexactly(wire.REQUEST.size)
+        except asyncio.IncompleteReadError:
+            return
+        _, request_id, address, length, id_length = wire.REQUEST.unpack(header)
+        await reader.readexactly(id_length)
+        yield request_id, address, length
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("transport", "chunk_size"), [("tcp", 4096), ("unix", 256 * 1024)])
+def test_fast_lane_reads_back_exactly_what_was_written(
+    images: Images, tmp_path: Path, transport: str, chunk_size: int
+) -> None:
+    listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/sock/pages.sock"
+
+    async def scenario() -> None:
+        async with (
+            serving(images.root, [listen], chunk_size=chunk_size) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            address = await on_fast_lane(client)
+            assert address in server.fast_lane_addresses
+            for image_id, regions in images.regions.items():
+                for region in regions:
+                    whole = await fetch_fast(client, image_id, region.start, len(region.content))
+                    assert whole == region.content
+            # pieces across chunk and zero/data boundaries, pipelined
+            anon = images.regions["mixed"][1]
+            spans = [(anon.start + k * 40 * PAGE, 300 * PAGE) for k in range(8)]
+            streams = [client.fetch("mixed", ImageAddr(a), n) for a, n in spans]
+            for (start, length), stream in zip(spans, streams, strict=True):
+                assert bytes(await stream.read_all()) == images.expected("mixed", start, length)
+            assert client.fast_lane_address == address
+
+    run(scenario)
+
+
+def test_chunks_arrive_as_views_in_order(images: Images) -> None:
+    region = images.regions["mixed"][1]
+
+    async def scenario() -> None:
+        chunks: list[Chunk] = []
+        async with (
+            serving(images.root, chunk_size=64 * 1024) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await on_fast_lane(client)
+            done: asyncio.Future[PageServerError | None] = asyncio.Future()
+            client.submit(
+                "mixed",
+                ImageAddr(region.start),
+                len(region.content),
+                Priority.URGENT,
+                on_chunk=chunks.append,
+                on_done=done.set_result,
+            )
+            assert await done is None
+        position = region.start
+        for chunk in chunks:
+            assert chunk.address == position
+            if chunk.data is None:
+                assert region.content[position - region.start :][: chunk.length] == bytes(
+                    chunk.length
+                )
+            else:
+                assert isinstance(chunk.data, memoryview)
+                assert chunk.data.readonly
+                assert len(chunk.data) == chunk.length <= 64 * 1024
+            position += chunk.length
+        assert position == region.start + len(region.content)
+
+    run(scenario)
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def test_bad_requests_fail_as_they_do_over_grpc(images: Images) -> None:
+    cases = [
+        ("nope", 0x10000, PAGE),  # unknown image
+        ("mixed", 0x9000000, PAGE),  # outside every region
+        ("mixed", 0x10000 + 512, PAGE),  # misaligned address
+        ("mixed", 0x10000, PAGE + 1),  # misaligned length
+        ("mixed", 0x400000, 128 * 1024 * 1024),  # longer than the server allows
+    ]
+    results: list[str] = []
+
+    async def scenario() -> None:
+        async with (
+            serving(images.root) as server,
+            PageClient(server.addresses[0]) as fast,
+            PageClient(server.addresses[0], fast_lane=False) as slow,
+        ):
+            await on_fast_lane(fast)
+            for image_id, address, length in cases:
+                over_grpc = await error_of(slow, image_id, address, length)
+                over_fast_lane = await error_of(fast, image_id, address, length)
+                assert over_fast_lane == over_grpc, (image_id, address, length)
+                results.append(over_fast_lane)
+            # and the lane carries on
+            assert await fetch_fast(fast, "small", 0x1000, PAGE) == images.expected(
+                "small", 0x1000, PAGE
+            )
+            assert fast.fast_lane_address is not None
+        expected = {
+            "PageServerNotFound NOT_FOUND",
+            "PageServerNotFound OUT_OF_RANGE",
+            "PageServerError INVALID_ARGUMENT",
+        }
+        assert set(results) <= expected
+        assert len(results) == len(cases)
+
+    run(scenario)
+
+
+def test_corrupt_image_gives_data_loss_over_the_fast_lane(images: Images) -> None:
+    flip_byte(images.root / "small" / DATA_NAME, 10)
+
+    async def scenario() -> None:
+        async with serving(images.root) as server, PageClient(server.addresses[0]) as client:
+            await on_fast_lane(client)
+            assert await error_of(client, "small", 0x1000, PAGE) == "PageServerDataError DATA_LOSS"
+            data = await fetch_fast(client, "mixed", 0x10000, 2 * PAGE)
+            assert data == images.expected("mixed", 0x10000, 2 * PAGE)
+
+    run(scenario)
+
+
+def test_garbage_closes_only_that_connection(images: Images) -> None:
+    good = request_frame(7, "small", 0x1000, PAGE)
+    garbage = {
+        "bad magic": b"XXXX" + good[4:],
+        "image id too long": wire.REQUEST.pack(wire.MAGIC, 1, 0x1000, PAGE, 5000) + b"x" * 64,
+        "image id not UTF-8": wire.REQUEST.pack(wire.MAGIC, 1, 0x1000, PAGE, 2) + b"\xff\xfe",
+        "truncated": good[:-3],
+    }
+
+    async def scenario() -> None:
+        async with serving(images.root) as server:
+            host, port = server.fast_lane_addresses[0].rsplit(":", 1)
+            for name, frame in garbage.items():
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(good + frame)  # a good request first: it is still answered
+                if name == "truncated":
+                    writer.write_eof()
+                header = await asyncio.wait_for(reader.readexactly(wire.RESPONSE.size), 10)
+                request_id, address, length, flags, _, _, _ = wire.RESPONSE.unpack(header)
+                assert (request_id, address, length, flags) == (7, 0x1000, PAGE, wire.FLAG_LAST)
+                assert await reader.readexactly(PAGE) == images.expected("small", 0x1000, PAGE)
+                assert await asyncio.wait_for(reader.read(), 10) == b"", name  # closed
+                writer.close()
+            # the server (and its fast lane) still serve everyone else
+            async with PageClient(server.addresses[0]) as client:
+                await on_fast_lane(client)
+                assert await fetch_fast(client, "mixed", 0x10000, 8 * PAGE) == images.expected(
+                    "mixed", 0x10000, 8 * PAGE
+                )
+
+    run(scenario)
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def test_lane_lost_mid_request_fails_it_then_urgent_requests_take_grpc(images: Images) -> None:
+    async def half_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for request_id, address, _ in read_requests(reader):
+            writer.write(wire.encode_zero(request_id, address, PAGE, last=False))
+            await writer.drain()
+            writer.close()  # gone mid-request
+            return
+
+    async def scenario() -> None:
+        async with (
+            grpc_with_fake_fast_lane(images, half_answer) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await on_fast_lane(client)
+            chunks: list[Chunk] = []
+            done: asyncio.Future[PageServerError | None] = asyncio.Future()
+            client.submit(
+                "mixed",
+                ImageAddr(0x400000),
+                16 * PAGE,
+                Priority.URGENT,
+                on_chunk=chunks.append,
+                on_done=done.set_result,
+            )
+            error = await asyncio.wait_for(done, 10)
+            assert isinstance(error, PageServerUnavailable), error
+            assert "fast lane lost" in str(error)
+            assert len(chunks) == 1
+            # later urgent requests go over gRPC, and get the right bytes
+            assert client.fast_lane_address is None
+            stream = client.fetch("mixed", ImageAddr(0x10000), 8 * PAGE)
+            assert stream.request is not None
+            assert not isinstance(stream.request.lane, FastLane)
+            assert bytes(await stream.read_all()) == images.expected("mixed", 0x10000, 8 * PAGE)
+
+    run(scenario)
+
+
+def test_garbage_from_the_server_is_a_data_error_then_grpc(images: Images) -> None:
+    async def lying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for request_id, address, length in read_requests(reader):
+            # right header, wrong checksum
+            header = wire.encode_data_header(request_id, address, length, 12345, last=True)
+            writer.write(header + b"\x01" * length)
+
+    async def scenario() -> None:
+        async with (
+            grpc_with_fake_fast_lane(images, lying) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await on_fast_lane(client)
+            assert await error_of(client, "small", 0x1000, PAGE) == (
+                "PageServerDataError page server 127.0.0.1"
+            )
+
+    run(scenario)
+
+
+def test_deadline_and_late_chunks(images: Images) -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for request_id, address, length in read_requests(reader):
+            await asyncio.sleep(0.5)
+            writer.write(wire.encode_zero(request_id, address, length, last=True))
+
+    async def scenario() -> None:
+        async with (
+            grpc_with_fake_fast_lane(images, slow) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await on_fast_lane(client)
+            started = asyncio.get_running_loop().time()
+            late = client.fetch("small", ImageAddr(0x1000), PAGE, deadline=0.2)
+            with pytest.raises(PageServerUnavailable, match="deadline"):
+                await late.read_all()
+            assert asyncio.get_running_loop().time() - started < 0.45
+            # the late answer to the expired request is dropped; the next one is served
+            data = await fetch_fast(client, "small", 0x1000, 2 * PAGE)
+            assert data == bytes(2 * PAGE)
+            assert client.fast_lane_address is not None
+
+    run(scenario)
+
+
+def test_cancelled_request_gets_no_callbacks_and_the_lane_goes_on(images: Images) -> None:
+    region = images.regions["mixed"][1]
+
+    async def scenario() -> None:
+        async with (
+            serving(images.root, chunk_size=4096) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await on_fast_lane(client)
+            calls: list[object] = []
+            request = client.submit(
+                "mixed",
+                ImageAddr(region.start),
+                len(region.content),
+                Priority.URGENT,
+                on_chunk=calls.append,
+                on_done=calls.append,
+            )
+            assert isinstance(request.lane, FastLane)
+            request.cancel()
+            stream = client.fetch("mixed", ImageAddr(region.start), 2 * PAGE)
+            stream.cancel()
+            with pytest.raises(PageServerError, match="cancelled"):
+                await stream.read_all()
+            data = await fetch_fast(client, "small", 0x1000, 4 * PAGE)
+            assert data == images.expected("small", 0x1000, 4 * PAGE)
+            assert calls == []
+            assert client.fast_lane_address is not None
+
+    run(scenario)
+
+
+def test_page_server_process_killed_mid_request(images: Images, tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [
+            *LAUNCH, "--images", str(images.root), "--listen", "127.0.0.1:0",
+            "--ready-file", str(ready), "--log-level", "warning",
+        ]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert process.poll() is None, "page server exited"
+            assert time.monotonic() < deadline, "page server did not start"
+            time.sleep(0.02)
+        info = json.loads(ready.read_text())
+        assert len(info["fast_lane_addresses"]) == 1
+
+        async def scenario() -> None:
+            async with PageClient(info["addresses"][0], deadline=20) as client:
+                assert await on_fast_lane(client) == info["fast_lane_addresses"][0]
+                process.send_signal(signal.SIGSTOP)  # the request is surely outstanding
+                stream = client.fetch("mixed", ImageAddr(0x400000), 256 * PAGE)
+                await asyncio.sleep(0.1)
+                process.kill()
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(PageServerUnavailable):
+                    await stream.read_all()
+                # gRPC is gone too: the next request fails as well, and fast
+                with pytest.raises(PageServerUnavailable):
+                    await client.fetch("small", ImageAddr(0x1000), PAGE).read_all()
+                assert asyncio.get_running_loop().time() - started < 10
+
+        run(scenario)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_no_fast_lane_flag(images: Images, tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    socket_path = tmp_path / "run" / "pages.sock"
+    process = subprocess.Popen(
+        [
+            *LAUNCH, "--images", str(images.root), "--listen", f"unix:{socket_path}",
+            "--ready-file", str(ready), "--log-level", "warning", "--no-fast-lane",
+        ]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert process.poll() is None, "page server exited"
+            assert time.monotonic() < deadline, "page server did not start"
+            time.sleep(0.02)
+        info = json.loads(ready.read_text())
+        assert info["fast_lane_addresses"] == []
+
+        async def scenario() -> None:
+            async with PageClient(info["addresses"][0]) as client:
+                await client.image_info("small")
+                await asyncio.sleep(0.2)
+                assert client.fast_lane_address is None
+                data = await client.fetch("small", ImageAddr(0x1000), PAGE).read_all()
+                assert bytes(data) == images.expected("small", 0x1000, PAGE)
+
+        run(scenario)
+        assert not Path(f"{socket_path}{wire.UNIX_SUFFIX}").exists()
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def test_tls_and_mutual_tls(images: Images, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+
+    async def refused(address: str, context: ssl.SSLContext | None) -> bool:
+        """Whether the fast lane at ``address`` refuses to answer this client."""
+        host, port = address.rsplit(":", 1)
+        try:
+            reader, writer = await asyncio.open_connection(
+                host, int(port), ssl=context, server_hostname="127.0.0.1" if context else None
+            )
+        except (ssl.SSLError, ConnectionError):
+            return True
+        try:
+            writer.write(request_frame(1, "small", 0x1000, PAGE))
+            answer = await asyncio.wait_for(reader.read(wire.RESPONSE.size), 10)
+        except (ssl.SSLError, ConnectionError):
+            return True
+        finally:
+            writer.close()
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                await writer.wait_closed()
+        return len(answer) < wire.RESPONSE.size
+
+    async def scenario() -> None:
+        tls = ServerTls(certs.server_cert, certs.server_key)
+        async with serving(images.root, tls=tls) as server:
+            async with PageClient(server.addresses[0], tls=ClientTls(ca=certs.ca)) as client:
+                await on_fast_lane(client)
+                data = await fetch_fast(client, "mixed", 0x400000, 300 * PAGE)
+                assert data == images.expected("mixed", 0x400000, 300 * PAGE)
+            assert await refused(server.fast_lane_addresses[0], None)  # plain text
+
+        mutual = ServerTls(certs.server_cert, certs.server_key, client_ca=certs.ca)
+        async with serving(images.root, tls=mutual) as server:
+            with_cert = ClientTls(ca=certs.ca, cert=certs.client_cert, key=certs.client_key)
+            async with PageClient(server.addresses[0], tls=with_cert) as client:
+                await on_fast_lane(client)
+                data = await fetch_fast(client, "mixed", 0x10000, 8 * PAGE)
+                assert data == images.expected("mixed", 0x10000, 8 * PAGE)
+            anonymous = ssl.create_default_context(cafile=str(certs.ca))
+            assert await refused(server.fast_lane_addresses[0], anonymous)
+
+    run(scenario)
+
+
+def test_request_frame_layout() -> None:
+    frame = request_frame(5, "img", 0x7000, 3 * PAGE)
+    assert frame == struct.pack("<4sQQIH", b"UFL1", 5, 0x7000, 3 * PAGE, 3) + b"img"
+    assert wire.RESPONSE.size == 32
+
+
+def test_a_client_that_does_not_read_holds_bounded_memory(images: Images) -> None:
+    region = images.regions["mixed"][1]
+    frames = b"".join(
+        request_frame(index, "mixed", region.start, 1024 * 1024) for index in range(1, 3001)
+    )
+
+    async def scenario() -> None:
+        async with serving(images.root, chunk_size=64 * 1024) as server:
+            assert server.fast_lane is not None
+            host, port = server.fast_lane_addresses[0].rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(frames)  # 3 GiB asked for, nothing read
+            await asyncio.sleep(0.5)
+            for connection in server.fast_lane.connections:
+                assert len(connection._queue) <= MAX_QUEUED
+                assert connection._paused
+            # everyone else is still served, promptly
+            async with PageClient(server.addresses[0]) as client:
+                await on_fast_lane(client)
+                data = await asyncio.wait_for(fetch_fast(client, "small", 0x1000, PAGE), 5)
+                assert data == images.expected("small", 0x1000, PAGE)
+            writer.close()
+            del reader
+
+    run(scenario)
+
+
+def test_which_advertised_fast_lanes_a_client_may_use() -> None:
+    advertised = ["0.0.0.0:7001", "10.0.0.5:7002", "unix:/run/a.sock.urgent", "unix:/b.urgent"]
+    assert candidates("10.0.0.5:7000", advertised) == ["10.0.0.5:7001", "10.0.0.5:7002"]
+    assert candidates("192.168.1.1:7000", advertised) == ["192.168.1.1:7001"]
+    assert candidates("[::1]:7000", ["[::]:7003", "[::1]:7004"]) == ["[::1]:7003", "[::1]:7004"]
+    assert candidates("unix:/b", advertised) == ["unix:/b.urgent", "unix:/run/a.sock.urgent"]
+    assert candidates("unix:///run/a.sock", advertised)[0] == "unix:/run/a.sock.urgent"
