@@ -7,6 +7,8 @@ state machine in test_tracker_machine.py explores their interleavings).
 
 from __future__ import annotations
 
+from support.core_pages import POLICY, P, R, img, run
+
 from uffdd.core.actions import CancelFetch, Copy, Fetch, Release
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import (
@@ -22,23 +24,8 @@ from uffdd.core.events import (
     Remove,
     Unmap,
 )
-from uffdd.core.policy import Policy
 from uffdd.core.process import LazyRegion
 from uffdd.core.tracker import Tracker
-
-P = 4096
-R = ProcId("r")
-RUN = 0x10000
-IMG = 0x100000
-POLICY = Policy(fault_around=4 * P, bulk_min=4 * P, bulk_max=16 * P, max_in_flight=32 * P)
-
-
-def run(page: int) -> RunAddr:
-    return RunAddr(RUN + page * P)
-
-
-def img(page: int) -> ImageAddr:
-    return ImageAddr(IMG + page * P)
 
 
 def make(

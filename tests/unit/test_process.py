@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import pytest
+from support.core_pages import IMG, POLICY, RUN, P, R, img, run
 
 from uffdd.core.actions import (
     Action,
@@ -44,19 +45,6 @@ from uffdd.core.process import LazyProcess, LazyRegion, State
 from uffdd.core.tracker import Tracker
 
 T = TypeVar("T")
-P = 4096
-R = ProcId("r")
-RUN = 0x10000
-IMG = 0x100000
-POLICY = Policy(fault_around=4 * P, bulk_min=4 * P, bulk_max=16 * P, max_in_flight=32 * P)
-
-
-def run(page: int) -> RunAddr:
-    return RunAddr(RUN + page * P)
-
-
-def img(page: int) -> ImageAddr:
-    return ImageAddr(IMG + page * P)
 
 
 def make(
