@@ -22,7 +22,7 @@ from support.workload import Workload, WorkloadPool, fault, remove, wait_readabl
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import ProcId
 from uffdd.core.policy import Policy
-from uffdd.core.process import LazyRegion
+from uffdd.core.process import LazyProcess, LazyRegion
 from uffdd.core.wire import decode_messages
 from uffdd.executor import Executor, TreeOutcome
 from uffdd.image.format import DATA_NAME, stored_ranges
@@ -80,12 +80,22 @@ class Harness:
         self.uffd.register(self.base, PAGES * P, RegisterMode.MISSING)
         self.outcome: asyncio.Future[TreeOutcome] | None = None
         self.executor: Executor | None = None
+        self.finished: dict[ProcId, LazyProcess] = {}
+        """Processes of a tree the executor has forgotten (it became resident)."""
 
     def start(self) -> Executor:
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[TreeOutcome] = loop.create_future()
         self.outcome = outcome
         self.executor = Executor(Policy(sweep=False))
+        tracker = self.executor.tracker
+        forget = tracker.forget_tree
+
+        def keep_then_forget(root: ProcId) -> None:
+            self.finished.update({p: tracker.process(p) for p in tracker.processes()})
+            forget(root)
+
+        tracker.forget_tree = keep_then_forget  # type: ignore[method-assign]
         self.executor.add_tree(
             ROOT,
             uffd=self.uffd,
@@ -116,10 +126,16 @@ class Harness:
     def addr(self, page: int) -> int:
         return self.base + page * P
 
+    def process(self, proc: ProcId = ROOT) -> LazyProcess:
+        """A process of the tree, served now or already finished."""
+        assert self.executor is not None
+        if proc in self.executor.tracker.processes():
+            return self.executor.tracker.process(proc)
+        return self.finished[proc]
+
     def fetched(self, proc: ProcId = ROOT) -> int:
         """Bytes the slow path asked the source for (0: C served every data fault)."""
-        assert self.executor is not None
-        return self.executor.tracker.process(proc).stats.fetched
+        return self.process(proc).stats.fetched
 
 
 def _settle(future: asyncio.Future[TreeOutcome], result: TreeOutcome) -> None:
@@ -150,7 +166,7 @@ def test_faults_on_verified_local_data_are_served_in_c(tmp_path: Path) -> None:
         # pages out of order, across the two regions' DATA extents and the zero pages
         for first, count in ((HALF - 2, 4), (3, 5), (50, 3), (0, 1), (20, 12), (39, 3)):
             assert await h.read(h.workload, h.addr(first), count * P) == expected(first, count)
-        stats = h.executor.tracker.process(ROOT).stats
+        stats = h.process(ROOT).stats
         assert h.fetched() == 0, "a fault took the slow path"
         assert stats.faults > 0
         assert stats.data_installed > 0
@@ -207,7 +223,7 @@ def test_a_fork_child_reads_the_image_data_it_never_touched(tmp_path: Path) -> N
         assert await h.read(h.workload, h.addr(30), 4 * P) == expected(30, 4)
         assert await h.read(child, h.base, PAGES * P) == expected(0, PAGES)
         assert h.executor is not None
-        assert ProcId(f"{ROOT}.1") in h.executor.tracker.processes()
+        assert h.process(ProcId(f"{ROOT}.1")).proc == f"{ROOT}.1"  # the fork was followed
         assert h.fetched() == h.fetched(ProcId(f"{ROOT}.1")) == 0
 
     run_served(build_image(tmp_path / "images"), body)
