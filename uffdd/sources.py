@@ -79,21 +79,13 @@ class LocalData:
     chunk_size: int
 
 
-class LocalDataSource(Protocol):
-    """A source whose data is local (the optional capability of a PageSource)."""
-
-    def local_data(self) -> LocalData: ...
-
-
 def local_data_of(source: object) -> LocalData | None:
     """The local data behind ``source``, or None (a page server).
 
     A wrapper source (timing, logging) that keeps the wrapped one in ``inner`` is looked
     through: the fast path never fetches, so it bypasses nothing a wrapper observes.
     """
-    for _ in range(8):
-        if isinstance(source, LocalImageSource):
-            return source.local_data()
+    for _ in range(8):  # wrappers of wrappers, never a cycle's worth
         offer = getattr(source, "local_data", None)
         if callable(offer):
             data = offer()
