@@ -1,7 +1,7 @@
 """Page server benchmark: bulk throughput and urgent latency, against references.
 
 Run: ``python bench/bench_page_server.py [--size 1GiB] [--transport tcp,unix]
-[--fast-lane on,off]``.
+[--fast-lane all,urgent,off]``.
 
 Why these numbers: the daemon's background sweep needs bulk throughput (compared with
 a plain read() of the same data file, in the same run, so the machine's speed cancels
@@ -9,8 +9,10 @@ out), and a demand fault needs low latency even while the sweep saturates the st
 (compared with the same urgent requests on an idle server). The page server runs in
 its own process (``uffdd page-server``), as in production; this process is the client.
 Targets: bulk >= 1 GiB/s over loopback; urgent p99 under bulk <= 2x urgent p99 alone.
-With the fast lane on, urgent requests take the server's raw socket (bulk stays on
-gRPC); off, they take the gRPC urgent lane: both in one run show what it saves.
+``--fast-lane all`` (the client's default) sends urgent and bulk requests over the
+server's raw sockets, ``urgent`` only urgent ones (bulk on gRPC, the client before
+bulk moved), ``off`` everything over gRPC: side by side in one run they show what each
+lane saves.
 """
 
 from __future__ import annotations
@@ -216,10 +218,12 @@ def fmt_us(seconds: float) -> str:
     return f"{seconds * 1e6:7.0f} us"
 
 
-async def wait_fast_lane(client: PageClient) -> None:
-    await client.image_info(IMAGE_ID)  # starts the fast lane's discovery
+async def wait_fast_lane(client: PageClient, bulk: bool) -> None:
+    await client.image_info(IMAGE_ID)  # starts the fast lanes' discovery
     for _ in range(500):
-        if client.fast_lane_address is not None:
+        if client.fast_lane_address is not None and (
+            not bulk or client.fast_bulk_lane_address is not None
+        ):
             return
         await asyncio.sleep(0.01)
     raise RuntimeError("the fast lane did not connect")
@@ -233,14 +237,19 @@ async def run_transport(
     lanes: int,
     window: int,
     urgent_count: int,
-    fast_lane: bool,
+    fast_lane: str,
 ) -> dict[str, float]:
     async with PageClient(
-        target, lanes=lanes, window_bytes=window, deadline=120, fast_lane=fast_lane
+        target,
+        lanes=lanes,
+        window_bytes=window,
+        deadline=120,
+        fast_lane=fast_lane != "off",
+        fast_bulk=fast_lane == "all",
     ) as client:
         await client.wait_ready(30)
-        if fast_lane:
-            await wait_fast_lane(client)
+        if fast_lane != "off":
+            await wait_fast_lane(client, bulk=fast_lane == "all")
         await bulk_throughput(client, min(size, 256 * MiB), request)  # warm up
         bulk = max([await bulk_throughput(client, size, request) for _ in range(2)])
         await urgent_latencies(client, size, 200)  # warm up
@@ -275,9 +284,13 @@ async def run_transport(
 
 
 def report(
-    transport: str, lanes: int, fast_lane: bool, result: dict[str, float], reference: float
+    transport: str, lanes: int, fast_lane: str, result: dict[str, float], reference: float
 ) -> None:
-    urgent = "urgent on the fast lane" if fast_lane else "urgent on gRPC"
+    urgent = {
+        "all": "urgent and bulk on the fast lane",
+        "urgent": "urgent on the fast lane, bulk on gRPC",
+        "off": "urgent and bulk on gRPC",
+    }[fast_lane]
     print(f"\n[{transport}, {lanes} gRPC lane{'s' if lanes > 1 else ''}, {urgent}]")
     print(
         f"  bulk throughput      {result['bulk']:6.2f} GiB/s  "
@@ -314,9 +327,9 @@ async def run_all(args: argparse.Namespace, scratch: Path, size: int, reference:
                         lanes=lanes,
                         window=window,
                         urgent_count=args.urgent,
-                        fast_lane=fast == "on",
+                        fast_lane=fast,
                     )
-                    report(transport, lanes, fast == "on", result, reference)
+                    report(transport, lanes, fast, result, reference)
 
 
 def main() -> None:
@@ -328,7 +341,9 @@ def main() -> None:
     parser.add_argument("--window", default="32MiB", help="client bulk window")
     parser.add_argument("--lanes", default="2,1", help="client lanes to compare")
     parser.add_argument(
-        "--fast-lane", default="on,off", help="urgent requests over the fast lane: on, off or both"
+        "--fast-lane",
+        default="all,urgent,off",
+        help="requests over the fast lane: all, urgent (bulk on gRPC), off; comma-separated",
     )
     parser.add_argument("--urgent", type=int, default=2000, help="urgent requests per run")
     args = parser.parse_args()

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from uffdd.core.addresses import ImageAddr
 from uffdd.image.writer import ImageWriter
+from uffdd.remote.client import PageClient, Request
+from uffdd.remote.fastlane_client import FastLane
 from uffdd.remote.server import PageServer
 from uffdd.remote.tls import ServerTls
 
@@ -96,10 +98,16 @@ async def serving(
     tls: ServerTls | None = None,
     chunk_size: int = 256 * 1024,
     fast_lane: bool = True,
+    bulk_rate: int | None = None,
 ) -> AsyncIterator[PageServer]:
     """A started PageServer; always stopped (grace 0) when the block ends."""
     server = PageServer(
-        root, listen or ["127.0.0.1:0"], tls=tls, chunk_size=chunk_size, fast_lane=fast_lane
+        root,
+        listen or ["127.0.0.1:0"],
+        tls=tls,
+        chunk_size=chunk_size,
+        fast_lane=fast_lane,
+        bulk_rate=bulk_rate,
     )
     await server.start()
     try:
@@ -114,6 +122,34 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+LANES = ["grpc", "fast"]
+"""What a PageClient's requests ride, for tests that hold on every lane: the gRPC
+streams only, or the fast lanes (urgent and bulk, each its own raw socket)."""
+
+
+@contextlib.asynccontextmanager
+async def page_client(
+    server: PageServer, lanes: str, image_id: str, **options: Any
+) -> AsyncIterator[PageClient]:
+    """A PageClient of ``server`` whose requests all ride ``lanes`` (see LANES): for
+    "fast", it returns once both fast lanes are connected (``image_id`` starts that)."""
+    async with PageClient(server.addresses[0], fast_lane=lanes == "fast", **options) as client:
+        if lanes == "fast":
+            await client.image_info(image_id)
+
+            async def connected() -> bool:
+                return None not in (client.fast_lane_address, client.fast_bulk_lane_address)
+
+            await eventually(connected)
+        yield client
+
+
+def assert_rides(request: Request | None, lanes: str) -> None:
+    """``request`` went out on ``lanes`` (see LANES)."""
+    assert request is not None
+    assert isinstance(request.lane, FastLane) == (lanes == "fast"), request.lane
 
 
 @dataclass(frozen=True)

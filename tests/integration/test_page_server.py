@@ -8,6 +8,7 @@ PageClient, the daemon's API.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +18,17 @@ import xxhash
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from page_server_support import PAGE, Images, flip_byte, make_images, run, serving
+from page_server_support import (
+    LANES,
+    PAGE,
+    Images,
+    assert_rides,
+    flip_byte,
+    make_images,
+    page_client,
+    run,
+    serving,
+)
 
 from uffdd.core.addresses import ImageAddr
 from uffdd.errors import PageServerDataError, PageServerError, PageServerNotFound
@@ -104,23 +115,30 @@ def assemble(chunks: list[pages_pb2.PageChunk], request_id: int, start: int) -> 
     return bytes(out)
 
 
-async def collect(client: PageClient, image_id: str, address: int, length: int) -> bytes:
-    return bytes(await client.fetch(image_id, ImageAddr(address), length).read_all())
+async def collect(
+    client: PageClient,
+    image_id: str,
+    address: int,
+    length: int,
+    priority: Priority = Priority.URGENT,
+) -> bytes:
+    return bytes(await client.fetch(image_id, ImageAddr(address), length, priority).read_all())
 
 
 # -- data ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lanes", LANES)
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_client_reads_back_exactly_what_was_written(
-    images: Images, tmp_path: Path, transport: str
+    images: Images, tmp_path: Path, transport: str, lanes: str
 ) -> None:
     listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/sock/pages.sock"
 
     async def scenario() -> None:
         async with (
             serving(images.root, [listen]) as server,
-            PageClient(server.addresses[0]) as client,
+            page_client(server, lanes, "mixed") as client,
         ):
             for image_id, regions in images.regions.items():
                 for region in regions:
@@ -128,20 +146,26 @@ def test_client_reads_back_exactly_what_was_written(
                         stream = client.fetch(
                             image_id, ImageAddr(region.start), len(region.content), priority
                         )
+                        assert_rides(stream.request, lanes)
                         assert bytes(await stream.read_all()) == region.content
 
     run(scenario)
 
 
-def test_chunks_are_ordered_bounded_and_zero_runs_carry_no_data(images: Images) -> None:
+@pytest.mark.parametrize("lanes", LANES)
+@pytest.mark.parametrize("priority", list(Priority))
+def test_chunks_are_ordered_bounded_and_zero_runs_carry_no_data(
+    images: Images, lanes: str, priority: Priority
+) -> None:
     region = images.regions["mixed"][1]  # 1 MiB data, 1 MiB zeros, 1 MiB data, 8 KiB zeros
 
     async def scenario() -> list[Chunk]:
         async with (
             serving(images.root, chunk_size=256 * 1024) as server,
-            PageClient(server.addresses[0]) as client,
+            page_client(server, lanes, "mixed") as client,
         ):
-            stream = client.fetch("mixed", ImageAddr(region.start), len(region.content))
+            stream = client.fetch("mixed", ImageAddr(region.start), len(region.content), priority)
+            assert_rides(stream.request, lanes)
             return [chunk async for chunk in stream]
 
     chunks = run(scenario)
@@ -157,13 +181,14 @@ def test_chunks_are_ordered_bounded_and_zero_runs_carry_no_data(images: Images) 
         position += chunk.length
 
 
-def test_many_pipelined_requests_with_callbacks(images: Images) -> None:
+@pytest.mark.parametrize("lanes", LANES)
+def test_many_pipelined_requests_with_callbacks(images: Images, lanes: str) -> None:
     region = images.regions["mixed"][1]
 
     async def scenario() -> None:
         async with (
             serving(images.root) as server,
-            PageClient(server.addresses[0], window_bytes=64 * 1024) as client,
+            page_client(server, lanes, "mixed", window_bytes=64 * 1024) as client,
         ):
             received: dict[int, bytearray] = {}
             finished: dict[int, PageServerError | None] = {}
@@ -182,7 +207,7 @@ def test_many_pipelined_requests_with_callbacks(images: Images) -> None:
                         done.set()
 
                 priority = Priority.URGENT if index % 7 == 0 else Priority.BULK
-                client.submit(
+                request = client.submit(
                     "mixed",
                     ImageAddr(region.start + index * PAGE),
                     PAGE,
@@ -190,6 +215,7 @@ def test_many_pipelined_requests_with_callbacks(images: Images) -> None:
                     on_chunk=on_chunk,
                     on_done=on_done,
                 )
+                assert_rides(request, lanes)
 
             for index in range(count):
                 submit(index)
@@ -316,15 +342,17 @@ def test_cancel_stops_a_request_and_the_stream_goes_on(images: Images) -> None:
     run(scenario)
 
 
-def test_client_cancel(images: Images) -> None:
+@pytest.mark.parametrize("lanes", LANES)
+def test_client_cancel(images: Images, lanes: str) -> None:
     region = images.regions["mixed"][1]
 
     async def scenario() -> None:
         async with (
             serving(images.root, chunk_size=4096) as server,
-            PageClient(server.addresses[0]) as client,
+            page_client(server, lanes, "mixed") as client,
         ):
             stream = client.fetch("mixed", ImageAddr(region.start), 1024 * 1024, Priority.BULK)
+            assert_rides(stream.request, lanes)
             first = await anext(stream)
             assert first.address == region.start
             stream.cancel()
@@ -336,6 +364,28 @@ def test_client_cancel(images: Images) -> None:
             )
 
     run(scenario)
+
+
+@pytest.mark.parametrize("lanes", LANES)
+def test_bulk_rate_limit_holds_on_every_lane(images: Images, lanes: str) -> None:
+    start, length = images.regions["mixed"][1].start, 1024 * 1024  # all data
+    rate = 2 * 1024 * 1024
+    chunk = 64 * 1024  # also the bucket's burst
+
+    async def scenario() -> float:
+        async with (
+            serving(images.root, chunk_size=chunk, bulk_rate=rate) as server,
+            page_client(server, lanes, "mixed") as client,
+        ):
+            started = time.monotonic()
+            data = await collect(client, "mixed", start, length, Priority.BULK)
+            elapsed = time.monotonic() - started
+            assert data == images.expected("mixed", start, length)
+            return elapsed
+
+    # A lower bound only (sleeps never end early; a busy machine may be late): the
+    # burst goes at once, the rest at the rate.
+    assert run(scenario) >= (length - chunk) / rate * 0.95
 
 
 # -- bad requests ---------------------------------------------------------------------
@@ -467,15 +517,17 @@ def test_duplicate_outstanding_request_id_is_refused_in_band(images: Images) -> 
     run(scenario)
 
 
-def test_client_maps_errors_to_page_server_exceptions(images: Images) -> None:
+@pytest.mark.parametrize("lanes", LANES)
+def test_client_maps_errors_to_page_server_exceptions(images: Images, lanes: str) -> None:
     async def scenario() -> None:
-        async with serving(images.root) as server, PageClient(server.addresses[0]) as client:
-            with pytest.raises(PageServerNotFound, match="NOT_FOUND"):
-                await collect(client, "nope", 0x1000, PAGE)
-            with pytest.raises(PageServerNotFound, match="OUT_OF_RANGE"):
-                await collect(client, "small", 0x9000, PAGE)
-            with pytest.raises(PageServerError, match="INVALID_ARGUMENT"):
-                await collect(client, "small", 0x1000, 10)
+        async with serving(images.root) as server, page_client(server, lanes, "small") as client:
+            for priority in Priority:
+                with pytest.raises(PageServerNotFound, match="NOT_FOUND"):
+                    await collect(client, "nope", 0x1000, PAGE, priority)
+                with pytest.raises(PageServerNotFound, match="OUT_OF_RANGE"):
+                    await collect(client, "small", 0x9000, PAGE, priority)
+                with pytest.raises(PageServerError, match="INVALID_ARGUMENT"):
+                    await collect(client, "small", 0x1000, 10, priority)
             with pytest.raises(PageServerNotFound, match="NOT_FOUND"):
                 await client.image_info("nope")
             assert await collect(client, "small", 0x1000, PAGE) == images.expected(

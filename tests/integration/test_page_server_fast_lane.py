@@ -207,6 +207,111 @@ def test_chunks_arrive_as_views_in_order(images: Images) -> None:
     run(scenario)
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, int, int, int, bytes]:
+    """(request id, address, length, flags, body) of the next response frame."""
+    header = await asyncio.wait_for(reader.readexactly(wire.RESPONSE.size), 10)
+    request_id, address, length, flags, _, message_length, _ = wire.RESPONSE.unpack(header)
+    body = await reader.readexactly(wire.body_length(length, flags, message_length))
+    return request_id, address, length, flags, body
+
+
+@contextlib.asynccontextmanager
+async def raw_fast_lane(
+    server: PageServer,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    host, port = server.fast_lane_addresses[0].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+
+
+def test_urgent_overtakes_bulk_queued_on_the_same_connection(images: Images) -> None:
+    region = images.regions["mixed"][1]
+
+    async def scenario() -> None:
+        async with (
+            serving(images.root, chunk_size=4096) as server,
+            raw_fast_lane(server) as (reader, writer),
+        ):
+            # 768 bulk chunks asked for, then one urgent page, in one write
+            writer.write(
+                wire.encode_request(1, b"mixed", region.start, len(region.content), bulk=True)
+                + request_frame(2, "mixed", region.start + 700 * PAGE, PAGE)
+            )
+            order: list[int] = []
+            bulk = bytearray()
+            while True:
+                request_id, address, length, flags, body = await read_response(reader)
+                order.append(request_id)
+                if request_id == 2:
+                    assert body == images.expected("mixed", address, PAGE)
+                    continue
+                bulk += bytes(length) if flags & wire.FLAG_ZERO else body
+                if flags & wire.FLAG_LAST:
+                    break
+            assert order.count(2) == 1
+            assert order.index(2) < 16, "the urgent page waited behind the bulk transfer"
+            assert bytes(bulk) == region.content
+
+    run(scenario)
+
+
+def test_cancelled_bulk_request_stops_and_the_connection_goes_on(images: Images) -> None:
+    region = images.regions["mixed"][1]
+
+    async def scenario() -> None:
+        async with (
+            serving(images.root, chunk_size=4096) as server,
+            raw_fast_lane(server) as (reader, writer),
+        ):
+            writer.write(
+                wire.encode_request(1, b"mixed", region.start, len(region.content), bulk=True)
+            )
+            first = await read_response(reader)
+            assert first[:2] == (1, region.start)
+            writer.write(wire.encode_cancel(1) + request_frame(2, "small", 0x1000, PAGE))
+            while (response := await read_response(reader))[0] == 1:
+                assert not response[3] & wire.FLAG_LAST, "the cancelled request was finished"
+            assert response[0] == 2
+            assert response[4] == images.expected("small", 0x1000, PAGE)
+            assert server.fast_lane is not None
+            (connection,) = server.fast_lane.connections
+            assert connection.idle  # nothing of request 1 is held
+            # nothing more of request 1 comes: the next answer is request 3's
+            writer.write(request_frame(3, "small", 0x2000, PAGE))
+            assert (await read_response(reader))[0] == 3
+
+    run(scenario)
+
+
+def test_duplicate_outstanding_request_id_is_refused(images: Images) -> None:
+    region = images.regions["mixed"][1]
+
+    async def scenario() -> None:
+        async with (
+            serving(images.root, chunk_size=4096) as server,
+            raw_fast_lane(server) as (reader, writer),
+        ):
+            big = wire.encode_request(7, b"mixed", region.start, len(region.content), bulk=True)
+            writer.write(big + big)
+            request_id, _, _, flags, message = await read_response(reader)
+            assert (request_id, flags) == (7, wire.FLAG_ERROR | wire.FLAG_LAST)
+            assert b"already outstanding" in message
+            # the first request 7 is still answered, completely
+            received = 0
+            while True:
+                request_id, _, length, flags, _ = await read_response(reader)
+                assert request_id == 7
+                received += length
+                if flags & wire.FLAG_LAST:
+                    break
+            assert received == len(region.content)
+
+    run(scenario)
+
+
 # -- errors ------------------------------------------------------------------------------
 
 
@@ -537,10 +642,12 @@ def test_request_frame_layout() -> None:
     assert wire.RESPONSE.size == 32
 
 
-def test_a_client_that_does_not_read_holds_bounded_memory(images: Images) -> None:
+@pytest.mark.parametrize("bulk", [False, True], ids=["urgent", "bulk"])
+def test_a_client_that_does_not_read_holds_bounded_memory(images: Images, bulk: bool) -> None:
     region = images.regions["mixed"][1]
     frames = b"".join(
-        request_frame(index, "mixed", region.start, 1024 * 1024) for index in range(1, 3001)
+        wire.encode_request(index, b"mixed", region.start, 1024 * 1024, bulk=bulk)
+        for index in range(1, 3001)
     )
 
     async def scenario() -> None:
@@ -551,7 +658,7 @@ def test_a_client_that_does_not_read_holds_bounded_memory(images: Images) -> Non
             writer.write(frames)  # 3 GiB asked for, nothing read
             await asyncio.sleep(0.5)
             for connection in server.fast_lane.connections:
-                assert len(connection._queue) <= MAX_QUEUED
+                assert connection._queued <= MAX_QUEUED
                 assert connection._paused
             # everyone else is still served, promptly
             async with PageClient(server.addresses[0]) as client:

@@ -1,22 +1,28 @@
-"""The client's fast lane: urgent requests over the page server's raw socket.
+"""The client's fast lanes: page requests over the page server's raw socket.
 
 Why: a demand fault waits for one urgent round trip, and a raw socket round trip is
-several times cheaper than a grpc.aio one (see fastlane_server.py). The lane is an
-optimisation, never a dependency: it is found through ListImages, and until it is
-connected, when the server has none, or after it broke, urgent requests take the gRPC
-urgent lane. When it breaks, the requests outstanding on it fail with
-PageServerUnavailable (as on a broken gRPC stream); it is tried again after
-RETRY_SECONDS.
+several times cheaper than a grpc.aio one (see fastlane_server.py); bulk data through
+the raw socket costs the daemon's one event loop a fraction of what grpc.aio's receive
+path does, and that loop also answers every fault. A PageClient keeps two fast lanes,
+urgent and bulk, each its own connection, so urgent bytes never queue behind bulk
+bytes in a socket buffer. A lane is an optimisation, never a dependency: it is found
+through ListImages, and until it is connected, when the server has none, or after it
+broke, requests take the gRPC lanes. When it breaks, the requests outstanding on it
+fail with PageServerUnavailable (as on a broken gRPC stream); it is tried again after
+RETRY_SECONDS. The bulk lane sends a request only while the bytes outstanding fit its
+window, as the gRPC bulk lane does.
 
-Frames are parsed in ``data_received`` with one ``struct`` call per chunk; a chunk that
-arrived in one piece is handed on as a view into the received bytes (no copy); only a
-chunk split across reads is assembled in a buffer of its exact size. Every chunk goes
-through the same checks as on the gRPC lanes (Request.deliver).
+Frames are read with ``asyncio.BufferedProtocol``: headers and small chunks into a
+reused scratch buffer (small chunks copied out of it, at most SCRATCH_BYTES), and a
+larger chunk's body straight from the socket into a buffer of its exact size, which is
+then handed on as it is. Every chunk goes through the same checks as on the gRPC lanes
+(Request.deliver).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -31,6 +37,7 @@ from uffdd.remote.tls import ClientTls
 CONNECT_TIMEOUT = 5.0
 RETRY_SECONDS = 30.0
 MAX_CHUNK_BYTES = 128 * 1024 * 1024  # as the gRPC lanes' largest message
+SCRATCH_BYTES = 64 * 1024  # headers and small chunks; larger bodies get their own buffer
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 _log = get_logger("uffdd.remote.fastlane")
@@ -40,18 +47,32 @@ Discover = Callable[[], Awaitable[list[str]]]
 
 
 class FastLane:
-    """The fast lane of one PageClient: at most one connection, made on demand."""
+    """One fast lane of a PageClient: at most one connection, made on demand.
 
-    def __init__(self, target: str, tls: ClientTls | None, discover: Discover) -> None:
+    ``window`` None: the urgent lane (every request is sent at once); otherwise the
+    bulk lane, which sends a request only while the bytes outstanding fit the window
+    (a lone request larger than the window still goes).
+    """
+
+    def __init__(
+        self, target: str, tls: ClientTls | None, discover: Discover, window: int | None = None
+    ) -> None:
         self.target = target
         self.tls = tls
+        self.window = window
         self.address: str | None = None  # the connected fast lane
-        self.outstanding: dict[int, Request] = {}
+        self.outstanding: dict[int, Request] = {}  # sent, not finished
+        self._queue: collections.deque[Request] = collections.deque()  # bulk, not sent
+        self._in_window = 0
         self._discover = discover
         self._protocol: _Protocol | None = None
         self._task: asyncio.Task[None] | None = None
         self._retry_at: float | None = 0.0  # None: the server has no fast lane
         self._warned = False
+
+    @property
+    def name(self) -> str:
+        return "urgent" if self.window is None else "bulk"
 
     # -- routing ---------------------------------------------------------------------
 
@@ -62,7 +83,9 @@ class FastLane:
         if self._task is None and self._retry_at is not None:
             loop = asyncio.get_running_loop()
             if loop.time() >= self._retry_at:
-                self._task = loop.create_task(self._connect(), name="uffdd-fast-lane-connect")
+                self._task = loop.create_task(
+                    self._connect(), name=f"uffdd-fast-lane-{self.name}-connect"
+                )
         return False
 
     @staticmethod
@@ -74,12 +97,38 @@ class FastLane:
 
     def submit(self, request: Request) -> None:
         assert self._protocol is not None
+        if self.window is None:
+            self._send(request)
+        else:
+            self._queue.append(request)
+            self._send_queued()
+
+    def _send(self, request: Request) -> None:
+        assert self._protocol is not None
+        if self.window is not None:
+            request._charged = request.length
+            self._in_window += request.length
         self.outstanding[request.request_id] = request
         self._protocol.send(
             wire.encode_request(
-                request.request_id, request.image_id.encode(), request.address, request.length
+                request.request_id,
+                request.image_id.encode(),
+                request.address,
+                request.length,
+                bulk=self.window is not None,
             )
         )
+
+    def _send_queued(self) -> None:
+        queue = self._queue
+        while queue and self._protocol is not None:
+            head = queue[0]
+            if head.done:
+                queue.popleft()  # cancelled or timed out before it was sent
+                continue
+            if self._in_window and self._in_window + head.length > (self.window or 0):
+                return  # wait for credit
+            self._send(queue.popleft())
 
     # -- the Lane protocol (request.py) -------------------------------------------------
 
@@ -89,14 +138,18 @@ class FastLane:
         error: PageServerError | None,
         *,
         notify: bool = True,
-        tell_server: bool = False,  # the fast lane has no cancel: late chunks are dropped
+        tell_server: bool = False,
     ) -> None:
         if request.done:
             return
         request.done = True
         if request._timer is not None:
             request._timer.cancel()
-        self.outstanding.pop(request.request_id, None)
+        sent = self.outstanding.pop(request.request_id, None) is not None
+        if sent and tell_server and self._protocol is not None:
+            self._protocol.send(wire.encode_cancel(request.request_id))
+        if error is not None or not notify:
+            request.release(request._charged)
         if notify:
             try:
                 request._on_done(error)
@@ -104,7 +157,10 @@ class FastLane:
                 _log.exception("on_done callback failed", request_id=request.request_id)
 
     def release(self, length: int) -> None:
-        """Urgent requests hold no window credit."""
+        """Window credit comes back (only bulk requests hold any)."""
+        self._in_window -= length
+        if self._queue:
+            self._send_queued()
 
     # -- chunks ------------------------------------------------------------------------
 
@@ -148,7 +204,9 @@ class FastLane:
                 self._protocol = protocol
                 self.address = address
                 self._warned = False
-                _log.info("fast lane connected", target=self.target, address=address)
+                _log.info(
+                    "fast lane connected", lane=self.name, target=self.target, address=address
+                )
                 return
             self._fall_back(f"no reachable fast lane among {advertised}")
         except (PageServerError, ConfigError) as exc:
@@ -181,21 +239,15 @@ class FastLane:
         if not self._warned:
             self._warned = True
             _log.warning(
-                "fast lane unavailable; urgent requests use gRPC",
+                "fast lane unavailable; its requests use gRPC",
+                lane=self.name,
                 target=self.target,
                 reason=reason,
             )
 
     def broken(self, error: PageServerError) -> None:
         """The connection ended or sent garbage: fail what it carried, fall back."""
-        if self._protocol is not None:
-            self._protocol.close()
-            self._protocol = None
-        self.address = None
-        waiting = list(self.outstanding.values())
-        self.outstanding.clear()
-        for request in waiting:
-            self.finish(request, error)
+        self._fail_all(error)
         self._fall_back(str(error))
 
     async def close(self) -> None:
@@ -203,25 +255,33 @@ class FastLane:
             self._task.cancel()
             self._task = None
         self._retry_at = None  # closed for good
+        self._fail_all(PageServerUnavailable(f"page client for {self.target} closed"))
+
+    def _fail_all(self, error: PageServerError) -> None:
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
-        waiting = list(self.outstanding.values())
+        self.address = None
+        waiting = [*self.outstanding.values(), *self._queue]
         self.outstanding.clear()
-        error = PageServerUnavailable(f"page client for {self.target} closed")
+        self._queue.clear()
         for request in waiting:
             self.finish(request, error)
+        self._in_window = 0
 
 
-class _Protocol(asyncio.Protocol):
+class _Protocol(asyncio.BufferedProtocol):
     """The socket: frames out, chunks in (see pages.proto, "Fast lane")."""
 
     def __init__(self, lane: FastLane) -> None:
         self._lane = lane
         self._transport: asyncio.Transport | None = None
-        self._head = bytearray()  # a response header split across reads
+        self._scratch = bytearray(SCRATCH_BYTES)
+        self._view = memoryview(self._scratch)
+        self._start = 0  # the scratch's first byte not parsed yet
+        self._end = 0  # the scratch's first byte not received yet
         self._header: tuple[int, int, int, int, int, int, int] | None = None
-        self._body: bytearray | None = None  # a body split across reads
+        self._body: memoryview | None = None  # a body being received in place
         self._filled = 0
         self._closed = False
 
@@ -253,51 +313,55 @@ class _Protocol(asyncio.Protocol):
             return  # lost while connecting: _connect sees it closed
         reason = f": {exc}" if exc else ""
         self._lane.broken(
-            PageServerUnavailable(f"page server {self._lane.target}: fast lane lost{reason}")
+            PageServerUnavailable(
+                f"page server {self._lane.target}: {self._lane.name} fast lane lost{reason}"
+            )
         )
 
-    def data_received(self, data: bytes) -> None:
-        view = memoryview(data)
-        position = 0
-        end = len(view)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None:
+            return self._body[self._filled :]
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._body is None:
+            self._end += nbytes
+            self._parse()
+            return
+        self._filled += nbytes
+        if self._filled == len(self._body):
+            body, header = self._body, self._header
+            assert header is not None
+            self._body = self._header = None
+            self._lane.chunk(header, body.toreadonly())
+
+    def _parse(self) -> None:
+        """Hand on every whole frame in the scratch; start receiving a body in place
+        when one does not fit; keep a partial header for the next read."""
+        view = self._view
         size = wire.RESPONSE.size
-        while position < end and not self._closed:
-            if self._body is not None:
-                position = self._fill_body(view, position)
-                continue
-            if self._head or end - position < size:
-                take = min(size - len(self._head), end - position)
-                self._head += view[position : position + take]
-                position += take
-                if len(self._head) < size:
-                    return
-                header = wire.RESPONSE.unpack(self._head)
-                self._head.clear()
-            else:
-                header = wire.RESPONSE.unpack_from(view, position)
-                position += size
+        while not self._closed and self._end - self._start >= size:
+            header = wire.RESPONSE.unpack_from(view, self._start)
             need = self._body_length(header)
             if need < 0:
                 return
-            if end - position >= need:
-                self._lane.chunk(header, view[position : position + need])
-                position += need
-            else:
-                self._header = header
-                self._body = bytearray(need)
-                self._filled = 0
-
-    def _fill_body(self, view: memoryview, position: int) -> int:
-        assert self._body is not None
-        assert self._header is not None
-        take = min(len(self._body) - self._filled, len(view) - position)
-        self._body[self._filled : self._filled + take] = view[position : position + take]
-        self._filled += take
-        if self._filled == len(self._body):
-            body, header = self._body, self._header
-            self._body = self._header = None
-            self._lane.chunk(header, memoryview(body).toreadonly())
-        return position + take
+            begin = self._start + size
+            have = self._end - begin
+            if have < need:
+                body = memoryview(bytearray(need))
+                body[:have] = view[begin : self._end]
+                self._header, self._body, self._filled = header, body, have
+                self._start = self._end = 0
+                return
+            self._start = begin + need
+            # a copy: the scratch is reused by the next read
+            self._lane.chunk(
+                header, memoryview(bytes(view[begin : self._start])) if need else _EMPTY
+            )
+        rest = self._end - self._start
+        if rest and self._start:
+            self._scratch[:rest] = self._scratch[self._start : self._end]
+        self._start, self._end = 0, rest
 
     def _body_length(self, header: tuple[int, int, int, int, int, int, int]) -> int:
         """The body's size, or -1 (and the lane is failed) if the header is garbage."""

@@ -1,17 +1,19 @@
-"""The page server's fast lane: urgent fetches over a raw TCP or Unix socket.
+"""The page server's fast lane: page fetches over a raw TCP or Unix socket.
 
 Why: a demand fault waits for one urgent round trip, and through grpc.aio that round
 trip costs several times what the socket does (HTTP/2 framing, the C-core's threads
-handing over to the event loop, a Python object per message). The fast lane answers the
-same requests with the same checks (ImageCatalog.resolve) and the same chunks
-(chunking.RangeCursor), written from the image's mmap with fixed binary headers
-(fastlane_wire), on the page server's own event loop. gRPC stays the API; this is an
-optional shortcut a client finds through ListImages.
+handing over to the event loop, a Python object per message); and the background
+transfer's cost per byte, on both ends, is what bounds residency on a small machine.
+The fast lane answers the same requests with the same checks (ImageCatalog.resolve)
+and the same chunks (chunking.RangeCursor), written from the image's mmap with fixed
+binary headers (fastlane_wire), on the page server's own event loop, urgent ahead of
+bulk. gRPC stays the API; this is an optional shortcut a client finds through
+ListImages.
 
-Per connection, requests are answered in order. Memory is bounded: a frame's image id
-is at most 1 KiB, at most MAX_QUEUED requests are parsed ahead, and nothing more is
-read while the transport's write buffer is above its high-water mark. A malformed
-frame closes that connection only.
+Memory is bounded: a frame's image id is at most 1 KiB, at most MAX_QUEUED requests
+are parsed ahead, and nothing more is read while the transport's write buffer is above
+its high-water mark. Bulk data honours ``--bulk-rate-limit`` as on the gRPC stream. A
+malformed frame closes that connection only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import socket
 import ssl
 from pathlib import Path
 
+import grpc
 import xxhash
 
 from uffdd.errors import ConfigError
@@ -45,22 +48,34 @@ _log = get_logger("uffdd.remote.fastlane")
 class _Job:
     """A checked request being answered."""
 
-    __slots__ = ("cursor", "request_id")
+    __slots__ = ("bulk", "cursor", "done", "request_id")
 
-    def __init__(self, request_id: int, cursor: RangeCursor) -> None:
+    def __init__(self, request_id: int, cursor: RangeCursor, *, bulk: bool) -> None:
         self.request_id = request_id
         self.cursor = cursor
+        self.bulk = bulk
+        self.done = False  # complete, failed or cancelled: holds nothing any more
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: parse requests, answer them in order, bounded."""
+    """One client connection: parse requests, answer them, bounded.
+
+    Refusals go out first, then urgent requests in order, then bulk requests in order,
+    one bulk chunk per loop turn: an urgent request arriving on another connection is
+    read before the next bulk chunk is written, and waits behind one chunk at most.
+    """
 
     def __init__(self, lane: FastLaneServer) -> None:
         self._lane = lane
         self._service = lane.service
+        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._queue: collections.deque[_Job | bytes] = collections.deque()
+        self._errors: collections.deque[bytes] = collections.deque()
+        self._urgent: collections.deque[_Job] = collections.deque()
+        self._bulk: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[int, _Job] = {}  # by request id, until done
+        self._bulk_turn: asyncio.Handle | None = None  # the next bulk chunk, scheduled
         self._paused = False  # the transport's write buffer is above high water
         self._reading = True
         self._draining = False  # shutting down: answer what is queued, read nothing new
@@ -114,20 +129,27 @@ class _Connection(asyncio.Protocol):
 
     # -- requests ----------------------------------------------------------------------
 
+    @property
+    def _queued(self) -> int:
+        return len(self._errors) + len(self._urgent) + len(self._bulk)
+
     def _run(self) -> None:
-        """Parse what was received and answer until done or the transport is full."""
+        """Parse what was received, answer urgent work until done or the transport is
+        full, and schedule the next bulk chunk."""
         while not self._closing:
             if not self._draining:
                 self._parse()
-            if not self._queue or self._paused:
+            if self._paused or not (self._errors or self._urgent):
                 break
-            self._pump()
+            self._pump_urgent()
+        if self._bulk and self._bulk_turn is None and not (self._paused or self._closing):
+            self._bulk_turn = self._loop.call_soon(self._bulk_step)
         self._update_reading()
 
     def _update_reading(self) -> None:
         if self._transport is None or self._closing:
             return
-        want = not (self._paused or self._draining) and len(self._queue) < MAX_QUEUED
+        want = not (self._paused or self._draining) and self._queued < MAX_QUEUED
         if want != self._reading:
             self._reading = want
             if want:
@@ -138,11 +160,11 @@ class _Connection(asyncio.Protocol):
     def _parse(self) -> None:
         buffer = self._buffer
         position = 0
-        while len(self._queue) < MAX_QUEUED and len(buffer) - position >= wire.REQUEST.size:
+        while self._queued < MAX_QUEUED and len(buffer) - position >= wire.REQUEST.size:
             magic, request_id, address, length, id_length = wire.REQUEST.unpack_from(
                 buffer, position
             )
-            if magic != wire.MAGIC:
+            if magic not in _KINDS:
                 self._garbage(f"bad magic {bytes(magic)!r}")
                 return
             if id_length > wire.MAX_IMAGE_ID_BYTES:
@@ -157,79 +179,142 @@ class _Connection(asyncio.Protocol):
                 self._garbage("image id is not UTF-8")
                 return
             position = start + id_length
-            self._queue.append(self._accept(request_id, image_id, address, length))
+            if magic == wire.CANCEL_MAGIC:
+                self._cancel(request_id)
+            else:
+                self._accept(request_id, image_id, address, length, bulk=magic == wire.BULK_MAGIC)
         del buffer[:position]
 
-    def _accept(self, request_id: int, image_id: str, address: int, length: int) -> _Job | bytes:
+    def _accept(
+        self, request_id: int, image_id: str, address: int, length: int, *, bulk: bool
+    ) -> None:
         try:
+            if request_id in self._jobs:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request id {request_id} is already outstanding",
+                )
             resolved = self._service.catalog.resolve(image_id, address, length)
         except RequestError as exc:
             log_refusal("FastLane", request_id, image_id, address, length, exc)
-            return wire.encode_error(request_id, address, exc.code.value[0], exc.message)
-        self._service.urgent_started()
-        return _Job(request_id, RangeCursor(resolved))
+            self._errors.append(
+                wire.encode_error(request_id, address, exc.code.value[0], exc.message)
+            )
+            return
+        job = _Job(request_id, RangeCursor(resolved), bulk=bulk)
+        self._jobs[request_id] = job
+        if bulk:
+            self._bulk.append(job)
+        else:
+            self._service.urgent_started()
+            self._urgent.append(job)
 
-    def _pump(self) -> None:
+    def _cancel(self, request_id: int) -> None:
+        """The client gave up on a request: send no more of it (and nothing back; the
+        client already dropped it)."""
+        job = self._jobs.get(request_id)
+        if job is not None:
+            self._end(job)  # left in its queue, skipped when it gets to the front
+
+    def _pump_urgent(self) -> None:
         transport = self._transport
         assert transport is not None
-        chunk_size = self._service.chunk_size
-        while self._queue and not self._paused and not self._closing:
-            job = self._queue[0]
-            if isinstance(job, bytes):
-                self._queue.popleft()
-                transport.write(job)
-                continue
-            try:
-                piece = job.cursor.next_piece(chunk_size)
-            except RequestError as exc:
-                self._finish(job)
-                transport.write(
-                    wire.encode_error(
-                        job.request_id, job.cursor.position(), exc.code.value[0], exc.message
-                    )
-                )
-                continue
-            if piece.last:
-                self._finish(job)
-            if piece.data is None:
-                transport.write(
-                    wire.encode_zero(job.request_id, piece.address, piece.length, piece.last)
-                )
-                continue
-            header = wire.encode_data_header(
-                job.request_id,
-                piece.address,
-                piece.length,
-                xxhash.xxh3_64_intdigest(piece.data),
-                piece.last,
-            )
-            if piece.length <= COALESCE_BYTES:
-                transport.write(header + piece.data)
+        while not self._paused and not self._closing:
+            if self._errors:
+                transport.write(self._errors.popleft())
+            elif self._urgent:
+                self._send_chunk(self._urgent)
             else:
-                transport.write(header)
-                transport.write(piece.data)
+                return
 
-    def _finish(self, job: _Job) -> None:
-        self._queue.popleft()
+    def _bulk_step(self) -> None:
+        """Write one bulk chunk (once the rate limit has room for it), then let the
+        loop run before the next."""
+        self._bulk_turn = None
+        if self._paused or self._closing:
+            return  # resume_writing (or nothing, closing) runs the queue again
+        limit = self._service.bulk_limit
+        if limit is not None:
+            delay = limit.delay(self._service.chunk_size)
+            if delay:
+                self._bulk_turn = self._loop.call_later(delay, self._bulk_step)
+                return
+            limit.take(self._send_chunk(self._bulk))
+        else:
+            self._send_chunk(self._bulk)
+        self._run()
+
+    def _send_chunk(self, queue: collections.deque[_Job]) -> int:
+        """Write the next chunk of the first live job in ``queue``; returns the data
+        bytes written (0 for a zero chunk, an error, or nothing left to send)."""
+        while queue and queue[0].done:
+            queue.popleft()  # cancelled
+        if not queue:
+            return 0
+        job = queue[0]
+        transport = self._transport
+        assert transport is not None
+        try:
+            piece = job.cursor.next_piece(self._service.chunk_size)
+        except RequestError as exc:
+            address = job.cursor.position()
+            self._end(job)
+            queue.popleft()
+            transport.write(
+                wire.encode_error(job.request_id, address, exc.code.value[0], exc.message)
+            )
+            return 0
+        if piece.last:
+            self._end(job)
+            queue.popleft()
+        if piece.data is None:
+            transport.write(
+                wire.encode_zero(job.request_id, piece.address, piece.length, piece.last)
+            )
+            return 0
+        header = wire.encode_data_header(
+            job.request_id,
+            piece.address,
+            piece.length,
+            xxhash.xxh3_64_intdigest(piece.data),
+            piece.last,
+        )
+        if piece.length <= COALESCE_BYTES:
+            transport.write(header + piece.data)
+        else:
+            transport.write(header)
+            transport.write(piece.data)
+        return piece.length
+
+    def _end(self, job: _Job) -> None:
+        """``job`` is complete, failed or cancelled: it holds nothing any more."""
+        if job.done:
+            return
+        job.done = True
+        del self._jobs[job.request_id]
         job.cursor.drop()
-        self._service.urgent_finished()
+        if not job.bulk:
+            self._service.urgent_finished()
 
     def _drop_queue(self) -> None:
-        while self._queue:
-            job = self._queue[0]
-            if isinstance(job, bytes):
-                self._queue.popleft()
-            else:
-                self._finish(job)
+        if self._bulk_turn is not None:
+            self._bulk_turn.cancel()
+            self._bulk_turn = None
+        for job in list(self._jobs.values()):
+            self._end(job)
+        self._errors.clear()
+        self._urgent.clear()
+        self._bulk.clear()
 
     def _garbage(self, reason: str) -> None:
-        """A frame that cannot be parsed: answer what came before it, then hang up."""
+        """A frame that cannot be parsed: answer the urgent requests before it, then
+        hang up."""
         _log.warning(
             "fast lane: malformed frame, closing the connection", peer=self._peer, reason=reason
         )
         self._buffer.clear()
-        if self._queue and not self._paused:
-            self._pump()
+        if not self._paused:
+            self._pump_urgent()
         self._close(abort=False)
 
     def _close(self, *, abort: bool) -> None:
@@ -243,7 +328,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return not self._queue
+        return not self._jobs and not self._errors
 
     def stop_reading(self) -> None:
         """Shutdown: answer what is queued, take nothing new."""
@@ -252,7 +337,10 @@ class _Connection(asyncio.Protocol):
         self._run()
 
     def shut(self) -> None:
-        self._close(abort=bool(self._queue))
+        self._close(abort=not self.idle)
+
+
+_KINDS = frozenset({wire.MAGIC, wire.BULK_MAGIC, wire.CANCEL_MAGIC})
 
 
 class FastLaneServer:

@@ -1,15 +1,19 @@
 """The fast lane's frames (pages.proto, "Fast lane"), shared by its server and client.
 
 Why fixed binary headers: a demand fault's round trip is the whole point of the fast
-lane, so a frame is one ``struct`` call to build and one to parse; no varints, no
-HTTP/2, no per-message objects beyond the header tuple.
+lane, and the bulk transfer's cost per chunk is what bounds residency, so a frame is
+one ``struct`` call to build and one to parse; no varints, no HTTP/2, no per-message
+objects beyond the header tuple.
 """
 
 from __future__ import annotations
 
 import struct
 
-MAGIC = b"UFL1"  # "uffdd fast lane", protocol version 1
+# A request frame's magic says what it asks ("uffdd fast lane", protocol version 1):
+MAGIC = b"UFL1"  # an urgent fetch (a demand fault)
+BULK_MAGIC = b"UFB1"  # a bulk fetch (the background transfer)
+CANCEL_MAGIC = b"UFC1"  # stop answering request_id (address, length, image id unused)
 # magic, request_id, image_address, length, image_id length; then the image id
 REQUEST = struct.Struct("<4sQQIH")
 # request_id, image_address, length, flags, error code, message length, checksum
@@ -28,8 +32,15 @@ MAX_MESSAGE_BYTES = 0xFFFF
 UNIX_SUFFIX = ".urgent"
 
 
-def encode_request(request_id: int, image_id: bytes, address: int, length: int) -> bytes:
-    return REQUEST.pack(MAGIC, request_id, address, length, len(image_id)) + image_id
+def encode_request(
+    request_id: int, image_id: bytes, address: int, length: int, *, bulk: bool = False
+) -> bytes:
+    magic = BULK_MAGIC if bulk else MAGIC
+    return REQUEST.pack(magic, request_id, address, length, len(image_id)) + image_id
+
+
+def encode_cancel(request_id: int) -> bytes:
+    return REQUEST.pack(CANCEL_MAGIC, request_id, 0, 0, 0)
 
 
 def encode_zero(request_id: int, address: int, length: int, last: bool) -> bytes:

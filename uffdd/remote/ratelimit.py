@@ -30,11 +30,21 @@ class TokenBucket:
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
+    def delay(self, amount: int) -> float:
+        """Seconds until the bucket holds ``amount`` bytes (at most a burst's worth);
+        0.0 when it does now."""
+        self._refill()
+        return max(0.0, (min(amount, self.burst) - self._tokens) / self.rate)
+
+    def take(self, amount: int) -> None:
+        """Take ``amount`` bytes now (the bucket may go into debt)."""
+        self._refill()
+        self._tokens -= amount
+
     async def consume(self, amount: int) -> None:
         """Take ``amount`` bytes, sleeping until the bucket allows it (it may go into
         debt for one chunk larger than the burst, repaid by the next wait)."""
-        self._refill()
-        self._tokens -= amount
+        self.take(amount)
         if self._tokens < 0:
             await asyncio.sleep(-self._tokens / self.rate)
 

@@ -79,7 +79,7 @@ class PageService:
         self.chunk_size = chunk_size
         self.max_queued_requests = max_queued_requests
         # Shared by every stream: the cap is on the server's bulk output as a whole.
-        self._bulk_limit = None if bulk_rate is None else TokenBucket(bulk_rate, chunk_size)
+        self.bulk_limit = None if bulk_rate is None else TokenBucket(bulk_rate, chunk_size)
         # Urgent requests queued on any stream of this server. While there are some,
         # bulk chunks wait (at most BULK_YIELD_SECONDS at a time): with urgent and bulk
         # on separate streams (the client's two lanes), this is what keeps the one
@@ -177,8 +177,8 @@ class PageService:
             while True:
                 message = self._next_message(state)
                 if message is not None:
-                    if state.last_was_bulk and self._bulk_limit is not None:
-                        await self._bulk_limit.consume(len(message))
+                    if state.last_was_bulk and self.bulk_limit is not None:
+                        await self.bulk_limit.consume(len(message))
                     yield message
                     continue
                 if state.requests_done and not state.by_id:
