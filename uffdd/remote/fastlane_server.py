@@ -41,6 +41,7 @@ MAX_QUEUED = 1024  # requests parsed ahead of the one being answered, per connec
 # wake-up of the client, for the cost of copying a few pages. Larger chunks are
 # written from the mmap as they are (header and data in two writes, no copy).
 COALESCE_BYTES = 64 * 1024
+UNIX_SEND_BUFFER = 4 * 1024 * 1024
 
 _log = get_logger("uffdd.remote.fastlane")
 
@@ -96,6 +97,11 @@ class _Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock is not None and sock.family == socket.AF_UNIX:
+            # A Unix socket's send buffer stays at net.core.wmem_default (208 KiB
+            # here), where TCP autotunes to megabytes: a chunk took several writes and
+            # wake-ups. The kernel caps the request at net.core.wmem_max.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
         high = 2 * self._service.chunk_size
         transport.set_write_buffer_limits(high=high, low=high // 4)
         self._lane.connections.add(self)
