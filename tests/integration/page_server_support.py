@@ -97,15 +97,18 @@ async def serving(
     *,
     tls: ServerTls | None = None,
     chunk_size: int = 256 * 1024,
+    bulk_chunk_size: int | None = None,
     fast_lane: bool = True,
     bulk_rate: int | None = None,
 ) -> AsyncIterator[PageServer]:
-    """A started PageServer; always stopped (grace 0) when the block ends."""
+    """A started PageServer; always stopped (grace 0) when the block ends. Bulk
+    chunks on the fast lane are ``chunk_size`` too unless ``bulk_chunk_size`` says."""
     server = PageServer(
         root,
         listen or ["127.0.0.1:0"],
         tls=tls,
         chunk_size=chunk_size,
+        bulk_chunk_size=bulk_chunk_size or chunk_size,
         fast_lane=fast_lane,
         bulk_rate=bulk_rate,
     )

@@ -25,10 +25,12 @@ import pytest
 from page_server_support import (
     PAGE,
     Images,
+    assert_rides,
     eventually,
     flip_byte,
     make_certs,
     make_images,
+    page_client,
     run,
     serving,
 )
@@ -46,6 +48,7 @@ from uffdd.remote.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)
 
+MiB = 1024 * 1024
 LAUNCH = [sys.executable, "-c", "from uffdd.remote.commands import page_server; page_server()"]
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -310,6 +313,32 @@ def test_duplicate_outstanding_request_id_is_refused(images: Images) -> None:
             assert received == len(region.content)
 
     run(scenario)
+
+
+def test_bulk_chunks_are_bigger_than_urgent_ones(images: Images) -> None:
+    region = images.regions["mixed"][1]  # 1 MiB data, 1 MiB zeros, 1 MiB data, 8 KiB zeros
+
+    async def scenario() -> dict[Priority, list[tuple[int, bool]]]:
+        shapes: dict[Priority, list[tuple[int, bool]]] = {}
+        async with (
+            serving(images.root, chunk_size=64 * 1024, bulk_chunk_size=MiB) as server,
+            page_client(server, "fast", "mixed") as client,
+        ):
+            for priority in Priority:
+                stream = client.fetch(
+                    "mixed", ImageAddr(region.start), len(region.content), priority
+                )
+                assert_rides(stream.request, "fast")
+                chunks = [chunk async for chunk in stream]
+                data = b"".join(bytes(c.length) if c.data is None else c.data for c in chunks)
+                assert data == region.content
+                shapes[priority] = [(c.length, c.data is None) for c in chunks]
+        return shapes
+
+    shapes = run(scenario)
+    data, zeros, tail = (64 * 1024, False), (MiB, True), (2 * PAGE, True)
+    assert shapes[Priority.URGENT] == [*[data] * 16, zeros, *[data] * 16, tail]
+    assert shapes[Priority.BULK] == [(MiB, False), zeros, (MiB, False), tail]
 
 
 # -- errors ------------------------------------------------------------------------------

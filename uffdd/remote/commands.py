@@ -21,7 +21,7 @@ from uffdd.errors import ConfigError
 from uffdd.log import LEVELS, configure_logging, get_logger
 from uffdd.remote.ratelimit import parse_rate
 from uffdd.remote.server import PageServer
-from uffdd.remote.service import DEFAULT_CHUNK_SIZE
+from uffdd.remote.service import DEFAULT_BULK_CHUNK_SIZE, DEFAULT_CHUNK_SIZE
 from uffdd.remote.tls import ServerTls
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
@@ -84,6 +84,14 @@ async def _serve(server: PageServer, grace: float, ready_file: Path | None) -> N
     help="Largest data chunk in bytes (an urgent request waits behind at most one).",
 )
 @click.option(
+    "--bulk-chunk-size",
+    type=click.IntRange(min=4096),
+    default=DEFAULT_BULK_CHUNK_SIZE,
+    show_default=True,
+    help="Largest chunk of a bulk request on the fast lane, in bytes (at least "
+    "--chunk-size; bigger chunks cost less per byte on both ends).",
+)
+@click.option(
     "--bulk-rate-limit",
     metavar="RATE",
     help="Cap background (bulk) data per second, e.g. 100M; demand faults are never capped.",
@@ -112,6 +120,7 @@ def page_server(
     tls_client_ca: Path | None,
     grace: float,
     chunk_size: int,
+    bulk_chunk_size: int,
     bulk_rate_limit: str | None,
     fast_lane: bool,
     ready_file: Path | None,
@@ -137,6 +146,7 @@ def page_server(
             listen or (DEFAULT_LISTEN,),
             tls=tls,
             chunk_size=chunk_size,
+            bulk_chunk_size=bulk_chunk_size,
             bulk_rate=bulk_rate,
             fast_lane=fast_lane,
         )

@@ -102,7 +102,7 @@ class _Connection(asyncio.Protocol):
             # here), where TCP autotunes to megabytes: a chunk took several writes and
             # wake-ups. The kernel caps the request at net.core.wmem_max.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
-        high = 2 * self._service.chunk_size
+        high = 2 * self._service.bulk_chunk_size
         transport.set_write_buffer_limits(high=high, low=high // 4)
         self._lane.connections.add(self)
         _log.debug("fast lane connection", peer=self._peer)
@@ -241,7 +241,7 @@ class _Connection(asyncio.Protocol):
             return  # resume_writing (or nothing, closing) runs the queue again
         limit = self._service.bulk_limit
         if limit is not None:
-            delay = limit.delay(self._service.chunk_size)
+            delay = limit.delay(self._service.bulk_chunk_size)
             if delay:
                 self._bulk_turn = self._loop.call_later(delay, self._bulk_step)
                 return
@@ -261,7 +261,9 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         try:
-            piece = job.cursor.next_piece(self._service.chunk_size)
+            piece = job.cursor.next_piece(
+                self._service.bulk_chunk_size if job.bulk else self._service.chunk_size
+            )
         except RequestError as exc:
             address = job.cursor.position()
             self._end(job)

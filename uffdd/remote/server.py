@@ -24,7 +24,12 @@ from uffdd.errors import ConfigError
 from uffdd.log import get_logger
 from uffdd.remote.catalog import DEFAULT_MAX_REQUEST_LENGTH, ImageCatalog
 from uffdd.remote.fastlane_server import FastLaneServer
-from uffdd.remote.service import DEFAULT_CHUNK_SIZE, SERVICE_NAME, PageService
+from uffdd.remote.service import (
+    DEFAULT_BULK_CHUNK_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    SERVICE_NAME,
+    PageService,
+)
 from uffdd.remote.tls import ServerTls
 
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
@@ -74,6 +79,7 @@ class PageServer:
         *,
         tls: ServerTls | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        bulk_chunk_size: int = DEFAULT_BULK_CHUNK_SIZE,
         max_request_length: int = DEFAULT_MAX_REQUEST_LENGTH,
         bulk_rate: int | None = None,
         fast_lane: bool = True,
@@ -85,7 +91,12 @@ class PageServer:
         self.listen = list(listen)
         self.tls = tls
         self.catalog = ImageCatalog(images, max_request_length=max_request_length)
-        self.service = PageService(self.catalog, chunk_size=chunk_size, bulk_rate=bulk_rate)
+        self.service = PageService(
+            self.catalog,
+            chunk_size=chunk_size,
+            bulk_chunk_size=bulk_chunk_size,
+            bulk_rate=bulk_rate,
+        )
         self.addresses: list[str] = []
         self.fast_lane_addresses: list[str] = []
         self._fast_lane_enabled = fast_lane
