@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -49,8 +50,23 @@ def _timed(stage: str, function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _gc_timer() -> Callable[[str, dict[str, int]], None]:
+    """A gc callback recording each collection as ``gc gen N`` (it stops the loop)."""
+    started = [0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter_ns()
+        else:
+            record(f"gc gen {info['generation']}", (time.perf_counter_ns() - started[0]) / 1000)
+
+    return callback
+
+
 def install() -> None:
-    """Wrap the uffd operations and the core's entry point (class-wide, this process)."""
+    """Wrap the uffd operations and the core's entry point (class-wide, this process),
+    and time the garbage collector."""
+    gc.callbacks.append(_gc_timer())
     Uffd.read_events = _timed("uffd read", Uffd.read_events)  # type: ignore[method-assign]
     Uffd.copy = _timed("UFFDIO_COPY", Uffd.copy)  # type: ignore[method-assign]
     Uffd.zeropage = _timed("UFFDIO_ZEROPAGE", Uffd.zeropage)  # type: ignore[method-assign]
