@@ -157,9 +157,12 @@ class LazyProcess:
         self.installing: RangeSet[ImageAddr] = RangeSet()
         self.zero: RangeSet[ImageAddr] = RangeSet()
         self.requests: dict[int, tuple[ImageAddr, int]] = {}
+        """Requests this process waits for: id -> (image start, image end)."""
+        self.ended_requests: list[int] = []
+        """Ids dropped from ``requests`` since the tracker last took this list (so it
+        need not compare every request after every event)."""
         self._urgent: set[int] = set()
         """Ids of ``requests`` sent on the urgent lane."""
-        """Requests this process waits for: id -> (image start, image end)."""
         self._installs: dict[int, _Install] = {}
         self._deferred: list[_Install] = []
         self._deferred_since: float | None = None
@@ -433,10 +436,18 @@ class LazyProcess:
             # after a madvise over a sparse span the walk would cross thousands of
             # gaps on every arrival (the 1 GiB demo's sweep stalled on it).
             limit = min(piece.image_end, first[0] + self._chunk)
+            in_flight = self.inflight.total + self.installing.total
+            if in_flight:
+                # A span longer than the budget's room gets no window (bulk_window),
+                # so the walk need not look further: with the budget spent, every
+                # event walked a whole chunk of zero gaps only to learn that (a sparse
+                # image, or pages around a madvise; the 1 GiB demo's madvise phase).
+                room = self.policy.max_in_flight - in_flight
+                if room < piece.page_size:
+                    break
+                limit = min(limit, first[0] + room + piece.page_size)
             span = (first[0], self._sweep_end(first[0], limit))
-            window = self.policy.bulk_window(
-                span, piece.page_size, self._chunk, self.inflight.total + self.installing.total
-            )
+            window = self.policy.bulk_window(span, piece.page_size, self._chunk, in_flight)
             if window is None:
                 break
             # Only the missing pages go in flight; the zero pages between them come
@@ -496,7 +507,7 @@ class LazyProcess:
             self.installing.add(start, end)
             self._install_copy(start, end, event.data, lo, attempts=0, out=out)
         if not self.inflight.overlaps(*request):
-            del self.requests[event.request_id]
+            self._end_request(event.request_id)
 
     def _tree_data(self, event: TreeData, out: list[Action]) -> None:
         """Install a relative's data into the pages this process still misses."""
@@ -692,7 +703,11 @@ class LazyProcess:
     def _prune_requests(self) -> None:
         for request_id, (lo, hi) in list(self.requests.items()):
             if not self.inflight.overlaps(lo, hi):
-                del self.requests[request_id]
+                self._end_request(request_id)
+
+    def _end_request(self, request_id: int) -> None:
+        del self.requests[request_id]
+        self.ended_requests.append(request_id)
 
     # -- fork --------------------------------------------------------------------------
 
@@ -768,6 +783,7 @@ class LazyProcess:
             self.stats.data_dropped += dropped
         for ranges in (self.missing, self.inflight, self.installing):
             ranges.clear()
+        self.ended_requests.extend(self.requests)
         self.requests.clear()
         self._installs.clear()
         self._deferred.clear()

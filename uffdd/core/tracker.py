@@ -18,6 +18,7 @@ How a shell drives it (all calls take ``now``, monotonic seconds; nothing reads 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +68,9 @@ class Tracker:
         self._members: dict[ProcId, list[LazyProcess]] = {}
         """Each restore tree's processes (root first), by root."""
         self._requests: dict[int, _Request] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        """(deadline, request id) of every request, a heap; entries of requests that
+        ended stay until they reach the top (next_wakeup drops them there)."""
         self._subscribed: dict[ProcId, set[int]] = {}
 
     # -- entry points ------------------------------------------------------------------
@@ -178,8 +182,14 @@ class Tracker:
 
     def next_wakeup(self) -> float | None:
         """The latest time the shell should send a Tick (a deadline or a retry)."""
-        times = [r.deadline for r in self._requests.values()]
-        times += [t for p in self._procs.values() if (t := p.next_retry) is not None]
+        # Not a scan of every request: with a sparse image thousands are in flight, and
+        # this runs after every batch of actions.
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._requests:
+            heapq.heappop(deadlines)
+        times = [t for p in self._procs.values() if (t := p.next_retry) is not None]
+        if deadlines:
+            times.append(deadlines[0][0])
         return min(times, default=None)
 
     # -- internals ---------------------------------------------------------------------
@@ -235,6 +245,7 @@ class Tracker:
                     {process.proc},
                 )
                 self._subscribed[process.proc].add(action.request_id)
+                heapq.heappush(self._deadlines, (deadline, action.request_id))
             elif isinstance(action, AdoptChild):
                 child = process.take_child(action.child)
                 self._register(child, self._root[process.proc], process.proc)
@@ -266,7 +277,13 @@ class Tracker:
         """Drop the process from requests it no longer waits for; cancel orphans."""
         out: list[Action] = []
         subscribed = self._subscribed[process.proc]
-        for request_id in [r for r in subscribed if r not in process.requests]:
+        # Only what the process dropped since last time, not a comparison of every
+        # request: this runs after every event, and a sparse image keeps thousands of
+        # requests in flight.
+        ended, process.ended_requests = process.ended_requests, []
+        for request_id in ended:
+            if request_id not in subscribed:
+                continue  # answered in full already (see _arrived)
             subscribed.discard(request_id)
             request = self._requests.get(request_id)
             if request is None:
