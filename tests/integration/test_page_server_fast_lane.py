@@ -220,24 +220,23 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, int, int, in
 
 @contextlib.asynccontextmanager
 async def raw_fast_lane(
-    server: PageServer,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    host, port = server.fast_lane_addresses[0].rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
+    images: Images,
+) -> AsyncIterator[tuple[PageServer, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A page server (4 KiB chunks) and a raw connection to its fast lane."""
+    async with serving(images.root, chunk_size=4096) as server:
+        host, port = server.fast_lane_addresses[0].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            yield server, reader, writer
+        finally:
+            writer.close()
 
 
 def test_urgent_overtakes_bulk_queued_on_the_same_connection(images: Images) -> None:
     region = images.regions["mixed"][1]
 
     async def scenario() -> None:
-        async with (
-            serving(images.root, chunk_size=4096) as server,
-            raw_fast_lane(server) as (reader, writer),
-        ):
+        async with raw_fast_lane(images) as (_, reader, writer):
             # 768 bulk chunks asked for, then one urgent page, in one write
             writer.write(
                 wire.encode_request(1, b"mixed", region.start, len(region.content), bulk=True)
@@ -265,10 +264,7 @@ def test_cancelled_bulk_request_stops_and_the_connection_goes_on(images: Images)
     region = images.regions["mixed"][1]
 
     async def scenario() -> None:
-        async with (
-            serving(images.root, chunk_size=4096) as server,
-            raw_fast_lane(server) as (reader, writer),
-        ):
+        async with raw_fast_lane(images) as (server, reader, writer):
             writer.write(
                 wire.encode_request(1, b"mixed", region.start, len(region.content), bulk=True)
             )
@@ -293,10 +289,7 @@ def test_duplicate_outstanding_request_id_is_refused(images: Images) -> None:
     region = images.regions["mixed"][1]
 
     async def scenario() -> None:
-        async with (
-            serving(images.root, chunk_size=4096) as server,
-            raw_fast_lane(server) as (reader, writer),
-        ):
+        async with raw_fast_lane(images) as (_, reader, writer):
             big = wire.encode_request(7, b"mixed", region.start, len(region.content), bulk=True)
             writer.write(big + big)
             request_id, _, _, flags, message = await read_response(reader)
