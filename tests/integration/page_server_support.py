@@ -100,6 +100,7 @@ async def serving(
     bulk_chunk_size: int | None = None,
     fast_lane: bool = True,
     bulk_rate: int | None = None,
+    bulk_worker: bool = False,
 ) -> AsyncIterator[PageServer]:
     """A started PageServer; always stopped (grace 0) when the block ends. Bulk
     chunks on the fast lane are ``chunk_size`` too unless ``bulk_chunk_size`` says."""
@@ -111,6 +112,7 @@ async def serving(
         bulk_chunk_size=bulk_chunk_size or chunk_size,
         fast_lane=fast_lane,
         bulk_rate=bulk_rate,
+        bulk_worker=bulk_worker,
     )
     await server.start()
     try:

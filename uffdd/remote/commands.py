@@ -19,6 +19,7 @@ import click
 
 from uffdd.errors import ConfigError
 from uffdd.log import LEVELS, configure_logging, get_logger
+from uffdd.remote.bulk_worker import DEFAULT_NICE
 from uffdd.remote.ratelimit import parse_rate
 from uffdd.remote.server import PageServer
 from uffdd.remote.service import DEFAULT_BULK_CHUNK_SIZE, DEFAULT_CHUNK_SIZE
@@ -92,6 +93,20 @@ async def _serve(server: PageServer, grace: float, ready_file: Path | None) -> N
     "--chunk-size; bigger chunks cost less per byte on both ends).",
 )
 @click.option(
+    "--bulk-worker/--no-bulk-worker",
+    default=True,
+    show_default=True,
+    help="Send the fast lane's bulk data from a second process at a lower CPU priority, "
+    "so urgent requests get the CPU first (not with TLS or --bulk-rate-limit).",
+)
+@click.option(
+    "--bulk-nice",
+    type=click.IntRange(0, 19),
+    default=DEFAULT_NICE,
+    show_default=True,
+    help="How much lower the bulk worker's CPU priority is (nice increment).",
+)
+@click.option(
     "--bulk-rate-limit",
     metavar="RATE",
     help="Cap background (bulk) data per second, e.g. 100M; demand faults are never capped.",
@@ -121,6 +136,8 @@ def page_server(
     grace: float,
     chunk_size: int,
     bulk_chunk_size: int,
+    bulk_worker: bool,
+    bulk_nice: int,
     bulk_rate_limit: str | None,
     fast_lane: bool,
     ready_file: Path | None,
@@ -147,6 +164,8 @@ def page_server(
             tls=tls,
             chunk_size=chunk_size,
             bulk_chunk_size=bulk_chunk_size,
+            bulk_worker=bulk_worker,
+            bulk_nice=bulk_nice,
             bulk_rate=bulk_rate,
             fast_lane=fast_lane,
         )

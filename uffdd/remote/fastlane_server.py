@@ -24,6 +24,7 @@ import contextlib
 import socket
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import xxhash
@@ -35,6 +36,9 @@ from uffdd.remote.catalog import RequestError
 from uffdd.remote.chunking import RangeCursor, log_refusal
 from uffdd.remote.fastlane_wire import tcp_host, unix_path
 from uffdd.remote.service import PageService
+
+if TYPE_CHECKING:
+    from uffdd.remote.bulk_worker import BulkWorker
 
 MAX_QUEUED = 1024  # requests parsed ahead of the one being answered, per connection
 # A data chunk up to this size goes out in one write with its header: one segment, one
@@ -58,7 +62,7 @@ class _Job:
         self.done = False  # complete, failed or cancelled: holds nothing any more
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One client connection: parse requests, answer them, bounded.
 
     Refusals go out first, then urgent requests in order, then bulk requests in order,
@@ -66,9 +70,10 @@ class _Connection(asyncio.Protocol):
     read before the next bulk chunk is written, and waits behind one chunk at most.
     """
 
-    def __init__(self, lane: FastLaneServer) -> None:
+    def __init__(self, lane: FastLaneServer, *, initial: bytes = b"") -> None:
         self._lane = lane
         self._service = lane.service
+        self._initial = initial  # bytes read by the process that handed this over
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -81,6 +86,7 @@ class _Connection(asyncio.Protocol):
         self._reading = True
         self._draining = False  # shutting down: answer what is queued, read nothing new
         self._closing = False
+        self._fresh = True  # no request frame seen yet: may go to the bulk worker
         self._peer = ""
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -106,12 +112,37 @@ class _Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=high, low=high // 4)
         self._lane.connections.add(self)
         _log.debug("fast lane connection", peer=self._peer)
+        if self._initial:
+            # before the transport reads anything more, so the frames stay in order
+            initial, self._initial = self._initial, b""
+            self.data_received(initial)
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._draining:
             return
         self._buffer += data
+        if self._fresh:
+            if len(self._buffer) < len(wire.BULK_MAGIC):
+                return
+            self._fresh = False
+            if self._buffer.startswith(wire.BULK_MAGIC) and self._hand_over():
+                return
         self._run()
+
+    def _hand_over(self) -> bool:
+        """Give this bulk connection to the bulk worker, if there is one to take it."""
+        worker = self._lane.bulk_worker
+        transport = self._transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if worker is None or sock is None or not worker.take(sock.fileno(), bytes(self._buffer)):
+            return False
+        # The worker holds the socket now; closing our descriptor leaves it open.
+        self._closing = True
+        self._buffer.clear()
+        self._lane.connections.discard(self)
+        assert transport is not None
+        transport.abort()
+        return True
 
     def eof_received(self) -> bool | None:
         if self._buffer:
@@ -354,10 +385,17 @@ _KINDS = frozenset({wire.MAGIC, wire.BULK_MAGIC, wire.CANCEL_MAGIC})
 class FastLaneServer:
     """Fast-lane listeners of one page server, all on the running event loop."""
 
-    def __init__(self, service: PageService, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        service: PageService,
+        ssl_context: ssl.SSLContext | None,
+        bulk_worker: BulkWorker | None = None,
+    ) -> None:
         self.service = service
         self.ssl_context = ssl_context
-        self.connections: set[_Connection] = set()
+        self.bulk_worker = bulk_worker
+        """Where bulk connections go (None: they are served here)."""
+        self.connections: set[Connection] = set()
         self.addresses: list[str] = []
         self.stopping = False
         self._servers: list[asyncio.Server] = []
@@ -372,7 +410,7 @@ class FastLaneServer:
             if path is not None:
                 lane_path = Path(path + wire.UNIX_SUFFIX)
                 server = await loop.create_unix_server(
-                    lambda: _Connection(self), str(lane_path), ssl=self.ssl_context
+                    lambda: Connection(self), str(lane_path), ssl=self.ssl_context
                 )
                 self._unix_paths.append(lane_path)
                 found = [f"unix:{lane_path}"]
@@ -382,7 +420,7 @@ class FastLaneServer:
             else:
                 host = tcp_host(grpc_listen)
                 server = await loop.create_server(
-                    lambda: _Connection(self), host or None, 0, ssl=self.ssl_context
+                    lambda: Connection(self), host or None, 0, ssl=self.ssl_context
                 )
                 found = _tcp_addresses(host, server)
         except OSError as exc:

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from uffdd.errors import ConfigError
 from uffdd.log import get_logger
+from uffdd.remote.bulk_worker import DEFAULT_NICE, BulkWorker
 from uffdd.remote.catalog import DEFAULT_MAX_REQUEST_LENGTH, ImageCatalog
 from uffdd.remote.fastlane_server import FastLaneServer
 from uffdd.remote.service import (
@@ -83,6 +84,8 @@ class PageServer:
         max_request_length: int = DEFAULT_MAX_REQUEST_LENGTH,
         bulk_rate: int | None = None,
         fast_lane: bool = True,
+        bulk_worker: bool = False,
+        bulk_nice: int = DEFAULT_NICE,
     ) -> None:
         if not listen:
             raise ConfigError("the page server needs at least one address to listen on")
@@ -101,6 +104,17 @@ class PageServer:
         self.fast_lane_addresses: list[str] = []
         self._fast_lane_enabled = fast_lane
         self.fast_lane: FastLaneServer | None = None
+        # A second process for the fast lane's bulk connections (bulk_worker.py); an
+        # SSL session cannot move there, and one bucket must see all rate-limited bulk.
+        self.bulk_worker: BulkWorker | None = None
+        if bulk_worker and fast_lane and tls is None and bulk_rate is None:
+            self.bulk_worker = BulkWorker(
+                images,
+                chunk_size=chunk_size,
+                bulk_chunk_size=self.service.bulk_chunk_size,
+                max_request_length=max_request_length,
+                nice=bulk_nice,
+            )
         self._max_message = chunk_size + 64 * 1024
         # grpc.aio objects belong to the loop they are made in: made in start()
         self._health: _Health | None = None
@@ -145,8 +159,10 @@ class PageServer:
         return self.addresses
 
     async def _start_fast_lane(self) -> None:
+        if self.bulk_worker is not None:
+            await self.bulk_worker.start()
         lane = self.fast_lane = FastLaneServer(
-            self.service, None if self.tls is None else self.tls.ssl_context()
+            self.service, None if self.tls is None else self.tls.ssl_context(), self.bulk_worker
         )
         for listen in self.listen:
             self.fast_lane_addresses += await lane.listen(listen)
@@ -157,14 +173,15 @@ class PageServer:
         _log.info("page server stopping", grace=grace)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        stopping = []
         if self.fast_lane is not None:
             self.service.fast_lane_addresses = []
-            if self._server is not None:
-                await asyncio.gather(self.fast_lane.stop(grace), self._server.stop(grace))
-            else:
-                await self.fast_lane.stop(grace)
-        elif self._server is not None:
-            await self._server.stop(grace)
+            stopping.append(self.fast_lane.stop(grace))
+        if self.bulk_worker is not None:
+            stopping.append(self.bulk_worker.stop(grace))
+        if self._server is not None:
+            stopping.append(self._server.stop(grace))
+        await asyncio.gather(*stopping)
         self.catalog.close()
         _log.info("page server stopped")
 
