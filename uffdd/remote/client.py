@@ -173,19 +173,10 @@ class _Lane:
     ) -> None:
         if request.done:
             return
-        request.done = True
-        if request._timer is not None:
-            request._timer.cancel()
         if self.outstanding.pop(request.request_id, None) is not None and tell_server:
             self.cancels.append(request.request_id)
             self._wakeup.set()
-        if error is not None or not notify:
-            request.release(request._charged)
-        if notify:
-            try:
-                request._on_done(error)
-            except Exception:
-                _log.exception("on_done callback failed", request_id=request.request_id)
+        request.settle(error, notify=notify)
 
     # -- the stream -------------------------------------------------------------------
 

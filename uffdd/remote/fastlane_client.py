@@ -146,19 +146,10 @@ class FastLane:
     ) -> None:
         if request.done:
             return
-        request.done = True
-        if request._timer is not None:
-            request._timer.cancel()
         sent = self.outstanding.pop(request.request_id, None) is not None
         if sent and tell_server and self._protocol is not None:
             self._protocol.send(wire.encode_cancel(request.request_id))
-        if error is not None or not notify:
-            request.release(request._charged)
-        if notify:
-            try:
-                request._on_done(error)
-            except Exception:
-                _log.exception("on_done callback failed", request_id=request.request_id)
+        request.settle(error, notify=notify)
 
     def release(self, length: int) -> None:
         """Window credit comes back (only bulk requests hold any)."""

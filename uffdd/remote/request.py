@@ -95,6 +95,21 @@ class Request:
         if not self.done:
             self._lane.finish(self, None, notify=False, tell_server=True)
 
+    def settle(self, error: PageServerError | None, *, notify: bool) -> None:
+        """The lane is done with this request: stop its timer, return the window credit
+        it still holds unless it completed (its chunks returned that), and tell
+        ``on_done`` (unless ``notify`` is False: cancelled, no more callbacks)."""
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if error is not None or not notify:
+            self.release(self._charged)
+        if notify:
+            try:
+                self._on_done(error)
+            except Exception:
+                _log.exception("on_done callback failed", request_id=self.request_id)
+
     def release(self, length: int) -> None:
         """Return ``length`` bytes of window credit (the consumer took a chunk)."""
         length = min(length, self._charged)
