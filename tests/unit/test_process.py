@@ -397,6 +397,23 @@ def test_a_fetch_past_its_deadline_kills() -> None:
     assert "deadline" in kill.reason
 
 
+def test_the_next_wakeup_is_the_earliest_deadline_of_a_request_still_out() -> None:
+    tracker, _ = make()
+    [first] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
+    [second] = tracker.handle_uffd(R, [PageFault(run(8))], 2.0)
+    assert isinstance(first, Fetch)
+    assert isinstance(second, Fetch)
+    assert tracker.next_wakeup() == 1.0 + POLICY.urgent_deadline
+    copies = only(
+        tracker.handle(PagesArrived(first.request_id, img(0), first.length, "d"), 2.5), Copy
+    )
+    assert copies
+    # the answered request's deadline no longer counts; the other's does
+    assert tracker.next_wakeup() == 2.0 + POLICY.urgent_deadline
+    tracker.handle(PagesArrived(second.request_id, img(8), second.length, "d"), 3.0)
+    assert tracker.next_wakeup() is None
+
+
 def test_data_outside_the_request_kills_instead_of_installing() -> None:
     tracker, _ = make()
     [fetch] = tracker.handle_uffd(R, [PageFault(run(0))], 1.0)
