@@ -44,7 +44,6 @@ def images(tmp_path: Path) -> Images:
 
 def worker_of(server: PageServer) -> BulkWorker:
     assert server.bulk_worker is not None
-    assert server.bulk_worker.process is not None
     return server.bulk_worker
 
 
@@ -143,3 +142,22 @@ def test_no_worker_with_tls_or_a_bulk_rate_limit(images: Images, tmp_path: Path)
     ):
         assert server.bulk_worker is None
         server.catalog.close()
+
+
+def test_a_worker_that_cannot_start_leaves_bulk_in_the_main_process(images: Images) -> None:
+    async def scenario() -> None:
+        server = PageServer(images.root, ["127.0.0.1:0"], bulk_worker=True)
+        worker = worker_of(server)
+        worker._command[worker._command.index("--chunk-size") + 1] = "lots"  # it exits at once
+        await server.start()
+        try:
+            assert worker.process is not None
+            assert worker.process.poll() == 2  # argparse's exit
+            async with page_client(server, "fast", "small") as client:
+                stream = client.fetch("small", ImageAddr(0x1000), 4 * PAGE, Priority.BULK)
+                assert bytes(await stream.read_all()) == images.expected("small", 0x1000, 4 * PAGE)
+            assert worker.handed_over == 0
+        finally:
+            await server.stop(0)
+
+    run(scenario)

@@ -135,6 +135,8 @@ class BulkWorker:
         if self._ready and reason is not None:
             _log.warning("bulk connections stay in the main process", reason=reason)
         self._ready = False
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(OSError(reason or "stopped before it was ready"))
 
     def take(self, fileno: int, initial: bytes) -> bool:
         """Give the connection ``fileno`` (and the bytes read from it so far) to the
