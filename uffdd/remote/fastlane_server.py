@@ -201,7 +201,7 @@ class Connection(asyncio.Protocol):
             magic, request_id, address, length, id_length = wire.REQUEST.unpack_from(
                 buffer, position
             )
-            if magic not in _KINDS:
+            if magic not in wire.KNOWN_MAGICS:
                 self._garbage(f"bad magic {bytes(magic)!r}")
                 return
             if id_length > wire.MAX_IMAGE_ID_BYTES:
@@ -377,9 +377,6 @@ class Connection(asyncio.Protocol):
 
     def shut(self) -> None:
         self._close(abort=not self.idle)
-
-
-_KINDS = frozenset({wire.MAGIC, wire.BULK_MAGIC, wire.CANCEL_MAGIC})
 
 
 class FastLaneServer:

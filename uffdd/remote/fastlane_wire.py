@@ -14,6 +14,7 @@ import struct
 MAGIC = b"UFL1"  # an urgent fetch (a demand fault)
 BULK_MAGIC = b"UFB1"  # a bulk fetch (the background transfer)
 CANCEL_MAGIC = b"UFC1"  # stop answering request_id (address, length, image id unused)
+KNOWN_MAGICS = frozenset({MAGIC, BULK_MAGIC, CANCEL_MAGIC})
 # magic, request_id, image_address, length, image_id length; then the image id
 REQUEST = struct.Struct("<4sQQIH")
 # request_id, image_address, length, flags, error code, message length, checksum
