@@ -141,7 +141,9 @@ def test_copy_from_an_address_in_our_own_memory(workloads: WorkloadPool) -> None
 def test_bad_ranges_raise_uffd_op_error(workloads: WorkloadPool) -> None:
     child = workloads.start()
     with child.create_uffd() as uffd:
-        base = child.mmap(2 * PAGE)
+        # Two pages with a hole after them that nothing else maps.
+        base = child.mmap(4 * PAGE)
+        child.call("munmap", addr=base + 2 * PAGE, length=2 * PAGE)
         uffd.register(base, 2 * PAGE, RegisterMode.MISSING)
         with pytest.raises(UffdOpError) as unaligned:
             uffd.copy(base + 1, pattern(7))
@@ -151,7 +153,7 @@ def test_bad_ranges_raise_uffd_op_error(workloads: WorkloadPool) -> None:
             uffd.zeropage(base, 0)
         assert zero_length.value.errno == errno.EINVAL
         with pytest.raises(UffdOpError) as outside:
-            uffd.register(base, 4 * PAGE, RegisterMode.MISSING)  # runs off the mapping
+            uffd.register(base + 2 * PAGE, 2 * PAGE, RegisterMode.MISSING)  # unmapped
         assert outside.value.op == "register"
         with pytest.raises(ValueError, match="bytes from"):
             uffd.copy(base, b"short", PAGE)
