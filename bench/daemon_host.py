@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--image-dir", type=Path, help="serve this local image in place")
     parser.add_argument("--page-server", default="", help="fetch from this page server")
     parser.add_argument("--no-sweep", action="store_true", help="demand faults only")
+    parser.add_argument(
+        "--no-install-thread", action="store_true", help="every install on the loop"
+    )
     parser.add_argument("--max-inflight", type=int, help="DaemonConfig.max_inflight_bytes")
     parser.add_argument("--stages", type=Path, help="time each stage; JSON here at exit")
     args = parser.parse_args()
@@ -73,6 +76,7 @@ async def _serve(args: argparse.Namespace) -> None:
         page_server=args.page_server,
         images=str(args.image_dir.parent) if args.image_dir else "",
         sweep=not args.no_sweep,
+        install_thread=not args.no_install_thread,
         log_format="json",
         grace=2.0,
     )

@@ -50,6 +50,11 @@ def main() -> None:
         metavar="MIB",
         help="experiment: the daemon's max_inflight_bytes (default: uffdd's, 64 MiB)",
     )
+    parser.add_argument(
+        "--no-install-thread",
+        action="store_true",
+        help="experiment: every install on the daemon's loop (install_thread = false)",
+    )
     args = parser.parse_args()
     names = [n.strip() for n in args.scenario.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -61,6 +66,9 @@ def main() -> None:
     if args.max_inflight:
         services.DAEMON_ARGS += ["--max-inflight", str(args.max_inflight << 20)]
         print(f"experiment: daemon max_inflight_bytes = {args.max_inflight} MiB")
+    if args.no_install_thread:
+        services.DAEMON_ARGS.append("--no-install-thread")
+        print("experiment: daemon install_thread = false")
     if args.profile is not None:
         if not (shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists()):
             parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")

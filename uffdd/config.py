@@ -58,6 +58,9 @@ class DaemonConfig:
     """Largest background request; requests grow to it while no fault comes."""
     sweep: bool = True
     """Stream the rest in the background (off: demand faults only; never resident)."""
+    install_thread: bool = True
+    """Install large background chunks on a thread of their own, so demand faults are
+    read and answered meanwhile (off: every install runs on the daemon's loop)."""
     images: str = ""
     """A local image root: handovers naming no page server are served from it."""
     log_format: str = "json"

@@ -185,7 +185,8 @@ class Daemon:
                 urgent_deadline=self.config.fetch_deadline,
                 bulk_deadline=max(self.config.fetch_deadline, 60.0),
                 sweep=self.config.sweep,
-            )
+            ),
+            background_installs=self.config.install_thread,
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
@@ -368,6 +369,7 @@ class Daemon:
                 processes=len(outcome.processes),
                 bytes=outcome.bytes_resident,
                 faults=outcome.faults,
+                thread_installs=outcome.thread_installs,
                 fault_p50_us=_micros(outcome.fault_p50),
                 fault_p99_us=_micros(outcome.fault_p99),
                 seconds=round(outcome.seconds, 3),

@@ -60,6 +60,12 @@ from uffdd.log import LEVELS, configure_logging, get_logger
     help="Stream the rest in the background (default) or serve demand faults only.",
 )
 @click.option(
+    "--install-thread/--no-install-thread",
+    default=None,
+    help="Install large background chunks on a thread of their own (default) or on "
+    "the daemon's loop.",
+)
+@click.option(
     "--criu-images",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Also take CRIU lazy-pages handovers for this dump (lazy-pages.socket in "
@@ -92,6 +98,7 @@ def daemon(
     bulk_max: str | None,
     max_inflight: str | None,
     sweep: bool | None,
+    install_thread: bool | None,
     criu_images: Path | None,
     criu_work_dir: Path | None,
     firecracker_specs: tuple[str, ...],
@@ -124,6 +131,7 @@ def daemon(
                 "bulk_max": _size(bulk_max, "--bulk-max"),
                 "max_inflight_bytes": _size(max_inflight, "--max-inflight"),
                 "sweep": sweep,
+                "install_thread": install_thread,
             },
         )
     except ConfigError as exc:

@@ -16,6 +16,14 @@ first (``Uffd.fast_serve``): it answers faults where the core's ``fast_ranges`` 
 image's data is right and the data's checksum chunk is verified, and stops at the first
 message it cannot answer; that message and everything after it takes the path above.
 The core learns what C installed (``FastServed``) in the same batch, before the rest.
+
+Large bulk copies (no thread waits on them) go to the installer thread
+(``kernel/installer.py``) instead, so a demand fault is read and answered while a
+megabyte of background data goes in. The core's contract still holds where it matters:
+a batch that holds only faults may reach the core while such copies run (it leaves
+their pages alone: their outcome wakes the waiters), but before a layout event reaches
+it the uffd is fenced and every copy of that process has ended and reported back; an
+install the core asks for meanwhile meets the EAGAIN the kernel would give.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from uffdd.core.events import (
     HandoverComplete,
     InstallOutcome,
     InstallResult,
+    PageFault,
     PagesArrived,
     ProcId,
     ShellEvent,
@@ -64,6 +73,7 @@ from uffdd.core.stats import LatencyHistogram, ProcessSummary
 from uffdd.core.tracker import Tracker
 from uffdd.core.wire import decode_messages
 from uffdd.errors import PageServerError, UffdOpError
+from uffdd.kernel.installer import Installer
 from uffdd.kernel.uffd import FastStatus, FastTable, OpResult, Uffd
 from uffdd.log import get_logger
 from uffdd.remote.client import Chunk
@@ -73,6 +83,9 @@ from uffdd.sources import FetchHandle, LocalData, PageSource, local_data_of
 _log = get_logger("uffdd.executor")
 
 _READ_BATCH = 64
+_BACKGROUND_MIN = 128 * 1024
+"""Bulk copies this large go to the installer thread; smaller ones cost less than the
+hand-off (a completion wakes the loop across CPUs, ~70 us here)."""
 _PRIORITY = {Lane.URGENT: Priority.URGENT, Lane.BULK: Priority.BULK}
 
 
@@ -90,6 +103,8 @@ class TreeOutcome:
     fault_p99: float | None
     bytes_resident: int
     seconds: float
+    thread_installs: int = 0
+    """Copies the installer thread ran for this tree."""
 
 
 @dataclass(eq=False)
@@ -110,12 +125,13 @@ class _Tree:
     summaries: list[ProcessSummary] = field(default_factory=list)
     local: LocalData | None = None
     """The image in place, when the source has it locally (the C fast path serves)."""
+    thread_installs: int = 0
 
 
 class Executor:
     """Serves every lazy process of the daemon on the running loop."""
 
-    def __init__(self, policy: Policy | None = None) -> None:
+    def __init__(self, policy: Policy | None = None, *, background_installs: bool = True) -> None:
         self.tracker = Tracker(policy)
         self._deadlines = {
             Lane.URGENT: self.tracker.policy.urgent_deadline,
@@ -131,6 +147,13 @@ class Executor:
         self._tick: asyncio.TimerHandle | None = None
         self._fast: dict[ProcId, tuple[int, FastTable]] = {}
         """Each process's fast-path table, with the layout generation it was built at."""
+        self._installer = Installer() if background_installs else None
+        self._background: dict[int, tuple[ProcId, int]] = {}
+        """Installer job -> (process, install id) of the Copy it runs."""
+        self._fenced: set[ProcId] = set()
+        """Processes whose layout event was read and not yet handed to the core."""
+        if self._installer is not None:
+            self._loop.add_reader(self._installer.fd, self._take_completions)
 
     # -- what the daemon calls ---------------------------------------------------------
 
@@ -203,20 +226,46 @@ class Executor:
         events: list[UffdEvent | FastServed] = []
         error = 0
         table = self._fast_table(proc)
-        if table is not None:
-            drained, error = self._serve_fast(proc, uffd, table, events)
-            now = time.monotonic()  # the rest was read just now, at the end of it
-        else:
-            drained = False
-        while not drained and (batch := uffd.read_events(_READ_BATCH)):
-            events.extend(batch)
-        if events:
+        with self._reading() as fence:
+            if table is not None:
+                drained, error = self._serve_fast(proc, uffd, table, events)
+                now = time.monotonic()  # the rest was read just now, at the end of it
+            else:
+                drained = False
+            while not drained and (batch := uffd.read_events(_READ_BATCH)):
+                events.extend(batch)
+            layout = any(not isinstance(e, PageFault | FastServed) for e in events)
+            if layout and fence is not None:
+                fence(uffd)
+        if layout and self._installer is not None:
+            self._run(self._fenced_batch(proc, uffd, events, now))
+        elif events:
             self._run(self.tracker.handle_uffd(proc, events, now))
         if error:
             raise UffdOpError("read", error)
         # Everything queued has been read: installs that met EAGAIN may go again.
         if proc in self._uffds:
             self._handle(EventsDrained(proc))
+
+    def _reading(self) -> contextlib.AbstractContextManager[Callable[[Uffd], None] | None]:
+        if self._installer is None:
+            return contextlib.nullcontext()
+        return self._installer.reading()
+
+    def _fenced_batch(
+        self, proc: ProcId, uffd: Uffd, events: list[UffdEvent | FastServed], now: float
+    ) -> list[Action]:
+        """The core's actions for a batch with a layout event, read with ``uffd`` fenced:
+        first every background copy of the process ends and reports back."""
+        assert self._installer is not None
+        self._fenced.add(proc)
+        try:
+            self._installer.quiesce(uffd)
+            self._take_completions()
+            return self.tracker.handle_uffd(proc, events, now)
+        finally:
+            self._fenced.discard(proc)
+            self._installer.unfence(uffd)
 
     def _serve_fast(
         self, proc: ProcId, uffd: Uffd, table: FastTable, events: list[UffdEvent | FastServed]
@@ -287,7 +336,8 @@ class Executor:
 
     def _execute(self, action: Action) -> None:
         if isinstance(action, Copy):
-            self._install(action, self._copy)
+            if not self._submit_background(action):
+                self._install(action, self._copy)
         elif isinstance(action, ZeroFill):
             self._install(action, self._zero)
         elif isinstance(action, Fetch):
@@ -307,12 +357,51 @@ class Executor:
         else:
             self._kill(action)
 
+    def _submit_background(self, action: Copy) -> bool:
+        """Hand a large bulk copy to the installer thread; False: install it here."""
+        uffd = self._uffds.get(action.proc)
+        if (
+            self._installer is None
+            or uffd is None
+            or not action.dontwake
+            or action.length < _BACKGROUND_MIN
+            or action.page_size != PAGE_SIZE  # pieces would split a huge page
+            or action.proc in self._fenced
+        ):
+            return False
+        data = memoryview(action.data)  # type: ignore[arg-type]
+        view = data[action.data_offset : action.data_offset + action.length]
+        job = self._installer.submit(uffd, action.run_addr, view, dontwake=True)
+        if job is None:
+            return False  # the queue is full: this one goes in here
+        self._background[job] = (action.proc, action.install_id)
+        self._tree_of[action.proc].thread_installs += 1
+        return True
+
+    def _take_completions(self) -> None:
+        """Feed the installer's completions to the core."""
+        assert self._installer is not None
+        for done in self._installer.take():
+            proc, install_id = self._background.pop(done.job)
+            if proc not in self._uffds:
+                continue  # released meanwhile: nothing waits for this outcome
+            if done.result is None:
+                self._run(self.tracker.kill_tree(proc, str(done.error), time.monotonic()))
+                continue
+            result = InstallResult(done.result.outcome.value)
+            self._handle(InstallOutcome(proc, install_id, result, done.result.done))
+
     def _install(
         self, action: Copy | ZeroFill, operation: Callable[[Uffd, Copy | ZeroFill], OpResult]
     ) -> None:
         uffd = self._uffds.get(action.proc)
         if uffd is None:
             result = InstallResult.GONE
+            done = 0
+        elif action.proc in self._fenced:
+            # Its layout event is read but not yet handled: as the kernel does until
+            # the event is read, refuse; the core retries once the events are drained.
+            result = InstallResult.RETRY
             done = 0
         else:
             try:
@@ -395,6 +484,11 @@ class Executor:
         uffd = self._uffds.pop(action.proc, None)
         if uffd is not None:
             self._loop.remove_reader(uffd.fd)
+            if self._installer is not None:
+                # No job may outlive the fd: its number could name another uffd next.
+                self._installer.fence(uffd)
+                self._installer.quiesce(uffd)
+                self._installer.unfence(uffd)
             uffd.close()
         self._tree_of.pop(action.proc, None)
         if tree is None:
@@ -446,6 +540,7 @@ class Executor:
             fault_p99=tree.latency.quantile(0.99),
             bytes_resident=sum(s.bytes_resident for s in tree.summaries),
             seconds=time.monotonic() - tree.started,
+            thread_installs=tree.thread_installs,
         )
         self.tracker.forget_tree(tree.root)
         tree.on_done(outcome)
@@ -475,6 +570,11 @@ class Executor:
         for _, table in self._fast.values():
             table.close()
         self._fast.clear()
+        if self._installer is not None:
+            self._loop.remove_reader(self._installer.fd)
+            self._installer.close()
+            self._installer = None
+            self._background.clear()
 
 
 def _table_rows(process: LazyProcess, local: LocalData) -> list[tuple[int, int, int]]:

@@ -41,12 +41,17 @@ def _events(running_log: list[dict[str, object]], name: str) -> list[dict[str, o
     return [e for e in running_log if e.get("event") == name]
 
 
+@pytest.mark.parametrize("install_thread", [True, False], ids=["install-thread", "loop-only"])
 def test_restore_with_fork_remap_remove_unmap_verifies_every_byte(
-    images: Path, tmp_path: Path
+    images: Path, tmp_path: Path, install_thread: bool
 ) -> None:
     # A capped bulk lane keeps the transfer going while the workload forks, remaps and
-    # drops memory, so all of it happens mid-transfer (demand faults are not capped).
-    with services(tmp_path, images, server_args=("--bulk-rate-limit", "6M")) as running:
+    # drops memory, so all of it happens mid-transfer (demand faults are not capped),
+    # while the installer thread (or the loop) puts background chunks in.
+    flag = "--install-thread" if install_thread else "--no-install-thread"
+    with services(
+        tmp_path, images, server_args=("--bulk-rate-limit", "6M"), daemon_args=(flag,)
+    ) as running:
         restored = start_restored(running.handover, "demo")
         assert restored.finish() == 0, restored.events
     done = restored.last("done")
@@ -71,6 +76,9 @@ def test_restore_with_fork_remap_remove_unmap_verifies_every_byte(
     (final,) = _events(log, "fully resident")
     assert final["processes"] == 4
     assert len(_events(log, "following fork")) == 3
+    thread_installs = final["thread_installs"]
+    assert isinstance(thread_installs, int)
+    assert (thread_installs > 0) is install_thread
 
 
 def test_many_restores_at_once(images: Path, tmp_path: Path) -> None:

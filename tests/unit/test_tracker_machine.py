@@ -23,6 +23,14 @@ The ``fast_serve`` rule plays the executor's C fast path: with a table of
 the faults at the head of the queue by copying image data (fault-around window, then
 the page alone, then a wake), stops at the first message it cannot answer, and reports
 ``FastServed`` in the same batch as the rest; its copies are checked like the core's.
+
+With ``background`` on, the machine plays the executor's installer thread too: a Copy
+with ``dontwake`` becomes a job that runs page by page when the ``run_job`` rule says
+(between reads, faults and arrivals), and its outcome reaches the core only when
+``take_completions`` says. A read whose batch holds a layout event fences the process
+first, as the executor does: its jobs stop where they are (EAGAIN with the bytes done),
+every completion is delivered, installs asked for meanwhile get EAGAIN, and only then
+does the batch reach the core.
 """
 
 from __future__ import annotations
@@ -107,6 +115,14 @@ class Page:
 
 
 @dataclass
+class Job:
+    """A Copy on the fake installer thread: ``done`` bytes of it have run."""
+
+    copy: Copy
+    done: int = 0
+
+
+@dataclass
 class FakeProc:
     """The kernel's view of one process, plus the model of what it must read."""
 
@@ -146,14 +162,21 @@ class CoreMachine(RuleBasedStateMachine):
         self.handed_over = False
         # the fast path's table of each process: (layout generation, run ranges)
         self.tables: dict[ProcId, tuple[int, list[tuple[int, int, int]]]] = {}
+        # the installer thread: jobs running, outcomes not yet taken, fenced processes
+        self.background = False
+        self.jobs: list[Job] = []
+        self.finished: list[InstallOutcome] = []
+        self.fenced: set[ProcId] = set()
 
     # -- set-up ------------------------------------------------------------------------
 
     @initialize(
         data_pages=st.sets(st.integers(0, 17), min_size=4, max_size=18),
         handover=st.sampled_from([False, False, False, True]),
+        background=st.booleans(),
     )
-    def adopt(self, data_pages: set[int], handover: bool) -> None:
+    def adopt(self, data_pages: set[int], handover: bool, background: bool) -> None:
+        self.background = background
         pages: dict[int, Page] = {}
         data: list[tuple[int, int]] = []
         index = 0
@@ -208,16 +231,30 @@ class CoreMachine(RuleBasedStateMachine):
             assert not isinstance(action, Kill), f"unexpected kill: {action.reason}"
         return None
 
-    def copy(self, action: Copy) -> InstallOutcome:
+    def copy(self, action: Copy) -> InstallOutcome | None:
         proc = self.procs[action.proc]
         assert not proc.done, "an install for a process that was released"
         assert isinstance(action.data, Chunk)
         assert action.image_addr == action.data.image + action.data_offset
-        if proc.changing:
+        if proc.name in self.fenced:
             return InstallOutcome(proc.name, action.install_id, InstallResult.RETRY, 0)
+        if self.background and action.dontwake:
+            self.jobs.append(Job(action))
+            return None
+        done, result = self.copy_pages(proc, action, 0, action.length)
+        return InstallOutcome(proc.name, action.install_id, result, done)
+
+    def copy_pages(
+        self, proc: FakeProc, action: Copy, start: int, end: int
+    ) -> tuple[int, InstallResult]:
+        """UFFDIO_COPY of ``[start, end)`` of ``action`` like the kernel: (bytes done,
+        result), the bytes counted from ``start``."""
+        assert isinstance(action.data, Chunk)
+        if proc.changing:
+            return 0, InstallResult.RETRY
         done = 0
         result = InstallResult.DONE
-        for offset in range(0, action.length, P):
+        for offset in range(start, end, P):
             run = action.run_addr + offset
             assert run in proc.pages, f"Copy into unmapped page {run:#x}"
             if run in proc.present:
@@ -231,8 +268,8 @@ class CoreMachine(RuleBasedStateMachine):
             proc.present[run] = source
             done += P
         if not action.dontwake:
-            self.wake(proc, action.run_addr, done)
-        return InstallOutcome(proc.name, action.install_id, result, done)
+            self.wake(proc, action.run_addr + start, done)
+        return done, result
 
     def zero_fill(self, action: ZeroFill) -> InstallOutcome:
         """UFFDIO_ZEROPAGE as the kernel does it: page by page, stopping at the first
@@ -294,6 +331,8 @@ class CoreMachine(RuleBasedStateMachine):
     def release(self, action: Release) -> None:
         proc = self.procs[action.proc]
         assert not proc.done
+        assert not any(job.copy.proc == proc.name for job in self.jobs), "a copy still runs"
+        assert not any(o.proc == proc.name for o in self.finished), "an outcome is untaken"
         proc.done = True
         if action.exited:
             return
@@ -323,11 +362,30 @@ class CoreMachine(RuleBasedStateMachine):
 
     def read(self, proc: FakeProc) -> None:
         """The shell reads the whole queue as one batch, acts, then reports the drain."""
-        batch, proc.queue = proc.queue, []
-        if batch:
+        batch: list[UffdEvent | FastServed]
+        batch, proc.queue = list(proc.queue), []
+        self.hand_over(proc, batch)
+
+    def hand_over(self, proc: FakeProc, batch: list[UffdEvent | FastServed]) -> None:
+        """A batch just read to the core, fenced as the executor does when it holds a
+        layout event; then the drain."""
+        if any(not isinstance(e, PageFault | FastServed) for e in batch):
+            self.fenced.add(proc.name)
+            for job in [j for j in self.jobs if j.copy.proc == proc.name]:
+                self.end_job(job, InstallResult.RETRY)  # stopped by the fence
+            self.take_completions()
+            actions = self.tracker.handle_uffd(proc.name, batch, self.now)
+            self.fenced.discard(proc.name)
+            self.execute(actions)
+        elif batch:
             self.execute(self.tracker.handle_uffd(proc.name, batch, self.now))
         if not proc.done:
             self.execute(self.tracker.handle(EventsDrained(proc.name), self.now))
+
+    def end_job(self, job: Job, result: InstallResult) -> None:
+        self.jobs.remove(job)
+        copy = job.copy
+        self.finished.append(InstallOutcome(copy.proc, copy.install_id, result, job.done))
 
     def deliver(self, request_id: int, lo: int, hi: int) -> None:
         self.undelivered.get(request_id, set()).difference_update(range(lo, hi, P))
@@ -433,10 +491,36 @@ class CoreMachine(RuleBasedStateMachine):
         if served:
             batch.append(FastServed(proc.name, tuple(installs), served, self.now))
         batch.extend(rest)
-        if batch:
-            self.execute(self.tracker.handle_uffd(proc.name, batch, self.now))
-        if not proc.done:
-            self.execute(self.tracker.handle(EventsDrained(proc.name), self.now))
+        self.hand_over(proc, batch)
+
+    # -- the shell's installer thread ---------------------------------------------------
+
+    @precondition(lambda self: bool(self.jobs))
+    @rule(which=st.integers(0, 7), pages=st.integers(1, 8))
+    def run_job(self, which: int, pages: int) -> None:
+        """The thread runs up to ``pages`` pages of a job (one ioctl)."""
+        job = self.jobs[which % len(self.jobs)]
+        self.step_job(job, pages)
+
+    def step_job(self, job: Job, pages: int) -> None:
+        copy = job.copy
+        proc = self.procs[copy.proc]
+        end = min(job.done + pages * P, copy.length)
+        done, result = self.copy_pages(proc, copy, job.done, end)
+        job.done += done
+        if result is not InstallResult.DONE:
+            # as the thread reports it: this ioctl's errno, the bytes of the whole job
+            self.end_job(job, result)
+        elif job.done == copy.length:
+            self.end_job(job, InstallResult.DONE)
+
+    @precondition(lambda self: bool(self.finished))
+    @rule()
+    def take_completions(self) -> None:
+        finished, self.finished = self.finished, []
+        for outcome in finished:
+            if not self.procs[outcome.proc].done:
+                self.execute(self.tracker.handle(outcome, self.now))
 
     @precondition(lambda self: bool(self.live()))
     @rule(who=st.integers(0, 7))
@@ -585,6 +669,9 @@ class CoreMachine(RuleBasedStateMachine):
     def settle(self) -> None:
         """Read every queue, answer every request, let time pass, until quiet."""
         for _ in range(100):
+            while self.jobs:
+                self.step_job(self.jobs[0], 64)
+            self.take_completions()
             for proc in self.live():
                 self.read(proc)
             for request_id in sorted(self.outstanding):
@@ -593,7 +680,9 @@ class CoreMachine(RuleBasedStateMachine):
                 lo, hi = self.outstanding.pop(request_id)
                 self.deliver(request_id, lo, hi)
             self.tick(0.02)
-            if not self.outstanding and not any(p.queue for p in self.live()):
+            if not (self.outstanding or self.jobs or self.finished) and not any(
+                p.queue for p in self.live()
+            ):
                 break
 
     def teardown(self) -> None:

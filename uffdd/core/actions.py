@@ -6,9 +6,14 @@ userfaultfd name the process (``proc``); fetches are routed by request id.
 
 Contract for the shell, per process: execute the actions in the order given, and feed
 the outcome of every install action (Copy, ZeroFill) back as an ``InstallOutcome``
-before passing the next batch of that process's uffd events to the core. The core
-relies on it: an install decided before a REMOVE was read must run before that REMOVE
-is acknowledged, or snapshot data could land in a page that must read zeros.
+before passing a batch of that process's uffd events that holds a layout event
+(REMOVE, UNMAP, REMAP, FORK) to the core, with no install of that process running
+after the read of that batch (until the core has it, answer installs with RETRY, as
+the kernel does while such an event is unread). The core relies on it: an install
+decided before a REMOVE was read must run before that REMOVE is acknowledged, or
+snapshot data could land in a page that must read zeros. A batch of page faults only
+may reach the core while installs are outstanding (a copy running on another thread):
+faults on their pages wait for the outcome.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from uffdd.core.addresses import ImageAddr, RunAddr
+from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
 from uffdd.core.events import ProcId
 
 
@@ -34,6 +39,7 @@ class Copy:
     ``data`` is the buffer of a ``PagesArrived`` event, passed through untouched;
     ``image_addr`` is the image address of the first byte (for logs and checks).
     ``dontwake``: no thread is known to wait on the range, so skip the wake.
+    ``page_size``: the mapping's page size (a copy splits only at its multiples).
     Report the result as ``InstallOutcome(proc, install_id, ...)``.
     """
 
@@ -45,6 +51,7 @@ class Copy:
     data: object
     data_offset: int
     dontwake: bool = False
+    page_size: int = PAGE_SIZE
 
 
 @dataclass(frozen=True, slots=True)

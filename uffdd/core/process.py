@@ -18,10 +18,12 @@ A shell may also answer faults itself (a C fast path, for local image data): it 
 any other message, and reports what it installed as ``FastServed``.
 
 The shell contract (see ``actions.py``): actions of a process are executed in order and
-every install outcome is fed back before that process's next uffd batch. So when a
-kernel event is handled no install is half-way; only *deferred* installs exist, and
-they are re-derived from the current state when retried, which is what makes REMOVE,
-UNMAP and REMAP during an EAGAIN deferral safe.
+every install outcome is fed back before that process's next uffd batch with a layout
+event in it. So when a kernel event is handled no install is half-way; only *deferred*
+installs exist, and they are re-derived from the current state when retried, which is
+what makes REMOVE, UNMAP and REMAP during an EAGAIN deferral safe. Faults read while a
+copy is outstanding find its pages ``installing`` and wait for its outcome, which
+wakes them.
 """
 
 from __future__ import annotations
@@ -559,6 +561,7 @@ class LazyProcess:
                     data,
                     piece.image - data_base,
                     dontwake,
+                    piece.page_size,
                 )
             )
 

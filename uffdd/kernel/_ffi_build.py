@@ -4,7 +4,9 @@ Why API mode: the ioctl request numbers and struct layouts come from the C compi
 reading <linux/userfaultfd.h>, not from numbers we retype in Python, and calls release
 the GIL. ``uffdd_fast_serve`` is the hot path in C: it reads a uffd and answers faults on
 pages whose data is local (an mmap'ed image) and verified, and hands every other message,
-raw, back to the Python core (policy never moves into C). The machine's libc
+raw, back to the Python core (policy never moves into C). ``uffdd_installer_*`` runs
+bulk UFFDIO_COPYs on a pthread of its own, fenced against the loop's reads of each uffd
+so no copy lands after a layout event the core has not seen. The machine's libc
 headers describe Linux 6.1 while the kernel is 6.18, so the UAPI added since (MOVE,
 POISON, WP_ASYNC, WP_UNPOPULATED, CONTINUE_MODE_WP) is defined here when the headers
 lack it; the values are the kernel's ABI and cannot change.
@@ -253,6 +255,302 @@ static int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_
         out->nread += count;
     }
 }
+
+/* -- the background installer: bulk UFFDIO_COPY on a thread of its own ------------- */
+
+/* Why: a 1 MiB UFFDIO_COPY holds the daemon's one loop for 0.3-6 ms on this VM (the
+   kernel's copy into fresh pages), and a demand fault read meanwhile waits for all of
+   it. Here a pthread runs bulk copies in pieces while the loop goes on reading faults
+   and sockets; it never takes the GIL.
+
+   Safety: a piece must never land after the loop has read a REMOVE, UNMAP, REMAP or
+   FORK that the core has not handled yet (after a REMOVE is read the kernel zaps the
+   range, and a later copy would put snapshot data where zeros are right). So every
+   piece runs under uffd_lock, which the loop also holds around its reads of a uffd;
+   when a read returns such an event the loop fences that uffd before letting go, and
+   a piece checks the fence first. A piece either ran before the read (then the kernel
+   ordered it before the event) or does not run (the job ends with EAGAIN and the bytes
+   done, as a copy interrupted by the kernel's mmap_changing would). */
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+
+#define UFFDD_FENCES 16
+
+struct uffdd_install_done {
+    uint64_t id;
+    uint64_t copied;
+    int err;  /* 0, or the errno that ended the job (EAGAIN when fenced) */
+};
+
+struct uffdd_install_job {
+    int fd;
+    uint64_t dst, src, len, mode, id;
+};
+
+struct uffdd_installer {
+    pthread_t thread;
+    pthread_mutex_t uffd_lock;  /* one piece at a time, never during the loop's reads */
+    pthread_mutex_t lock;       /* the queue, the completions, busy_fd, stop */
+    pthread_cond_t work;        /* to the thread: a job or stop */
+    pthread_cond_t idle;        /* to the loop: the job in progress ended */
+    pthread_cond_t read_done;   /* to the thread: no reader waits for uffd_lock */
+    int readers;                /* loop calls waiting for uffd_lock (a mutex does not
+                                   queue: the thread would take it back piece after
+                                   piece while a read waits for the whole job) */
+    struct uffdd_install_job *jobs;
+    struct uffdd_install_done *done;
+    size_t cap, head, count, ndone;
+    int busy_fd;                /* the fd of the job in progress, or -1 */
+    int fenced[UFFDD_FENCES];   /* under uffd_lock; -1 is a free slot */
+    int stop;
+    int efd;                    /* readable while completions wait */
+    uint64_t piece;
+    int nice;
+};
+
+static void installer_run(struct uffdd_installer *in, const struct uffdd_install_job *job,
+                          uint64_t *copied, int *err)
+{
+    while (*copied < job->len) {
+        uint64_t n = job->len - *copied;
+        if (n > in->piece)
+            n = in->piece;
+        pthread_mutex_lock(&in->lock);
+        while (in->readers)
+            pthread_cond_wait(&in->read_done, &in->lock);
+        pthread_mutex_unlock(&in->lock);
+        pthread_mutex_lock(&in->uffd_lock);
+        for (int i = 0; i < UFFDD_FENCES; i++) {
+            if (in->fenced[i] == job->fd) {
+                pthread_mutex_unlock(&in->uffd_lock);
+                *err = EAGAIN;
+                return;
+            }
+        }
+        struct uffdio_copy c = {job->dst + *copied, job->src + *copied, n, job->mode, 0};
+        int failed = ioctl(job->fd, UFFDIO_COPY, &c) != 0;
+        int e = errno;
+        pthread_mutex_unlock(&in->uffd_lock);
+        if (!failed) {
+            *copied += n;
+            continue;
+        }
+        if (c.copy > 0)
+            *copied += (uint64_t)c.copy;
+        *err = e;
+        return;
+    }
+}
+
+static void installer_post(struct uffdd_installer *in)
+{
+    uint64_t one = 1;
+    ssize_t r = write(in->efd, &one, sizeof one);  /* EAGAIN: the counter is set */
+    (void)r;
+}
+
+static void *installer_main(void *arg)
+{
+    struct uffdd_installer *in = arg;
+    if (in->nice)  /* per thread on Linux: bulk yields the CPU to the loop */
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), in->nice);
+    pthread_mutex_lock(&in->lock);
+    for (;;) {
+        while (!in->count && !in->stop)
+            pthread_cond_wait(&in->work, &in->lock);
+        if (in->stop)
+            break;
+        struct uffdd_install_job job = in->jobs[in->head];
+        in->head = (in->head + 1) % in->cap;
+        in->count--;
+        in->busy_fd = job.fd;
+        pthread_mutex_unlock(&in->lock);
+        uint64_t copied = 0;
+        int err = 0;
+        installer_run(in, &job, &copied, &err);
+        pthread_mutex_lock(&in->lock);
+        in->done[in->ndone++] = (struct uffdd_install_done){job.id, copied, err};
+        in->busy_fd = -1;
+        pthread_cond_broadcast(&in->idle);
+        installer_post(in);
+    }
+    pthread_mutex_unlock(&in->lock);
+    return NULL;
+}
+
+/* A started installer with room for ``cap`` jobs, or NULL (errno set). */
+static struct uffdd_installer *uffdd_installer_new(size_t cap, uint64_t piece, int nice)
+{
+    if (cap < 1 || !piece) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct uffdd_installer *in = calloc(1, sizeof *in);
+    if (!in)
+        return NULL;
+    in->jobs = calloc(cap, sizeof *in->jobs);
+    in->done = calloc(cap, sizeof *in->done);
+    in->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!in->jobs || !in->done || in->efd < 0)
+        goto fail;
+    in->cap = cap;
+    in->piece = piece;
+    in->nice = nice;
+    in->busy_fd = -1;
+    for (int i = 0; i < UFFDD_FENCES; i++)
+        in->fenced[i] = -1;
+    pthread_mutex_init(&in->uffd_lock, NULL);
+    pthread_mutex_init(&in->lock, NULL);
+    pthread_cond_init(&in->work, NULL);
+    pthread_cond_init(&in->idle, NULL);
+    pthread_cond_init(&in->read_done, NULL);
+    /* Signals stay with the threads that run Python. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&in->thread, NULL, installer_main, in);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0)
+        return in;
+    errno = rc;
+fail:
+    {
+        int e = errno;
+        if (in->efd >= 0)
+            close(in->efd);
+        free(in->jobs);
+        free(in->done);
+        free(in);
+        errno = e;
+    }
+    return NULL;
+}
+
+/* Stop the thread (a job in progress finishes its piece) and free everything. */
+static void uffdd_installer_free(struct uffdd_installer *in)
+{
+    pthread_mutex_lock(&in->lock);
+    in->stop = 1;
+    pthread_cond_signal(&in->work);
+    pthread_mutex_unlock(&in->lock);
+    pthread_join(in->thread, NULL);
+    close(in->efd);
+    free(in->jobs);
+    free(in->done);
+    free(in);
+}
+
+static int uffdd_installer_efd(const struct uffdd_installer *in)
+{
+    return in->efd;
+}
+
+/* Queue a copy: 0, or -EAGAIN when ``cap`` jobs are queued, running or untaken (each
+   ends in a completion slot, and there are ``cap`` of those). */
+static int uffdd_installer_submit(struct uffdd_installer *in, int fd, uint64_t dst,
+                                  uint64_t src, uint64_t len, uint64_t mode, uint64_t id)
+{
+    pthread_mutex_lock(&in->lock);
+    if (in->count + in->ndone + (in->busy_fd >= 0) >= in->cap) {
+        pthread_mutex_unlock(&in->lock);
+        return -EAGAIN;
+    }
+    struct uffdd_install_job *job = &in->jobs[(in->head + in->count) % in->cap];
+    *job = (struct uffdd_install_job){fd, dst, src, len, mode, id};
+    in->count++;
+    pthread_cond_signal(&in->work);
+    pthread_mutex_unlock(&in->lock);
+    return 0;
+}
+
+/* Move up to ``cap`` completions to ``out``; the number moved. */
+static size_t uffdd_installer_take(struct uffdd_installer *in, struct uffdd_install_done *out,
+                                   size_t cap)
+{
+    uint64_t counter;
+    ssize_t r = read(in->efd, &counter, sizeof counter);
+    (void)r;
+    pthread_mutex_lock(&in->lock);
+    size_t n = in->ndone < cap ? in->ndone : cap;
+    memcpy(out, in->done, n * sizeof *out);
+    memmove(in->done, in->done + n, (in->ndone - n) * sizeof *out);
+    in->ndone -= n;
+    if (in->ndone)
+        installer_post(in);
+    pthread_mutex_unlock(&in->lock);
+    return n;
+}
+
+/* The loop's side of uffd_lock: hold it around every read of a uffd. It waits for at
+   most the piece in progress: the thread starts no piece while a reader waits. */
+static void uffdd_installer_hold(struct uffdd_installer *in)
+{
+    pthread_mutex_lock(&in->lock);
+    in->readers++;
+    pthread_mutex_unlock(&in->lock);
+    pthread_mutex_lock(&in->uffd_lock);
+    pthread_mutex_lock(&in->lock);
+    if (--in->readers == 0)
+        pthread_cond_broadcast(&in->read_done);
+    pthread_mutex_unlock(&in->lock);
+}
+
+static void uffdd_installer_unhold(struct uffdd_installer *in)
+{
+    pthread_mutex_unlock(&in->uffd_lock);
+}
+
+/* With uffd_lock held: no piece for ``fd`` starts until unfenced. 0, or -ENOSPC. */
+static int uffdd_installer_fence_held(struct uffdd_installer *in, int fd)
+{
+    for (int i = 0; i < UFFDD_FENCES; i++)
+        if (in->fenced[i] == fd)
+            return 0;
+    for (int i = 0; i < UFFDD_FENCES; i++) {
+        if (in->fenced[i] < 0) {
+            in->fenced[i] = fd;
+            return 0;
+        }
+    }
+    return -ENOSPC;
+}
+
+static void uffdd_installer_unfence(struct uffdd_installer *in, int fd)
+{
+    pthread_mutex_lock(&in->uffd_lock);
+    for (int i = 0; i < UFFDD_FENCES; i++)
+        if (in->fenced[i] == fd)
+            in->fenced[i] = -1;
+    pthread_mutex_unlock(&in->uffd_lock);
+}
+
+/* For a fenced ``fd``: end its queued jobs (EAGAIN, nothing copied) and wait for the
+   one in progress (it stops at its next piece). Afterwards no job of ``fd`` is left
+   but completions the loop has not taken. */
+static void uffdd_installer_quiesce(struct uffdd_installer *in, int fd)
+{
+    pthread_mutex_lock(&in->lock);
+    size_t kept = 0, ended = 0;
+    for (size_t i = 0; i < in->count; i++) {
+        struct uffdd_install_job job = in->jobs[(in->head + i) % in->cap];
+        if (job.fd == fd) {
+            in->done[in->ndone++] = (struct uffdd_install_done){job.id, 0, EAGAIN};
+            ended++;
+        } else {
+            in->jobs[(in->head + kept++) % in->cap] = job;
+        }
+    }
+    in->count = kept;
+    while (in->busy_fd == fd)
+        pthread_cond_wait(&in->idle, &in->lock);
+    if (ended)
+        installer_post(in);
+    pthread_mutex_unlock(&in->lock);
+}
 """
 )
 
@@ -343,6 +641,22 @@ int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nrang
                      char *rest, size_t rest_cap,
                      struct uffdd_fast_done *done, size_t done_cap,
                      struct uffdd_fast_out *out);
+
+struct uffdd_install_done { uint64_t id; uint64_t copied; int err; };
+struct uffdd_installer;
+
+struct uffdd_installer *uffdd_installer_new(size_t cap, uint64_t piece, int nice);
+void uffdd_installer_free(struct uffdd_installer *in);
+int uffdd_installer_efd(const struct uffdd_installer *in);
+int uffdd_installer_submit(struct uffdd_installer *in, int fd, uint64_t dst, uint64_t src,
+                           uint64_t len, uint64_t mode, uint64_t id);
+size_t uffdd_installer_take(struct uffdd_installer *in, struct uffdd_install_done *out,
+                            size_t cap);
+void uffdd_installer_hold(struct uffdd_installer *in);
+void uffdd_installer_unhold(struct uffdd_installer *in);
+int uffdd_installer_fence_held(struct uffdd_installer *in, int fd);
+void uffdd_installer_unfence(struct uffdd_installer *in, int fd);
+void uffdd_installer_quiesce(struct uffdd_installer *in, int fd);
 """
 
 ffibuilder = FFI()

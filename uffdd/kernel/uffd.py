@@ -70,6 +70,7 @@ __all__ = [
     "Outcome",
     "RegisterMode",
     "Uffd",
+    "op_result",
 ]
 
 
@@ -521,7 +522,7 @@ class Uffd:
         )
         err = lib.uffd_ioctl(self.fd, lib.UFFDIO_COPY, arg)
         del keep  # the buffer export must outlive the ioctl, no longer
-        return _result("copy", err, int(arg.copy), dst, length)
+        return op_result("copy", err, int(arg.copy), dst, length)
 
     def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> OpResult:
         """UFFDIO_ZEROPAGE: map zero pages (not on hugetlbfs: it has no ZEROPAGE)."""
@@ -530,7 +531,7 @@ class Uffd:
         arg.range.len = length
         arg.mode = lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE if dontwake else 0
         err = lib.uffd_ioctl(self.fd, lib.UFFDIO_ZEROPAGE, arg)
-        return _result("zeropage", err, int(arg.zeropage), start, length)
+        return op_result("zeropage", err, int(arg.zeropage), start, length)
 
     def writeprotect(
         self, start: int, length: int, *, protect: bool, dontwake: bool = False
@@ -546,7 +547,7 @@ class Uffd:
             lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0
         )
         err = lib.uffd_ioctl(self.fd, lib.UFFDIO_WRITEPROTECT, arg)
-        return _result("writeprotect", err, 0 if err else length, start, length)
+        return op_result("writeprotect", err, 0 if err else length, start, length)
 
     def continue_(
         self, start: int, length: int, *, dontwake: bool = False, wp: bool = False
@@ -559,7 +560,7 @@ class Uffd:
             lib.UFFDIO_CONTINUE_MODE_WP if wp else 0
         )
         err = lib.uffd_ioctl(self.fd, lib.UFFDIO_CONTINUE, arg)
-        return _result("continue", err, int(arg.mapped), start, length)
+        return op_result("continue", err, int(arg.mapped), start, length)
 
     def poison(self, start: int, length: int, *, dontwake: bool = False) -> OpResult:
         """UFFDIO_POISON: mark pages poisoned; touching them then raises SIGBUS."""
@@ -568,7 +569,7 @@ class Uffd:
         arg.range.len = length
         arg.mode = lib.UFFDIO_POISON_MODE_DONTWAKE if dontwake else 0
         err = lib.uffd_ioctl(self.fd, lib.UFFDIO_POISON, arg)
-        return _result("poison", err, int(arg.updated), start, length)
+        return op_result("poison", err, int(arg.updated), start, length)
 
     def move(
         self,
@@ -595,7 +596,7 @@ class Uffd:
             lib.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0
         )
         err = lib.uffd_ioctl(self.fd, lib.UFFDIO_MOVE, arg)
-        return _result("move", err, int(arg.move), dst, length)
+        return op_result("move", err, int(arg.move), dst, length)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -653,8 +654,8 @@ def _range(start: int, length: int) -> Any:
     return arg
 
 
-def _result(op: str, err: int, count: int, start: int, length: int) -> OpResult:
-    """Map an ioctl's errno and count field to an OpResult (or raise)."""
+def op_result(op: str, err: int, count: int, start: int, length: int) -> OpResult:
+    """Map an ioctl's errno and count field to an OpResult (or raise UffdOpError)."""
     if err == 0:
         return OpResult(Outcome.DONE, length)
     outcome = _OUTCOME_OF_ERRNO.get(err)

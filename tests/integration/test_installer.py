@@ -1,0 +1,246 @@
+"""The installer thread against real userfaultfds of real child processes.
+
+What the executor relies on: a job installs exactly its bytes and reports like
+UFFDIO_COPY; no piece runs while ``reading()`` is held; a fenced uffd's queued jobs end
+with nothing installed and its running job stops between pieces with the bytes done
+reported; a full queue refuses; an errno no handler expects comes back as an error.
+Presence is checked in /proc/PID/pagemap, and every installed byte in the child.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from support.workload import PAGE, Workload, WorkloadPool, fault, pattern, wait_events
+
+from uffdd.image.procmem import Mapping, populated_runs
+from uffdd.kernel.installer import Completed, Installer
+from uffdd.kernel.uffd import OpResult, Outcome, RegisterMode, Uffd
+
+pytestmark = pytest.mark.timeout(60)
+
+PIECE = 16 * PAGE
+
+
+@pytest.fixture
+def installer() -> Iterator[Installer]:
+    running = Installer(capacity=8, piece=PIECE)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def _data(pages: int, seed: int = 3) -> bytearray:
+    return bytearray(b"".join(pattern(seed + i) for i in range(pages)))
+
+
+def _present(child: Workload, start: int, length: int) -> list[tuple[int, int]]:
+    fd = os.open(f"/proc/{child.pid}/pagemap", os.O_RDONLY)
+    try:
+        return list(populated_runs(fd, Mapping(start, start + length, "rw-p", 0, 0, "")))
+    finally:
+        os.close(fd)
+
+
+def _memory(child: Workload, start: int, length: int) -> bytes:
+    """The child's bytes, through /proc/PID/mem (present pages only: no fault)."""
+    fd = os.open(f"/proc/{child.pid}/mem", os.O_RDONLY)
+    try:
+        return os.pread(fd, length, start)
+    finally:
+        os.close(fd)
+
+
+def _wait_all(installer: Installer, count: int, timeout: float = 10.0) -> list[Completed]:
+    taken: list[Completed] = []
+    deadline = time.monotonic() + timeout
+    while len(taken) < count:
+        assert time.monotonic() < deadline, f"only {len(taken)} of {count} jobs ended"
+        taken.extend(installer.take())
+        time.sleep(0.001)
+    return taken
+
+
+def _region(child: Workload, uffd: Uffd, pages: int) -> int:
+    base = child.mmap(pages * PAGE)
+    uffd.register(base, pages * PAGE, RegisterMode.MISSING)
+    return base
+
+
+def test_a_job_installs_every_byte_and_reports_done(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        pages = 100  # not a multiple of the piece: the last piece is short
+        base = _region(child, uffd, pages)
+        data = _data(pages)
+        job = installer.submit(uffd, base, memoryview(data), dontwake=True)
+        assert job is not None
+        (done,) = _wait_all(installer, 1)
+        assert done == Completed(job, OpResult(Outcome.DONE, pages * PAGE))
+        assert installer.pending == 0
+        assert _present(child, base, pages * PAGE) == [(base, pages * PAGE)]
+        assert _memory(child, base, pages * PAGE) == data
+
+
+def test_a_job_without_dontwake_wakes_a_blocked_thread(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 40)
+        child.start_read(base + 37 * PAGE, PAGE)  # in the job's last piece
+        assert wait_events(uffd) == [fault(address=base + 37 * PAGE)]
+        data = _data(40, seed=9)
+        assert installer.submit(uffd, base, data, dontwake=False) is not None
+        (done,) = _wait_all(installer, 1)
+        assert done.result == OpResult(Outcome.DONE, 40 * PAGE)
+        assert child.finish_read() == bytes(data[37 * PAGE : 38 * PAGE])
+
+
+def test_no_piece_runs_while_a_read_holds_the_installer(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 32)
+        data = _data(32)
+        with installer.reading():
+            assert installer.submit(uffd, base, data, dontwake=True) is not None
+            time.sleep(0.1)
+            assert installer.take() == []
+            assert _present(child, base, 32 * PAGE) == []
+        (done,) = _wait_all(installer, 1)
+        assert done.result == OpResult(Outcome.DONE, 32 * PAGE)
+        assert _memory(child, base, 32 * PAGE) == data
+
+
+def test_a_fence_ends_queued_jobs_with_nothing_installed(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 64)
+        first, second = _data(32, seed=1), _data(32, seed=2)
+        with installer.reading() as fence:
+            jobs = [
+                installer.submit(uffd, base, first, dontwake=True),
+                installer.submit(uffd, base + 32 * PAGE, second, dontwake=True),
+            ]
+            fence(uffd)
+        installer.quiesce(uffd)
+        taken = _wait_all(installer, 2)
+        assert sorted(taken, key=lambda c: c.job) == [
+            Completed(job, OpResult(Outcome.RETRY, 0)) for job in jobs if job is not None
+        ]
+        assert _present(child, base, 64 * PAGE) == []
+        # Unfenced, the same uffd takes jobs again.
+        installer.unfence(uffd)
+        assert installer.submit(uffd, base, first, dontwake=True) is not None
+        (done,) = _wait_all(installer, 1)
+        assert done.result == OpResult(Outcome.DONE, 32 * PAGE)
+        assert _memory(child, base, 32 * PAGE) == first
+
+
+def test_a_fence_stops_a_running_job_between_pieces(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        pages = 64 << 8  # 64 MiB: long enough to be caught mid-way
+        base = _region(child, uffd, pages)
+        data = _data(pages)
+        assert installer.submit(uffd, base, data, dontwake=True) is not None
+        deadline = time.monotonic() + 10
+        while not _present(child, base, pages * PAGE):
+            assert time.monotonic() < deadline, "the job never started"
+        installer.fence(uffd)
+        installer.quiesce(uffd)
+        (done,) = _wait_all(installer, 1)
+        assert done.result is not None
+        copied = done.result.done
+        assert done.result.outcome is Outcome.RETRY
+        assert 0 < copied < pages * PAGE
+        assert copied % PIECE == 0
+        # Exactly the bytes reported went in, and nothing after them.
+        assert _present(child, base, pages * PAGE) == [(base, copied)]
+        assert _memory(child, base, copied) == data[:copied]
+
+
+def test_a_present_page_ends_a_job_like_uffdio_copy(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 48)
+        assert uffd.copy(base + 20 * PAGE, pattern(99)).outcome is Outcome.DONE
+        data = _data(48)
+        assert installer.submit(uffd, base, data, dontwake=True) is not None
+        (done,) = _wait_all(installer, 1)
+        # Page 20 is the fifth of the second piece: that ioctl copied four pages and
+        # stopped (EAGAIN with progress), so 20 pages are done and the rest is not.
+        assert done.result == OpResult(Outcome.RETRY, 20 * PAGE)
+        assert _present(child, base, 48 * PAGE) == [(base, 21 * PAGE)]
+        assert installer.submit(uffd, base + 16 * PAGE, data[16 * PAGE :], dontwake=True)
+        (again,) = _wait_all(installer, 1)
+        assert again.result == OpResult(Outcome.EXISTS, 0)  # its first page is present
+
+
+def test_a_full_queue_refuses_and_every_accepted_job_still_ends(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 9 * 16)
+        with installer.reading():  # nothing ends meanwhile
+            jobs = [
+                installer.submit(uffd, base + i * 16 * PAGE, _data(16, seed=i), dontwake=True)
+                for i in range(9)
+            ]
+        assert jobs[-1] is None  # the capacity is 8
+        accepted = [job for job in jobs if job is not None]
+        assert len(accepted) == 8
+        taken = _wait_all(installer, 8)
+        assert sorted(c.job for c in taken) == accepted
+        assert all(c.result == OpResult(Outcome.DONE, 16 * PAGE) for c in taken)
+        assert _present(child, base, 9 * 16 * PAGE) == [(base, 8 * 16 * PAGE)]
+
+
+def test_an_unexpected_errno_comes_back_as_an_error(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 16)
+        # Not page aligned: EINVAL, which no handler expects.
+        assert installer.submit(uffd, base + 1, _data(1), dontwake=True) is not None
+        (done,) = _wait_all(installer, 1)
+        assert done.result is None
+        assert done.error is not None
+        assert done.error.errno == errno.EINVAL
+
+
+def test_close_with_jobs_queued_returns(workloads: WorkloadPool) -> None:
+    child = workloads.start()
+    installer = Installer(capacity=8, piece=PIECE)
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 64)
+        with installer.reading():
+            for index in range(3):
+                installer.submit(uffd, base + index * 16 * PAGE, _data(16), dontwake=True)
+        installer.close()
+        installer.close()  # twice is fine
+        assert installer.pending == 0
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="piece"):
+        Installer(piece=1000)
+    with pytest.raises(OSError, match="installer thread"):
+        Installer(capacity=0)
