@@ -31,6 +31,7 @@ from uffdd.executor import Executor, TreeOutcome
 from uffdd.image.format import ExtentLike, Region, stored_ranges
 from uffdd.image.store import ImageNotFound, ImageStore
 from uffdd.kernel.handover import Handover, HandoverPolicy, Listener, accept_handovers
+from uffdd.kernel.memory import keep_freed_memory
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.remote.client import PageClient
@@ -177,6 +178,7 @@ class Daemon:
         dialects), each a coroutine run for the daemon's life and cancelled at stop.
         """
         loop = asyncio.get_running_loop()
+        keep_freed_memory()  # receive buffers stay warm (see there)
         self._executor = Executor(
             Policy(
                 fault_around=self.config.fault_around,
