@@ -44,6 +44,7 @@ def main() -> None:
         "--no-install-thread", action="store_true", help="every install on the loop"
     )
     parser.add_argument("--max-inflight", type=int, help="DaemonConfig.max_inflight_bytes")
+    parser.add_argument("--fault-around", type=int, help="DaemonConfig.fault_around")
     parser.add_argument("--stages", type=Path, help="time each stage; JSON here at exit")
     args = parser.parse_args()
     if bool(args.image_dir) == bool(args.page_server):
@@ -82,6 +83,8 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     if args.max_inflight:
         config = replace(config, max_inflight_bytes=args.max_inflight)
+    if args.fault_around:
+        config = replace(config, fault_around=args.fault_around)
     daemon = _BenchDaemon(config, timed=args.stages is not None)
 
     async def door(_: Daemon) -> None:

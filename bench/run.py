@@ -51,6 +51,12 @@ def main() -> None:
         help="experiment: the daemon's max_inflight_bytes (default: uffdd's, 64 MiB)",
     )
     parser.add_argument(
+        "--fault-around",
+        type=int,
+        metavar="KIB",
+        help="experiment: the daemon's fault_around (default: uffdd's, 64 KiB)",
+    )
+    parser.add_argument(
         "--no-install-thread",
         action="store_true",
         help="experiment: every install on the daemon's loop (install_thread = false)",
@@ -66,6 +72,9 @@ def main() -> None:
     if args.max_inflight:
         services.DAEMON_ARGS += ["--max-inflight", str(args.max_inflight << 20)]
         print(f"experiment: daemon max_inflight_bytes = {args.max_inflight} MiB")
+    if args.fault_around:
+        services.DAEMON_ARGS += ["--fault-around", str(args.fault_around << 10)]
+        print(f"experiment: daemon fault_around = {args.fault_around} KiB")
     if args.no_install_thread:
         services.DAEMON_ARGS.append("--no-install-thread")
         print("experiment: daemon install_thread = false")
