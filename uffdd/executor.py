@@ -240,6 +240,8 @@ class Executor:
         if layout and self._installer is not None:
             self._run(self._fenced_batch(proc, uffd, events, now))
         elif events:
+            if self._background:
+                self._expedite(uffd, events)
             self._run(self.tracker.handle_uffd(proc, events, now))
         if error:
             raise UffdOpError("read", error)
@@ -266,6 +268,14 @@ class Executor:
         finally:
             self._fenced.discard(proc)
             self._installer.unfence(uffd)
+
+    def _expedite(self, uffd: Uffd, events: list[UffdEvent | FastServed]) -> None:
+        """Faults on pages a queued background copy installs: that copy goes first.
+        (Queued behind up to the whole in-flight budget, it made faults wait 200 ms.)"""
+        assert self._installer is not None
+        for event in events:
+            if isinstance(event, PageFault):
+                self._installer.expedite(uffd, event.address)
 
     def _serve_fast(
         self, proc: ProcId, uffd: Uffd, table: FastTable, events: list[UffdEvent | FastServed]

@@ -173,6 +173,52 @@ def test_a_fence_stops_a_running_job_between_pieces(
         assert _memory(child, base, copied) == data[:copied]
 
 
+def test_a_fault_moves_its_queued_job_first_and_the_job_wakes_it(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 3 * 32)
+        waited = base + 2 * 32 * PAGE + 5 * PAGE  # in the third job
+        child.start_read(waited, PAGE)
+        assert wait_events(uffd) == [fault(address=waited)]
+        datas = [_data(32, seed=s) for s in (1, 2, 3)]
+        with installer.reading():  # no piece runs meanwhile
+            submitted = [
+                installer.submit(uffd, base + i * 32 * PAGE, datas[i], dontwake=True)
+                for i in range(3)
+            ]
+            jobs = [job for job in submitted if job is not None]
+            assert installer.expedite(uffd, waited)
+            assert not installer.expedite(uffd, base + 3 * 32 * PAGE)  # no job there
+        taken = [c.job for c in _wait_all(installer, 3)]
+        # The third job went ahead of the second (the first may have been running).
+        assert sorted(taken) == jobs
+        assert taken.index(jobs[2]) < taken.index(jobs[1])
+        # Nothing but the job can wake the reader: this test never wakes.
+        assert child.finish_read() == bytes(datas[2][5 * PAGE : 6 * PAGE])
+        assert _memory(child, base, 3 * 32 * PAGE) == b"".join(datas)
+
+
+def test_a_fault_in_the_running_job_is_woken_by_its_pieces(
+    workloads: WorkloadPool, installer: Installer
+) -> None:
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        pages = 64 << 8  # 64 MiB
+        base = _region(child, uffd, pages)
+        last = base + (pages - 1) * PAGE
+        child.start_read(last, PAGE)
+        assert wait_events(uffd) == [fault(address=last)]
+        data = _data(pages)
+        assert installer.submit(uffd, base, data, dontwake=True) is not None
+        assert installer.expedite(uffd, last)
+        # Nothing but the job's own pieces can wake the reader: this test never wakes.
+        assert child.finish_read() == bytes(data[-PAGE:])
+        (done,) = _wait_all(installer, 1)
+        assert done.result == OpResult(Outcome.DONE, pages * PAGE)
+
+
 def test_a_present_page_ends_a_job_like_uffdio_copy(
     workloads: WorkloadPool, installer: Installer
 ) -> None:

@@ -27,7 +27,8 @@ the page alone, then a wake), stops at the first message it cannot answer, and r
 With ``background`` on, the machine plays the executor's installer thread too: a Copy
 with ``dontwake`` becomes a job that runs page by page when the ``run_job`` rule says
 (between reads, faults and arrivals), and its outcome reaches the core only when
-``take_completions`` says. A read whose batch holds a layout event fences the process
+``take_completions`` says; ``expedite`` moves a job first and makes it wake, as a
+fault in its range does. A read whose batch holds a layout event fences the process
 first, as the executor does: its jobs stop where they are (EAGAIN with the bytes done),
 every completion is delivered, installs asked for meanwhile get EAGAIN, and only then
 does the batch reach the core.
@@ -36,7 +37,7 @@ does the batch reach the core.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -120,6 +121,8 @@ class Job:
 
     copy: Copy
     done: int = 0
+    wakes: bool = False
+    """Expedited for a fault: its pieces from now on wake, like a copy without DONTWAKE."""
 
 
 @dataclass
@@ -502,8 +505,16 @@ class CoreMachine(RuleBasedStateMachine):
         job = self.jobs[which % len(self.jobs)]
         self.step_job(job, pages)
 
+    @precondition(lambda self: bool(self.jobs))
+    @rule(which=st.integers(0, 7))
+    def expedite(self, which: int) -> None:
+        """A fault read in a job's range: the executor has it run first, waking."""
+        job = self.jobs.pop(which % len(self.jobs))
+        job.wakes = True
+        self.jobs.insert(0, job)
+
     def step_job(self, job: Job, pages: int) -> None:
-        copy = job.copy
+        copy = replace(job.copy, dontwake=False) if job.wakes else job.copy
         proc = self.procs[copy.proc]
         end = min(job.done + pages * P, copy.length)
         done, result = self.copy_pages(proc, copy, job.done, end)

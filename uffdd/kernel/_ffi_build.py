@@ -272,7 +272,7 @@ static int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_
    ordered it before the event) or does not run (the job ends with EAGAIN and the bytes
    done, as a copy interrupted by the kernel's mmap_changing would). */
 
-#include <pthread.h>
+#include <pthread.h>  /* pthread_setname_np: Python.h defines _GNU_SOURCE */
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -305,6 +305,8 @@ struct uffdd_installer {
     struct uffdd_install_done *done;
     size_t cap, head, count, ndone;
     int busy_fd;                /* the fd of the job in progress, or -1 */
+    uint64_t busy_dst, busy_len;
+    int busy_wake;              /* a thread waits in the job in progress: pieces wake */
     int fenced[UFFDD_FENCES];   /* under uffd_lock; -1 is a free slot */
     int stop;
     int efd;                    /* readable while completions wait */
@@ -322,6 +324,8 @@ static void installer_run(struct uffdd_installer *in, const struct uffdd_install
         pthread_mutex_lock(&in->lock);
         while (in->readers)
             pthread_cond_wait(&in->read_done, &in->lock);
+        uint64_t mode = in->busy_wake ? job->mode & ~(uint64_t)UFFDIO_COPY_MODE_DONTWAKE
+                                      : job->mode;
         pthread_mutex_unlock(&in->lock);
         pthread_mutex_lock(&in->uffd_lock);
         for (int i = 0; i < UFFDD_FENCES; i++) {
@@ -331,7 +335,7 @@ static void installer_run(struct uffdd_installer *in, const struct uffdd_install
                 return;
             }
         }
-        struct uffdio_copy c = {job->dst + *copied, job->src + *copied, n, job->mode, 0};
+        struct uffdio_copy c = {job->dst + *copied, job->src + *copied, n, mode, 0};
         int failed = ioctl(job->fd, UFFDIO_COPY, &c) != 0;
         int e = errno;
         pthread_mutex_unlock(&in->uffd_lock);
@@ -356,6 +360,7 @@ static void installer_post(struct uffdd_installer *in)
 static void *installer_main(void *arg)
 {
     struct uffdd_installer *in = arg;
+    pthread_setname_np(pthread_self(), "uffdd-install");  /* for top -H, perf, py-spy */
     if (in->nice)  /* per thread on Linux: bulk yields the CPU to the loop */
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), in->nice);
     pthread_mutex_lock(&in->lock);
@@ -368,6 +373,9 @@ static void *installer_main(void *arg)
         in->head = (in->head + 1) % in->cap;
         in->count--;
         in->busy_fd = job.fd;
+        in->busy_dst = job.dst;
+        in->busy_len = job.len;
+        in->busy_wake = 0;
         pthread_mutex_unlock(&in->lock);
         uint64_t copied = 0;
         int err = 0;
@@ -528,6 +536,31 @@ static void uffdd_installer_unfence(struct uffdd_installer *in, int fd)
     pthread_mutex_unlock(&in->uffd_lock);
 }
 
+/* A thread of ``fd`` faulted at ``addr``: the queued job that installs it goes first,
+   waking as it goes (the job in progress wakes from its next piece on). 1 when a
+   queued job moved, 2 for the job in progress, 0 when no job covers ``addr``. */
+static int uffdd_installer_expedite(struct uffdd_installer *in, int fd, uint64_t addr)
+{
+    int found = 0;
+    pthread_mutex_lock(&in->lock);
+    if (in->busy_fd == fd && in->busy_dst <= addr && addr - in->busy_dst < in->busy_len) {
+        in->busy_wake = 1;
+        found = 2;
+    }
+    for (size_t i = 0; !found && i < in->count; i++) {
+        struct uffdd_install_job job = in->jobs[(in->head + i) % in->cap];
+        if (job.fd != fd || addr < job.dst || addr - job.dst >= job.len)
+            continue;
+        for (size_t k = i; k > 0; k--)
+            in->jobs[(in->head + k) % in->cap] = in->jobs[(in->head + k - 1) % in->cap];
+        job.mode &= ~(uint64_t)UFFDIO_COPY_MODE_DONTWAKE;
+        in->jobs[in->head] = job;
+        found = 1;
+    }
+    pthread_mutex_unlock(&in->lock);
+    return found;
+}
+
 /* For a fenced ``fd``: end its queued jobs (EAGAIN, nothing copied) and wait for the
    one in progress (it stops at its next piece). Afterwards no job of ``fd`` is left
    but completions the loop has not taken. */
@@ -657,6 +690,7 @@ void uffdd_installer_unhold(struct uffdd_installer *in);
 int uffdd_installer_fence_held(struct uffdd_installer *in, int fd);
 void uffdd_installer_unfence(struct uffdd_installer *in, int fd);
 void uffdd_installer_quiesce(struct uffdd_installer *in, int fd);
+int uffdd_installer_expedite(struct uffdd_installer *in, int fd, uint64_t addr);
 """
 
 ffibuilder = FFI()

@@ -141,6 +141,12 @@ class Installer:
         """
         lib.uffdd_installer_quiesce(self._handle, uffd.fd)
 
+    def expedite(self, uffd: Uffd, address: int) -> bool:
+        """A thread faulted at ``address``: the job that installs it goes first and
+        wakes as it goes (the one running wakes from its next piece). False when no
+        job of ``uffd`` covers it (any more)."""
+        return lib.uffdd_installer_expedite(self._handle, uffd.fd, address) != 0
+
     def close(self) -> None:
         """Stop the thread (after the piece in progress) and drop unfinished jobs."""
         if self._handle is None:
