@@ -37,6 +37,7 @@ from uffdd.core.addresses import ImageAddr
 from uffdd.errors import PageServerError
 from uffdd.image.format import DATA_NAME
 from uffdd.image.writer import ImageWriter
+from uffdd.kernel.memory import keep_freed_memory
 from uffdd.remote import chunk_codec
 from uffdd.remote.client import Chunk, PageClient
 from uffdd.remote.convert import Priority
@@ -362,6 +363,7 @@ def main() -> None:
             flush=True,
         )
         codec_costs(parse_size(args.chunk_size))
+        keep_freed_memory()  # the client side as the daemon runs it
         asyncio.run(run_all(args, scratch, size, reference))
 
 
