@@ -46,9 +46,13 @@ def test_bad_values_are_named(text: str, message: str) -> None:
 
 
 def test_tuning_values_and_switches() -> None:
-    config = build(load_toml("[daemon]\nsweep = false\nfault_around = 131072\n"), {})
+    text = "[daemon]\nsweep = false\nfault_around = 131072\ninstall_thread = false\n"
+    config = build(load_toml(text), {})
     assert config.sweep is False
     assert config.fault_around == 128 << 10
+    assert config.install_thread is False
+    assert build({}, {}).install_thread is True
+    assert build(load_toml(text), {"install_thread": True}).install_thread is True
     with pytest.raises(ConfigError, match="setting sweep: expected true or false"):
         build(load_toml('[daemon]\nsweep = "no"\n'), {})
     with pytest.raises(ConfigError, match="bulk_max must be a power of two"):
