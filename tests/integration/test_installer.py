@@ -290,3 +290,17 @@ def test_bad_settings_are_refused() -> None:
         Installer(piece=1000)
     with pytest.raises(OSError, match="installer thread"):
         Installer(capacity=0)
+
+
+def test_an_installer_dropped_unclosed_stops_before_its_buffers_go(
+    workloads: WorkloadPool,
+) -> None:
+    child = workloads.start()
+    installer = Installer(capacity=8, piece=PIECE)
+    thread_count = len(os.listdir("/proc/self/task"))
+    with child.create_uffd() as uffd:
+        base = _region(child, uffd, 64)
+        with installer.reading():
+            installer.submit(uffd, base, _data(64), dontwake=True)
+        del installer  # the last reference: __del__ joins the thread
+        assert len(os.listdir("/proc/self/task")) == thread_count - 1

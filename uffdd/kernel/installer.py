@@ -53,6 +53,8 @@ class Installer:
     nice value (Linux schedules threads on their own), so bulk yields the CPU.
     """
 
+    _handle: Any = None  # until started (a refused __init__ leaves nothing to stop)
+
     def __init__(self, *, capacity: int = 1024, piece: int = 64 * 1024, nice: int = 0) -> None:
         if piece <= 0 or piece % 4096:
             raise ValueError(f"piece {piece} is not a positive multiple of 4096")
@@ -60,7 +62,7 @@ class Installer:
         if handle == ffi.NULL:
             err = ffi.errno
             raise OSError(err, f"cannot start the installer thread: {os.strerror(err)}")
-        self._handle: Any = handle
+        self._handle = handle
         self._jobs: dict[int, tuple[Any, int, int]] = {}
         """Job id -> (the buffer export the thread reads, destination, length)."""
         self._next = 0
@@ -151,6 +153,10 @@ class Installer:
         """Stop the thread (after the piece in progress) and drop unfinished jobs."""
         if self._handle is None:
             return
-        lib.uffdd_installer_free(self._handle)
+        lib.uffdd_installer_free(self._handle)  # joins the thread: no piece runs after
         self._handle = None
         self._jobs.clear()
+
+    def __del__(self) -> None:
+        # The thread reads the jobs' buffers: it must stop before they can be freed.
+        self.close()
