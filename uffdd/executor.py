@@ -57,6 +57,7 @@ from uffdd.core.events import (
     Exited,
     FastServed,
     FetchFailed,
+    Fork,
     HandoverComplete,
     InstallOutcome,
     InstallResult,
@@ -242,7 +243,7 @@ class Executor:
         elif events:
             if self._background:
                 self._expedite(uffd, events)
-            self._run(self.tracker.handle_uffd(proc, events, now))
+            self._run(self._hand_batch(proc, events, now))
         if error:
             raise UffdOpError("read", error)
         # Everything queued has been read: installs that met EAGAIN may go again.
@@ -264,10 +265,24 @@ class Executor:
         try:
             self._installer.quiesce(uffd)
             self._take_completions()
-            return self.tracker.handle_uffd(proc, events, now)
+            return self._hand_batch(proc, events, now)
         finally:
             self._fenced.discard(proc)
-            self._installer.unfence(uffd)
+            if not uffd.closed:  # (an outcome may have ended the process: fd closed)
+                self._installer.unfence(uffd)
+
+    def _hand_batch(
+        self, proc: ProcId, events: list[UffdEvent | FastServed], now: float
+    ) -> list[Action]:
+        """The core's actions for a batch read from ``proc``'s uffd. A FORK's new uffd
+        that the core does not adopt (the process ended first) is closed here."""
+        actions = self.tracker.handle_uffd(proc, events, now)
+        adopted = {a.child_fd for a in actions if isinstance(a, AdoptChild)}
+        for event in events:
+            if isinstance(event, Fork) and event.child_fd not in adopted:
+                _log.info("fork of an ended process: its uffd is closed", proc=proc)
+                os.close(event.child_fd)
+        return actions
 
     def _expedite(self, uffd: Uffd, events: list[UffdEvent | FastServed]) -> None:
         """Faults on pages a queued background copy installs: that copy goes first.
