@@ -27,6 +27,14 @@ PIECE = 16 * PAGE
 
 
 @pytest.fixture
+def target(workloads: WorkloadPool) -> Iterator[tuple[Workload, Uffd]]:
+    """A child process and its userfaultfd (registered regions come from _region)."""
+    child = workloads.start()
+    with child.create_uffd() as uffd:
+        yield child, uffd
+
+
+@pytest.fixture
 def installer() -> Iterator[Installer]:
     running = Installer(capacity=8, piece=PIECE)
     try:
@@ -66,6 +74,18 @@ def _wait_all(installer: Installer, count: int, timeout: float = 10.0) -> list[C
     return taken
 
 
+def _one_result(installer: Installer) -> OpResult | None:
+    """The result of the one job outstanding, once it ends."""
+    (done,) = _wait_all(installer, 1)
+    return done.result
+
+
+def _expect_installed(installer: Installer, child: Workload, base: int, data: bytearray) -> None:
+    """The one job outstanding installs all of ``data`` at ``base``, byte for byte."""
+    assert _one_result(installer) == OpResult(Outcome.DONE, len(data))
+    assert _memory(child, base, len(data)) == data
+
+
 def _region(child: Workload, uffd: Uffd, pages: int) -> int:
     base = child.mmap(pages * PAGE)
     uffd.register(base, pages * PAGE, RegisterMode.MISSING)
@@ -73,203 +93,185 @@ def _region(child: Workload, uffd: Uffd, pages: int) -> int:
 
 
 def test_a_job_installs_every_byte_and_reports_done(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        pages = 100  # not a multiple of the piece: the last piece is short
-        base = _region(child, uffd, pages)
-        data = _data(pages)
-        job = installer.submit(uffd, base, memoryview(data), dontwake=True)
-        assert job is not None
-        (done,) = _wait_all(installer, 1)
-        assert done == Completed(job, OpResult(Outcome.DONE, pages * PAGE))
-        assert installer.pending == 0
-        assert _present(child, base, pages * PAGE) == [(base, pages * PAGE)]
-        assert _memory(child, base, pages * PAGE) == data
+    child, uffd = target
+    pages = 100  # not a multiple of the piece: the last piece is short
+    base = _region(child, uffd, pages)
+    data = _data(pages)
+    job = installer.submit(uffd, base, memoryview(data), dontwake=True)
+    assert job is not None
+    (done,) = _wait_all(installer, 1)
+    assert done == Completed(job, OpResult(Outcome.DONE, pages * PAGE))
+    assert installer.pending == 0
+    assert _present(child, base, pages * PAGE) == [(base, pages * PAGE)]
+    assert _memory(child, base, pages * PAGE) == data
 
 
 def test_a_job_without_dontwake_wakes_a_blocked_thread(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        base = _region(child, uffd, 40)
-        child.start_read(base + 37 * PAGE, PAGE)  # in the job's last piece
-        assert wait_events(uffd) == [fault(address=base + 37 * PAGE)]
-        data = _data(40, seed=9)
-        assert installer.submit(uffd, base, data, dontwake=False) is not None
-        (done,) = _wait_all(installer, 1)
-        assert done.result == OpResult(Outcome.DONE, 40 * PAGE)
-        assert child.finish_read() == bytes(data[37 * PAGE : 38 * PAGE])
+    child, uffd = target
+    base = _region(child, uffd, 40)
+    child.start_read(base + 37 * PAGE, PAGE)  # in the job's last piece
+    assert wait_events(uffd) == [fault(address=base + 37 * PAGE)]
+    data = _data(40, seed=9)
+    assert installer.submit(uffd, base, data, dontwake=False) is not None
+    assert _one_result(installer) == OpResult(Outcome.DONE, 40 * PAGE)
+    assert child.finish_read() == bytes(data[37 * PAGE : 38 * PAGE])
 
 
 def test_no_piece_runs_while_a_read_holds_the_installer(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        base = _region(child, uffd, 32)
-        data = _data(32)
-        with installer.reading():
-            assert installer.submit(uffd, base, data, dontwake=True) is not None
-            time.sleep(0.1)
-            assert installer.take() == []
-            assert _present(child, base, 32 * PAGE) == []
-        (done,) = _wait_all(installer, 1)
-        assert done.result == OpResult(Outcome.DONE, 32 * PAGE)
-        assert _memory(child, base, 32 * PAGE) == data
+    child, uffd = target
+    base = _region(child, uffd, 32)
+    data = _data(32)
+    with installer.reading():
+        assert installer.submit(uffd, base, data, dontwake=True) is not None
+        time.sleep(0.1)
+        assert installer.take() == []
+        assert _present(child, base, 32 * PAGE) == []
+    _expect_installed(installer, child, base, data)
 
 
 def test_a_fence_ends_queued_jobs_with_nothing_installed(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        base = _region(child, uffd, 64)
-        first, second = _data(32, seed=1), _data(32, seed=2)
-        with installer.reading() as fence:
-            jobs = [
-                installer.submit(uffd, base, first, dontwake=True),
-                installer.submit(uffd, base + 32 * PAGE, second, dontwake=True),
-            ]
-            fence(uffd)
-        installer.quiesce(uffd)
-        taken = _wait_all(installer, 2)
-        assert sorted(taken, key=lambda c: c.job) == [
-            Completed(job, OpResult(Outcome.RETRY, 0)) for job in jobs if job is not None
+    child, uffd = target
+    base = _region(child, uffd, 64)
+    first, second = _data(32, seed=1), _data(32, seed=2)
+    with installer.reading() as fence:
+        jobs = [
+            installer.submit(uffd, base, first, dontwake=True),
+            installer.submit(uffd, base + 32 * PAGE, second, dontwake=True),
         ]
-        assert _present(child, base, 64 * PAGE) == []
-        # Unfenced, the same uffd takes jobs again.
-        installer.unfence(uffd)
-        assert installer.submit(uffd, base, first, dontwake=True) is not None
-        (done,) = _wait_all(installer, 1)
-        assert done.result == OpResult(Outcome.DONE, 32 * PAGE)
-        assert _memory(child, base, 32 * PAGE) == first
+        fence(uffd)
+    installer.quiesce(uffd)
+    taken = _wait_all(installer, 2)
+    assert sorted(taken, key=lambda c: c.job) == [
+        Completed(job, OpResult(Outcome.RETRY, 0)) for job in jobs if job is not None
+    ]
+    assert _present(child, base, 64 * PAGE) == []
+    # Unfenced, the same uffd takes jobs again.
+    installer.unfence(uffd)
+    assert installer.submit(uffd, base, first, dontwake=True) is not None
+    _expect_installed(installer, child, base, first)
 
 
 def test_a_fence_stops_a_running_job_between_pieces(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        pages = 64 << 8  # 64 MiB: long enough to be caught mid-way
-        base = _region(child, uffd, pages)
-        data = _data(pages)
-        assert installer.submit(uffd, base, data, dontwake=True) is not None
-        deadline = time.monotonic() + 10
-        while not _present(child, base, pages * PAGE):
-            assert time.monotonic() < deadline, "the job never started"
-        installer.fence(uffd)
-        installer.quiesce(uffd)
-        (done,) = _wait_all(installer, 1)
-        assert done.result is not None
-        copied = done.result.done
-        assert done.result.outcome is Outcome.RETRY
-        assert 0 < copied < pages * PAGE
-        assert copied % PIECE == 0
-        # Exactly the bytes reported went in, and nothing after them.
-        assert _present(child, base, pages * PAGE) == [(base, copied)]
-        assert _memory(child, base, copied) == data[:copied]
+    child, uffd = target
+    pages = 64 << 8  # 64 MiB: long enough to be caught mid-way
+    base = _region(child, uffd, pages)
+    data = _data(pages)
+    assert installer.submit(uffd, base, data, dontwake=True) is not None
+    deadline = time.monotonic() + 10
+    while not _present(child, base, pages * PAGE):
+        assert time.monotonic() < deadline, "the job never started"
+    installer.fence(uffd)
+    installer.quiesce(uffd)
+    (done,) = _wait_all(installer, 1)
+    assert done.result is not None
+    copied = done.result.done
+    assert done.result.outcome is Outcome.RETRY
+    assert 0 < copied < pages * PAGE
+    assert copied % PIECE == 0
+    # Exactly the bytes reported went in, and nothing after them.
+    assert _present(child, base, pages * PAGE) == [(base, copied)]
+    assert _memory(child, base, copied) == data[:copied]
 
 
 def test_a_fault_moves_its_queued_job_first_and_the_job_wakes_it(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        base = _region(child, uffd, 3 * 32)
-        waited = base + 2 * 32 * PAGE + 5 * PAGE  # in the third job
-        child.start_read(waited, PAGE)
-        assert wait_events(uffd) == [fault(address=waited)]
-        datas = [_data(32, seed=s) for s in (1, 2, 3)]
-        with installer.reading():  # no piece runs meanwhile
-            submitted = [
-                installer.submit(uffd, base + i * 32 * PAGE, datas[i], dontwake=True)
-                for i in range(3)
-            ]
-            jobs = [job for job in submitted if job is not None]
-            assert installer.expedite(uffd, waited)
-            assert not installer.expedite(uffd, base + 3 * 32 * PAGE)  # no job there
-        taken = [c.job for c in _wait_all(installer, 3)]
-        # The third job went ahead of the second (the first may have been running).
-        assert sorted(taken) == jobs
-        assert taken.index(jobs[2]) < taken.index(jobs[1])
-        # Nothing but the job can wake the reader: this test never wakes.
-        assert child.finish_read() == bytes(datas[2][5 * PAGE : 6 * PAGE])
-        assert _memory(child, base, 3 * 32 * PAGE) == b"".join(datas)
+    child, uffd = target
+    base = _region(child, uffd, 3 * 32)
+    waited = base + 2 * 32 * PAGE + 5 * PAGE  # in the third job
+    child.start_read(waited, PAGE)
+    assert wait_events(uffd) == [fault(address=waited)]
+    datas = [_data(32, seed=s) for s in (1, 2, 3)]
+    with installer.reading():  # no piece runs meanwhile
+        submitted = [
+            installer.submit(uffd, base + i * 32 * PAGE, datas[i], dontwake=True) for i in range(3)
+        ]
+        jobs = [job for job in submitted if job is not None]
+        assert installer.expedite(uffd, waited)
+        assert not installer.expedite(uffd, base + 3 * 32 * PAGE)  # no job there
+    taken = [c.job for c in _wait_all(installer, 3)]
+    # The third job went ahead of the second (the first may have been running).
+    assert sorted(taken) == jobs
+    assert taken.index(jobs[2]) < taken.index(jobs[1])
+    # Nothing but the job can wake the reader: this test never wakes.
+    assert child.finish_read() == bytes(datas[2][5 * PAGE : 6 * PAGE])
+    assert _memory(child, base, 3 * 32 * PAGE) == b"".join(datas)
 
 
 def test_a_fault_in_the_running_job_is_woken_by_its_pieces(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        pages = 64 << 8  # 64 MiB
-        base = _region(child, uffd, pages)
-        last = base + (pages - 1) * PAGE
-        child.start_read(last, PAGE)
-        assert wait_events(uffd) == [fault(address=last)]
-        data = _data(pages)
-        assert installer.submit(uffd, base, data, dontwake=True) is not None
-        assert installer.expedite(uffd, last)
-        # Nothing but the job's own pieces can wake the reader: this test never wakes.
-        assert child.finish_read() == bytes(data[-PAGE:])
-        (done,) = _wait_all(installer, 1)
-        assert done.result == OpResult(Outcome.DONE, pages * PAGE)
+    child, uffd = target
+    pages = 64 << 8  # 64 MiB
+    base = _region(child, uffd, pages)
+    last = base + (pages - 1) * PAGE
+    child.start_read(last, PAGE)
+    assert wait_events(uffd) == [fault(address=last)]
+    data = _data(pages)
+    assert installer.submit(uffd, base, data, dontwake=True) is not None
+    assert installer.expedite(uffd, last)
+    # Nothing but the job's own pieces can wake the reader: this test never wakes.
+    assert child.finish_read() == bytes(data[-PAGE:])
+    assert _one_result(installer) == OpResult(Outcome.DONE, pages * PAGE)
 
 
 def test_a_present_page_ends_a_job_like_uffdio_copy(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        base = _region(child, uffd, 48)
-        assert uffd.copy(base + 20 * PAGE, pattern(99)).outcome is Outcome.DONE
-        data = _data(48)
-        assert installer.submit(uffd, base, data, dontwake=True) is not None
-        (done,) = _wait_all(installer, 1)
-        # Page 20 is the fifth of the second piece: that ioctl copied four pages and
-        # stopped (EAGAIN with progress), so 20 pages are done and the rest is not.
-        assert done.result == OpResult(Outcome.RETRY, 20 * PAGE)
-        assert _present(child, base, 48 * PAGE) == [(base, 21 * PAGE)]
-        assert installer.submit(uffd, base + 16 * PAGE, data[16 * PAGE :], dontwake=True)
-        (again,) = _wait_all(installer, 1)
-        assert again.result == OpResult(Outcome.EXISTS, 0)  # its first page is present
+    child, uffd = target
+    base = _region(child, uffd, 48)
+    assert uffd.copy(base + 20 * PAGE, pattern(99)).outcome is Outcome.DONE
+    data = _data(48)
+    assert installer.submit(uffd, base, data, dontwake=True) is not None
+    (done,) = _wait_all(installer, 1)
+    # Page 20 is the fifth of the second piece: that ioctl copied four pages and
+    # stopped (EAGAIN with progress), so 20 pages are done and the rest is not.
+    assert done.result == OpResult(Outcome.RETRY, 20 * PAGE)
+    assert _present(child, base, 48 * PAGE) == [(base, 21 * PAGE)]
+    assert installer.submit(uffd, base + 16 * PAGE, data[16 * PAGE :], dontwake=True)
+    assert _one_result(installer) == OpResult(Outcome.EXISTS, 0)  # first page present
 
 
 def test_a_full_queue_refuses_and_every_accepted_job_still_ends(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        base = _region(child, uffd, 9 * 16)
-        with installer.reading():  # nothing ends meanwhile
-            jobs = [
-                installer.submit(uffd, base + i * 16 * PAGE, _data(16, seed=i), dontwake=True)
-                for i in range(9)
-            ]
-        assert jobs[-1] is None  # the capacity is 8
-        accepted = [job for job in jobs if job is not None]
-        assert len(accepted) == 8
-        taken = _wait_all(installer, 8)
-        assert sorted(c.job for c in taken) == accepted
-        assert all(c.result == OpResult(Outcome.DONE, 16 * PAGE) for c in taken)
-        assert _present(child, base, 9 * 16 * PAGE) == [(base, 8 * 16 * PAGE)]
+    child, uffd = target
+    base = _region(child, uffd, 9 * 16)
+    with installer.reading():  # nothing ends meanwhile
+        jobs = [
+            installer.submit(uffd, base + i * 16 * PAGE, _data(16, seed=i), dontwake=True)
+            for i in range(9)
+        ]
+    assert jobs[-1] is None  # the capacity is 8
+    accepted = [job for job in jobs if job is not None]
+    assert len(accepted) == 8
+    taken = _wait_all(installer, 8)
+    assert sorted(c.job for c in taken) == accepted
+    assert all(c.result == OpResult(Outcome.DONE, 16 * PAGE) for c in taken)
+    assert _present(child, base, 9 * 16 * PAGE) == [(base, 8 * 16 * PAGE)]
 
 
 def test_an_unexpected_errno_comes_back_as_an_error(
-    workloads: WorkloadPool, installer: Installer
+    target: tuple[Workload, Uffd], installer: Installer
 ) -> None:
-    child = workloads.start()
-    with child.create_uffd() as uffd:
-        base = _region(child, uffd, 16)
-        # Not page aligned: EINVAL, which no handler expects.
-        assert installer.submit(uffd, base + 1, _data(1), dontwake=True) is not None
-        (done,) = _wait_all(installer, 1)
-        assert done.result is None
-        assert done.error is not None
-        assert done.error.errno == errno.EINVAL
+    child, uffd = target
+    base = _region(child, uffd, 16)
+    # Not page aligned: EINVAL, which no handler expects.
+    assert installer.submit(uffd, base + 1, _data(1), dontwake=True) is not None
+    (done,) = _wait_all(installer, 1)
+    assert done.result is None
+    assert done.error is not None
+    assert done.error.errno == errno.EINVAL
 
 
 def test_close_with_jobs_queued_returns(workloads: WorkloadPool) -> None:
