@@ -32,6 +32,7 @@ from uffdd.image.format import ExtentLike, Region, stored_ranges
 from uffdd.image.store import ImageNotFound, ImageStore
 from uffdd.kernel.handover import Handover, HandoverPolicy, Listener, accept_handovers
 from uffdd.kernel.memory import keep_freed_memory
+from uffdd.kernel.sched import short_slice
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.remote.client import PageClient
@@ -190,6 +191,9 @@ class Daemon:
             ),
             background_installs=self.config.install_thread,
         )
+        # After the installer thread started (threads inherit it): the loop's thread
+        # gets the CPU soon after a wake-up, the bulk copies keep the default slice.
+        short_slice()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         doors: list[asyncio.Task[None]] = []

@@ -37,6 +37,17 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _thread_slices(pid: int) -> dict[str, int]:
+    """EEVDF slice (ns) of a process's main thread ("main") and of its uffdd-* threads."""
+    slices = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
+        if name == "main" or name.startswith("uffdd-"):
+            line = next(x for x in (task / "sched").read_text().splitlines() if "se.slice" in x)
+            slices[name] = int(line.split(":")[1])
+    return slices
+
+
 def _events(running_log: list[dict[str, object]], name: str) -> list[dict[str, object]]:
     return [e for e in running_log if e.get("event") == name]
 
@@ -54,6 +65,11 @@ def test_restore_with_fork_remap_remove_unmap_verifies_every_byte(
     ) as running:
         restored = start_restored(running.handover, "demo")
         assert restored.finish() == 0, restored.events
+        # The loop's thread has the short slice, the installer thread the default one.
+        slices = _thread_slices(running.daemon.pid)
+        assert slices.pop("main") == 100_000
+        assert list(slices) == (["uffdd-install"] if install_thread else [])
+        assert all(value > 100_000 for value in slices.values())
     done = restored.last("done")
     assert done["ok"] is True
     assert done["mismatches"] == 0

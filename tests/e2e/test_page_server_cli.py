@@ -90,6 +90,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def slice_of(tid: int) -> int:
+    """The EEVDF slice of a thread, in ns (/proc/TID/sched)."""
+    for line in Path(f"/proc/{tid}/sched").read_text().splitlines():
+        if line.startswith("se.slice"):
+            return int(line.split(":")[1])
+    raise AssertionError(f"no se.slice for {tid}")
+
+
 def test_serves_on_tcp_and_unix_and_exits_0_on_sigterm(
     launched: tuple[subprocess.Popen[str], Path], image_root: tuple[Path, bytes]
 ) -> None:
@@ -108,6 +116,9 @@ def test_serves_on_tcp_and_unix_and_exits_0_on_sigterm(
     assert b"uffdd.remote.bulk_worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
     nice = os.getpriority(os.PRIO_PROCESS, process.pid)
     assert os.getpriority(os.PRIO_PROCESS, worker) == nice + 10
+    # the thread answering urgent requests has a short slice; the worker keeps the default
+    assert slice_of(process.pid) == 100_000
+    assert slice_of(worker) > 100_000
 
     async def fetch_all() -> None:
         for target in (tcp, unix):

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from uffdd.errors import ConfigError
+from uffdd.kernel.sched import short_slice
 from uffdd.log import get_logger
 from uffdd.remote.bulk_worker import DEFAULT_NICE, BulkWorker
 from uffdd.remote.catalog import DEFAULT_MAX_REQUEST_LENGTH, ImageCatalog
@@ -148,6 +149,9 @@ class PageServer:
             except ConfigError:
                 await self.stop(0)
                 raise
+        # After the bulk worker and gRPC's threads started (children inherit it): the
+        # thread that answers urgent requests gets the CPU soon after a wake-up.
+        short_slice()
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         _log.info(
             "page server listening",
