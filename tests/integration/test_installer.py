@@ -287,6 +287,23 @@ def test_close_with_jobs_queued_returns(workloads: WorkloadPool) -> None:
         assert installer.pending == 0
 
 
+def test_close_stops_a_running_job_between_pieces(workloads: WorkloadPool) -> None:
+    child = workloads.start()
+    installer = Installer(capacity=8, piece=PIECE)
+    with child.create_uffd() as uffd:
+        length = 256 << 20  # long enough to be caught mid-way
+        base = _region(child, uffd, length // PAGE)
+        installer.submit(uffd, base, bytearray(b"\x5a") * length, dontwake=True)
+        deadline = time.monotonic() + 10
+        while not _present(child, base, length):
+            assert time.monotonic() < deadline, "the job never started"
+        installer.close()  # returns after the piece in progress, not the whole job
+        ((start, copied),) = _present(child, base, length)
+        assert start == base
+        assert 0 < copied < length
+        assert copied % PIECE == 0
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="piece"):
         Installer(piece=1000)

@@ -326,7 +326,12 @@ static void installer_run(struct uffdd_installer *in, const struct uffdd_install
             pthread_cond_wait(&in->read_done, &in->lock);
         uint64_t mode = in->busy_wake ? job->mode & ~(uint64_t)UFFDIO_COPY_MODE_DONTWAKE
                                       : job->mode;
+        int stopping = in->stop;
         pthread_mutex_unlock(&in->lock);
+        if (stopping) {  /* the installer is being freed: no more pieces */
+            *err = EAGAIN;
+            return;
+        }
         pthread_mutex_lock(&in->uffd_lock);
         for (int i = 0; i < UFFDD_FENCES; i++) {
             if (in->fenced[i] == job->fd) {
