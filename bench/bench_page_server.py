@@ -38,6 +38,7 @@ from uffdd.errors import PageServerError
 from uffdd.image.format import DATA_NAME
 from uffdd.image.writer import ImageWriter
 from uffdd.kernel.memory import keep_freed_memory
+from uffdd.kernel.sched import short_slice
 from uffdd.remote import chunk_codec
 from uffdd.remote.client import Chunk, PageClient
 from uffdd.remote.convert import Priority
@@ -363,7 +364,8 @@ def main() -> None:
             flush=True,
         )
         codec_costs(parse_size(args.chunk_size))
-        keep_freed_memory()  # the client side as the daemon runs it
+        keep_freed_memory()  # the client side as the daemon runs it: warm buffers,
+        short_slice()  # and a short slice for the loop's thread
         asyncio.run(run_all(args, scratch, size, reference))
 
 
