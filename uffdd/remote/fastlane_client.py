@@ -28,6 +28,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 from uffdd.errors import ConfigError, PageServerDataError, PageServerError, PageServerUnavailable
+from uffdd.kernel.memory import uninitialized_buffer
 from uffdd.log import get_logger
 from uffdd.remote import fastlane_wire as wire
 from uffdd.remote.chunk_codec import WireChunk
@@ -343,7 +344,8 @@ class _Protocol(asyncio.BufferedProtocol):
             begin = self._start + size
             have = self._end - begin
             if have < need:
-                body = memoryview(bytearray(need))
+                # not zeroed first: the socket fills every byte before it is handed on
+                body = uninitialized_buffer(need)
                 body[:have] = view[begin : self._end]
                 self._header, self._body, self._filled = header, body, have
                 self._start = self._end = 0
