@@ -273,6 +273,7 @@ static int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_
    done, as a copy interrupted by the kernel's mmap_changing would). */
 
 #include <pthread.h>  /* pthread_setname_np: Python.h defines _GNU_SOURCE */
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -362,10 +363,36 @@ static void installer_post(struct uffdd_installer *in)
     (void)r;
 }
 
+/* The kernel's default scheduler slice for this thread: a thread inherits its
+   creator's, and the daemon's loop may run with a short one (kernel/sched.py) that
+   bulk copies must not have. Policy and nice stay as they are. */
+struct uffdd_sched_attr {  /* the kernel's struct sched_attr, version 0 (48 bytes);
+                             <linux/sched/types.h> clashes with glibc's <sched.h> */
+    uint32_t size, sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime, sched_deadline, sched_period;
+};
+
+static void installer_default_slice(void)
+{
+    struct uffdd_sched_attr attr;
+    if (syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0)
+        return;
+    if (attr.sched_policy != SCHED_OTHER && attr.sched_policy != SCHED_BATCH &&
+        attr.sched_policy != SCHED_IDLE)
+        return;
+    attr.sched_runtime = 0;
+    attr.sched_flags = 0;
+    syscall(SYS_sched_setattr, 0, &attr, 0);
+}
+
 static void *installer_main(void *arg)
 {
     struct uffdd_installer *in = arg;
     pthread_setname_np(pthread_self(), "uffdd-install");  /* for top -H, perf, py-spy */
+    installer_default_slice();
     if (in->nice)  /* per thread on Linux: bulk yields the CPU to the loop */
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), in->nice);
     pthread_mutex_lock(&in->lock);

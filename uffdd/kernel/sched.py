@@ -7,9 +7,10 @@ request while the bulk work (the installer thread, the page server's bulk worker
 bulk receive) keeps both vCPUs busy, so a fault waited up to a slice per hop. A
 100 us slice (``sched_setattr`` with ``sched_runtime`` for SCHED_OTHER, honoured since
 6.12) lets them in sooner; their share of the CPU does not change. Threads and
-processes started later inherit it, so callers set it after starting their bulk
-threads and workers. Measured (bench/README.md, session 4, three alternating rounds):
-remote fault p99 with the sweep 6.3-7.5 -> 5.1-5.7 ms, p50 1.05-1.35 -> 0.96-1.25 ms.
+processes inherit it, so callers set it after starting their bulk threads and workers,
+and those (the installer thread, the bulk worker) take the default back at start.
+Measured (bench/README.md, session 4, three alternating rounds): remote fault p99
+with the sweep 6.3-7.5 -> 5.1-5.7 ms, p50 1.05-1.35 -> 0.96-1.25 ms.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import ctypes
 import os
 
 _SYS_SCHED_SETATTR = 314  # x86_64
-_SCHED_OTHER = 0
+_FAIR_POLICIES = frozenset({os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_IDLE})
 
 
 class _SchedAttr(ctypes.Structure):
@@ -40,13 +41,27 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def short_slice(nanoseconds: int = 100_000) -> bool:
-    """Give the calling thread a short slice, keeping its policy (SCHED_OTHER) and nice.
+    """Give the calling thread a short slice, keeping its policy and nice value.
 
-    False when the kernel or the architecture does not take it (the thread then keeps
-    the default slice: slower to preempt a busy CPU, nothing worse).
+    False when the kernel, the architecture or the thread's policy (a real-time one)
+    does not take it: the thread keeps its slice (slower to get a busy CPU, nothing
+    worse).
     """
+    return _set_slice(nanoseconds)
+
+
+def default_slice() -> bool:
+    """Give the calling thread the kernel's default slice back (for bulk work started
+    by a thread that has a short one: threads and processes inherit it)."""
+    return _set_slice(0)
+
+
+def _set_slice(nanoseconds: int) -> bool:
     if os.uname().machine != "x86_64":
         return False
+    policy = os.sched_getscheduler(0)
+    if policy not in _FAIR_POLICIES:
+        return False
     nice = os.getpriority(os.PRIO_PROCESS, 0)  # per thread on Linux
-    attr = _SchedAttr(ctypes.sizeof(_SchedAttr), _SCHED_OTHER, 0, nice, 0, nanoseconds, 0, 0)
+    attr = _SchedAttr(ctypes.sizeof(_SchedAttr), policy, 0, nice, 0, nanoseconds, 0, 0)
     return bool(_libc.syscall(_SYS_SCHED_SETATTR, 0, ctypes.byref(attr), 0) == 0)

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from uffdd.kernel.fdpass import close_fds, fds_in
+from uffdd.kernel.sched import default_slice
 from uffdd.log import LEVELS, configure_logging, get_logger
 from uffdd.remote.catalog import ImageCatalog
 from uffdd.remote.fastlane_server import Connection, FastLaneServer
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.nice:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + args.nice)
+    default_slice()  # bulk work: not the short slice a parent may have passed on
     asyncio.run(_serve(args))
 
 
