@@ -262,6 +262,7 @@ class Executor:
         first every background copy of the process ends and reports back."""
         assert self._installer is not None
         self._fenced.add(proc)
+        self.tracker.batch_read(proc)  # its outcomes must not release it before the batch
         try:
             self._installer.quiesce(uffd)
             self._take_completions()

@@ -374,6 +374,7 @@ class CoreMachine(RuleBasedStateMachine):
         layout event; then the drain."""
         if any(not isinstance(e, PageFault | FastServed) for e in batch):
             self.fenced.add(proc.name)
+            self.tracker.batch_read(proc.name)
             for job in [j for j in self.jobs if j.copy.proc == proc.name]:
                 self.end_job(job, InstallResult.RETRY)  # stopped by the fence
             self.take_completions()

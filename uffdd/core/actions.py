@@ -9,7 +9,9 @@ the outcome of every install action (Copy, ZeroFill) back as an ``InstallOutcome
 before passing a batch of that process's uffd events that holds a layout event
 (REMOVE, UNMAP, REMAP, FORK) to the core, with no install of that process running
 after the read of that batch (until the core has it, answer installs with RETRY, as
-the kernel does while such an event is unread). The core relies on it: an install
+the kernel does while such an event is unread; outcomes fed after that batch was read
+go after ``Tracker.batch_read``, so they cannot release the process before the batch's
+faults are answered). The core relies on it: an install
 decided before a REMOVE was read must run before that REMOVE is acknowledged, or
 snapshot data could land in a page that must read zeros. A batch of page faults only
 may reach the core while installs are outstanding (a copy running on another thread):

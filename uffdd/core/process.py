@@ -174,6 +174,9 @@ class LazyProcess:
         self._forks = 0
         self._born: list[LazyProcess] = []
         self.layout_generation = 0
+        self.unseen_batch = False
+        """Set by the tracker while the shell holds a batch read from this process's
+        uffd that the core has not seen (no release until it has)."""
         self.sweep_held = False
         """Set by the tracker while the parent sweeps what this fork child misses too
         (its arrivals reach the child as TreeData): one transfer for the whole tree."""
@@ -484,6 +487,7 @@ class LazyProcess:
         # that the image says are zero or that were removed.
         if (
             self.handed_over
+            and not self.unseen_batch
             and not self.missing
             and not self.inflight
             and not self.installing

@@ -106,6 +106,14 @@ class Tracker:
         self._register(process, root=proc)
         return self._absorb(process, process.pump(now), now)
 
+    def batch_read(self, proc: ProcId) -> None:
+        """The shell has read a batch of ``proc``'s uffd that it will hand over after
+        some install outcomes (a fenced layout event): until it does, the process is
+        not released, since the batch may hold faults that still need an answer."""
+        process = self._procs.get(proc)
+        if process is not None:
+            process.unseen_batch = True
+
     def handle_uffd(
         self, proc: ProcId, events: Sequence[UffdEvent | FastServed], now: float
     ) -> list[Action]:
@@ -114,6 +122,7 @@ class Tracker:
         process = self._procs.get(proc)
         if process is None:
             return []
+        process.unseen_batch = False  # (see batch_read) this is the batch
         return self._absorb(process, process.handle_batch(events, now), now)
 
     def handle(self, event: ShellEvent, now: float) -> list[Action]:
