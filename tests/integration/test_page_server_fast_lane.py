@@ -88,8 +88,10 @@ async def error_of(client: PageClient, image_id: str, address: int, length: int)
     return f"{type(caught.value).__name__} {str(caught.value).split(':')[0]}"
 
 
-def request_frame(request_id: int, image_id: str, address: int, length: int) -> bytes:
-    return wire.encode_request(request_id, image_id.encode(), address, length)
+def request_frame(
+    request_id: int, image_id: str, address: int, length: int, *, bulk: bool = False
+) -> bytes:
+    return wire.encode_request(request_id, image_id.encode(), address, length, bulk=bulk)
 
 
 @contextlib.asynccontextmanager
@@ -239,7 +241,7 @@ def test_urgent_overtakes_bulk_queued_on_the_same_connection(images: Images) -> 
         async with raw_fast_lane(images) as (_, reader, writer):
             # 768 bulk chunks asked for, then one urgent page, in one write
             writer.write(
-                wire.encode_request(1, b"mixed", region.start, len(region.content), bulk=True)
+                request_frame(1, "mixed", region.start, len(region.content), bulk=True)
                 + request_frame(2, "mixed", region.start + 700 * PAGE, PAGE)
             )
             order: list[int] = []
@@ -265,9 +267,7 @@ def test_cancelled_bulk_request_stops_and_the_connection_goes_on(images: Images)
 
     async def scenario() -> None:
         async with raw_fast_lane(images) as (server, reader, writer):
-            writer.write(
-                wire.encode_request(1, b"mixed", region.start, len(region.content), bulk=True)
-            )
+            writer.write(request_frame(1, "mixed", region.start, len(region.content), bulk=True))
             first = await read_response(reader)
             assert first[:2] == (1, region.start)
             writer.write(wire.encode_cancel(1) + request_frame(2, "small", 0x1000, PAGE))
@@ -290,7 +290,7 @@ def test_duplicate_outstanding_request_id_is_refused(images: Images) -> None:
 
     async def scenario() -> None:
         async with raw_fast_lane(images) as (_, reader, writer):
-            big = wire.encode_request(7, b"mixed", region.start, len(region.content), bulk=True)
+            big = request_frame(7, "mixed", region.start, len(region.content), bulk=True)
             writer.write(big + big)
             request_id, _, _, flags, message = await read_response(reader)
             assert (request_id, flags) == (7, wire.FLAG_ERROR | wire.FLAG_LAST)
@@ -668,7 +668,7 @@ def test_request_frame_layout() -> None:
 def test_a_client_that_does_not_read_holds_bounded_memory(images: Images, bulk: bool) -> None:
     region = images.regions["mixed"][1]
     frames = b"".join(
-        wire.encode_request(index, b"mixed", region.start, 1024 * 1024, bulk=bulk)
+        request_frame(index, "mixed", region.start, 1024 * 1024, bulk=bulk)
         for index in range(1, 3001)
     )
 
