@@ -156,6 +156,7 @@ def faulter_command(
     wait_resident: float = 0.0,
     seed: int = 5,
     start_file: Path | None = None,
+    warm_memory: int = 0,
 ) -> tuple[list[str], Path]:
     lat = workdir / f"lat-{tag}.bin"
     command = bench_script(
@@ -176,6 +177,8 @@ def faulter_command(
         command += ["--start-file", str(start_file)]
     if wait_resident:
         command += ["--wait-resident", str(wait_resident)]
+    if warm_memory:
+        command += ["--warm-memory", str(warm_memory)]
     return command, lat
 
 
