@@ -6,7 +6,9 @@ the GIL. ``uffdd_fast_serve`` is the hot path in C: it reads a uffd and answers 
 pages whose data is local (an mmap'ed image) and verified, and hands every other message,
 raw, back to the Python core (policy never moves into C). ``uffdd_installer_*`` runs
 bulk UFFDIO_COPYs on a pthread of its own, fenced against the loop's reads of each uffd
-so no copy lands after a layout event the core has not seen. The machine's libc
+so no copy lands after a layout event the core has not seen. ``uffdd_receiver_*``
+reads the bulk fast lane's frames off its socket on another pthread, so the loop only
+takes whole chunks (remote/fastlane_thread.py). The machine's libc
 headers describe Linux 6.1 while the kernel is 6.18, so the UAPI added since (MOVE,
 POISON, WP_ASYNC, WP_UNPOPULATED, CONTINUE_MODE_WP) is defined here when the headers
 lack it; the values are the kernel's ABI and cannot change.
@@ -365,7 +367,7 @@ static void installer_post(struct uffdd_installer *in)
 
 /* The kernel's default scheduler slice for this thread: a thread inherits its
    creator's, and the daemon's loop may run with a short one (kernel/sched.py) that
-   bulk copies must not have. Policy and nice stay as they are. */
+   bulk copies and bulk receives must not have. Policy and nice stay as they are. */
 struct uffdd_sched_attr {  /* the kernel's struct sched_attr, version 0 (48 bytes);
                              <linux/sched/types.h> clashes with glibc's <sched.h> */
     uint32_t size, sched_policy;
@@ -375,7 +377,7 @@ struct uffdd_sched_attr {  /* the kernel's struct sched_attr, version 0 (48 byte
     uint64_t sched_runtime, sched_deadline, sched_period;
 };
 
-static void installer_default_slice(void)
+static void bulk_thread_default_slice(void)
 {
     struct uffdd_sched_attr attr;
     if (syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0)
@@ -392,7 +394,7 @@ static void *installer_main(void *arg)
 {
     struct uffdd_installer *in = arg;
     pthread_setname_np(pthread_self(), "uffdd-install");  /* for top -H, perf, py-spy */
-    installer_default_slice();
+    bulk_thread_default_slice();
     if (in->nice)  /* per thread on Linux: bulk yields the CPU to the loop */
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), in->nice);
     pthread_mutex_lock(&in->lock);
@@ -616,6 +618,245 @@ static void uffdd_installer_quiesce(struct uffdd_installer *in, int fd)
         installer_post(in);
     pthread_mutex_unlock(&in->lock);
 }
+
+/* ---- the bulk fast lane's receiver: frames off a socket on a pthread ---------------
+
+   Reads response frames (fastlane_wire.RESPONSE: 32 bytes, little-endian, then the
+   body) from a connected stream socket into malloc'ed bodies, without the GIL, and
+   queues them for the loop (eventfd readable while frames wait). Bounded: at most
+   ``cap`` frames and, past one frame, ``max_queued`` body bytes wait; then the thread
+   stops reading. It ends at EOF, on an error, on a header that breaks the frame rules,
+   or when stopped; ``status`` says which once the queue is empty. */
+#include <endian.h>
+#include <sys/socket.h>
+
+#define UFFDD_FRAME_HEADER 32
+#define UFFDD_RECV_RUNNING 0
+#define UFFDD_RECV_EOF (-1)        /* closed by the peer between frames */
+#define UFFDD_RECV_MIDFRAME (-2)   /* closed by the peer inside a frame */
+#define UFFDD_RECV_GARBAGE (-3)    /* unknown flags, or a body over max_body */
+#define UFFDD_RECV_STOPPED (-4)
+#define UFFDD_RECV_NOMEM (-5)
+#define UFFDD_FLAG_ZERO 1
+#define UFFDD_FLAG_LAST 2
+#define UFFDD_FLAG_ERROR 4
+
+struct uffdd_frame {
+    uint64_t request_id, address, checksum;
+    uint32_t length;
+    uint8_t flags, code;
+    uint16_t message_length;
+    char *body;
+    uint64_t body_len;
+};
+
+struct uffdd_receiver {
+    int fd, efd;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t room;
+    struct uffdd_frame *ring;
+    size_t cap, head, count;
+    uint64_t queued, max_queued, max_body;
+    int stop, status;  /* status: UFFDD_RECV_RUNNING, a negative reason, or an errno */
+};
+
+static void receiver_post(struct uffdd_receiver *r)
+{
+    uint64_t one = 1;
+    ssize_t w = write(r->efd, &one, sizeof one);  /* EAGAIN: the counter is set */
+    (void)w;
+}
+
+/* 1 when ``len`` bytes arrived; 0 at EOF or when stopped; -errno on an error. */
+static int receiver_read(struct uffdd_receiver *r, char *p, size_t len)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = recv(r->fd, p + got, len - got, MSG_WAITALL);
+        if (n > 0) {
+            got += (size_t)n;
+            continue;
+        }
+        if (n == 0)
+            return 0;
+        if (errno == EINTR)
+            continue;
+        return -errno;
+    }
+    return 1;
+}
+
+static int receiver_loop(struct uffdd_receiver *r)
+{
+    unsigned char h[UFFDD_FRAME_HEADER];
+    for (;;) {
+        int rc = receiver_read(r, (char *)h, sizeof h);
+        if (rc <= 0)
+            return rc < 0 ? -rc : UFFDD_RECV_EOF;
+        struct uffdd_frame f;
+        uint16_t m16; uint32_t l32; uint64_t v;
+        memcpy(&v, h, 8); f.request_id = le64toh(v);
+        memcpy(&v, h + 8, 8); f.address = le64toh(v);
+        memcpy(&l32, h + 16, 4); f.length = le32toh(l32);
+        f.flags = h[20];
+        f.code = h[21];
+        memcpy(&m16, h + 22, 2); f.message_length = le16toh(m16);
+        memcpy(&v, h + 24, 8); f.checksum = le64toh(v);
+        if (f.flags & ~(UFFDD_FLAG_ZERO | UFFDD_FLAG_LAST | UFFDD_FLAG_ERROR))
+            return UFFDD_RECV_GARBAGE;
+        f.body_len = (f.flags & UFFDD_FLAG_ERROR) ? f.message_length
+                     : (f.flags & UFFDD_FLAG_ZERO) ? 0 : f.length;
+        if (f.body_len > r->max_body)
+            return UFFDD_RECV_GARBAGE;
+        f.body = NULL;
+        if (f.body_len) {
+            f.body = malloc(f.body_len);  /* not zeroed: the socket fills every byte */
+            if (!f.body)
+                return UFFDD_RECV_NOMEM;
+            rc = receiver_read(r, f.body, f.body_len);
+            if (rc <= 0) {
+                free(f.body);
+                return rc < 0 ? -rc : UFFDD_RECV_MIDFRAME;
+            }
+        }
+        pthread_mutex_lock(&r->lock);
+        while (!r->stop && (r->count == r->cap || (r->count && r->queued >= r->max_queued)))
+            pthread_cond_wait(&r->room, &r->lock);
+        if (r->stop) {
+            pthread_mutex_unlock(&r->lock);
+            free(f.body);
+            return UFFDD_RECV_STOPPED;
+        }
+        r->ring[(r->head + r->count) % r->cap] = f;
+        r->count++;
+        r->queued += f.body_len;
+        if (r->count == 1)
+            receiver_post(r);
+        pthread_mutex_unlock(&r->lock);
+    }
+}
+
+static void *receiver_main(void *arg)
+{
+    struct uffdd_receiver *r = arg;
+    pthread_setname_np(pthread_self(), "uffdd-bulk-recv");
+    bulk_thread_default_slice();  /* bulk data: the short slice is the loop's */
+    int status = receiver_loop(r);
+    pthread_mutex_lock(&r->lock);
+    r->status = r->stop ? UFFDD_RECV_STOPPED : status;
+    receiver_post(r);
+    pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+/* A started receiver of the connected socket ``fd`` (still the caller's to close,
+   after uffdd_receiver_free), or NULL (errno set). */
+static struct uffdd_receiver *uffdd_receiver_new(int fd, size_t cap, uint64_t max_queued,
+                                                 uint64_t max_body)
+{
+    if (cap < 1) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct uffdd_receiver *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->ring = calloc(cap, sizeof *r->ring);
+    r->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!r->ring || r->efd < 0)
+        goto fail;
+    r->fd = fd;
+    r->cap = cap;
+    r->max_queued = max_queued;
+    r->max_body = max_body;
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->room, NULL);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&r->thread, NULL, receiver_main, r);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0)
+        return r;
+    errno = rc;
+fail:
+    {
+        int e = errno;
+        if (r->efd >= 0)
+            close(r->efd);
+        free(r->ring);
+        free(r);
+        errno = e;
+    }
+    return NULL;
+}
+
+static int uffdd_receiver_efd(const struct uffdd_receiver *r)
+{
+    return r->efd;
+}
+
+/* Move up to ``n`` queued frames to ``out`` (their bodies are the caller's to free). */
+static size_t uffdd_receiver_take(struct uffdd_receiver *r, struct uffdd_frame *out, size_t n)
+{
+    uint64_t drained;
+    ssize_t d = read(r->efd, &drained, sizeof drained);
+    (void)d;
+    pthread_mutex_lock(&r->lock);
+    size_t k = 0;
+    for (; k < n && r->count; k++) {
+        out[k] = r->ring[r->head];
+        r->head = (r->head + 1) % r->cap;
+        r->count--;
+        r->queued -= out[k].body_len;
+    }
+    if (r->count || r->status != UFFDD_RECV_RUNNING)
+        receiver_post(r);  /* more wait, or the end is still to be seen: stay readable */
+    if (k)
+        pthread_cond_signal(&r->room);
+    pthread_mutex_unlock(&r->lock);
+    return k;
+}
+
+/* Why the thread ended (UFFDD_RECV_RUNNING while it runs or frames still wait). */
+static int uffdd_receiver_status(struct uffdd_receiver *r)
+{
+    pthread_mutex_lock(&r->lock);
+    int status = r->count ? UFFDD_RECV_RUNNING : r->status;
+    pthread_mutex_unlock(&r->lock);
+    return status;
+}
+
+static uint64_t uffdd_receiver_queued(struct uffdd_receiver *r)
+{
+    pthread_mutex_lock(&r->lock);
+    uint64_t queued = r->queued;
+    pthread_mutex_unlock(&r->lock);
+    return queued;
+}
+
+/* Stop the thread (shutting the socket down wakes a blocked recv), join it, and free
+   everything, frames not taken included. The socket stays open for its owner. */
+static void uffdd_receiver_free(struct uffdd_receiver *r)
+{
+    pthread_mutex_lock(&r->lock);
+    r->stop = 1;
+    pthread_cond_signal(&r->room);
+    pthread_mutex_unlock(&r->lock);
+    shutdown(r->fd, SHUT_RDWR);
+    pthread_join(r->thread, NULL);
+    for (size_t k = 0; k < r->count; k++)
+        free(r->ring[(r->head + k) % r->cap].body);
+    close(r->efd);
+    free(r->ring);
+    free(r);
+}
+
+static void uffdd_free(void *p)
+{
+    free(p);
+}
 """
 )
 
@@ -723,6 +964,31 @@ int uffdd_installer_fence_held(struct uffdd_installer *in, int fd);
 void uffdd_installer_unfence(struct uffdd_installer *in, int fd);
 void uffdd_installer_quiesce(struct uffdd_installer *in, int fd);
 int uffdd_installer_expedite(struct uffdd_installer *in, int fd, uint64_t addr);
+
+struct uffdd_frame {
+    uint64_t request_id, address, checksum;
+    uint32_t length;
+    uint8_t flags, code;
+    uint16_t message_length;
+    char *body;
+    uint64_t body_len;
+};
+struct uffdd_receiver;
+#define UFFDD_FRAME_HEADER ...
+#define UFFDD_RECV_RUNNING ...
+#define UFFDD_RECV_EOF ...
+#define UFFDD_RECV_MIDFRAME ...
+#define UFFDD_RECV_GARBAGE ...
+#define UFFDD_RECV_STOPPED ...
+#define UFFDD_RECV_NOMEM ...
+struct uffdd_receiver *uffdd_receiver_new(int fd, size_t cap, uint64_t max_queued,
+                                          uint64_t max_body);
+int uffdd_receiver_efd(const struct uffdd_receiver *r);
+size_t uffdd_receiver_take(struct uffdd_receiver *r, struct uffdd_frame *out, size_t n);
+int uffdd_receiver_status(struct uffdd_receiver *r);
+uint64_t uffdd_receiver_queued(struct uffdd_receiver *r);
+void uffdd_receiver_free(struct uffdd_receiver *r);
+void uffdd_free(void *p);
 """
 
 ffibuilder = FFI()

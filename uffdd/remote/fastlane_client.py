@@ -30,8 +30,10 @@ from collections.abc import Awaitable, Callable
 from uffdd.errors import ConfigError, PageServerDataError, PageServerError, PageServerUnavailable
 from uffdd.kernel.memory import uninitialized_buffer
 from uffdd.log import get_logger
+from uffdd.remote import fastlane_thread
 from uffdd.remote import fastlane_wire as wire
 from uffdd.remote.chunk_codec import WireChunk
+from uffdd.remote.fastlane_thread import ThreadedConnection
 from uffdd.remote.request import Request
 from uffdd.remote.tls import ClientTls
 
@@ -70,7 +72,7 @@ class FastLane:
         self._queue: collections.deque[Request] = collections.deque()  # bulk, not sent
         self._in_window = 0
         self._discover = discover
-        self._protocol: _Protocol | None = None
+        self._protocol: _Protocol | ThreadedConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._retry_at: float | None = 0.0  # None: the server has no fast lane
         self._warned = False
@@ -210,9 +212,20 @@ class FastLane:
         finally:
             self._task = None
 
-    async def _open(self, address: str) -> _Protocol:
+    async def _open(self, address: str) -> _Protocol | ThreadedConnection:
         loop = asyncio.get_running_loop()
         context = None if self.tls is None else self.tls.ssl_context()
+        if context is None and self.window is not None:
+            # plain bulk lane: read by a thread of its own (fastlane_thread explains)
+            sock = await fastlane_thread.connect(address, loop)
+            return ThreadedConnection(
+                sock,
+                loop,
+                target=self.target,
+                on_chunk=self.chunk,
+                on_lost=self._threaded_lost,
+                max_chunk_bytes=MAX_CHUNK_BYTES,
+            )
         server_name = None
         if context is not None:
             server_name = self.tls.server_name if self.tls else None
@@ -245,6 +258,10 @@ class FastLane:
         """The connection ended or sent garbage: fail what it carried, fall back."""
         self._fail_all(error)
         self._fall_back(str(error))
+
+    def _threaded_lost(self, connection: ThreadedConnection, error: PageServerError) -> None:
+        if self._protocol is connection:
+            self.broken(error)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -1,0 +1,433 @@
+"""The bulk fast lane received on its own pthread (``uffdd.remote.fastlane_thread``).
+
+Real sockets throughout: a real page server on 127.0.0.1 and on a Unix socket for the
+bytes, small hand-written fast lanes for a lying or dying server, and socket pairs for
+the connection's own rules (frames from the loop never block it, one chunk per loop
+turn, close ends the thread and closes the socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import xxhash
+from page_server_support import PAGE, Images, eventually, make_certs, make_images, run, serving
+from support.fds import open_fds
+
+from uffdd.core.addresses import ImageAddr
+from uffdd.errors import PageServerDataError, PageServerError, PageServerUnavailable
+from uffdd.remote import fastlane_wire as wire
+from uffdd.remote.client import Chunk, PageClient
+from uffdd.remote.convert import Priority
+from uffdd.remote.fastlane_client import FastLane
+from uffdd.remote.fastlane_thread import Header, ThreadedConnection
+from uffdd.remote.server import PageServer
+from uffdd.remote.tls import ClientTls, ServerTls
+
+pytestmark = pytest.mark.timeout(60)
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+THREAD_NAME = "uffdd-bulk-recv"
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Images:
+    return make_images(tmp_path / "images")
+
+
+def receiver_threads() -> list[str]:
+    """This process's receiver threads (pthreads: not in ``threading.enumerate()``)."""
+    found = []
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/comm") as comm:
+            if comm.read().strip() == THREAD_NAME:
+                found.append(task)
+    return found
+
+
+async def bulk_lane_ready(client: PageClient) -> None:
+    """Until the bulk fast lane is connected. A bulk submit is what starts connecting
+    it; the submits made before it is connected ride gRPC, so a hand-written lane sees
+    no request before the test's own."""
+    await client.image_info("small")  # starts the discovery
+
+    async def connected() -> bool:
+        if client.fast_bulk_lane_address is not None:
+            return True
+        client.submit(
+            "small",
+            ImageAddr(0x1000),
+            PAGE,
+            Priority.BULK,
+            on_chunk=lambda _: None,
+            on_done=lambda _: None,
+        )
+        return False
+
+    await eventually(connected, timeout=10)
+
+
+async def fetch_bulk(
+    client: PageClient, image_id: str, address: int, length: int
+) -> tuple[list[Chunk], PageServerError | None]:
+    chunks: list[Chunk] = []
+    done: asyncio.Future[PageServerError | None] = asyncio.get_running_loop().create_future()
+    request = client.submit(
+        image_id,
+        ImageAddr(address),
+        length,
+        Priority.BULK,
+        on_chunk=chunks.append,
+        on_done=done.set_result,
+    )
+    assert isinstance(request.lane, FastLane)
+    assert request.lane.window is not None  # the bulk fast lane
+    return chunks, await asyncio.wait_for(done, 10)
+
+
+def joined(chunks: list[Chunk]) -> bytes:
+    return b"".join(bytes(c.length) if c.data is None else bytes(c.data) for c in chunks)
+
+
+# -- bytes from a real page server -----------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_bulk_lane_on_its_thread_gives_exactly_the_image(
+    images: Images, tmp_path: Path, transport: str
+) -> None:
+    listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/sock/pages.sock"
+
+    async def scenario() -> None:
+        async with (
+            serving(images.root, [listen], chunk_size=64 * 1024) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await bulk_lane_ready(client)
+            assert len(receiver_threads()) == 1
+            for image_id, regions in images.regions.items():
+                for region in regions:
+                    chunks, error = await fetch_bulk(
+                        client, image_id, region.start, len(region.content)
+                    )
+                    assert error is None
+                    assert joined(chunks) == region.content
+                    for chunk in chunks:
+                        if chunk.data is not None:
+                            assert chunk.data.readonly
+        # closing the client ended the thread, and the thread closed its socket
+        assert receiver_threads() == []
+
+    run(scenario)  # the first gRPC use in a process opens gRPC's own fds for good
+    before = open_fds()
+    run(scenario)
+    assert open_fds() <= before
+
+
+def test_tls_bulk_lane_stays_on_the_loop(images: Images, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    region = images.regions["mixed"][1]
+
+    async def scenario() -> None:
+        async with (
+            serving(
+                images.root,
+                tls=ServerTls(certs.server_cert, certs.server_key),
+            ) as server,
+            PageClient(server.addresses[0], tls=ClientTls(ca=certs.ca)) as client,
+        ):
+            await bulk_lane_ready(client)
+            assert receiver_threads() == []
+            chunks, error = await fetch_bulk(client, "mixed", region.start, 64 * PAGE)
+            assert error is None
+            assert joined(chunks) == region.content[: 64 * PAGE]
+
+    run(scenario)
+
+
+# -- a lying or dying server -------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def fake_lane_server(images: Images, answer: Answer) -> AsyncIterator[PageServer]:
+    """A real gRPC page server advertising a hand-written fast lane (both lanes)."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+            handlers.discard(task)
+
+    lane = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        async with serving(images.root, chunk_size=4096, fast_lane=False) as server:
+            server.service.fast_lane_addresses = [f"127.0.0.1:{lane.sockets[0].getsockname()[1]}"]
+            yield server
+    finally:
+        lane.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await lane.wait_closed()
+
+
+async def requests_of(reader: asyncio.StreamReader) -> AsyncIterator[tuple[bytes, int, int, int]]:
+    """(magic, request id, address, length) of each frame until the client hangs up."""
+    while True:
+        try:
+            header = await reader.readexactly(wire.REQUEST.size)
+        except asyncio.IncompleteReadError:
+            return
+        magic, request_id, address, length, id_length = wire.REQUEST.unpack(header)
+        await reader.readexactly(id_length)
+        yield magic, request_id, address, length
+
+
+def answers(bulk_answer: Callable[[int, int, int], bytes], *, then_close: bool = False) -> Answer:
+    """Zero pages for urgent requests; ``bulk_answer(id, address, length)`` for bulk."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for magic, request_id, address, length in requests_of(reader):
+            if magic == wire.BULK_MAGIC:
+                writer.write(bulk_answer(request_id, address, length))
+                await writer.drain()
+                if then_close:
+                    return
+            else:
+                writer.write(wire.encode_zero(request_id, address, length, last=True))
+
+    return answer
+
+
+def data_frame(request_id: int, address: int, body: bytes, checksum: int | None = None) -> bytes:
+    digest = xxhash.xxh3_64_intdigest(body) if checksum is None else checksum
+    return wire.encode_data_header(request_id, address, len(body), digest, last=True) + body
+
+
+@pytest.mark.parametrize(
+    ("answer", "error_type", "words"),
+    [
+        pytest.param(
+            answers(lambda i, a, n: data_frame(i, a, b"\x01" * n, checksum=12345)),
+            PageServerDataError,
+            "checksum mismatch",
+            id="wrong checksum",
+        ),
+        pytest.param(
+            answers(lambda i, a, n: wire.RESPONSE.pack(i, a, n, 0x80, 0, 0, 0)),
+            PageServerDataError,
+            "garbage",
+            id="unknown flags",
+        ),
+        pytest.param(
+            answers(
+                lambda i, a, n: data_frame(i, a, b"\x01" * n)[: wire.RESPONSE.size + 100],
+                then_close=True,
+            ),
+            PageServerUnavailable,
+            "closed in the middle of a chunk",
+            id="closed mid-body",
+        ),
+        pytest.param(
+            answers(lambda i, a, n: b"", then_close=True),
+            PageServerUnavailable,
+            "closed by the server",
+            id="closed before answering",
+        ),
+    ],
+)
+def test_a_bad_bulk_lane_fails_its_request_clearly(
+    images: Images, answer: Answer, error_type: type[PageServerError], words: str
+) -> None:
+    async def scenario() -> None:
+        async with (
+            fake_lane_server(images, answer) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await bulk_lane_ready(client)
+            chunks, error = await fetch_bulk(client, "small", 0x1000, 4 * PAGE)
+            assert isinstance(error, error_type), error
+            assert words in str(error)
+            assert chunks == []
+        assert receiver_threads() == []
+
+    run(scenario)
+
+
+def test_good_answers_from_a_hand_written_lane_arrive_whole(images: Images) -> None:
+    body = bytes(range(256)) * 64  # 4 pages
+
+    async def scenario() -> None:
+        async with (
+            fake_lane_server(images, answers(lambda i, a, n: data_frame(i, a, body))) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await bulk_lane_ready(client)
+            chunks, error = await fetch_bulk(client, "small", 0x1000, len(body))
+            assert error is None
+            assert joined(chunks) == body
+
+    run(scenario)
+
+
+# -- the connection's own rules, on a socket pair ------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.chunks: list[tuple[Header, bytes, int]] = []
+        self.lost: list[PageServerError] = []
+        self.turn = 0
+
+    def on_chunk(self, header: Header, body: memoryview) -> None:
+        assert body.readonly
+        self.chunks.append((header, bytes(body), self.turn))
+
+    def on_lost(self, _connection: ThreadedConnection, error: PageServerError) -> None:
+        self.lost.append(error)
+
+
+@contextlib.asynccontextmanager
+async def connection_pair(
+    max_queued_bytes: int = 1 << 26,
+) -> AsyncIterator[tuple[ThreadedConnection, socket.socket, Recorder]]:
+    ours, theirs = socket.socketpair()
+    recorder = Recorder()
+    connection = ThreadedConnection(
+        ours,
+        asyncio.get_running_loop(),
+        target="test",
+        on_chunk=recorder.on_chunk,
+        on_lost=recorder.on_lost,
+        max_chunk_bytes=1 << 20,
+        max_queued_bytes=max_queued_bytes,
+    )
+    try:
+        yield connection, theirs, recorder
+    finally:
+        connection.close()
+        theirs.close()
+
+
+def test_a_burst_is_handed_on_one_chunk_per_loop_turn() -> None:
+    async def scenario() -> None:
+        async with connection_pair() as (_, theirs, recorder):
+            stop = False
+
+            def tick() -> None:
+                recorder.turn += 1
+                if not stop:
+                    asyncio.get_running_loop().call_soon(tick)
+
+            frames = [data_frame(k, 0x1000 * k, bytes([k]) * 1000) for k in range(1, 9)]
+            theirs.sendall(b"".join(frames))  # all at once
+            # the loop is busy (blocked here) while the thread takes in the whole burst
+            time.sleep(0.3)
+            assert recorder.chunks == []
+            tick()
+
+            async def all_in() -> bool:
+                return len(recorder.chunks) == len(frames)
+
+            await eventually(all_in, timeout=10)
+            stop = True
+            turns = [turn for *_, turn in recorder.chunks]
+            assert turns == sorted(set(turns))  # in order, never two in one turn
+            assert [h[0] for h, *_ in recorder.chunks] == list(range(1, 9))
+            assert [body for _, body, _ in recorder.chunks] == [
+                bytes([k]) * 1000 for k in range(1, 9)
+            ]
+
+    run(scenario)
+
+
+def test_a_server_faster_than_the_loop_holds_bounded_memory() -> None:
+    frames = [data_frame(k, 0x1000 * k, bytes([k]) * 50_000) for k in range(1, 21)]  # 1 MB
+
+    async def scenario() -> None:
+        async with connection_pair(max_queued_bytes=100_000) as (connection, theirs, recorder):
+            sender = threading.Thread(target=theirs.sendall, args=(b"".join(frames),))
+            sender.start()
+            # the loop is busy (blocked here): the thread must stop reading, not queue 1 MB
+            time.sleep(0.5)
+            assert connection.queued_bytes < 100_000 + 50_000
+            assert recorder.chunks == []
+
+            async def all_in() -> bool:
+                return len(recorder.chunks) == len(frames)
+
+            await eventually(all_in, timeout=10)
+            sender.join()
+            assert [h[0] for h, *_ in recorder.chunks] == list(range(1, 21))
+            assert connection.queued_bytes == 0
+
+    run(scenario)
+
+
+def test_frames_from_the_loop_never_block_and_arrive_in_order() -> None:
+    async def scenario() -> None:
+        async with connection_pair() as (connection, theirs, recorder):
+            theirs.setblocking(False)
+            frames = [bytes([k % 251]) * (256 * 1024) for k in range(64)]  # 16 MiB
+            for frame in frames:
+                connection.send(frame)  # the peer reads nothing yet: these must queue
+            received = bytearray()
+            total = sum(map(len, frames))
+            loop = asyncio.get_running_loop()
+            while len(received) < total:
+                received += await loop.sock_recv(theirs, 1 << 20)
+            assert bytes(received) == b"".join(frames)
+            assert recorder.lost == []
+
+    run(scenario)
+
+
+def test_close_ends_the_thread_and_closes_the_socket() -> None:
+    async def scenario() -> None:
+        async with connection_pair() as (connection, theirs, recorder):
+            fd = os.readlink(f"/proc/self/fd/{theirs.fileno()}")  # the pair's other end
+            assert len(receiver_threads()) == 1
+            connection.close()  # joins the thread
+            assert receiver_threads() == []
+            assert theirs.recv(1) == b""  # our end is closed: EOF
+            connection.send(b"ignored after close")
+            assert recorder.lost == []  # close is not a loss
+            assert fd.startswith("socket:")
+
+    run(scenario)
+
+
+def test_garbage_on_the_pair_is_reported_once_and_ends_the_thread() -> None:
+    async def scenario() -> None:
+        async with connection_pair() as (_, theirs, recorder):
+            theirs.sendall(wire.RESPONSE.pack(1, 0x1000, 2 << 20, 0, 0, 0, 0))  # > max
+
+            async def lost() -> bool:
+                return bool(recorder.lost)
+
+            await eventually(lost, timeout=10)
+            await asyncio.sleep(0.05)
+            assert len(recorder.lost) == 1
+            assert isinstance(recorder.lost[0], PageServerDataError)
+            assert "garbage" in str(recorder.lost[0])
+            assert recorder.chunks == []
+
+            async def ended() -> bool:
+                return receiver_threads() == []
+
+            await eventually(ended, timeout=10)
+
+    run(scenario)
