@@ -9,6 +9,7 @@ turn, close ends the thread and closes the socket).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
@@ -51,6 +52,15 @@ def receiver_threads() -> list[str]:
             if comm.read().strip() == THREAD_NAME:
                 found.append(task)
     return found
+
+
+async def receivers_become(count: int) -> None:
+    """Until ``count`` receiver threads run (a new thread names itself when it starts)."""
+
+    async def counted() -> bool:
+        return len(receiver_threads()) == count
+
+    await eventually(counted, timeout=10)
 
 
 async def bulk_lane_ready(client: PageClient) -> None:
@@ -112,7 +122,7 @@ def test_bulk_lane_on_its_thread_gives_exactly_the_image(
             PageClient(server.addresses[0]) as client,
         ):
             await bulk_lane_ready(client)
-            assert len(receiver_threads()) == 1
+            await receivers_become(1)
             for image_id, regions in images.regions.items():
                 for region in regions:
                     chunks, error = await fetch_bulk(
@@ -322,34 +332,49 @@ async def connection_pair(
         theirs.close()
 
 
-def test_a_burst_is_handed_on_one_chunk_per_loop_turn() -> None:
+async def turns_of_burst(frames: list[bytes]) -> list[int]:
+    """Send ``frames`` at once while the loop is blocked; the loop turn each arrived in."""
+    async with connection_pair() as (_, theirs, recorder):
+        stop = False
+
+        def tick() -> None:
+            recorder.turn += 1
+            if not stop:
+                asyncio.get_running_loop().call_soon(tick)
+
+        theirs.sendall(b"".join(frames))
+        # the loop is busy (blocked here) while the thread takes in the whole burst
+        time.sleep(0.3)
+        assert recorder.chunks == []
+        tick()
+
+        async def all_in() -> bool:
+            return len(recorder.chunks) == len(frames)
+
+        await eventually(all_in, timeout=10)
+        stop = True
+        assert [h[0] for h, *_ in recorder.chunks] == list(range(1, len(frames) + 1))
+        return [turn for *_, turn in recorder.chunks]
+
+
+def test_a_burst_of_data_is_handed_on_a_little_per_loop_turn() -> None:
+    size = 150 * 1024  # two of them pass TURN_BYTES
+    frames = [data_frame(k, 0x1000 * k, bytes([k]) * size) for k in range(1, 9)]
+
     async def scenario() -> None:
-        async with connection_pair() as (_, theirs, recorder):
-            stop = False
+        turns = await turns_of_burst(frames)
+        per_turn = collections.Counter(turns)
+        assert sorted(per_turn.values()) == [2, 2, 2, 2], per_turn
 
-            def tick() -> None:
-                recorder.turn += 1
-                if not stop:
-                    asyncio.get_running_loop().call_soon(tick)
+    run(scenario)
 
-            frames = [data_frame(k, 0x1000 * k, bytes([k]) * 1000) for k in range(1, 9)]
-            theirs.sendall(b"".join(frames))  # all at once
-            # the loop is busy (blocked here) while the thread takes in the whole burst
-            time.sleep(0.3)
-            assert recorder.chunks == []
-            tick()
 
-            async def all_in() -> bool:
-                return len(recorder.chunks) == len(frames)
+def test_a_run_of_zero_chunks_goes_in_one_loop_turn() -> None:
+    frames = [wire.encode_zero(k, 0x1000 * k, PAGE, last=True) for k in range(1, 201)]
 
-            await eventually(all_in, timeout=10)
-            stop = True
-            turns = [turn for *_, turn in recorder.chunks]
-            assert turns == sorted(set(turns))  # in order, never two in one turn
-            assert [h[0] for h, *_ in recorder.chunks] == list(range(1, 9))
-            assert [body for _, body, _ in recorder.chunks] == [
-                bytes([k]) * 1000 for k in range(1, 9)
-            ]
+    async def scenario() -> None:
+        turns = await turns_of_burst(frames)
+        assert len(set(turns)) == 1
 
     run(scenario)
 
@@ -399,7 +424,7 @@ def test_close_ends_the_thread_and_closes_the_socket() -> None:
     async def scenario() -> None:
         async with connection_pair() as (connection, theirs, recorder):
             fd = os.readlink(f"/proc/self/fd/{theirs.fileno()}")  # the pair's other end
-            assert len(receiver_threads()) == 1
+            await receivers_become(1)
             connection.close()  # joins the thread
             assert receiver_threads() == []
             assert theirs.recv(1) == b""  # our end is closed: EOF
@@ -425,9 +450,6 @@ def test_garbage_on_the_pair_is_reported_once_and_ends_the_thread() -> None:
             assert "garbage" in str(recorder.lost[0])
             assert recorder.chunks == []
 
-            async def ended() -> bool:
-                return receiver_threads() == []
-
-            await eventually(ended, timeout=10)
+            await receivers_become(0)
 
     run(scenario)

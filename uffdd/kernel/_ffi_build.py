@@ -797,19 +797,25 @@ static int uffdd_receiver_efd(const struct uffdd_receiver *r)
     return r->efd;
 }
 
-/* Move up to ``n`` queued frames to ``out`` (their bodies are the caller's to free). */
-static size_t uffdd_receiver_take(struct uffdd_receiver *r, struct uffdd_frame *out, size_t n)
+/* Move queued frames to ``out`` (their bodies are the caller's to free): up to ``n``,
+   and no more once their headers and bodies reach ``max_bytes`` (the first always
+   comes), so many small frames (zero chunks) come in one call but data does not pile
+   up in one loop turn. */
+static size_t uffdd_receiver_take(struct uffdd_receiver *r, struct uffdd_frame *out, size_t n,
+                                  uint64_t max_bytes)
 {
     uint64_t drained;
     ssize_t d = read(r->efd, &drained, sizeof drained);
     (void)d;
     pthread_mutex_lock(&r->lock);
     size_t k = 0;
-    for (; k < n && r->count; k++) {
+    uint64_t bytes = 0;
+    for (; k < n && r->count && bytes < max_bytes; k++) {
         out[k] = r->ring[r->head];
         r->head = (r->head + 1) % r->cap;
         r->count--;
         r->queued -= out[k].body_len;
+        bytes += UFFDD_FRAME_HEADER + out[k].body_len;
     }
     if (r->count || r->status != UFFDD_RECV_RUNNING)
         receiver_post(r);  /* more wait, or the end is still to be seen: stay readable */
@@ -984,7 +990,8 @@ struct uffdd_receiver;
 struct uffdd_receiver *uffdd_receiver_new(int fd, size_t cap, uint64_t max_queued,
                                           uint64_t max_body);
 int uffdd_receiver_efd(const struct uffdd_receiver *r);
-size_t uffdd_receiver_take(struct uffdd_receiver *r, struct uffdd_frame *out, size_t n);
+size_t uffdd_receiver_take(struct uffdd_receiver *r, struct uffdd_frame *out, size_t n,
+                           uint64_t max_bytes);
 int uffdd_receiver_status(struct uffdd_receiver *r);
 uint64_t uffdd_receiver_queued(struct uffdd_receiver *r);
 void uffdd_receiver_free(struct uffdd_receiver *r);

@@ -5,7 +5,8 @@ receiving bulk data was its largest single cost: ``recv`` of the 1 MiB bodies wa
 ~27 % of its busy samples in an idle sweep (py-spy, bench/README.md session 5). A
 pthread in the cffi module (``uffdd_receiver_*``) reads the frames instead, header then
 whole body into a malloc'ed buffer, without the GIL, and queues them; the loop takes
-one whole chunk per turn when the receiver's eventfd is readable. The thread never
+whole chunks, one data chunk per turn (or a run of small ones), when the receiver's
+eventfd is readable. The thread never
 touches Python: a Python thread was tried first, and its GIL hand-backs (three per
 chunk) cost every demand fault a wake-up of the loop (fault p99 with the sweep
 6.0 -> 8.0 ms, median of six alternating runs).
@@ -41,6 +42,8 @@ _log = get_logger("uffdd.remote.fastlane")
 _EMPTY = memoryview(b"")
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 QUEUED_FRAMES = 1024  # frames waiting for the loop, at most (zero chunks have no body)
+TAKE_FRAMES = 256  # frames handed on per loop turn, at most
+TURN_BYTES = 256 * 1024  # and no more once they hold this much (the first always goes)
 
 Header = tuple[int, int, int, int, int, int, int]
 ChunkSink = Callable[[Header, memoryview], None]
@@ -86,7 +89,7 @@ class ThreadedConnection:
         self._closed = False
         self._pending: collections.deque[memoryview] = collections.deque()  # unsent frames
         self._writing = False
-        self._frame = ffi.new("struct uffdd_frame[1]")
+        self._frames = ffi.new("struct uffdd_frame[]", TAKE_FRAMES)
         self._efd = lib.uffdd_receiver_efd(handle)
         loop.add_reader(self._efd, self._take)
 
@@ -144,14 +147,27 @@ class ThreadedConnection:
     # -- chunks in ---------------------------------------------------------------------
 
     def _take(self) -> None:
-        """One whole chunk per loop turn, as a socket read on the loop would hand on:
-        a burst the thread received while the loop was busy must not run as one long
-        turn ahead of a fault or an urgent answer that became ready meanwhile (the
-        eventfd stays readable while more wait)."""
+        """The chunks received, at most TURN_BYTES of them (one data chunk at least) per
+        loop turn, as a socket read on the loop would hand them on: a burst the thread
+        received while the loop was busy must not run as one long turn ahead of a fault
+        or an urgent answer that became ready meanwhile, while a run of zero chunks
+        (headers only) still goes in one turn. The eventfd stays readable while more
+        wait."""
         if self._closed:
             return
-        frame = self._frame[0]
-        if lib.uffdd_receiver_take(self._handle, self._frame, 1):
+        taken = lib.uffdd_receiver_take(self._handle, self._frames, TAKE_FRAMES, TURN_BYTES)
+        if not taken:
+            status = lib.uffdd_receiver_status(self._handle)
+            if status != lib.UFFDD_RECV_RUNNING:
+                self._lost(self._ended(status))
+            return
+        chunks = []
+        for index in range(taken):  # every body owned by Python first: freed even if
+            frame = self._frames[index]  # a callback closes the lane half way
+            body = _EMPTY
+            if frame.body_len:
+                owned = ffi.gc(frame.body, lib.uffdd_free, size=frame.body_len)
+                body = memoryview(ffi.buffer(owned, frame.body_len)).toreadonly()
             header: Header = (
                 frame.request_id,
                 frame.address,
@@ -161,15 +177,11 @@ class ThreadedConnection:
                 frame.message_length,
                 frame.checksum,
             )
-            body = _EMPTY
-            if frame.body_len:
-                owned = ffi.gc(frame.body, lib.uffdd_free, size=frame.body_len)
-                body = memoryview(ffi.buffer(owned, frame.body_len)).toreadonly()
+            chunks.append((header, body))
+        for header, body in chunks:
+            if self.closed:  # a callback ended the lane
+                return
             self._on_chunk(header, body)
-            return
-        status = lib.uffdd_receiver_status(self._handle)
-        if status != lib.UFFDD_RECV_RUNNING:
-            self._lost(self._ended(status))
 
     def _ended(self, status: int) -> PageServerError:
         if status == lib.UFFDD_RECV_GARBAGE:
