@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from uffdd.core.addresses import ImageAddr
 from uffdd.image.writer import ImageWriter
+from uffdd.remote import fastlane_wire as wire
 from uffdd.remote.client import PageClient, Request
 from uffdd.remote.fastlane_client import FastLane
 from uffdd.remote.server import PageServer
@@ -215,3 +216,61 @@ def flip_byte(path: Path, offset: int) -> None:
         file.write(bytes((value[0] ^ 0xFF,)))
         file.flush()
         os.fsync(file.fileno())
+
+
+# -- hand-written fast lanes -------------------------------------------------------
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def fake_fast_lane(answer: Answer) -> AsyncIterator[str]:
+    """A raw fast-lane server on 127.0.0.1 whose connections ``answer`` handles; every
+    connection is closed (and its handler cancelled) when the block ends."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+            handlers.discard(task)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def grpc_with_fake_fast_lane(images: Images, answer: Answer) -> AsyncIterator[PageServer]:
+    """A real page server (gRPC) advertising a hand-written fast lane instead of its own."""
+    async with (
+        fake_fast_lane(answer) as lane,
+        serving(images.root, chunk_size=4096, fast_lane=False) as server,
+    ):
+        server.service.fast_lane_addresses = [lane]
+        yield server
+
+
+async def read_requests(
+    reader: asyncio.StreamReader,
+) -> AsyncIterator[tuple[bytes, int, int, int]]:
+    """(magic, request id, address, length) of each request frame until the client
+    hangs up."""
+    while True:
+        try:
+            header = await reader.readexactly(wire.REQUEST.size)
+        except asyncio.IncompleteReadError:
+            return
+        magic, request_id, address, length, id_length = wire.REQUEST.unpack(header)
+        await reader.readexactly(id_length)
+        yield magic, request_id, address, length

@@ -15,12 +15,23 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import xxhash
-from page_server_support import PAGE, Images, eventually, make_certs, make_images, run, serving
+from page_server_support import (
+    PAGE,
+    Answer,
+    Images,
+    eventually,
+    grpc_with_fake_fast_lane,
+    make_certs,
+    make_images,
+    read_requests,
+    run,
+    serving,
+)
 from support.fds import open_fds
 
 from uffdd.core.addresses import ImageAddr
@@ -30,12 +41,10 @@ from uffdd.remote.client import Chunk, PageClient
 from uffdd.remote.convert import Priority
 from uffdd.remote.fastlane_client import FastLane
 from uffdd.remote.fastlane_thread import Header, ThreadedConnection
-from uffdd.remote.server import PageServer
 from uffdd.remote.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)
 
-Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 THREAD_NAME = "uffdd-bulk-recv"
 
 
@@ -166,51 +175,11 @@ def test_tls_bulk_lane_stays_on_the_loop(images: Images, tmp_path: Path) -> None
 # -- a lying or dying server -------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def fake_lane_server(images: Images, answer: Answer) -> AsyncIterator[PageServer]:
-    """A real gRPC page server advertising a hand-written fast lane (both lanes)."""
-    handlers: set[asyncio.Task[None]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            await answer(reader, writer)
-        finally:
-            writer.close()
-            handlers.discard(task)
-
-    lane = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        async with serving(images.root, chunk_size=4096, fast_lane=False) as server:
-            server.service.fast_lane_addresses = [f"127.0.0.1:{lane.sockets[0].getsockname()[1]}"]
-            yield server
-    finally:
-        lane.close()
-        for task in list(handlers):
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        await lane.wait_closed()
-
-
-async def requests_of(reader: asyncio.StreamReader) -> AsyncIterator[tuple[bytes, int, int, int]]:
-    """(magic, request id, address, length) of each frame until the client hangs up."""
-    while True:
-        try:
-            header = await reader.readexactly(wire.REQUEST.size)
-        except asyncio.IncompleteReadError:
-            return
-        magic, request_id, address, length, id_length = wire.REQUEST.unpack(header)
-        await reader.readexactly(id_length)
-        yield magic, request_id, address, length
-
-
 def answers(bulk_answer: Callable[[int, int, int], bytes], *, then_close: bool = False) -> Answer:
     """Zero pages for urgent requests; ``bulk_answer(id, address, length)`` for bulk."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async for magic, request_id, address, length in requests_of(reader):
+        async for magic, request_id, address, length in read_requests(reader):
             if magic == wire.BULK_MAGIC:
                 writer.write(bulk_answer(request_id, address, length))
                 await writer.drain()
@@ -264,7 +233,7 @@ def test_a_bad_bulk_lane_fails_its_request_clearly(
 ) -> None:
     async def scenario() -> None:
         async with (
-            fake_lane_server(images, answer) as server,
+            grpc_with_fake_fast_lane(images, answer) as server,
             PageClient(server.addresses[0]) as client,
         ):
             await bulk_lane_ready(client)
@@ -282,7 +251,9 @@ def test_good_answers_from_a_hand_written_lane_arrive_whole(images: Images) -> N
 
     async def scenario() -> None:
         async with (
-            fake_lane_server(images, answers(lambda i, a, n: data_frame(i, a, body))) as server,
+            grpc_with_fake_fast_lane(
+                images, answers(lambda i, a, n: data_frame(i, a, body))
+            ) as server,
             PageClient(server.addresses[0]) as client,
         ):
             await bulk_lane_ready(client)

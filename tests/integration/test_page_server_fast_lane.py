@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +28,11 @@ from page_server_support import (
     assert_rides,
     eventually,
     flip_byte,
+    grpc_with_fake_fast_lane,
     make_certs,
     make_images,
     page_client,
+    read_requests,
     run,
     serving,
 )
@@ -50,7 +52,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MiB = 1024 * 1024
 LAUNCH = [sys.executable, "-c", "from uffdd.remote.commands import page_server; page_server()"]
-Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @pytest.fixture
@@ -92,56 +93,6 @@ def request_frame(
     request_id: int, image_id: str, address: int, length: int, *, bulk: bool = False
 ) -> bytes:
     return wire.encode_request(request_id, image_id.encode(), address, length, bulk=bulk)
-
-
-@contextlib.asynccontextmanager
-async def fake_fast_lane(answer: Answer) -> AsyncIterator[str]:
-    """A raw fast-lane server on 127.0.0.1 whose connections ``answer`` handles; every
-    connection is closed (and its handler cancelled) when the block ends."""
-    handlers: set[asyncio.Task[None]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            await answer(reader, writer)
-        finally:
-            writer.close()
-            handlers.discard(task)
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        for task in list(handlers):
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        await server.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def grpc_with_fake_fast_lane(images: Images, answer: Answer) -> AsyncIterator[PageServer]:
-    """A real page server (gRPC) advertising a hand-written fast lane instead of its own."""
-    async with (
-        fake_fast_lane(answer) as lane,
-        serving(images.root, chunk_size=4096, fast_lane=False) as server,
-    ):
-        server.service.fast_lane_addresses = [lane]
-        yield server
-
-
-async def read_requests(reader: asyncio.StreamReader) -> AsyncIterator[tuple[int, int, int]]:
-    """(request id, address, length) of each request frame until the client hangs up."""
-    while True:
-        try:
-            header = await reader.readexactly(wire.REQUEST.size)
-        except asyncio.IncompleteReadError:
-            return
-        _, request_id, address, length, id_length = wire.REQUEST.unpack(header)
-        await reader.readexactly(id_length)
-        yield request_id, address, length
 
 
 # -- data ------------------------------------------------------------------------------
@@ -426,7 +377,7 @@ def test_garbage_closes_only_that_connection(images: Images) -> None:
 
 def test_lane_lost_mid_request_fails_it_then_urgent_requests_take_grpc(images: Images) -> None:
     async def half_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async for request_id, address, _ in read_requests(reader):
+        async for _, request_id, address, _ in read_requests(reader):
             writer.write(wire.encode_zero(request_id, address, PAGE, last=False))
             await writer.drain()
             writer.close()  # gone mid-request
@@ -464,7 +415,7 @@ def test_lane_lost_mid_request_fails_it_then_urgent_requests_take_grpc(images: I
 
 def test_garbage_from_the_server_is_a_data_error_then_grpc(images: Images) -> None:
     async def lying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async for request_id, address, length in read_requests(reader):
+        async for _, request_id, address, length in read_requests(reader):
             # right header, wrong checksum
             header = wire.encode_data_header(request_id, address, length, 12345, last=True)
             writer.write(header + b"\x01" * length)
@@ -484,7 +435,7 @@ def test_garbage_from_the_server_is_a_data_error_then_grpc(images: Images) -> No
 
 def test_deadline_and_late_chunks(images: Images) -> None:
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async for request_id, address, length in read_requests(reader):
+        async for _, request_id, address, length in read_requests(reader):
             await asyncio.sleep(0.5)
             writer.write(wire.encode_zero(request_id, address, length, last=True))
 

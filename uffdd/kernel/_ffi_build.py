@@ -358,11 +358,29 @@ static void installer_run(struct uffdd_installer *in, const struct uffdd_install
     }
 }
 
-static void installer_post(struct uffdd_installer *in)
+/* Make an eventfd readable (the loop's wake-up from a C thread). */
+static void efd_post(int efd)
 {
     uint64_t one = 1;
-    ssize_t r = write(in->efd, &one, sizeof one);  /* EAGAIN: the counter is set */
+    ssize_t r = write(efd, &one, sizeof one);  /* EAGAIN: the counter is set */
     (void)r;
+}
+
+static void installer_post(struct uffdd_installer *in)
+{
+    efd_post(in->efd);
+}
+
+/* pthread_create with every signal blocked in the new thread: signals stay with the
+   threads that run Python. 0 or the error number. */
+static int start_thread(pthread_t *thread, void *(*start)(void *), void *arg)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(thread, NULL, start, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
 }
 
 /* The kernel's default scheduler slice for this thread: a thread inherits its
@@ -450,12 +468,7 @@ static struct uffdd_installer *uffdd_installer_new(size_t cap, uint64_t piece, i
     pthread_cond_init(&in->work, NULL);
     pthread_cond_init(&in->idle, NULL);
     pthread_cond_init(&in->read_done, NULL);
-    /* Signals stay with the threads that run Python. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&in->thread, NULL, installer_main, in);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int rc = start_thread(&in->thread, installer_main, in);
     if (rc == 0)
         return in;
     errno = rc;
@@ -661,12 +674,6 @@ struct uffdd_receiver {
     int stop, status;  /* status: UFFDD_RECV_RUNNING, a negative reason, or an errno */
 };
 
-static void receiver_post(struct uffdd_receiver *r)
-{
-    uint64_t one = 1;
-    ssize_t w = write(r->efd, &one, sizeof one);  /* EAGAIN: the counter is set */
-    (void)w;
-}
 
 /* 1 when ``len`` bytes arrived; 0 at EOF or when stopped; -errno on an error. */
 static int receiver_read(struct uffdd_receiver *r, char *p, size_t len)
@@ -732,7 +739,7 @@ static int receiver_loop(struct uffdd_receiver *r)
         r->count++;
         r->queued += f.body_len;
         if (r->count == 1)
-            receiver_post(r);
+            efd_post(r->efd);
         pthread_mutex_unlock(&r->lock);
     }
 }
@@ -745,7 +752,7 @@ static void *receiver_main(void *arg)
     int status = receiver_loop(r);
     pthread_mutex_lock(&r->lock);
     r->status = r->stop ? UFFDD_RECV_STOPPED : status;
-    receiver_post(r);
+    efd_post(r->efd);
     pthread_mutex_unlock(&r->lock);
     return NULL;
 }
@@ -772,11 +779,7 @@ static struct uffdd_receiver *uffdd_receiver_new(int fd, size_t cap, uint64_t ma
     r->max_body = max_body;
     pthread_mutex_init(&r->lock, NULL);
     pthread_cond_init(&r->room, NULL);
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&r->thread, NULL, receiver_main, r);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int rc = start_thread(&r->thread, receiver_main, r);
     if (rc == 0)
         return r;
     errno = rc;
@@ -818,7 +821,7 @@ static size_t uffdd_receiver_take(struct uffdd_receiver *r, struct uffdd_frame *
         bytes += UFFDD_FRAME_HEADER + out[k].body_len;
     }
     if (r->count || r->status != UFFDD_RECV_RUNNING)
-        receiver_post(r);  /* more wait, or the end is still to be seen: stay readable */
+        efd_post(r->efd);  /* more wait, or the end is still to be seen: stay readable */
     if (k)
         pthread_cond_signal(&r->room);
     pthread_mutex_unlock(&r->lock);
