@@ -6,10 +6,9 @@ receiving bulk data was its largest single cost: ``recv`` of the 1 MiB bodies wa
 pthread in the cffi module (``uffdd_receiver_*``) reads the frames instead, header then
 whole body into a malloc'ed buffer, without the GIL, and queues them; the loop takes
 whole chunks, one data chunk per turn (or a run of small ones), when the receiver's
-eventfd is readable. The thread never
-touches Python: a Python thread was tried first, and its GIL hand-backs (three per
-chunk) cost every demand fault a wake-up of the loop (fault p99 with the sweep
-6.0 -> 8.0 ms, median of six alternating runs).
+eventfd is readable. The thread never touches Python: a Python thread was tried first,
+and its GIL hand-backs (three per chunk) cost every demand fault a wake-up of the loop
+(fault p99 with the sweep 6.0 -> 8.0 ms, median of six alternating runs).
 
 The loop keeps every decision (which request, which pages, the checksum check in
 ``Request.deliver``) and writes the request frames itself, with ``MSG_DONTWAIT`` so a
@@ -35,10 +34,8 @@ from typing import Any
 
 from uffdd.errors import PageServerDataError, PageServerError, PageServerUnavailable
 from uffdd.kernel._uffd_ffi import ffi, lib
-from uffdd.log import get_logger
 from uffdd.remote import fastlane_wire as wire
 
-_log = get_logger("uffdd.remote.fastlane")
 _EMPTY = memoryview(b"")
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 QUEUED_FRAMES = 1024  # frames waiting for the loop, at most (zero chunks have no body)
