@@ -35,7 +35,13 @@ from page_server_support import (
 from support.fds import open_fds
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import PageServerDataError, PageServerError, PageServerUnavailable
+from uffdd.errors import (
+    PageServerDataError,
+    PageServerError,
+    PageServerNotFound,
+    PageServerUnavailable,
+)
+from uffdd.kernel._uffd_ffi import lib
 from uffdd.remote import fastlane_wire as wire
 from uffdd.remote.client import Chunk, PageClient
 from uffdd.remote.convert import Priority
@@ -149,6 +155,31 @@ def test_bulk_lane_on_its_thread_gives_exactly_the_image(
     before = open_fds()
     run(scenario)
     assert open_fds() <= before
+
+
+def test_refused_bulk_requests_fail_with_the_servers_status(images: Images) -> None:
+    # error frames carry a message body: the C reader sizes it from the header
+    assert wire.RESPONSE.size == lib.UFFDD_FRAME_HEADER
+
+    async def scenario() -> None:
+        async with (
+            serving(images.root) as server,
+            PageClient(server.addresses[0]) as client,
+        ):
+            await bulk_lane_ready(client)
+            _, unknown = await fetch_bulk(client, "no-such-image", 0x1000, PAGE)
+            assert isinstance(unknown, PageServerNotFound)
+            assert str(unknown).startswith("NOT_FOUND: no-such-image"), unknown
+            _, outside = await fetch_bulk(client, "small", 0x7FFF_0000_0000, PAGE)
+            assert isinstance(outside, PageServerNotFound)
+            assert str(outside).startswith("OUT_OF_RANGE: small"), outside
+            # the lane goes on
+            region = images.regions["small"][0]
+            chunks, error = await fetch_bulk(client, "small", region.start, PAGE)
+            assert error is None
+            assert joined(chunks) == region.content[:PAGE]
+
+    run(scenario)
 
 
 def test_tls_bulk_lane_stays_on_the_loop(images: Images, tmp_path: Path) -> None:

@@ -674,7 +674,6 @@ struct uffdd_receiver {
     int stop, status;  /* status: UFFDD_RECV_RUNNING, a negative reason, or an errno */
 };
 
-
 /* 1 when ``len`` bytes arrived; 0 at EOF or when stopped; -errno on an error. */
 static int receiver_read(struct uffdd_receiver *r, char *p, size_t len)
 {
