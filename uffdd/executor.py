@@ -88,6 +88,10 @@ _BACKGROUND_MIN = 128 * 1024
 """Bulk copies this large go to the installer thread; smaller ones cost less than the
 hand-off (a completion wakes the loop across CPUs, ~70 us here)."""
 _PRIORITY = {Lane.URGENT: Priority.URGENT, Lane.BULK: Priority.BULK}
+_TICK_MIN_DELAY = 0.001
+_TICK_SLACK = 0.001
+"""A timer armed within this of the core's next wakeup is kept: a Tick up to 1 ms early
+finds nothing due and asks again, and the core's deadlines are seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,14 +578,21 @@ class Executor:
     # -- timers --------------------------------------------------------------------------
 
     def _schedule_tick(self) -> None:
+        """Arm the one timer for the core's next wakeup. Called after every batch: a
+        timer already armed for about that moment stays (cancelling and re-arming it
+        every time was 4.5 % of the loop's busy samples during a sweep)."""
         wakeup = self.tracker.next_wakeup()
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = None
         if wakeup is None:
+            if self._tick is not None:
+                self._tick.cancel()
+                self._tick = None
             return
-        delay = max(wakeup - time.monotonic(), 0.001)
-        self._tick = self._loop.call_later(delay, self._on_tick)
+        when = self._loop.time() + max(wakeup - time.monotonic(), _TICK_MIN_DELAY)
+        if self._tick is not None:
+            if abs(self._tick.when() - when) <= _TICK_SLACK:
+                return
+            self._tick.cancel()
+        self._tick = self._loop.call_at(when, self._on_tick)
 
     def _on_tick(self) -> None:
         self._tick = None
