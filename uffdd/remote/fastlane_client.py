@@ -236,10 +236,9 @@ class FastLane:
                 lambda: _Protocol(self), path, ssl=context, server_hostname=server_name
             )
         else:
-            host, _, port = address.rpartition(":")
-            host = host[1:-1] if host.startswith("[") else host
+            host, port = wire.tcp_host_port(address)
             _, protocol = await loop.create_connection(
-                lambda: _Protocol(self), host, int(port), ssl=context, server_hostname=server_name
+                lambda: _Protocol(self), host, port, ssl=context, server_hostname=server_name
             )
         return protocol
 

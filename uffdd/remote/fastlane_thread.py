@@ -232,9 +232,8 @@ async def connect(address: str, loop: asyncio.AbstractEventLoop) -> socket.socke
     if path is not None:
         family, where = socket.AF_UNIX, path
     else:
-        host, _, port = address.rpartition(":")
-        host = host[1:-1] if host.startswith("[") else host
-        infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        host, port = wire.tcp_host_port(address)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, where = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -87,3 +87,8 @@ def tcp_host(address: str) -> str:
     """The host of ``host:port`` (brackets of an IPv6 literal removed; may be '')."""
     host = address.removeprefix("dns:///").rpartition(":")[0]
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def tcp_host_port(address: str) -> tuple[str, int]:
+    """The host (as ``tcp_host`` gives it) and the port of ``host:port``, to connect."""
+    return tcp_host(address), int(address.rpartition(":")[2])
