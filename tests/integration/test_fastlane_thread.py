@@ -46,7 +46,7 @@ from uffdd.remote import fastlane_wire as wire
 from uffdd.remote.client import Chunk, PageClient
 from uffdd.remote.convert import Priority
 from uffdd.remote.fastlane_client import FastLane
-from uffdd.remote.fastlane_thread import Header, ThreadedConnection
+from uffdd.remote.fastlane_thread import ThreadedConnection
 from uffdd.remote.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)
@@ -300,11 +300,11 @@ def test_good_answers_from_a_hand_written_lane_arrive_whole(images: Images) -> N
 
 class Recorder:
     def __init__(self) -> None:
-        self.chunks: list[tuple[Header, bytes, int]] = []
+        self.chunks: list[tuple[wire.ResponseHeader, bytes, int]] = []
         self.lost: list[PageServerError] = []
         self.turn = 0
 
-    def on_chunk(self, header: Header, body: memoryview) -> None:
+    def on_chunk(self, header: wire.ResponseHeader, body: memoryview) -> None:
         assert body.readonly
         self.chunks.append((header, bytes(body), self.turn))
 

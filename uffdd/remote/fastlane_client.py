@@ -162,7 +162,7 @@ class FastLane:
 
     # -- chunks ------------------------------------------------------------------------
 
-    def chunk(self, header: tuple[int, int, int, int, int, int, int], body: memoryview) -> None:
+    def chunk(self, header: wire.ResponseHeader, body: memoryview) -> None:
         request_id, address, length, flags, code, _, checksum = header
         request = self.outstanding.get(request_id)
         if request is None:
@@ -292,7 +292,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self._view = memoryview(self._scratch)
         self._start = 0  # the scratch's first byte not parsed yet
         self._end = 0  # the scratch's first byte not received yet
-        self._header: tuple[int, int, int, int, int, int, int] | None = None
+        self._header: wire.ResponseHeader | None = None
         self._body: memoryview | None = None  # a body being received in place
         self._filled = 0
         self._closed = False
@@ -376,7 +376,7 @@ class _Protocol(asyncio.BufferedProtocol):
             self._scratch[:rest] = self._scratch[self._start : self._end]
         self._start, self._end = 0, rest
 
-    def _body_length(self, header: tuple[int, int, int, int, int, int, int]) -> int:
+    def _body_length(self, header: wire.ResponseHeader) -> int:
         """The body's size, or -1 (and the lane is failed) if the header is garbage."""
         _, _, length, flags, _, message_length, _ = header
         need = wire.body_length(length, flags, message_length)

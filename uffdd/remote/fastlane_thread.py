@@ -42,8 +42,7 @@ QUEUED_FRAMES = 1024  # frames waiting for the loop, at most (zero chunks have n
 TAKE_FRAMES = 256  # frames handed on per loop turn, at most
 TURN_BYTES = 256 * 1024  # and no more once they hold this much (the first always goes)
 
-Header = tuple[int, int, int, int, int, int, int]
-ChunkSink = Callable[[Header, memoryview], None]
+ChunkSink = Callable[[wire.ResponseHeader, memoryview], None]
 LossSink = Callable[["ThreadedConnection", PageServerError], None]
 
 
@@ -165,7 +164,7 @@ class ThreadedConnection:
             if frame.body_len:
                 owned = ffi.gc(frame.body, lib.uffdd_free, size=frame.body_len)
                 body = memoryview(ffi.buffer(owned, frame.body_len)).toreadonly()
-            header: Header = (
+            header: wire.ResponseHeader = (
                 frame.request_id,
                 frame.address,
                 frame.length,

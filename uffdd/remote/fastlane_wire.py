@@ -19,6 +19,8 @@ KNOWN_MAGICS = frozenset({MAGIC, BULK_MAGIC, CANCEL_MAGIC})
 REQUEST = struct.Struct("<4sQQIH")
 # request_id, image_address, length, flags, error code, message length, checksum
 RESPONSE = struct.Struct("<QQIBBHQ")
+ResponseHeader = tuple[int, int, int, int, int, int, int]
+"""A RESPONSE header as ``RESPONSE.unpack`` gives it, in that order."""
 
 FLAG_ZERO = 1
 FLAG_LAST = 2
