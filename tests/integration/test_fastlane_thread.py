@@ -33,6 +33,7 @@ from page_server_support import (
     serving,
 )
 from support.fds import open_fds
+from support.threads import named_threads, wait_threads_gone
 
 from uffdd.core.addresses import ImageAddr
 from uffdd.errors import (
@@ -60,13 +61,8 @@ def images(tmp_path: Path) -> Images:
 
 
 def receiver_threads() -> list[str]:
-    """This process's receiver threads (pthreads: not in ``threading.enumerate()``)."""
-    found = []
-    for task in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/comm") as comm:
-            if comm.read().strip() == THREAD_NAME:
-                found.append(task)
-    return found
+    """This process's receiver threads."""
+    return named_threads(THREAD_NAME)
 
 
 async def receivers_become(count: int) -> None:
@@ -76,6 +72,11 @@ async def receivers_become(count: int) -> None:
         return len(receiver_threads()) == count
 
     await eventually(counted, timeout=10)
+
+
+async def receivers_gone() -> None:
+    """Until no receiver thread is left (a joined thread's entry lingers a moment)."""
+    wait_threads_gone(THREAD_NAME)
 
 
 async def bulk_lane_ready(client: PageClient) -> None:
@@ -149,7 +150,7 @@ def test_bulk_lane_on_its_thread_gives_exactly_the_image(
                         if chunk.data is not None:
                             assert chunk.data.readonly
         # closing the client ended the thread, and the thread closed its socket
-        assert receiver_threads() == []
+        await receivers_gone()
 
     run(scenario)  # the first gRPC use in a process opens gRPC's own fds for good
     before = open_fds()
@@ -272,7 +273,7 @@ def test_a_bad_bulk_lane_fails_its_request_clearly(
             assert isinstance(error, error_type), error
             assert words in str(error)
             assert chunks == []
-        assert receiver_threads() == []
+        await receivers_gone()
 
     run(scenario)
 
@@ -428,7 +429,7 @@ def test_close_ends_the_thread_and_closes_the_socket() -> None:
             fd = os.readlink(f"/proc/self/fd/{theirs.fileno()}")  # the pair's other end
             await receivers_become(1)
             connection.close()  # joins the thread
-            assert receiver_threads() == []
+            await receivers_gone()
             assert theirs.recv(1) == b""  # our end is closed: EOF
             connection.send(b"ignored after close")
             assert recorder.lost == []  # close is not a loss

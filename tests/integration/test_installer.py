@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from support.threads import wait_thread_count, wait_threads_gone
 from support.workload import PAGE, Workload, WorkloadPool, fault, pattern, wait_events
 
 from uffdd.image.procmem import Mapping, populated_runs
@@ -316,10 +317,10 @@ def test_an_installer_dropped_unclosed_stops_before_its_buffers_go(
 ) -> None:
     child = workloads.start()
     installer = Installer(capacity=8, piece=PIECE)
-    thread_count = len(os.listdir("/proc/self/task"))
+    wait_thread_count("uffdd-install", 1)
     with child.create_uffd() as uffd:
         base = _region(child, uffd, 64)
         with installer.reading():
             installer.submit(uffd, base, _data(64), dontwake=True)
         del installer  # the last reference: __del__ joins the thread
-        assert len(os.listdir("/proc/self/task")) == thread_count - 1
+        wait_threads_gone("uffdd-install")
