@@ -66,10 +66,11 @@ def test_restore_with_fork_remap_remove_unmap_verifies_every_byte(
         restored = start_restored(running.handover, "demo")
         assert restored.finish() == 0, restored.events
         # The loop's thread has the short slice; the installer thread and the bulk
-        # lane's receiver the default one.
+        # lane's reader and writer the default one.
         slices = _thread_slices(running.daemon.pid)
         assert slices.pop("main") == 100_000
-        expected = ["uffdd-bulk-recv", "uffdd-install"] if install_thread else ["uffdd-bulk-recv"]
+        lane = ["uffdd-bulk-recv", "uffdd-bulk-send"]
+        expected = [*lane, "uffdd-install"] if install_thread else lane
         assert sorted(slices) == expected
         assert all(value > 100_000 for value in slices.values())
     done = restored.last("done")

@@ -52,7 +52,7 @@ from uffdd.remote.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)
 
-THREAD_NAME = "uffdd-bulk-recv"
+THREAD_NAMES = ("uffdd-bulk-recv", "uffdd-bulk-send")  # a lane's reader and writer
 
 
 @pytest.fixture
@@ -61,22 +61,24 @@ def images(tmp_path: Path) -> Images:
 
 
 def receiver_threads() -> list[str]:
-    """This process's receiver threads."""
-    return named_threads(THREAD_NAME)
+    """This process's lane threads, readers and writers."""
+    return [tid for name in THREAD_NAMES for tid in named_threads(name)]
 
 
 async def receivers_become(count: int) -> None:
-    """Until ``count`` receiver threads run (a new thread names itself when it starts)."""
+    """Until ``count`` lanes run their reader and writer (a new thread names itself
+    when it starts)."""
 
     async def counted() -> bool:
-        return len(receiver_threads()) == count
+        return all(len(named_threads(name)) == count for name in THREAD_NAMES)
 
     await eventually(counted, timeout=10)
 
 
 async def receivers_gone() -> None:
-    """Until no receiver thread is left (a joined thread's entry lingers a moment)."""
-    wait_threads_gone(THREAD_NAME)
+    """Until no lane thread is left (a joined thread's entry lingers a moment)."""
+    for name in THREAD_NAMES:
+        wait_threads_gone(name)
 
 
 async def bulk_lane_ready(client: PageClient) -> None:
@@ -313,11 +315,19 @@ class Recorder:
         self.lost.append(error)
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of TCP sockets on 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    return ours, theirs
+
+
 @contextlib.asynccontextmanager
 async def connection_pair(
-    max_queued_bytes: int = 1 << 26,
+    max_queued_bytes: int = 1 << 26, *, transport: str = "unix"
 ) -> AsyncIterator[tuple[ThreadedConnection, socket.socket, Recorder]]:
-    ours, theirs = socket.socketpair()
+    ours, theirs = tcp_pair() if transport == "tcp" else socket.socketpair()
     recorder = Recorder()
     connection = ThreadedConnection(
         ours,
@@ -405,20 +415,95 @@ def test_a_server_faster_than_the_loop_holds_bounded_memory() -> None:
     run(scenario)
 
 
-def test_frames_from_the_loop_never_block_and_arrive_in_order() -> None:
+async def receive_exactly(sock: socket.socket, total: int) -> bytes:
+    received = bytearray()
+    loop = asyncio.get_running_loop()
+    while len(received) < total:
+        piece = await loop.sock_recv(sock, 1 << 20)
+        assert piece, "the connection closed early"
+        received += piece
+    return bytes(received)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_frames_from_the_loop_never_block_and_arrive_in_order(transport: str) -> None:
     async def scenario() -> None:
-        async with connection_pair() as (connection, theirs, recorder):
+        async with connection_pair(transport=transport) as (connection, theirs, recorder):
             theirs.setblocking(False)
             frames = [bytes([k % 251]) * (256 * 1024) for k in range(64)]  # 16 MiB
             for frame in frames:
                 connection.send(frame)  # the peer reads nothing yet: these must queue
-            received = bytearray()
             total = sum(map(len, frames))
-            loop = asyncio.get_running_loop()
-            while len(received) < total:
-                received += await loop.sock_recv(theirs, 1 << 20)
-            assert bytes(received) == b"".join(frames)
+            await asyncio.sleep(0.1)
+            assert connection.unsent_bytes > 0  # more than the socket holds
+            assert await receive_exactly(theirs, total) == b"".join(frames)
+            assert connection.unsent_bytes == 0
             assert recorder.lost == []
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_frames_from_the_loop_go_out_while_a_chunk_is_half_in(transport: str) -> None:
+    body = bytes(range(256)) * 1024  # 256 KiB
+    frame = data_frame(7, 0x1000, body)
+
+    async def scenario() -> None:
+        async with connection_pair(transport=transport) as (connection, theirs, recorder):
+            theirs.setblocking(False)
+            theirs.send(frame[: len(frame) // 2])
+            await asyncio.sleep(0.1)  # the thread has read half of the body, and waits
+            for k in range(3):
+                request = bytes([k]) * 100
+                connection.send(request)
+                assert await asyncio.wait_for(receive_exactly(theirs, 100), 5) == request
+            assert recorder.chunks == []
+            await asyncio.get_running_loop().sock_sendall(theirs, frame[len(frame) // 2 :])
+
+            async def arrived() -> bool:
+                return bool(recorder.chunks)
+
+            await eventually(arrived, timeout=10)
+            ((header, received, _),) = recorder.chunks
+            assert header[0] == 7
+            assert received == body
+            assert recorder.lost == []
+
+    run(scenario)
+
+
+def test_a_send_to_a_closed_peer_ends_the_lane_with_the_error() -> None:
+    async def scenario() -> None:
+        async with connection_pair(transport="tcp") as (connection, theirs, recorder):
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            theirs.close()  # with linger 0: a reset, not an EOF
+
+            async def lost() -> bool:
+                connection.send(b"x" * 100)
+                return bool(recorder.lost)
+
+            await eventually(lost, timeout=10)
+            (error,) = recorder.lost
+            assert isinstance(error, PageServerUnavailable)
+            assert "lost" in str(error), error
+            await receivers_gone()
+
+    run(scenario)
+
+
+def test_close_frees_frames_not_yet_sent() -> None:
+    async def scenario() -> None:
+        before = open_fds()
+        async with connection_pair(transport="tcp") as (connection, _theirs, recorder):
+            for _ in range(64):
+                connection.send(bytes(256 * 1024))  # 16 MiB the peer never reads
+            await asyncio.sleep(0.1)
+            assert connection.unsent_bytes > 0
+            connection.close()
+            assert connection.unsent_bytes == 0
+            await receivers_gone()
+            assert recorder.lost == []
+        assert open_fds() <= before
 
     run(scenario)
 

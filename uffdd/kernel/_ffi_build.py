@@ -632,16 +632,23 @@ static void uffdd_installer_quiesce(struct uffdd_installer *in, int fd)
     pthread_mutex_unlock(&in->lock);
 }
 
-/* ---- the bulk fast lane's receiver: frames off a socket on a pthread ---------------
+/* ---- the bulk fast lane's receiver: the socket on two pthreads ---------------------
 
    Reads response frames (fastlane_wire.RESPONSE: 32 bytes, little-endian, then the
    body) from a connected stream socket into malloc'ed bodies, without the GIL, and
-   queues them for the loop (eventfd readable while frames wait). Bounded: at most
-   ``cap`` frames and, past one frame, ``max_queued`` body bytes wait; then the thread
-   stops reading. It ends at EOF, on an error, on a header that breaks the frame rules,
-   or when stopped; ``status`` says which once the queue is empty. */
+   queues them for the loop (eventfd readable while frames wait). A second thread
+   writes the request frames the loop hands over (uffdd_receiver_send): a TCP
+   socket's lock is held by a recv for as long as it copies, and a send from another
+   thread sleeps on that lock, woken ~70 us later on this VM to find the receiver
+   holding it again. On the loop that was a sleep of up to several ms per request
+   (bench/README.md, session 6); on the writer it costs nobody a fault.
+   Bounded: at most ``cap`` frames and, past one frame, ``max_queued`` body bytes wait;
+   then the thread stops reading. It ends at EOF, on an error (the writer's too), on a
+   header that breaks the frame rules, or when stopped; ``status`` says which once the
+   queue is empty. */
 #include <endian.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 #define UFFDD_FRAME_HEADER 32
 #define UFFDD_RECV_RUNNING 0
@@ -653,6 +660,7 @@ static void uffdd_installer_quiesce(struct uffdd_installer *in, int fd)
 #define UFFDD_FLAG_ZERO 1
 #define UFFDD_FLAG_LAST 2
 #define UFFDD_FLAG_ERROR 4
+#define UFFDD_SEND_IOV 64          /* request frames per sendmsg, at most */
 
 struct uffdd_frame {
     uint64_t request_id, address, checksum;
@@ -663,15 +671,24 @@ struct uffdd_frame {
     uint64_t body_len;
 };
 
+struct uffdd_outgoing {           /* one request frame the loop handed over */
+    struct uffdd_outgoing *next;
+    size_t len, sent;
+    char data[];
+};
+
 struct uffdd_receiver {
     int fd, efd;
-    pthread_t thread;
+    pthread_t thread, writer;
     pthread_mutex_t lock;
-    pthread_cond_t room;
+    pthread_cond_t room, outgoing;
     struct uffdd_frame *ring;
     size_t cap, head, count;
     uint64_t queued, max_queued, max_body;
+    struct uffdd_outgoing *out_head, *out_tail;  /* the writer alone moves ``sent`` */
+    uint64_t unsent;
     int stop, status;  /* status: UFFDD_RECV_RUNNING, a negative reason, or an errno */
+    int send_error;    /* the writer's errno, 0 while it writes */
 };
 
 /* 1 when ``len`` bytes arrived; 0 at EOF or when stopped; -errno on an error. */
@@ -750,9 +767,56 @@ static void *receiver_main(void *arg)
     bulk_thread_default_slice();  /* bulk data: the short slice is the loop's */
     int status = receiver_loop(r);
     pthread_mutex_lock(&r->lock);
-    r->status = r->stop ? UFFDD_RECV_STOPPED : status;
+    r->status = r->stop ? UFFDD_RECV_STOPPED : r->send_error ? r->send_error : status;
     efd_post(r->efd);
     pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+/* Writes queued request frames, several per sendmsg, blocking as long as the socket
+   makes it; on an error it shuts the socket down, which ends the receiver too. */
+static void *writer_main(void *arg)
+{
+    struct uffdd_receiver *r = arg;
+    pthread_setname_np(pthread_self(), "uffdd-bulk-send");
+    bulk_thread_default_slice();
+    pthread_mutex_lock(&r->lock);
+    for (;;) {
+        while (!r->stop && !r->out_head)
+            pthread_cond_wait(&r->outgoing, &r->lock);
+        if (r->stop)
+            break;
+        struct iovec iov[UFFDD_SEND_IOV];
+        size_t n = 0;
+        for (struct uffdd_outgoing *o = r->out_head; o && n < UFFDD_SEND_IOV; o = o->next)
+            iov[n++] = (struct iovec){o->data + o->sent, o->len - o->sent};
+        pthread_mutex_unlock(&r->lock);
+        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = n};
+        ssize_t sent = sendmsg(r->fd, &msg, MSG_NOSIGNAL);
+        int error = sent < 0 && errno != EINTR ? errno : 0;
+        pthread_mutex_lock(&r->lock);
+        if (error) {
+            if (!r->stop)
+                r->send_error = error;
+            break;
+        }
+        for (size_t left = sent > 0 ? (size_t)sent : 0; left;) {
+            struct uffdd_outgoing *o = r->out_head;
+            size_t take = o->len - o->sent < left ? o->len - o->sent : left;
+            o->sent += take;
+            left -= take;
+            if (o->sent < o->len)
+                break;
+            r->out_head = o->next;
+            if (!r->out_head)
+                r->out_tail = NULL;
+            r->unsent -= o->len;
+            free(o);
+        }
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (r->send_error)
+        shutdown(r->fd, SHUT_RDWR);  /* the receiver's recv ends, with send_error */
     return NULL;
 }
 
@@ -778,9 +842,18 @@ static struct uffdd_receiver *uffdd_receiver_new(int fd, size_t cap, uint64_t ma
     r->max_body = max_body;
     pthread_mutex_init(&r->lock, NULL);
     pthread_cond_init(&r->room, NULL);
-    int rc = start_thread(&r->thread, receiver_main, r);
-    if (rc == 0)
-        return r;
+    pthread_cond_init(&r->outgoing, NULL);
+    int rc = start_thread(&r->writer, writer_main, r);
+    if (rc == 0) {
+        rc = start_thread(&r->thread, receiver_main, r);
+        if (rc == 0)
+            return r;
+        pthread_mutex_lock(&r->lock);
+        r->stop = 1;
+        pthread_cond_signal(&r->outgoing);
+        pthread_mutex_unlock(&r->lock);
+        pthread_join(r->writer, NULL);
+    }
     errno = rc;
 fail:
     {
@@ -797,6 +870,40 @@ fail:
 static int uffdd_receiver_efd(const struct uffdd_receiver *r)
 {
     return r->efd;
+}
+
+/* Hand the writer a request frame (copied): 0, or -1 out of memory. Frames go out in
+   order; after the end they are dropped (the loop learns of the end from ``status``). */
+static int uffdd_receiver_send(struct uffdd_receiver *r, const char *data, size_t len)
+{
+    struct uffdd_outgoing *o = malloc(sizeof *o + len);
+    if (!o)
+        return -1;
+    o->next = NULL;
+    o->len = len;
+    o->sent = 0;
+    memcpy(o->data, data, len);
+    pthread_mutex_lock(&r->lock);
+    int first = r->out_head == NULL;
+    if (r->out_tail)
+        r->out_tail->next = o;
+    else
+        r->out_head = o;
+    r->out_tail = o;
+    r->unsent += len;
+    if (first)
+        pthread_cond_signal(&r->outgoing);  /* behind others: the writer is at work */
+    pthread_mutex_unlock(&r->lock);
+    return 0;
+}
+
+/* Bytes of request frames handed over and not written yet. */
+static uint64_t uffdd_receiver_unsent(struct uffdd_receiver *r)
+{
+    pthread_mutex_lock(&r->lock);
+    uint64_t unsent = r->unsent;
+    pthread_mutex_unlock(&r->lock);
+    return unsent;
 }
 
 /* Move queued frames to ``out`` (their bodies are the caller's to free): up to ``n``,
@@ -844,18 +951,26 @@ static uint64_t uffdd_receiver_queued(struct uffdd_receiver *r)
     return queued;
 }
 
-/* Stop the thread (shutting the socket down wakes a blocked recv), join it, and free
-   everything, frames not taken included. The socket stays open for its owner. */
+/* Stop both threads (shutting the socket down wakes a blocked recv or send), join
+   them, and free everything, frames not taken and frames not sent included. The
+   socket stays open for its owner. */
 static void uffdd_receiver_free(struct uffdd_receiver *r)
 {
     pthread_mutex_lock(&r->lock);
     r->stop = 1;
     pthread_cond_signal(&r->room);
+    pthread_cond_signal(&r->outgoing);
     pthread_mutex_unlock(&r->lock);
     shutdown(r->fd, SHUT_RDWR);
     pthread_join(r->thread, NULL);
+    pthread_join(r->writer, NULL);
     for (size_t k = 0; k < r->count; k++)
         free(r->ring[(r->head + k) % r->cap].body);
+    while (r->out_head) {
+        struct uffdd_outgoing *o = r->out_head;
+        r->out_head = o->next;
+        free(o);
+    }
     close(r->efd);
     free(r->ring);
     free(r);
@@ -996,6 +1111,8 @@ size_t uffdd_receiver_take(struct uffdd_receiver *r, struct uffdd_frame *out, si
                            uint64_t max_bytes);
 int uffdd_receiver_status(struct uffdd_receiver *r);
 uint64_t uffdd_receiver_queued(struct uffdd_receiver *r);
+int uffdd_receiver_send(struct uffdd_receiver *r, const char *data, size_t len);
+uint64_t uffdd_receiver_unsent(struct uffdd_receiver *r);
 void uffdd_receiver_free(struct uffdd_receiver *r);
 void uffdd_free(void *p);
 """

@@ -11,10 +11,14 @@ and its GIL hand-backs (three per chunk) cost every demand fault a wake-up of th
 (fault p99 with the sweep 6.0 -> 8.0 ms, median of six alternating runs).
 
 The loop keeps every decision (which request, which pages, the checksum check in
-``Request.deliver``) and writes the request frames itself, with ``MSG_DONTWAIT`` so a
-full socket queues them and never blocks it. At most ``max_queued_bytes`` (plus one
-chunk) wait for the loop; then the thread stops reading, so a server that sends faster
-than the loop takes chunks, or sends chunks nobody asked for, holds memory bounded.
+``Request.deliver``), and hands its request frames to a second pthread
+(``uffdd-bulk-send``) that writes them. A TCP socket's lock is held by a recv while it
+copies, and a send from the loop slept on that lock: up to several ms, 0.1-0.2 s of a
+residency run, in front of whatever fault came next (bench/README.md, session 6).
+
+At most ``max_queued_bytes`` (plus one chunk) wait for the loop; then the reader stops,
+so a server that sends faster than the loop takes chunks, or sends chunks nobody asked
+for, holds memory bounded.
 
 Used for plain TCP and Unix bulk lanes; a TLS lane stays on asyncio (an SSL session's
 records are decrypted in Python's ssl module). The urgent lane stays on the loop too:
@@ -26,7 +30,6 @@ as on the asyncio path.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import socket
 from collections.abc import Callable
@@ -76,15 +79,12 @@ class ThreadedConnection:
             raise OSError(err, f"cannot start the bulk lane's receiver: {os.strerror(err)}")
         self._handle = handle
         self._sock = sock
-        self._fd = sock.fileno()
         self._loop = loop
         self._target = target
         self._on_chunk = on_chunk
         self._on_lost = on_lost
         self._max_chunk_bytes = max_chunk_bytes
         self._closed = False
-        self._pending: collections.deque[memoryview] = collections.deque()  # unsent frames
-        self._writing = False
         self._frames = ffi.new("struct uffdd_frame[]", TAKE_FRAMES)
         self._efd = lib.uffdd_receiver_efd(handle)
         loop.add_reader(self._efd, self._take)
@@ -101,44 +101,16 @@ class ThreadedConnection:
     # -- frames out --------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
+        """Hand a request frame to the thread, which writes it between its reads."""
         if self._closed:
             return
-        if not self._pending:
-            try:
-                sent = self._sock.send(frame, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._lost(PageServerUnavailable(f"{self._describe()} lost: {exc}"))
-                return
-            if sent == len(frame):
-                return
-            frame = frame[sent:]
-        self._pending.append(memoryview(frame))
-        if not self._writing:
-            self._writing = True
-            self._loop.add_writer(self._fd, self._flush)
+        if lib.uffdd_receiver_send(self._handle, frame, len(frame)) < 0:
+            self._lost(PageServerUnavailable(f"{self._describe()}: out of memory for a frame"))
 
-    def _flush(self) -> None:
-        while self._pending and not self._closed:
-            head = self._pending[0]
-            try:
-                sent = self._sock.send(head, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._lost(PageServerUnavailable(f"{self._describe()} lost: {exc}"))
-                return
-            if sent < len(head):
-                self._pending[0] = head[sent:]
-                return
-            self._pending.popleft()
-        self._stop_writing()
-
-    def _stop_writing(self) -> None:
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
+    @property
+    def unsent_bytes(self) -> int:
+        """Request frame bytes handed to the thread and not written yet."""
+        return 0 if self._handle is None else int(lib.uffdd_receiver_unsent(self._handle))
 
     # -- chunks in ---------------------------------------------------------------------
 
@@ -199,8 +171,6 @@ class ThreadedConnection:
         if self._closed:
             return
         self._closed = True
-        self._stop_writing()
-        self._pending.clear()
         if not self._loop.is_closed():
             self._loop.remove_reader(self._efd)
         handle, self._handle = self._handle, None
