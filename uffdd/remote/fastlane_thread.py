@@ -101,7 +101,7 @@ class ThreadedConnection:
     # -- frames out --------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        """Hand a request frame to the thread, which writes it between its reads."""
+        """Hand a request frame to the lane's writer thread (copied; sent in order)."""
         if self._closed:
             return
         if lib.uffdd_receiver_send(self._handle, frame, len(frame)) < 0:
