@@ -6,7 +6,11 @@ process that faults, and that process must hand its userfaultfd to whoever serve
 * ``--handler daemon``: ``uffdd.restorer.Restorer`` maps the region and hands the
   uffd to the daemon under test over the native handover (production code path);
 * ``--handler serve|bulk``: the same mapping and uffd setup by hand, the uffd passed
-  to the C reference (``bench/c/refhandler.c``) as an inherited fd, pinned as asked.
+  to the C reference (``bench/c/refhandler.c``) as an inherited fd, pinned as asked;
+* ``--handler remote``: the same, passed to the remote C reference
+  (``bench/c/remoteref.c handle``), which fetches from the C page server on
+  ``--ref-port``, with a sweep of ``--ref-sweep``-byte requests unless that is 0
+  (with ``--ref-image``: from the fast lane of ``uffdd page-server`` on that port).
 
 Accesses are timed by the C loop of ``bench/c/faulter.c`` (loaded with ctypes, GIL
 released, one volatile byte read per page between two clock_gettime calls), never by
@@ -91,17 +95,25 @@ def start_reference(args: argparse.Namespace) -> tuple[subprocess.Popen[str], Uf
     uffd = Uffd.create(nonblocking=True)
     uffd.api()
     uffd.register(args.address, args.length, RegisterMode.MISSING)
-    size = args.window if args.handler == "serve" else args.chunk
-    command = [
-        str(args.refhandler), args.handler, str(uffd.fd), str(args.address),
-        str(args.length), str(args.data), str(size),
-    ]  # fmt: skip
+    if args.handler == "remote":
+        command = [
+            str(args.refhandler), "handle", str(uffd.fd), str(args.address),
+            str(args.length), str(args.ref_port), str(args.window), str(args.ref_sweep),
+        ]  # fmt: skip
+        if args.ref_image:
+            command.append(args.ref_image)
+    else:
+        size = args.window if args.handler == "serve" else args.chunk
+        command = [
+            str(args.refhandler), args.handler, str(uffd.fd), str(args.address),
+            str(args.length), str(args.data), str(size),
+        ]  # fmt: skip
     if args.handler_cpu is not None:
         command = ["taskset", "-c", str(args.handler_cpu), *command]
     handler = subprocess.Popen(
         command, pass_fds=[uffd.fd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    if args.handler == "serve":
+    if args.handler != "bulk":
         assert handler.stdout is not None
         if handler.stdout.readline().strip() != "ready":
             raise RuntimeError("the reference handler did not start")
@@ -131,14 +143,17 @@ def wait_for_start(path: Path, timeout: float = 300.0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--handler", choices=("daemon", "serve", "bulk"), required=True)
+    parser.add_argument("--handler", choices=("daemon", "serve", "bulk", "remote"), required=True)
     parser.add_argument("--timer-lib", type=Path, required=True)
     parser.add_argument("--address", type=lambda v: int(v, 0), required=True)
     parser.add_argument("--length", type=int, required=True)
     parser.add_argument("--data", type=Path, required=True, help="the image's pages.bin")
     parser.add_argument("--handover", type=Path)
     parser.add_argument("--image")
-    parser.add_argument("--refhandler", type=Path)
+    parser.add_argument("--refhandler", type=Path, help="the C reference's executable")
+    parser.add_argument("--ref-port", type=int, help="remote: the C page server's port")
+    parser.add_argument("--ref-sweep", type=int, default=0, help="remote: sweep request bytes")
+    parser.add_argument("--ref-image", help="remote: this image from uffdd's page server")
     parser.add_argument("--handler-cpu", type=int)
     parser.add_argument("--cpu", type=int)
     parser.add_argument("--pattern", choices=("blocks", "all", "none"), default="blocks")

@@ -15,56 +15,24 @@
  * FD is a userfaultfd inherited from the parent, registered for MISSING on the range.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <linux/userfaultfd.h>
-#include <poll.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
-static void die(const char *what)
-{
-    fprintf(stderr, "refhandler: %s: %s\n", what, strerror(errno));
-    exit(1);
-}
+#include "refcommon.h"
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+struct local {
+    int fd;
+    uint64_t base;
+    const char *map;
+};
 
-/* Install [dst, dst+len) from src; a page already present (EEXIST/EAGAIN partial) is
- * skipped and the copy resumes after it. Returns 0, or -1 on a real error. */
-static int copy_range(int fd, uint64_t dst, const char *src, uint64_t len)
+static void serve_window(uint64_t at, uint64_t end, void *ctx)
 {
-    uint64_t done = 0;
-    while (done < len) {
-        struct uffdio_copy c = {
-            .dst = dst + done, .src = (uint64_t)(uintptr_t)(src + done), .len = len - done,
-        };
-        if (ioctl(fd, UFFDIO_COPY, &c) == 0)
-            return 0;
-        if (c.copy > 0) {
-            done += (uint64_t)c.copy;
-            continue;
-        }
-        if (errno == EEXIST || errno == EAGAIN) {
-            struct uffdio_range r = {.start = dst + done, .len = 4096};
-            ioctl(fd, UFFDIO_WAKE, &r);
-            done += 4096;
-            continue;
-        }
-        return -1;
-    }
-    return 0;
+    const struct local *l = ctx;
+    if (copy_range(l->fd, at, l->map + (at - l->base), end - at) < 0)
+        die("UFFDIO_COPY");
 }
 
 static int serve(int fd, uint64_t base, uint64_t len, const char *path, uint64_t window)
@@ -75,39 +43,8 @@ static int serve(int fd, uint64_t base, uint64_t len, const char *path, uint64_t
     const char *map = mmap(NULL, len, PROT_READ, MAP_PRIVATE | MAP_POPULATE, data, 0);
     if (map == MAP_FAILED)
         die("mmap data file");
-    uint64_t faults = 0;
-    struct uffd_msg msgs[64];
-    struct pollfd fds[2] = {{.fd = fd, .events = POLLIN}, {.fd = 0, .events = POLLIN}};
-    /* Tell the parent we are ready: it starts faulting only then. */
-    fputs("ready\n", stdout);
-    fflush(stdout);
-    for (;;) {
-        if (poll(fds, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            die("poll");
-        }
-        if (fds[0].revents & POLLIN) {
-            ssize_t got = read(fd, msgs, sizeof msgs);
-            if (got < 0 && errno != EAGAIN)
-                die("read uffd");
-            for (ssize_t i = 0; got > 0 && i < got / (ssize_t)sizeof msgs[0]; i++) {
-                if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
-                    continue;
-                uint64_t at = msgs[i].arg.pagefault.address & ~(window - 1);
-                if (at < base)
-                    at = base;
-                uint64_t end = at + window;
-                if (end > base + len)
-                    end = base + len;
-                if (copy_range(fd, at, map + (at - base), end - at) < 0)
-                    die("UFFDIO_COPY");
-                faults++;
-            }
-        }
-        if (fds[1].revents & (POLLIN | POLLHUP))
-            break;
-    }
+    struct local l = {fd, base, map};
+    uint64_t faults = fault_loop(fd, base, len, window, serve_window, &l);
     printf("{\"faults\": %" PRIu64 "}\n", faults);
     return 0;
 }
@@ -139,6 +76,7 @@ static int bulk(int fd, uint64_t base, uint64_t len, const char *path, uint64_t 
 
 int main(int argc, char **argv)
 {
+    ref_program = "refhandler";
     if (argc != 7) {
         fprintf(stderr, "usage: refhandler serve|bulk FD BASE LEN DATAFILE WINDOW|CHUNK\n");
         return 2;

@@ -23,12 +23,15 @@ CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
 class Built:
     refhandler: Path
     """The reference fault handler and bulk installer (executable)."""
+    remoteref: Path
+    """The remote reference: a C page server and a C handler fetching from it."""
     faulter: Path
     """The timing loop the faulting process loads (shared library)."""
 
 
 def _compile(source: Path, output: Path, *extra: str) -> Path:
-    if output.exists() and output.stat().st_mtime >= source.stat().st_mtime:
+    inputs = [source, *C_DIR.glob("*.h")]  # a header edit rebuilds every program
+    if output.exists() and output.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
         return output
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
@@ -45,8 +48,9 @@ def _compile(source: Path, output: Path, *extra: str) -> Path:
 
 
 def build(build_dir: Path = BUILD_DIR) -> Built:
-    """Build (or reuse) both C programs; raises CalledProcessError on a compile error."""
+    """Build (or reuse) the C programs; raises CalledProcessError on a compile error."""
     return Built(
         refhandler=_compile(C_DIR / "refhandler.c", build_dir / "refhandler"),
+        remoteref=_compile(C_DIR / "remoteref.c", build_dir / "remoteref", "-pthread"),
         faulter=_compile(C_DIR / "faulter.c", build_dir / "libfaulter.so", "-shared", "-fPIC"),
     )

@@ -1,9 +1,10 @@
-"""A scenario's moving parts: page server, daemon under test, faulting processes.
+"""A scenario's moving parts: page servers, daemon under test, faulting processes.
 
-Why here: every scenario starts the same three kinds of process, each bounded (ready
+Why here: every scenario starts the same kinds of process, each bounded (ready
 timeouts, run timeouts) and stopped and reaped when the scenario ends, whatever
 happens. The page server is the real ``uffdd page-server`` on loopback TCP; the daemon
-is ``bench/daemon_host.py`` (the production ``Daemon`` with a bench front door).
+is ``bench/daemon_host.py`` (the production ``Daemon`` with a bench front door); the
+remote C reference has its own page server (``remoteref server``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import array
 import contextlib
 import json
+import select
 import shutil
 import signal
 import subprocess
@@ -74,6 +76,36 @@ def page_server(workdir: Path, image: BenchImage, *extra: str) -> Iterator[str]:
         wait_for(ready, process, log)
         address: str = json.loads(ready.read_text())["addresses"][0]
         yield address
+
+
+def fast_lane_port(workdir: Path) -> int:
+    """The TCP port of the fast lane of the page server ``page_server`` started."""
+    addresses: list[str] = json.loads((workdir / "pages.ready").read_text())["fast_lane_addresses"]
+    return int(addresses[0].rpartition(":")[2])
+
+
+@contextlib.contextmanager
+def c_page_server(built: Built, image: BenchImage, timeout: float = 30) -> Iterator[int]:
+    """The remote C reference's page server on 127.0.0.1; yields its TCP port."""
+    server = subprocess.Popen(
+        [str(built.remoteref), "server", str(image.data_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stdin is not None
+    assert server.stdout is not None
+    try:
+        ready, _, _ = select.select([server.stdout], [], [], timeout)
+        line = server.stdout.readline() if ready else ""
+        if not line.startswith("port "):
+            raise RuntimeError(f"the C page server did not start (exit {server.poll()})")
+        yield int(line.split()[1])
+    finally:
+        server.stdin.close()  # its signal to stop
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
 
 
 @contextlib.contextmanager
@@ -157,6 +189,9 @@ def faulter_command(
     seed: int = 5,
     start_file: Path | None = None,
     warm_memory: int = 0,
+    ref_port: int | None = None,
+    ref_sweep: int = 0,
+    ref_image: str | None = None,
 ) -> tuple[list[str], Path]:
     lat = workdir / f"lat-{tag}.bin"
     command = bench_script(
@@ -167,6 +202,10 @@ def faulter_command(
     )  # fmt: skip
     if daemon is not None:
         command += ["--handover", str(daemon.handover), "--image", image.image_id]
+    elif handler == "remote":
+        command += ["--refhandler", str(built.remoteref), "--ref-port", str(ref_port)]
+        command += ["--ref-sweep", str(ref_sweep)]
+        command += ["--ref-image", ref_image] if ref_image else []
     else:
         command += ["--refhandler", str(built.refhandler)]
     if cpu is not None:
