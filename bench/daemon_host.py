@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument(
         "--no-install-thread", action="store_true", help="every install on the loop"
     )
+    parser.add_argument(
+        "--no-demand-lane", action="store_true", help="remote faults through the page client"
+    )
     parser.add_argument("--max-inflight", type=int, help="DaemonConfig.max_inflight_bytes")
     parser.add_argument("--fault-around", type=int, help="DaemonConfig.fault_around")
     parser.add_argument("--stages", type=Path, help="time each stage; JSON here at exit")
@@ -78,6 +81,7 @@ async def _serve(args: argparse.Namespace) -> None:
         images=str(args.image_dir.parent) if args.image_dir else "",
         sweep=not args.no_sweep,
         install_thread=not args.no_install_thread,
+        demand_lane=not args.no_demand_lane,
         log_format="json",
         grace=2.0,
     )

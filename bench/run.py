@@ -57,6 +57,11 @@ def main() -> None:
         help="experiment: the daemon's fault_around (default: uffdd's, 64 KiB)",
     )
     parser.add_argument(
+        "--no-demand-lane",
+        action="store_true",
+        help="experiment: remote faults through the page client (demand_lane = false)",
+    )
+    parser.add_argument(
         "--no-install-thread",
         action="store_true",
         help="experiment: every install on the daemon's loop (install_thread = false)",
@@ -78,6 +83,9 @@ def main() -> None:
     if args.no_install_thread:
         services.DAEMON_ARGS.append("--no-install-thread")
         print("experiment: daemon install_thread = false")
+    if args.no_demand_lane:
+        services.DAEMON_ARGS.append("--no-demand-lane")
+        print("experiment: daemon demand_lane = false")
     if args.profile is not None:
         if not (shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists()):
             parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")

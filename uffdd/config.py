@@ -61,6 +61,9 @@ class DaemonConfig:
     install_thread: bool = True
     """Install large background chunks on a thread of their own, so demand faults are
     read and answered meanwhile (off: every install runs on the daemon's loop)."""
+    demand_lane: bool = True
+    """Fetch and install remote demand faults in C, on a fast-lane connection of its
+    own, right after the loop reads them (off: through the page client's lanes)."""
     images: str = ""
     """A local image root: handovers naming no page server are served from it."""
     log_format: str = "json"

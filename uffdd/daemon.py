@@ -190,6 +190,7 @@ class Daemon:
                 sweep=self.config.sweep,
             ),
             background_installs=self.config.install_thread,
+            demand_lane=self.config.demand_lane,
         )
         # After the installer thread started (threads inherit it): the loop's thread
         # gets the CPU soon after a wake-up, the bulk copies keep the default slice.

@@ -66,6 +66,12 @@ from uffdd.log import LEVELS, configure_logging, get_logger
     "the daemon's loop.",
 )
 @click.option(
+    "--demand-lane/--no-demand-lane",
+    default=None,
+    help="Fetch and install remote demand faults in C on a fast-lane connection of "
+    "their own (default), or through the page client's lanes.",
+)
+@click.option(
     "--criu-images",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Also take CRIU lazy-pages handovers for this dump (lazy-pages.socket in "
@@ -99,6 +105,7 @@ def daemon(
     max_inflight: str | None,
     sweep: bool | None,
     install_thread: bool | None,
+    demand_lane: bool | None,
     criu_images: Path | None,
     criu_work_dir: Path | None,
     firecracker_specs: tuple[str, ...],
@@ -132,6 +139,7 @@ def daemon(
                 "max_inflight_bytes": _size(max_inflight, "--max-inflight"),
                 "sweep": sweep,
                 "install_thread": install_thread,
+                "demand_lane": demand_lane,
             },
         )
     except ConfigError as exc:

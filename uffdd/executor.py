@@ -16,6 +16,9 @@ first (``Uffd.fast_serve``): it answers faults where the core's ``fast_ranges`` 
 image's data is right and the data's checksum chunk is verified, and stops at the first
 message it cannot answer; that message and everything after it takes the path above.
 The core learns what C installed (``FastServed``) in the same batch, before the rest.
+When it is remote, a batch of faults with no layout event goes to the demand lane
+first (``remote/demand_lane.py``): C fetches the fault-around windows from the page
+server, installs them, and the core gets a FastServed the same way.
 
 Large bulk copies (no thread waits on them) go to the installer thread
 (``kernel/installer.py``) instead, so a demand fault is read and answered while a
@@ -79,6 +82,7 @@ from uffdd.kernel.uffd import FastStatus, FastTable, OpResult, Uffd
 from uffdd.log import get_logger
 from uffdd.remote.client import Chunk
 from uffdd.remote.convert import Priority
+from uffdd.remote.demand_lane import DEMAND_MAX, DemandTable, demand_lane_of
 from uffdd.sources import FetchHandle, LocalData, PageSource, local_data_of
 
 _log = get_logger("uffdd.executor")
@@ -136,7 +140,13 @@ class _Tree:
 class Executor:
     """Serves every lazy process of the daemon on the running loop."""
 
-    def __init__(self, policy: Policy | None = None, *, background_installs: bool = True) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        background_installs: bool = True,
+        demand_lane: bool = True,
+    ) -> None:
         self.tracker = Tracker(policy)
         self._deadlines = {
             Lane.URGENT: self.tracker.policy.urgent_deadline,
@@ -152,6 +162,9 @@ class Executor:
         self._tick: asyncio.TimerHandle | None = None
         self._fast: dict[ProcId, tuple[int, FastTable]] = {}
         """Each process's fast-path table, with the layout generation it was built at."""
+        self._demand = demand_lane
+        self._demand_tables: dict[ProcId, tuple[int, DemandTable]] = {}
+        """Each remote process's demand-lane table, with its layout generation."""
         self._installer = Installer() if background_installs else None
         self._background: dict[int, tuple[ProcId, int]] = {}
         """Installer job -> (process, install id) of the Copy it runs."""
@@ -245,8 +258,9 @@ class Executor:
         if layout and self._installer is not None:
             self._run(self._fenced_batch(proc, uffd, events, now))
         elif events:
-            if self._background:
-                self._expedite(uffd, events)
+            expedited = self._expedite(uffd, events) if self._installer is not None else set()
+            if not layout:
+                events = self._serve_demand(proc, uffd, events, now, expedited)
             self._run(self._hand_batch(proc, events, now))
         if error:
             raise UffdOpError("read", error)
@@ -289,13 +303,72 @@ class Executor:
                 os.close(event.child_fd)
         return actions
 
-    def _expedite(self, uffd: Uffd, events: list[UffdEvent | FastServed]) -> None:
+    def _expedite(self, uffd: Uffd, events: list[UffdEvent | FastServed]) -> set[int]:
         """Faults on pages a queued background copy installs: that copy goes first.
-        (Queued behind up to the whole in-flight budget, it made faults wait 200 ms.)"""
+        (Queued behind up to the whole in-flight budget, it made faults wait 200 ms.)
+        Returns the fault addresses such a copy will answer."""
         assert self._installer is not None
-        for event in events:
-            if isinstance(event, PageFault):
-                self._installer.expedite(uffd, event.address)
+        return {
+            event.address
+            for event in events
+            if isinstance(event, PageFault) and self._installer.expedite(uffd, event.address)
+        }
+
+    def _serve_demand(
+        self,
+        proc: ProcId,
+        uffd: Uffd,
+        events: list[UffdEvent | FastServed],
+        read_at: float,
+        expedited: set[int],
+    ) -> list[UffdEvent | FastServed]:
+        """A batch of faults only (no layout event): fetch and install in C what the
+        demand lane can (``remote/demand_lane.py``); returns the batch for the core,
+        a FastServed first, without the faults C answered."""
+        tree = self._tree_of.get(proc)
+        if not self._demand or tree is None or tree.local is not None:
+            return events
+        # While the tree's sweep has data in flight the lane stays out of it: the C
+        # call blocks the loop for a round trip, and the sweep's chunks waited: reading
+        # 2 GiB in random order fell from 0.44 to 0.17 GiB/s (bench/README, session 7).
+        if self.tracker.bytes_in_flight(tree.members):
+            return events
+        lane = demand_lane_of(tree.source)
+        if lane is None:
+            return events
+        asked = [
+            index
+            for index, event in enumerate(events)
+            if isinstance(event, PageFault)
+            and not (event.wp or event.minor)
+            and event.address not in expedited
+        ][:DEMAND_MAX]
+        if not asked:
+            return events
+        process = self.tracker.process(proc)
+        table = self._demand_table(proc, process)
+        result = lane.fetch(
+            uffd.fd,
+            process.image_id,
+            table,
+            self.tracker.policy.fault_around,
+            [events[i].address for i in asked],  # type: ignore[union-attr]
+        )
+        answered = {index for index, served in zip(asked, result.served, strict=True) if served}
+        if not result.installs and not answered:
+            return events
+        installs = tuple((RunAddr(run), length) for run, length in result.installs)
+        rest = [event for index, event in enumerate(events) if index not in answered]
+        return [FastServed(proc, installs, len(answered), read_at), *rest]
+
+    def _demand_table(self, proc: ProcId, process: LazyProcess) -> DemandTable:
+        """The process's demand-lane table, rebuilt when its layout changed."""
+        cached = self._demand_tables.get(proc)
+        if cached is not None and cached[0] == process.layout_generation:
+            return cached[1]
+        table = DemandTable((run, length, image) for run, image, length in process.fast_ranges())
+        self._demand_tables[proc] = (process.layout_generation, table)
+        return table
 
     def _serve_fast(
         self, proc: ProcId, uffd: Uffd, table: FastTable, events: list[UffdEvent | FastServed]
@@ -510,6 +583,7 @@ class Executor:
         fast = self._fast.pop(action.proc, None)
         if fast is not None:
             fast[1].close()
+        self._demand_tables.pop(action.proc, None)
         tree = self._tree_of.get(action.proc)
         uffd = self._uffds.pop(action.proc, None)
         if uffd is not None:

@@ -26,8 +26,8 @@ from uffdd.core.addresses import ImageAddr
 from uffdd.errors import ImageError, PageServerDataError, PageServerError, PageServerNotFound
 from uffdd.image.format import ExtentKind
 from uffdd.image.reader import ImageRangeError, ImageReader
-from uffdd.remote.client import Chunk, ChunkCallback, DoneCallback
 from uffdd.remote.convert import Priority
+from uffdd.remote.request import Chunk, ChunkCallback, DoneCallback
 
 LOCAL_CHUNK = 4 << 20
 """Largest chunk a local source hands on at once (keeps one install's work bounded)."""
@@ -79,21 +79,27 @@ class LocalData:
     chunk_size: int
 
 
-def local_data_of(source: object) -> LocalData | None:
-    """The local data behind ``source``, or None (a page server).
+def offered(source: object, method: str) -> object:
+    """What ``source.method()`` returns, or None when it has no such method.
 
     A wrapper source (timing, logging) that keeps the wrapped one in ``inner`` is looked
-    through: the fast path never fetches, so it bypasses nothing a wrapper observes.
+    through: the C paths that ask (local data, the demand lane) bypass nothing a wrapper
+    observes but the faults they answer themselves.
     """
     for _ in range(8):  # wrappers of wrappers, never a cycle's worth
-        offer = getattr(source, "local_data", None)
+        offer = getattr(source, method, None)
         if callable(offer):
-            data = offer()
-            return data if isinstance(data, LocalData) else None
+            return offer()
         source = getattr(source, "inner", None)
         if source is None:
             break
     return None
+
+
+def local_data_of(source: object) -> LocalData | None:
+    """The local data behind ``source``, or None (a page server)."""
+    data = offered(source, "local_data")
+    return data if isinstance(data, LocalData) else None
 
 
 class _LocalFetch:

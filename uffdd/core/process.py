@@ -422,6 +422,12 @@ class LazyProcess:
         self.stats.fetched += end - start
         out.append(Fetch(request_id, self.image_id, ImageAddr(start), end - start, lane, self.proc))
 
+    @property
+    def bytes_in_flight(self) -> int:
+        """Bytes requested or being installed and not yet resident (the sweep's and
+        the demand faults')."""
+        return self.inflight.total + self.installing.total
+
     def _bulk_only(self) -> RangeSet[ImageAddr]:
         """Pages in flight that no outstanding urgent request covers."""
         self._urgent &= self.requests.keys()  # forget answered or dropped requests
@@ -441,7 +447,7 @@ class LazyProcess:
             # after a madvise over a sparse span the walk would cross thousands of
             # gaps on every arrival (the 1 GiB demo's sweep stalled on it).
             limit = min(piece.image_end, first[0] + self._chunk)
-            in_flight = self.inflight.total + self.installing.total
+            in_flight = self.bytes_in_flight
             if in_flight:
                 # A span longer than the budget's room gets no window (bulk_window),
                 # so the walk need not look further: with the budget spent, every

@@ -143,5 +143,27 @@ class _Lib:
     def uffdd_receiver_unsent(self, receiver: _cffi_backend.FFI.CData, /) -> int: ...
     def uffdd_receiver_free(self, receiver: _cffi_backend.FFI.CData, /) -> None: ...
     def uffdd_free(self, pointer: _cffi_backend.FFI.CData, /) -> None: ...
+    UFFDD_DEMAND_MAX: int
+    def uffdd_demand_fetch(
+        self,
+        fd: int,
+        sock: int,
+        image_id: bytes,
+        id_len: int,
+        ranges: _cffi_backend.FFI.CData,
+        nranges: int,
+        around: int,
+        faults: _cffi_backend.FFI.CData,
+        nfaults: int,
+        served: _cffi_backend.FFI.CData,
+        first_id: int,
+        hash: _cffi_backend.FFI.CData,
+        buf: _cffi_backend.FFI.CData,
+        buf_cap: int,
+        done: _cffi_backend.FFI.CData,
+        done_cap: int,
+        out: _cffi_backend.FFI.CData,
+        /,
+    ) -> int: ...
 
 lib: _Lib

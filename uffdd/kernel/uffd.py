@@ -71,6 +71,7 @@ __all__ = [
     "RegisterMode",
     "Uffd",
     "op_result",
+    "range_array",
 ]
 
 
@@ -237,18 +238,7 @@ class FastTable:
             if size < _PAGE or size & (size - 1):
                 raise ValueError(f"{name} {size} is not a power of two of at least a page")
         self._data = ffi.from_buffer(data)
-        rows = sorted(r for r in ranges if r[1] > 0)
-        previous_end = 0
-        for run, length, offset in rows:
-            if run % _PAGE or length % _PAGE or offset < 0 or offset + length > len(self._data):
-                raise ValueError(f"fast range {run:#x}+{length:#x}@{offset:#x} is not usable")
-            if run < previous_end:
-                raise ValueError(f"fast range {run:#x} overlaps the one before")
-            previous_end = run + length
-        self._count = len(rows)
-        self._ranges: Any = ffi.new("struct uffdd_fast_range[]", max(len(rows), 1))
-        for index, (run, length, offset) in enumerate(rows):
-            self._ranges[index] = (run, run + length, offset)
+        self._ranges, self._count = range_array(ranges, offset_limit=len(self._data))
         self._verified: Any = ffi.from_buffer(verified) if verified else ffi.new("uint8_t[1]")
         self._verified_len = len(verified)
         self._shift = chunk_size.bit_length() - 1
@@ -265,6 +255,27 @@ class FastTable:
         for export in (self._data, self._verified):
             with contextlib.suppress(TypeError, ValueError):
                 ffi.release(export)
+
+
+def range_array(
+    ranges: Iterable[tuple[int, int, int]], *, offset_limit: int | None = None
+) -> tuple[Any, int]:
+    """(run-time address, length, offset) rows as C's sorted ``uffdd_fast_range``
+    array, and its length; ValueError for a row that is not page-aligned, overlaps
+    another, or (with ``offset_limit``) reaches past that many bytes of data."""
+    rows = sorted(r for r in ranges if r[1] > 0)
+    previous_end = 0
+    for run, length, offset in rows:
+        past = offset_limit is not None and offset + length > offset_limit
+        if run % _PAGE or length % _PAGE or offset < 0 or past:
+            raise ValueError(f"fast range {run:#x}+{length:#x}@{offset:#x} is not usable")
+        if run < previous_end:
+            raise ValueError(f"fast range {run:#x} overlaps the one before")
+        previous_end = run + length
+    array: Any = ffi.new("struct uffdd_fast_range[]", max(len(rows), 1))
+    for index, (run, length, offset) in enumerate(rows):
+        array[index] = (run, run + length, offset)
+    return array, len(rows)
 
 
 _PAGE = 4096

@@ -49,6 +49,7 @@ from uffdd.remote.convert import (
     error_for_status,
     image_info_from_proto,
 )
+from uffdd.remote.demand_lane import DemandConnector, DemandLane
 from uffdd.remote.fastlane_client import FastLane
 from uffdd.remote.request import Chunk, ChunkCallback, DoneCallback, Request
 from uffdd.remote.tls import ClientTls
@@ -296,7 +297,9 @@ class PageClient:
     connection; ``lanes=1`` shares one stream (the server still serves urgent first).
     ``fast_lane=True`` (default) sends requests over the server's fast lane once it is
     found and connected (gRPC meanwhile, and whenever it is unavailable);
-    ``fast_bulk=False`` keeps bulk requests on gRPC even then.
+    ``fast_bulk=False`` keeps bulk requests on gRPC even then. ``demand_lane=True``
+    (default; plain connections only) offers the daemon a C demand lane to the same
+    fast lane (``demand_lane.py``).
     ``window_bytes`` bounds bulk bytes requested but not yet consumed; ``deadline``
     (seconds) is the default time a request may take before it fails with
     PageServerUnavailable. Use as ``async with PageClient(...) as client:`` inside the
@@ -313,6 +316,7 @@ class PageClient:
         deadline: float | None = DEFAULT_DEADLINE,
         fast_lane: bool = True,
         fast_bulk: bool = True,
+        demand_lane: bool = True,
     ) -> None:
         if lanes not in (1, 2):
             raise ValueError("lanes must be 1 or 2")
@@ -327,12 +331,20 @@ class PageClient:
         self._unary = self._urgent.channel
         self._fast: FastLane | None = None
         self._fast_bulk: FastLane | None = None
+        self._demand: DemandConnector | None = None
         if fast_lane:
             self._fast = FastLane(target, tls, self._fast_lane_addresses)
             if fast_bulk:
                 self._fast_bulk = FastLane(
                     target, tls, self._fast_lane_addresses, window=window_bytes
                 )
+            if demand_lane and tls is None:
+                self._demand = DemandConnector(self._fast)
+
+    def demand_lane(self) -> DemandLane | None:
+        """The C demand lane when it is connected (else None; it connects once the
+        urgent fast lane has)."""
+        return None if self._demand is None else self._demand.lane()
 
     @property
     def fast_lane_address(self) -> str | None:
@@ -369,6 +381,8 @@ class PageClient:
 
     async def close(self) -> None:
         """Fail everything outstanding (PageServerUnavailable) and close the channels."""
+        if self._demand is not None:
+            await self._demand.close()
         for fast in (self._fast, self._fast_bulk):
             if fast is not None:
                 await fast.close()

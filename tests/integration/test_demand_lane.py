@@ -1,0 +1,259 @@
+"""The demand lane against the real kernel: remote faults fetched and installed in C.
+
+Why here: C answers these faults without the core deciding each one, from bytes that
+crossed a socket, so what must hold is checked end to end on a real process: every
+byte it reads is the image's (or zeros after a madvise), a chunk with a wrong checksum
+is never installed, and a lane that breaks leaves its faults to the page client's
+lanes. The page server's gRPC side is the real one; its fast lane is a thread here
+(the lane's C call blocks the test's loop, as it blocks the daemon's, so whatever
+answers it must run elsewhere), answering from the image's bytes, honestly or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import xxhash
+from page_server_support import Images, eventually, make_images, serving
+from support.workload import Workload, WorkloadPool
+
+from uffdd.core.addresses import ImageAddr, RunAddr
+from uffdd.core.events import ProcId
+from uffdd.core.policy import Policy
+from uffdd.core.process import LazyProcess, LazyRegion
+from uffdd.executor import Executor, TreeOutcome
+from uffdd.image.format import stored_ranges
+from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
+from uffdd.remote import fastlane_wire as wire
+from uffdd.remote.client import PageClient
+
+pytestmark = pytest.mark.timeout(60)
+
+P = 4096
+IMAGE = "mixed"
+START = 0x400000  # the image's "anon" region: 256 data pages, 256 zero, 256 data, 2 zero
+PAGES = 770
+FEATURES = Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
+ROOT = ProcId("remote")
+MADV_DONTNEED = 4
+
+DEMAND_MODES = ("honest", "bad checksum", "hang up")
+"""How the fast lane answers the demand lane's connection: honestly, with the first
+byte of every data chunk flipped (its checksum that of the right bytes), or by closing
+after the first request. Every other
+connection (the page client's own lanes) gets honest answers."""
+
+
+class ThreadedFastLane:
+    """A fast lane on 127.0.0.1 served by threads, from ``images``' bytes."""
+
+    def __init__(self, images: Images, demand_mode: str) -> None:
+        self.images = images
+        self.demand_mode = demand_mode
+        self.demand_peer: object = None  # the demand lane's address, once known
+        self.requests: list[bool] = []  # per request: it came on the demand lane
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threads: list[threading.Thread] = []
+        self._connections: list[socket.socket] = []
+        self._accept = threading.Thread(target=self._accept_all, daemon=True)
+        self._accept.start()
+
+    def _accept_all(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, peer = self._listener.accept()
+                self._connections.append(conn)
+                thread = threading.Thread(target=self._serve, args=(conn, peer), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _serve(self, conn: socket.socket, peer: object) -> None:
+        with contextlib.suppress(OSError), conn:
+            while header := _read_exactly(conn, wire.REQUEST.size):
+                _, request_id, address, length, id_length = wire.REQUEST.unpack(header)
+                image_id = _read_exactly(conn, id_length).decode()
+                demand = peer == self.demand_peer
+                self.requests.append(demand)
+                mode = self.demand_mode if demand else "honest"
+                if mode == "hang up":
+                    return
+                data = self.images.expected(image_id, address, length)
+                checksum = xxhash.xxh3_64_intdigest(data)
+                if mode == "bad checksum":  # the bytes arrive damaged; the sum is the right one
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                conn.sendall(
+                    wire.encode_data_header(request_id, address, length, checksum, True) + data
+                )
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close does not)
+        self._listener.close()
+        for conn in self._connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in [self._accept, *self._threads]:
+            thread.join(10)
+
+
+def _read_exactly(conn: socket.socket, length: int) -> bytes:
+    data = b""
+    while len(data) < length:
+        piece = conn.recv(length - len(data))
+        if not piece:
+            return b""
+        data += piece
+    return data
+
+
+class Harness:
+    """A workload whose lazy region (the image's "anon" region) is served by an
+    Executor through a PageClient whose fast lane is ``lane``."""
+
+    def __init__(self, pool: WorkloadPool, images: Images) -> None:
+        self.pool = pool
+        self.images = images
+        self.workload = pool.start()
+        self.uffd: Uffd = self.workload.create_uffd(FEATURES)
+        self.base = self.workload.mmap(PAGES * P)
+        self.uffd.register(self.base, PAGES * P, RegisterMode.MISSING)
+        self.executor: Executor | None = None
+        self.outcome: asyncio.Future[TreeOutcome] | None = None
+
+    async def start(self, client: PageClient, lane: ThreadedFastLane) -> None:
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[TreeOutcome] = loop.create_future()
+        self.outcome = outcome
+        info = await client.image_info(IMAGE)
+        self.executor = Executor(Policy(sweep=False))
+        self.executor.add_tree(
+            ROOT,
+            uffd=self.uffd,
+            pid=self.workload.pid,
+            pidfd=self.workload.pidfd,
+            source=client,
+            image_id=IMAGE,
+            regions=[LazyRegion(RunAddr(self.base), ImageAddr(START), PAGES * P)],
+            data=stored_ranges(info.extents),
+            on_done=lambda result: None if outcome.done() else outcome.set_result(result),
+        )
+
+        async def lane_up() -> bool:
+            return client.demand_lane() is not None
+
+        await eventually(lane_up)
+        demand = client.demand_lane()
+        assert demand is not None
+        lane.demand_peer = demand.local_address
+
+    def process(self) -> LazyProcess:
+        assert self.executor is not None
+        return self.executor.tracker.process(ROOT)
+
+    async def read(self, workload: Workload, first: int, count: int) -> bytes:
+        """Pages ``first`` .. ``first + count`` (16 at a time: one reply each)."""
+        parts = []
+        for page in range(first, first + count, 16):
+            size = min(16, first + count - page) * P
+            parts.append(await asyncio.to_thread(workload.read, self.base + page * P, size))
+        return b"".join(parts)
+
+    def expected(self, first: int, count: int) -> bytes:
+        return self.images.expected(IMAGE, START + first * P, count * P)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+        self.uffd.close()
+
+
+@contextlib.contextmanager
+def fast_lane(images: Images, demand_mode: str) -> Iterator[ThreadedFastLane]:
+    lane = ThreadedFastLane(images, demand_mode)
+    try:
+        yield lane
+    finally:
+        lane.close()
+
+
+def run_remote(
+    tmp_path: Path, demand_mode: str, body: Callable[[Harness, ThreadedFastLane], Awaitable[None]]
+) -> None:
+    images = make_images(tmp_path / "images")
+
+    async def main() -> None:
+        with WorkloadPool() as pool, fast_lane(images, demand_mode) as lane:
+            harness = Harness(pool, images)
+            try:
+                async with serving(images.root, fast_lane=False) as server:
+                    server.service.fast_lane_addresses = [lane.address]
+                    async with PageClient(server.addresses[0]) as client:
+                        await harness.start(client, lane)
+                        await asyncio.wait_for(body(harness, lane), 40)
+            finally:
+                harness.close()
+
+    asyncio.run(main())
+
+
+def test_remote_faults_are_fetched_and_installed_in_c(tmp_path: Path) -> None:
+    async def body(h: Harness, lane: ThreadedFastLane) -> None:
+        before = h.process().stats.fetched
+        # across the data, the zero hole (never fetched: known zero) and the far data
+        for first, count in ((3, 5), (250, 12), (300, 4), (600, 20), (0, 1), (767, 3)):
+            assert await h.read(h.workload, first, count) == h.expected(first, count)
+        stats = h.process().stats
+        assert stats.fetched == before, "a data fault went through the page client"
+        assert stats.faults > 0
+        assert stats.latency.count == stats.faults
+        assert any(lane.requests), "the demand lane asked for nothing"
+        assert await h.read(h.workload, 0, PAGES) == h.expected(0, PAGES)
+
+    run_remote(tmp_path, "honest", body)
+
+
+def test_a_page_removed_after_c_served_it_reads_zeros(tmp_path: Path) -> None:
+    async def body(h: Harness, lane: ThreadedFastLane) -> None:
+        assert await h.read(h.workload, 8, 8) == h.expected(8, 8)
+        await asyncio.to_thread(
+            h.workload.call, "madvise", addr=h.base + 10 * P, length=8 * P, advice=MADV_DONTNEED
+        )
+        assert await h.read(h.workload, 8, 12) == (
+            h.expected(8, 2) + bytes(8 * P) + h.expected(18, 2)
+        )
+        assert await h.read(h.workload, 24, 40) == h.expected(24, 40)
+        assert any(lane.requests)
+
+    run_remote(tmp_path, "honest", body)
+
+
+def test_a_chunk_with_a_wrong_checksum_is_never_installed(tmp_path: Path) -> None:
+    # the demand lane's answers lie; the page client's own lanes' do not
+    async def body(h: Harness, lane: ThreadedFastLane) -> None:
+        before = h.process().stats.fetched
+        assert await h.read(h.workload, 40, 30) == h.expected(40, 30)
+        assert await h.read(h.workload, 520, 8) == h.expected(520, 8)
+        assert any(lane.requests), "the demand lane was not asked"
+        # every window C refused went to the core, which fetched it on its own lanes
+        assert h.process().stats.fetched > before
+        assert h.outcome is not None
+        assert not h.outcome.done(), "the process was ended"
+
+    run_remote(tmp_path, "bad checksum", body)
+
+
+def test_a_lane_that_hangs_up_leaves_its_faults_to_the_page_client(tmp_path: Path) -> None:
+    async def body(h: Harness, lane: ThreadedFastLane) -> None:
+        assert await h.read(h.workload, 100, 20) == h.expected(100, 20)
+        assert lane.requests.count(True) == 1, "the broken lane was used again"
+        assert await h.read(h.workload, 0, 256) == h.expected(0, 256)
+        assert h.process().stats.fetched > 0
+
+    run_remote(tmp_path, "hang up", body)
