@@ -258,9 +258,10 @@ class Executor:
         if layout and self._installer is not None:
             self._run(self._fenced_batch(proc, uffd, events, now))
         elif events:
-            expedited = self._expedite(uffd, events) if self._installer is not None else set()
+            if self._background:
+                self._expedite(uffd, events)
             if not layout:
-                events = self._serve_demand(proc, uffd, events, now, expedited)
+                events = self._serve_demand(proc, uffd, events, now)
             self._run(self._hand_batch(proc, events, now))
         if error:
             raise UffdOpError("read", error)
@@ -303,16 +304,13 @@ class Executor:
                 os.close(event.child_fd)
         return actions
 
-    def _expedite(self, uffd: Uffd, events: list[UffdEvent | FastServed]) -> set[int]:
+    def _expedite(self, uffd: Uffd, events: list[UffdEvent | FastServed]) -> None:
         """Faults on pages a queued background copy installs: that copy goes first.
-        (Queued behind up to the whole in-flight budget, it made faults wait 200 ms.)
-        Returns the fault addresses such a copy will answer."""
+        (Queued behind up to the whole in-flight budget, it made faults wait 200 ms.)"""
         assert self._installer is not None
-        return {
-            event.address
-            for event in events
-            if isinstance(event, PageFault) and self._installer.expedite(uffd, event.address)
-        }
+        for event in events:
+            if isinstance(event, PageFault):
+                self._installer.expedite(uffd, event.address)
 
     def _serve_demand(
         self,
@@ -320,7 +318,6 @@ class Executor:
         uffd: Uffd,
         events: list[UffdEvent | FastServed],
         read_at: float,
-        expedited: set[int],
     ) -> list[UffdEvent | FastServed]:
         """A batch of faults only (no layout event): fetch and install in C what the
         demand lane can (``remote/demand_lane.py``); returns the batch for the core,
@@ -328,9 +325,10 @@ class Executor:
         tree = self._tree_of.get(proc)
         if not self._demand or tree is None or tree.local is not None:
             return events
-        # While the tree's sweep has data in flight the lane stays out of it: the C
-        # call blocks the loop for a round trip, and the sweep's chunks waited: reading
-        # 2 GiB in random order fell from 0.44 to 0.17 GiB/s (bench/README, session 7).
+        # While the tree's sweep has data in flight (requested, or queued for the
+        # installer) the lane stays out of it: the C call blocks the loop for a round
+        # trip, and the sweep's chunks waited: reading 2 GiB in random order fell from
+        # 0.44 to 0.17 GiB/s (bench/README, session 7).
         if self.tracker.bytes_in_flight(tree.members):
             return events
         lane = demand_lane_of(tree.source)
@@ -339,9 +337,7 @@ class Executor:
         asked = [
             index
             for index, event in enumerate(events)
-            if isinstance(event, PageFault)
-            and not (event.wp or event.minor)
-            and event.address not in expedited
+            if isinstance(event, PageFault) and not (event.wp or event.minor)
         ][:DEMAND_MAX]
         if not asked:
             return events
