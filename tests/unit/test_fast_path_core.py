@@ -140,3 +140,33 @@ def test_fast_served_to_full_residency_releases_after_the_rest_of_the_batch() ->
     assert kinds[:3] == ["AdoptChild", "Release", "Release"], kinds
     assert {a.request_id for a in actions if isinstance(a, CancelFetch)} == sweeps
     assert {a.proc for a in actions if isinstance(a, Release)} == {R, ProcId("r.1")}
+
+
+def test_fast_served_ends_only_the_requests_it_leaves_with_nothing_in_flight() -> None:
+    tracker = make()
+    [first] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)  # pages 0..3
+    [second] = tracker.handle_uffd(R, [PageFault(run(9))], 1.0)  # pages 8..11
+    assert isinstance(first, Fetch)
+    assert isinstance(second, Fetch)
+    # C put pages 0..3 and 8..9 in: the first request is moot, the second still waits
+    actions = tracker.handle_uffd(R, [served((run(0), 4 * P), (run(8), 2 * P))], 1.1)
+    assert actions == [CancelFetch(first.request_id)]
+    assert set(tracker.process(R).requests) == {second.request_id}
+    # its answer installs only the pages C did not
+    copies = [
+        a
+        for a in tracker.handle(PagesArrived(second.request_id, img(8), 4 * P, bytes(4 * P)), 1.2)
+        if isinstance(a, Copy)
+    ]
+    assert [(c.run_addr, c.length) for c in copies] == [(run(10), 2 * P)]
+
+
+def test_a_late_report_counts_the_time_c_took_not_the_time_the_core_heard() -> None:
+    tracker = make()
+    event = FastServed(R, ((RunAddr(run(0)), 4 * P),), 1, 1.0, 1.0002)
+    tracker.handle_uffd(R, [event], 5.0)
+    latency = tracker.process(R).stats.latency
+    assert latency.count == 1
+    median = latency.quantile(0.5)
+    assert median is not None
+    assert median < 0.01  # 200 us, not the 4 s the report waited

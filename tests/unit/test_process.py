@@ -27,6 +27,7 @@ from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import (
     EventsDrained,
     Exited,
+    FastServed,
     FetchFailed,
     Fork,
     HandoverComplete,
@@ -528,6 +529,23 @@ def test_the_sweep_reaches_across_zero_gaps_but_only_missing_pages_go_in_flight(
         tracker.handle(PagesArrived(bulk.request_id, img(0), 13 * P, bytes(13 * P)), 1.0), Copy
     )
     assert sorted(c.run_addr for c in copies) == [run(0), run(4), run(8), run(12)]
+
+
+def test_the_sweep_reaches_across_short_resident_runs_but_not_long_ones() -> None:
+    # Pages 2-3 and 8-13 are resident (the demand thread put them in) when the sweep
+    # starts: it reaches over the two pages, not over the six.
+    wide = Policy(
+        fault_around=4 * P, bulk_min=32 * P, bulk_max=32 * P, max_in_flight=64 * P,
+        resident_gap=2 * P,
+    )  # fmt: skip
+    tracker, _ = make(data_pages=range(20), pages=20, policy=wide)
+    core = tracker.process(R)
+    installs = ((run(2), 2 * P), (run(8), 6 * P))
+    tracker.handle_uffd(R, [FastServed(R, installs, 0, 1.0)], 1.0)
+    fetches = only(tracker.handle(HandoverComplete(R), 1.0), Fetch)
+    assert [(f.image_addr, f.length) for f in fetches] == [(img(0), 8 * P), (img(14), 6 * P)]
+    # only the missing pages are in flight: the resident ones stay as they are
+    assert core.inflight.total == 12 * P
 
 
 def test_a_fork_child_takes_its_parents_sweep_instead_of_fetching_again() -> None:

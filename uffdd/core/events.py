@@ -142,6 +142,9 @@ class FastServed:
     installs: tuple[tuple[RunAddr, int], ...]
     faults: int
     read_at: float
+    answered_at: float | None = None
+    """When C had answered them (the demand thread, which reports later); None: when
+    the core hears of it."""
 
 
 @dataclass(frozen=True, slots=True)

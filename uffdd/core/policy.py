@@ -29,6 +29,11 @@ class Policy:
     max_in_flight: int = 16 * MiB
     """Bytes a process may have requested and not yet installed, before bulk waits.
     Demand fetches are always sent (a blocked thread must not wait for the budget)."""
+    resident_gap: int = 256 * KiB
+    """A bulk request reaches across at most this much of resident data (demand
+    windows the sweep had not got to): those bytes come again, but one request
+    replaces two. Without it, a process that reads everything while its faults are
+    answered fast cut the sweep into requests of ~100 KiB (bench/README, session 7)."""
     urgent_deadline: float = 10.0
     bulk_deadline: float = 60.0
     """A request not answered within its deadline kills the processes waiting for it."""

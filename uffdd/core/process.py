@@ -28,6 +28,7 @@ wakes them.
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -160,6 +161,11 @@ class LazyProcess:
         self.zero: RangeSet[ImageAddr] = RangeSet()
         self.requests: dict[int, tuple[ImageAddr, int]] = {}
         """Requests this process waits for: id -> (image start, image end)."""
+        self._by_start: list[tuple[int, int]] = []
+        """(start, request id) of every request in ``requests``, sorted: which requests
+        a span touches, without a scan (the demand thread reports a span per fault)."""
+        self._longest = 0
+        """The longest request so far: how far before a span one may start."""
         self.ended_requests: list[int] = []
         """Ids dropped from ``requests`` since the tracker last took this list (so it
         need not compare every request after every event)."""
@@ -328,18 +334,19 @@ class LazyProcess:
         """The shell's fast path installed image data: those pages are resident now."""
         self.stats.faults += event.faults
         for _ in range(event.faults):
-            self.stats.latency.record(now - event.read_at)
-        dropped = False
+            self.stats.latency.record((event.answered_at or now) - event.read_at)
+        dropped: list[tuple[int, int]] = []
         for run, length in event.installs:
             for piece in self.map.pieces_in_run(run, run + length):
                 lo, hi = piece.image, piece.image_end
                 taken = self.inflight.discard(lo, hi) + self.installing.discard(lo, hi)
                 self.stats.data_installed += self.missing.discard(lo, hi) + taken
-                dropped = dropped or taken > 0
+                if taken:
+                    dropped.append((lo, hi))
             # The copy woke every thread blocked in the range.
             self._wake_waiters(run, run + length, out, now=now, emit=False)
         if dropped:
-            self._prune_requests()  # arrivals for these pages are moot now
+            self._prune_requests(dropped)  # arrivals for these pages are moot now
 
     # -- faults ------------------------------------------------------------------------
 
@@ -417,6 +424,8 @@ class LazyProcess:
     def _request(self, start: int, end: int, lane: Lane, out: list[Action]) -> None:
         request_id = self._ids()
         self.requests[request_id] = (ImageAddr(start), end)
+        bisect.insort(self._by_start, (start, request_id))
+        self._longest = max(self._longest, end - start)
         if lane is Lane.URGENT:
             self._urgent.add(request_id)
         self.stats.fetched += end - start
@@ -447,7 +456,7 @@ class LazyProcess:
             # after a madvise over a sparse span the walk would cross thousands of
             # gaps on every arrival (the 1 GiB demo's sweep stalled on it).
             limit = min(piece.image_end, first[0] + self._chunk)
-            in_flight = self.bytes_in_flight
+            in_flight = self.inflight.total + self.installing.total
             if in_flight:
                 # A span longer than the budget's room gets no window (bulk_window),
                 # so the walk need not look further: with the budget spent, every
@@ -474,7 +483,8 @@ class LazyProcess:
     def _sweep_end(self, start: int, limit: int) -> int:
         """How far one bulk request from missing ``start`` may reach: across gaps the
         image knows to be zero (a sparse image would otherwise cost a request per
-        isolated page), never over pages in flight, installing or resident."""
+        isolated page) and short runs of resident pages (``Policy.resident_gap``),
+        never over pages in flight or installing."""
         end = start
         while end < limit:
             span = self.missing.span_at(end)
@@ -482,9 +492,16 @@ class LazyProcess:
                 end = min(span[1], limit)
                 continue
             gap = self.zero.span_at(end)
-            if gap is None or gap[1] >= limit or gap[1] not in self.missing:
+            if gap is not None and gap[1] < limit and gap[1] in self.missing:
+                end = gap[1]
+                continue
+            ahead = self.missing.intersect(end, min(limit, end + self.policy.resident_gap + 1))
+            if not ahead:
                 break
-            end = gap[1]
+            after = ahead[0][0]
+            if self.inflight.overlaps(end, after) or self.installing.overlaps(end, after):
+                break
+            end = after
         return end
 
     def _maybe_release(self, now: float, out: list[Action]) -> None:
@@ -713,13 +730,30 @@ class LazyProcess:
             self.zero.discard(lo, hi)
         self._prune_requests()
 
-    def _prune_requests(self) -> None:
-        for request_id, (lo, hi) in list(self.requests.items()):
-            if not self.inflight.overlaps(lo, hi):
+    def _prune_requests(self, dropped: list[tuple[int, int]] | None = None) -> None:
+        """End the requests none of whose pages is in flight any more; with
+        ``dropped`` (the spans just taken out of flight) only requests touching one of
+        them can have changed."""
+        if dropped is None:
+            candidates = list(self.requests)
+        else:
+            candidates = []
+            for a, b in dropped:
+                index = bisect.bisect_left(self._by_start, (a - self._longest, -1))
+                while index < len(self._by_start) and self._by_start[index][0] < b:
+                    request_id = self._by_start[index][1]
+                    if self.requests[request_id][1] > a:
+                        candidates.append(request_id)
+                    index += 1
+        for request_id in dict.fromkeys(candidates):
+            if request_id in self.requests and not self.inflight.overlaps(
+                *self.requests[request_id]
+            ):
                 self._end_request(request_id)
 
     def _end_request(self, request_id: int) -> None:
-        del self.requests[request_id]
+        start, _ = self.requests.pop(request_id)
+        del self._by_start[bisect.bisect_left(self._by_start, (start, request_id))]
         self.ended_requests.append(request_id)
 
     # -- fork --------------------------------------------------------------------------
@@ -748,6 +782,8 @@ class LazyProcess:
         child.installing = self.installing.copy()
         child.zero = self.zero.copy()
         child.requests = dict(self.requests)
+        child._by_start = list(self._by_start)
+        child._longest = self._longest
         child._urgent = set(self._urgent)
         pending = [*self._deferred, *self._installs.values()]
         child._deferred = [
@@ -798,6 +834,7 @@ class LazyProcess:
             ranges.clear()
         self.ended_requests.extend(self.requests)
         self.requests.clear()
+        self._by_start.clear()
         self._installs.clear()
         self._deferred.clear()
         self._deferred_since = None
