@@ -34,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
+import functools
 import os
 import signal
 import time
@@ -82,7 +84,7 @@ from uffdd.kernel.uffd import FastStatus, FastTable, OpResult, Uffd
 from uffdd.log import get_logger
 from uffdd.remote.client import Chunk
 from uffdd.remote.convert import Priority
-from uffdd.remote.demand_lane import DEMAND_MAX, DemandTable, demand_lane_of
+from uffdd.remote.demand_lane import DemandLane, DemandReport, DemandThread, demand_lane_of
 from uffdd.sources import FetchHandle, LocalData, PageSource, local_data_of
 
 _log = get_logger("uffdd.executor")
@@ -162,9 +164,13 @@ class Executor:
         self._tick: asyncio.TimerHandle | None = None
         self._fast: dict[ProcId, tuple[int, FastTable]] = {}
         """Each process's fast-path table, with the layout generation it was built at."""
-        self._demand = demand_lane
-        self._demand_tables: dict[ProcId, tuple[int, DemandTable]] = {}
-        """Each remote process's demand-lane table, with its layout generation."""
+        self._demand = demand_lane and background_installs  # its safety needs the fence
+        self._demanders: dict[int, DemandThread] = {}
+        """A demand thread per connected demand lane (by the lane's id)."""
+        self._owned: dict[ProcId, tuple[DemandThread, int, int]] = {}
+        """Processes whose uffd a demand thread reads: (thread, slot, token)."""
+        self._tokens: dict[int, ProcId] = {}
+        self._next_token = 0
         self._installer = Installer() if background_installs else None
         self._background: dict[int, tuple[ProcId, int]] = {}
         """Installer job -> (process, install id) of the Copy it runs."""
@@ -216,6 +222,10 @@ class Executor:
         progress = self.tracker.progress(root)
         return progress.bytes_resident, progress.bytes_total
 
+    def demand_served(self) -> list[ProcId]:
+        """Processes whose uffd the demand thread reads (remote/demand_lane.py)."""
+        return list(self._owned)
+
     @property
     def trees(self) -> list[ProcId]:
         return list(self._trees)
@@ -260,14 +270,13 @@ class Executor:
         elif events:
             if self._background:
                 self._expedite(uffd, events)
-            if not layout:
-                events = self._serve_demand(proc, uffd, events, now)
             self._run(self._hand_batch(proc, events, now))
         if error:
             raise UffdOpError("read", error)
         # Everything queued has been read: installs that met EAGAIN may go again.
         if proc in self._uffds:
             self._handle(EventsDrained(proc))
+            self._hand_to_demander(proc)
 
     def _reading(self) -> contextlib.AbstractContextManager[Callable[[Uffd], None] | None]:
         if self._installer is None:
@@ -312,59 +321,139 @@ class Executor:
             if isinstance(event, PageFault):
                 self._installer.expedite(uffd, event.address)
 
-    def _serve_demand(
-        self,
-        proc: ProcId,
-        uffd: Uffd,
-        events: list[UffdEvent | FastServed],
-        read_at: float,
-    ) -> list[UffdEvent | FastServed]:
-        """A batch of faults only (no layout event): fetch and install in C what the
-        demand lane can (``remote/demand_lane.py``); returns the batch for the core,
-        a FastServed first, without the faults C answered."""
+    # -- the demand thread (remote/demand_lane.py) ---------------------------------------
+
+    def _hand_to_demander(self, proc: ProcId) -> None:
+        """Give a remote process's uffd to the demand thread of its page client's demand
+        lane, once that is connected; until then (or without room) the loop reads it."""
         tree = self._tree_of.get(proc)
-        if not self._demand or tree is None or tree.local is not None:
-            return events
-        # While the tree's sweep has data in flight (requested, or queued for the
-        # installer) the lane stays out of it: the C call blocks the loop for a round
-        # trip, and the sweep's chunks waited: reading 2 GiB in random order fell from
-        # 0.44 to 0.17 GiB/s (bench/README, session 7).
-        if self.tracker.bytes_in_flight(tree.members):
-            return events
+        if not self._demand or proc in self._owned or tree is None or tree.local is not None:
+            return
         lane = demand_lane_of(tree.source)
         if lane is None:
-            return events
-        asked = [
-            index
-            for index, event in enumerate(events)
-            if isinstance(event, PageFault) and not (event.wp or event.minor)
-        ][:DEMAND_MAX]
-        if not asked:
-            return events
+            return
+        thread = self._demander(lane)
+        if thread is None:
+            return
+        uffd = self._uffds[proc]
         process = self.tracker.process(proc)
-        table = self._demand_table(proc, process)
-        result = lane.fetch(
-            uffd.fd,
-            process.image_id,
-            table,
-            self.tracker.policy.fault_around,
-            [events[i].address for i in asked],  # type: ignore[union-attr]
-        )
-        answered = {index for index, served in zip(asked, result.served, strict=True) if served}
-        if not result.installs and not answered:
-            return events
-        installs = tuple((RunAddr(run), length) for run, length in result.installs)
-        rest = [event for index, event in enumerate(events) if index not in answered]
-        return [FastServed(proc, installs, len(answered), read_at), *rest]
+        token = self._next_token = self._next_token + 1
+        self._loop.remove_reader(uffd.fd)
+        try:
+            slot = thread.add(token, uffd.fd, process.image_id, process.fast_ranges())
+        except OSError as exc:
+            _log.info("demand thread full; the loop reads this process", proc=proc, error=str(exc))
+            self._loop.add_reader(uffd.fd, self._readable, proc)
+            return
+        assert self._installer is not None
+        uffd.guard(self._installer.handle)
+        self._owned[proc] = (thread, slot, token)
+        self._tokens[token] = proc
 
-    def _demand_table(self, proc: ProcId, process: LazyProcess) -> DemandTable:
-        """The process's demand-lane table, rebuilt when its layout changed."""
-        cached = self._demand_tables.get(proc)
-        if cached is not None and cached[0] == process.layout_generation:
-            return cached[1]
-        table = DemandTable((run, length, image) for run, image, length in process.fast_ranges())
-        self._demand_tables[proc] = (process.layout_generation, table)
-        return table
+    def _demander(self, lane: DemandLane) -> DemandThread | None:
+        thread = self._demanders.get(id(lane))
+        if thread is not None:
+            return thread
+        assert self._installer is not None
+        try:
+            thread = DemandThread(lane, self.tracker.policy.fault_around, self._installer.handle)
+        except OSError as exc:
+            _log.warning("no demand thread", error=str(exc))
+            lane.close()
+            return None
+        self._demanders[id(lane)] = thread
+        self._loop.add_reader(thread.fd, self._take_demand, thread)
+        return thread
+
+    def _take_demand(self, thread: DemandThread) -> None:
+        """The demand thread's reports, each handed to the core as a read batch."""
+        broken = self._hand_reports(thread, thread.take())
+        if broken:
+            self._drop_demander(thread, broken)
+
+    def _hand_reports(self, thread: DemandThread, reports: list[DemandReport]) -> int:
+        """Hand the reports to the core, in order; a process's run of plain reports
+        (faults only) goes as one batch: with the thread answering a reading process
+        as fast as it faults, a batch per report was most of the loop's work. Returns
+        the errno that broke the lane, or 0."""
+        broken = 0
+        plain: dict[ProcId, list[DemandReport]] = {}
+        for report in reports:
+            broken = broken or report.lane_error
+            proc = self._tokens.get(report.token)
+            if proc is None or self._owned.get(proc, (None,))[0] is not thread:
+                _close_fork_fds(report)  # the process was released meanwhile
+            elif report.layout or report.read_error or report.fence_failed:
+                self._hand_plain(proc, plain.pop(proc, []))
+                self._hand_special(proc, report)
+            else:
+                plain.setdefault(proc, []).append(report)
+        for proc, run in plain.items():
+            self._hand_plain(proc, run)
+        return broken
+
+    def _hand_plain(self, proc: ProcId, reports: list[DemandReport]) -> None:
+        if not reports or self._owned.get(proc) is None:
+            return
+        events = [e for report in reports for e in _report_events(proc, report)]
+        if events:
+            self._run(self._hand_batch(proc, events, reports[-1].done_at))
+        if reports[-1].drained and proc in self._uffds:
+            self._handle(EventsDrained(proc))
+
+    def _hand_special(self, proc: ProcId, report: DemandReport) -> None:
+        """A report with a layout event, or the end of the thread's reading of it."""
+        if self._owned.get(proc) is None:
+            _close_fork_fds(report)  # released by the reports before
+            return
+        if report.read_error or report.fence_failed:
+            what = "cannot fence" if report.fence_failed else f"errno {report.read_error}"
+            _close_fork_fds(report)
+            self._run(self.tracker.kill_tree(proc, f"uffd read failed: {what}", report.done_at))
+            return
+        events = _report_events(proc, report)
+        self._run(self._fenced_batch(proc, self._uffds[proc], events, report.done_at))
+        owner = self._owned.get(proc)
+        if owner is None:
+            return  # released by the batch
+        owner[0].resume(owner[1], self.tracker.process(proc).fast_ranges())
+        self._handle(EventsDrained(proc))  # what is still queued, the thread reads
+
+    def _drop_demander(self, thread: DemandThread, error: int) -> None:
+        """The thread's lane broke: its processes go back to the loop, after every
+        report it made (the messages in them were read from the uffds: only these
+        reports hold them)."""
+        _log.warning("demand lane broken; the loop reads its processes", error=os.strerror(error))
+        mine = [(proc, slot) for proc, (owner, slot, _) in self._owned.items() if owner is thread]
+        for _, slot in mine:
+            thread.remove(slot)  # read no more of it
+        self._hand_reports(thread, thread.take())
+        for proc, slot in mine:
+            owner = self._owned.get(proc)
+            if owner is None:
+                continue  # released by a report
+            self._disown(proc, slot, owner[2], thread)
+            uffd = self._uffds[proc]
+            self._loop.add_reader(uffd.fd, self._readable, proc)
+            if error == errno.ENOMEM:
+                # A report may have been lost: wake every thread of the process, so a
+                # fault read into it is raised again (a present page is not touched).
+                self._wake_all(proc, uffd)
+        self._loop.remove_reader(thread.fd)
+        self._demanders.pop(id(thread.lane), None)
+        thread.close()
+
+    def _wake_all(self, proc: ProcId, uffd: Uffd) -> None:
+        for piece in self.tracker.process(proc).map:
+            self._guard(proc, "wake", functools.partial(uffd.wake, piece.run, piece.length))
+
+    def _disown(self, proc: ProcId, slot: int, token: int, thread: DemandThread) -> None:
+        thread.remove(slot)
+        self._owned.pop(proc, None)
+        self._tokens.pop(token, None)
+        uffd = self._uffds.get(proc)
+        if uffd is not None:
+            uffd.guard(None)
 
     def _serve_fast(
         self, proc: ProcId, uffd: Uffd, table: FastTable, events: list[UffdEvent | FastServed]
@@ -574,12 +663,15 @@ class Executor:
             return
         _log.info("following fork", parent=action.parent, child=action.child)
         self._watch(action.child, uffd, tree)
+        self._hand_to_demander(action.child)
 
     def _release(self, action: Release) -> None:
         fast = self._fast.pop(action.proc, None)
         if fast is not None:
             fast[1].close()
-        self._demand_tables.pop(action.proc, None)
+        owner = self._owned.get(action.proc)
+        if owner is not None:
+            self._disown(action.proc, owner[1], owner[2], owner[0])
         tree = self._tree_of.get(action.proc)
         uffd = self._uffds.pop(action.proc, None)
         if uffd is not None:
@@ -669,9 +761,14 @@ class Executor:
         self._handle(Tick())
 
     def close(self) -> None:
-        """Stop timers and readers (the trees must have ended)."""
+        """Stop timers, readers and threads (the trees must have ended)."""
         if self._tick is not None:
             self._tick.cancel()
+        for thread in list(self._demanders.values()):
+            self._loop.remove_reader(thread.fd)
+            thread.close()
+        self._demanders.clear()
+        self._owned.clear()
         for uffd in self._uffds.values():
             self._loop.remove_reader(uffd.fd)
         for _, table in self._fast.values():
@@ -700,6 +797,23 @@ def _table_rows(process: LazyProcess, local: LocalData) -> list[tuple[int, int, 
                 rows.append((run + (lo - image), hi - lo, offset + (lo - start)))
             index += 1
     return rows
+
+
+def _report_events(proc: ProcId, report: DemandReport) -> list[UffdEvent | FastServed]:
+    """What a demand report tells the core: what C answered, then the rest, in order."""
+    events: list[UffdEvent | FastServed] = []
+    if report.faults or report.installs:
+        installs = tuple((RunAddr(run), length) for run, length in report.installs)
+        events.append(FastServed(proc, installs, report.faults, report.read_at, report.done_at))
+    events.extend(decode_messages(report.messages))
+    return events
+
+
+def _close_fork_fds(report: DemandReport) -> None:
+    """Close the new uffds of FORK events in a report nobody will hand to the core."""
+    for event in decode_messages(report.messages):
+        if isinstance(event, Fork):
+            os.close(event.child_fd)
 
 
 def _micros(seconds: float | None) -> float | None:

@@ -65,10 +65,12 @@ def test_restore_with_fork_remap_remove_unmap_verifies_every_byte(
     ) as running:
         restored = start_restored(running.handover, "demo")
         assert restored.finish() == 0, restored.events
-        # The loop's thread has the short slice; the installer thread and the bulk
-        # lane's reader and writer the default one.
+        # The loop's thread has the short slice, and so has the demand thread (it
+        # answers faults; there is none without the installer's fence); the installer
+        # thread and the bulk lane's reader and writer the default one.
         slices = _thread_slices(running.daemon.pid)
         assert slices.pop("main") == 100_000
+        assert slices.pop("uffdd-demand", None) == (100_000 if install_thread else None)
         lane = ["uffdd-bulk-recv", "uffdd-bulk-send"]
         expected = [*lane, "uffdd-install"] if install_thread else lane
         assert sorted(slices) == expected

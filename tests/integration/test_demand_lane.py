@@ -1,12 +1,15 @@
-"""The demand lane against the real kernel: remote faults fetched and installed in C.
+"""The demand thread against the real kernel: remote faults read, fetched and
+installed in C.
 
-Why here: C answers these faults without the core deciding each one, from bytes that
-crossed a socket, so what must hold is checked end to end on a real process: every
-byte it reads is the image's (or zeros after a madvise), a chunk with a wrong checksum
-is never installed, and a lane that breaks leaves its faults to the page client's
-lanes. The page server's gRPC side is the real one; its fast lane is a thread here
-(the lane's C call blocks the test's loop, as it blocks the daemon's, so whatever
-answers it must run elsewhere), answering from the image's bytes, honestly or not.
+Why here: the thread answers these faults without the core deciding each one, from
+bytes that crossed a socket, while it owns the process's uffd, so what must hold is
+checked end to end on real processes: every byte they read is the image's (or zeros
+after a madvise), a layout change (madvise, mremap, fork) reaches the core before any
+later fault is answered, a chunk with a wrong checksum is never installed, and a lane
+that breaks gives its processes back to the loop. The page server's gRPC side is the
+real one; its fast lane is served by threads here (whatever answers the demand lane
+must not run on the test's loop, which the executor's work runs on), from the image's
+bytes, honestly or not.
 """
 
 from __future__ import annotations
@@ -152,6 +155,14 @@ class Harness:
         demand = client.demand_lane()
         assert demand is not None
         lane.demand_peer = demand.local_address
+        # the loop reads the first fault; then the demand thread takes the uffd over
+        assert await self.read(self.workload, PAGES - 1, 1) == self.expected(PAGES - 1, 1)
+
+        async def handed_over() -> bool:
+            assert self.executor is not None
+            return ROOT in self.executor.demand_served()
+
+        await eventually(handed_over)
 
     def process(self) -> LazyProcess:
         assert self.executor is not None
@@ -257,3 +268,39 @@ def test_a_lane_that_hangs_up_leaves_its_faults_to_the_page_client(tmp_path: Pat
         assert h.process().stats.fetched > 0
 
     run_remote(tmp_path, "hang up", body)
+
+
+def test_an_mremap_moves_what_the_thread_serves_to_the_new_address(tmp_path: Path) -> None:
+    async def body(h: Harness, lane: ThreadedFastLane) -> None:
+        assert await h.read(h.workload, 0, 2) == h.expected(0, 2)
+        target = await asyncio.to_thread(h.workload.mmap, 64 * P)  # a place to move to
+        reply = await asyncio.to_thread(
+            h.workload.call, "mremap", addr=h.base + 16 * P, length=64 * P,
+            new_length=64 * P, to=target,
+        )  # fmt: skip
+        moved = int(reply.result)
+        assert moved == target
+        parts = [
+            await asyncio.to_thread(h.workload.read, moved + i * P, 16 * P) for i in (0, 16, 32, 48)
+        ]
+        assert b"".join(parts) == h.expected(16, 64)
+        assert await h.read(h.workload, 80, 40) == h.expected(80, 40)
+        assert h.executor is not None
+        assert ROOT in h.executor.demand_served()
+
+    run_remote(tmp_path, "honest", body)
+
+
+def test_a_fork_child_is_served_by_the_thread_too(tmp_path: Path) -> None:
+    async def body(h: Harness, lane: ThreadedFastLane) -> None:
+        assert await h.read(h.workload, 0, 4) == h.expected(0, 4)
+        reply = await asyncio.to_thread(h.workload.call, "fork")  # waits for the event's read
+        child = h.pool.adopt_fork(reply)
+        assert await h.read(child, 30, 20) == h.expected(30, 20)
+        assert h.executor is not None
+        # (asked before the child is whole: a resident process is let go)
+        assert ProcId(f"{ROOT}.1") in h.executor.demand_served()
+        assert await h.read(h.workload, 30, 4) == h.expected(30, 4)
+        assert await h.read(child, 0, PAGES) == h.expected(0, PAGES)
+
+    run_remote(tmp_path, "honest", body)

@@ -431,12 +431,6 @@ class LazyProcess:
         self.stats.fetched += end - start
         out.append(Fetch(request_id, self.image_id, ImageAddr(start), end - start, lane, self.proc))
 
-    @property
-    def bytes_in_flight(self) -> int:
-        """Bytes requested or being installed and not yet resident (the sweep's and
-        the demand faults')."""
-        return self.inflight.total + self.installing.total
-
     def _bulk_only(self) -> RangeSet[ImageAddr]:
         """Pages in flight that no outstanding urgent request covers."""
         self._urgent &= self.requests.keys()  # forget answered or dropped requests

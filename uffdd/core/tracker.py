@@ -19,7 +19,7 @@ How a shell drives it (all calls take ``now``, monotonic seconds; nothing reads 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from uffdd.core.actions import Action, AdoptChild, CancelFetch, Fetch, Lane
@@ -185,10 +185,6 @@ class Tracker:
             resident += p.stats.data_installed
             total += p.stats.data_total - p.stats.data_dropped
         return Progress(resident, max(total, resident))
-
-    def bytes_in_flight(self, procs: Iterable[ProcId]) -> int:
-        """Bytes requested or being installed for these processes (unknown ones: 0)."""
-        return sum(p.bytes_in_flight for proc in procs if (p := self._procs.get(proc)) is not None)
 
     def requests_in_flight(self) -> int:
         return len(self._requests)

@@ -366,6 +366,27 @@ static void efd_post(int efd)
     (void)r;
 }
 
+/* The loop's side of a C thread's output queue: an array of ``*count`` items of
+   ``size`` bytes at ``*items`` (read under ``lock``: the thread may move it), which
+   an eventfd signals while it is not empty. Moves up to ``n`` from its front to
+   ``out``; the number moved. */
+static size_t efd_queue_take(int efd, pthread_mutex_t *lock, void **items, size_t *count,
+                             void *out, size_t n, size_t size)
+{
+    uint64_t counter;
+    ssize_t r = read(efd, &counter, sizeof counter);
+    (void)r;
+    pthread_mutex_lock(lock);
+    size_t k = *count < n ? *count : n;
+    memcpy(out, *items, k * size);
+    memmove(*items, (char *)*items + k * size, (*count - k) * size);
+    *count -= k;
+    if (*count)
+        efd_post(efd);
+    pthread_mutex_unlock(lock);
+    return k;
+}
+
 static void installer_post(struct uffdd_installer *in)
 {
     efd_post(in->efd);
@@ -526,18 +547,8 @@ static int uffdd_installer_submit(struct uffdd_installer *in, int fd, uint64_t d
 static size_t uffdd_installer_take(struct uffdd_installer *in, struct uffdd_install_done *out,
                                    size_t cap)
 {
-    uint64_t counter;
-    ssize_t r = read(in->efd, &counter, sizeof counter);
-    (void)r;
-    pthread_mutex_lock(&in->lock);
-    size_t n = in->ndone < cap ? in->ndone : cap;
-    memcpy(out, in->done, n * sizeof *out);
-    memmove(in->done, in->done + n, (in->ndone - n) * sizeof *out);
-    in->ndone -= n;
-    if (in->ndone)
-        installer_post(in);
-    pthread_mutex_unlock(&in->lock);
-    return n;
+    void *items = in->done;
+    return efd_queue_take(in->efd, &in->lock, &items, &in->ndone, out, cap, sizeof *out);
 }
 
 /* The loop's side of uffd_lock: hold it around every read of a uffd. It waits for at
@@ -983,56 +994,119 @@ static void uffdd_receiver_free(struct uffdd_receiver *r)
     free(r);
 }
 
-/* -- the demand lane: a remote process's faults fetched and installed in C --------- */
+/* -- the demand thread: a remote process's faults read, fetched and installed in C -- */
 
 /* Why: with the background sweep running, a demand fault answered through the Python
-   loop waited for that loop (busy with bulk chunks) and for its bookkeeping: p50
-   1.5 ms where a C handler fetching the same windows from the same page server took
-   0.17 ms (bench/README.md, session 7). Here the loop, right after reading a batch of
-   faults, hands the batch to C (cffi releases the GIL for the call): C sends one urgent fast-lane
-   request per fault-around window (all at once), receives the answers on a blocking
-   socket of its own, checks each chunk's xxh3, and installs it with a waking
-   UFFDIO_COPY. The core learns what was installed as it does for the local fast path
-   (FastServed); a fault C could not answer goes to the core as if C had not seen it.
+   loop waited for that loop twice, to be read and to be answered, while it handled
+   bulk chunks: p50 1.1 ms where a C handler fetching the same windows from the same
+   page server took 0.17 ms (bench/README.md, session 7). Doing the fetch on the loop,
+   right after its read, halved the no-sweep fault but blocked the loop for every
+   round trip and slowed the sweep. So a pthread, ``uffdd-demand``, owns the uffds of
+   remote processes once their page client's fast lane is up: it reads the ready ones,
+   sends one urgent fast-lane request per fault-around window (all of them at once,
+   one round trip for up to UFFDD_DEMAND_ROUND processes) on a blocking socket of its
+   own, checks each chunk's xxh3, and installs it with a waking
+   UFFDIO_COPY. Everything else (a layout event, a fault outside the image data the
+   core named, a refused window, a wrong checksum) goes to the loop as raw messages, in
+   order, after a report of what C installed (the core's FastServed).
 
-   Safety: the loop calls this only for a batch holding no layout event, and only with
-   the process's fast ranges (image data that is right, as the core computed them
-   after every event it handled). An event raised meanwhile is not read until this
-   returns, and until then the kernel fails a copy with EAGAIN: that window's faults
-   go to the core, which reads the event first. */
+   Safety, as for the loop's own reads (the installer's comment above): each read is
+   made holding uffd_lock; a read that returns a layout event fences that uffd before
+   letting go, disarms it (no read of it until the loop resumes it, with the ranges
+   the core computed after the event) and serves none of its faults (a fault read
+   with a REMOVE could otherwise be answered after the kernel zapped the range). The
+   loop's own installs into such a uffd take uffd_lock and check the fence
+   (uffdd_installer_guarded_ioctl). A copy racing a layout event raised meanwhile
+   meets the kernel's EAGAIN; that window's faults go to the loop. */
 
-struct uffdd_demand_out {
-    size_t nserved;  /* faults answered: their window installed (or already present) */
-    size_t ndone;    /* installs recorded in done */
-    size_t nrefused; /* windows the page server refused, or whose checksum was wrong */
-    int error;       /* 0, or errno: the connection is unusable (protocol or socket) */
-};
+#include <sys/epoll.h>
+#include <time.h>
+
+#define UFFDD_DEMAND_MAX UFFDD_FAST_BATCH
+#define UFFDD_REQUEST_HEADER 26      /* fastlane_wire.REQUEST */
+#define UFFDD_DEMAND_REPORTS 256     /* room for reports at first (it grows) */
+#define UFFDD_DEMAND_ROUND 16        /* processes read, and answered, per round trip */
+#define UFFDD_DEMAND_DONE (4 * UFFDD_DEMAND_MAX)  /* installs one read may record */
+#define UFFDD_DR_LAYOUT 1            /* msgs hold a layout event: fd fenced, paused */
+#define UFFDD_DR_DRAINED 2           /* the fd was empty after this */
+#define UFFDD_DR_ERROR 4             /* read() failed: err; the fd is paused */
+#define UFFDD_DR_LANE 8              /* the connection failed (err): nothing is served
+                                        any more; every message goes to the loop */
+#define UFFDD_DR_FENCE 16            /* a layout event could not be fenced (too many) */
 
 typedef uint64_t (*uffdd_hash_fn)(const void *, size_t);
 
-#define UFFDD_DEMAND_MAX UFFDD_FAST_BATCH
-#define UFFDD_REQUEST_HEADER 26  /* fastlane_wire.REQUEST */
+struct uffdd_demand_report {
+    uint64_t token;
+    double read_at, done_at;         /* CLOCK_MONOTONIC seconds */
+    uint32_t nfaults;                /* faults answered here */
+    uint32_t ninstalls;
+    uint32_t nmsgs;                  /* raw uffd_msg records for the loop, in order */
+    uint32_t flags;
+    int err;
+    struct uffdd_fast_done *installs; /* malloc'ed (uffdd_free), or NULL */
+    char *msgs;                       /* malloc'ed (uffdd_free), or NULL */
+};
+
+struct demand_proc {
+    int fd;                           /* -1: a free slot */
+    int paused;
+    int busy;                         /* in the thread's round now */
+    uint64_t token;
+    struct uffdd_fast_range *ranges;
+    size_t nranges;
+    char image_id[1024];
+    size_t id_len;
+};
+
+struct uffdd_demander {
+    pthread_t thread;
+    pthread_mutex_t lock;             /* procs, reports, busy, stop */
+    pthread_cond_t idle;              /* to the loop: busy changed */
+    struct demand_proc *procs;
+    size_t nprocs;
+    struct uffdd_demand_report *reports;
+    size_t nreports, cap_reports;
+    int stop;
+    int broken;                       /* the connection failed: serve nothing */
+    int epfd, ctl_efd, out_efd;
+    int sock;
+    uffdd_hash_fn hash;
+    uint64_t around, next_id;
+    struct uffdd_installer *installer;  /* may be NULL */
+    char *buf;                        /* one window */
+    struct demand_batch *batches;     /* UFFDD_DEMAND_ROUND */
+    struct demand_window *windows;    /* UFFDD_DEMAND_ROUND * UFFDD_DEMAND_MAX */
+    char *frames;                     /* their request frames */
+};
 
 struct demand_window {
     uint64_t run, image, len;
     int finished, failed;
+    size_t batch;  /* whose fault */
 };
+
+static double demand_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 /* Install [run, run+len) from src with waking copies; a present page is woken and
    skipped. 0 when every page is in, else the errno (EAGAIN: an event is pending). */
 static int demand_install(int fd, uint64_t run, const char *src, uint64_t len,
-                          struct uffdd_fast_done *done, size_t done_cap,
-                          struct uffdd_demand_out *out)
+                          struct uffdd_fast_done *done, size_t done_cap, size_t *ndone)
 {
     uint64_t at = 0;
     while (at < len) {
+        if (*ndone == done_cap)
+            return ENOSPC;  /* before the copy: every install is recorded */
         struct uffdio_copy arg = {run + at, (uint64_t)(uintptr_t)(src + at), len - at, 0, 0};
         int err = ioctl(fd, UFFDIO_COPY, &arg) == 0 ? 0 : errno;
         uint64_t copied = err == 0 ? len - at : (arg.copy > 0 ? (uint64_t)arg.copy : 0);
         if (copied) {
-            if (out->ndone == done_cap)
-                return ENOSPC;
-            done[out->ndone++] = (struct uffdd_fast_done){run + at, copied, 0};
+            done[(*ndone)++] = (struct uffdd_fast_done){run + at, copied, 0};
             at += copied;
             continue;
         }
@@ -1060,113 +1134,505 @@ static int demand_send(int sock, const char *p, size_t len)
     return 0;
 }
 
-static int uffdd_demand_fetch(int fd, int sock, const char *image_id, size_t id_len,
-                              const struct uffdd_fast_range *ranges, size_t nranges,
-                              uint64_t around, const uint64_t *faults, size_t nfaults,
-                              uint8_t *served, uint64_t first_id, uffdd_hash_fn hash,
-                              char *buf, size_t buf_cap,
-                              struct uffdd_fast_done *done, size_t done_cap,
-                              struct uffdd_demand_out *out)
-{
-    struct uffdd_fast_ctx c = {.ranges = ranges, .nranges = nranges};
-    struct demand_window win[UFFDD_DEMAND_MAX];
+/* One process's read in a round. */
+struct demand_batch {
+    struct demand_proc *p;
+    struct uffd_msg msgs[UFFDD_DEMAND_MAX];
+    uint8_t served[UFFDD_DEMAND_MAX];
     size_t fault_window[UFFDD_DEMAND_MAX];
+    size_t count, ndone;
+    int layout;
+    struct uffdd_demand_report r;
+};
+
+/* Fetch and install the window of every fault of the round's batches that lies in its
+   process's ranges: all requests sent at once, the answers installed as they come.
+   b->served[i]: that fault's window is in. Returns 0, or the errno that makes the
+   connection unusable (what was installed before it is in the batches' reports). */
+static int demand_serve(struct uffdd_demander *d, struct demand_batch *batches, size_t nb)
+{
+    struct demand_window *win = d->windows;
     size_t nwin = 0;
-    out->nserved = out->ndone = out->nrefused = 0;
-    out->error = 0;
-    if (nfaults > UFFDD_DEMAND_MAX || id_len > 1024 || around < UFFDD_PAGE ||
-        (around & (around - 1)) || buf_cap < around)
-        return -EINVAL;
-    for (size_t i = 0; i < nfaults; i++) {
-        served[i] = 0;
-        fault_window[i] = SIZE_MAX;
-        uint64_t page = faults[i] & ~(UFFDD_PAGE - 1);
-        const struct uffdd_fast_range *r = fast_find(&c, page);
-        if (r == NULL)
-            continue;
-        uint64_t start = page & ~(around - 1), end = start + around;
-        if (start < r->run_start)
-            start = r->run_start;
-        if (end > r->run_end)
-            end = r->run_end;
-        size_t w = 0;
-        while (w < nwin && win[w].run != start)
-            w++;
-        if (w == nwin)
-            win[nwin++] = (struct demand_window){
-                start, r->data_offset + (start - r->run_start), end - start, 0, 0};
-        fault_window[i] = w;
+    for (size_t k = 0; k < nb; k++) {
+        struct demand_batch *b = &batches[k];
+        struct uffdd_fast_ctx c = {.ranges = b->p->ranges, .nranges = b->p->nranges};
+        size_t first_win = nwin;
+        for (size_t i = 0; i < b->count; i++) {
+            const struct uffd_msg *m = &b->msgs[i];
+            b->served[i] = 0;
+            b->fault_window[i] = SIZE_MAX;
+            if (b->layout || !b->r.installs ||
+                (m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
+                continue;
+            uint64_t page = m->arg.pagefault.address & ~(UFFDD_PAGE - 1);
+            const struct uffdd_fast_range *r = fast_find(&c, page);
+            if (r == NULL)
+                continue;
+            uint64_t start = page & ~(d->around - 1), stop = start + d->around;
+            if (start < r->run_start)
+                start = r->run_start;
+            if (stop > r->run_end)
+                stop = r->run_end;
+            size_t w = first_win;
+            while (w < nwin && win[w].run != start)
+                w++;
+            if (w == nwin)
+                win[nwin++] = (struct demand_window){
+                    start, r->data_offset + (start - r->run_start), stop - start, 0, 0, k};
+            b->fault_window[i] = w;
+        }
     }
     if (nwin == 0)
         return 0;
 
-    char frames[UFFDD_DEMAND_MAX * (UFFDD_REQUEST_HEADER + 1024)];
     size_t flen = 0;
+    uint64_t first_id = d->next_id;
+    d->next_id += nwin;
     for (size_t w = 0; w < nwin; w++) {
+        const struct demand_proc *p = batches[win[w].batch].p;
         uint64_t id = htole64(first_id + w), addr = htole64(win[w].image);
         uint32_t len32 = htole32((uint32_t)win[w].len);
-        uint16_t id16 = htole16((uint16_t)id_len);
-        char *f = frames + flen;
+        uint16_t id16 = htole16((uint16_t)p->id_len);
+        char *f = d->frames + flen;
         memcpy(f, "UFL1", 4);
         memcpy(f + 4, &id, 8);
         memcpy(f + 12, &addr, 8);
         memcpy(f + 20, &len32, 4);
         memcpy(f + 24, &id16, 2);
-        memcpy(f + UFFDD_REQUEST_HEADER, image_id, id_len);
-        flen += UFFDD_REQUEST_HEADER + id_len;
+        memcpy(f + UFFDD_REQUEST_HEADER, p->image_id, p->id_len);
+        flen += UFFDD_REQUEST_HEADER + p->id_len;
     }
-    out->error = demand_send(sock, frames, flen);
-    size_t open_windows = out->error ? 0 : nwin;
+    int error = demand_send(d->sock, d->frames, flen);
+    size_t open_windows = error ? 0 : nwin;
     while (open_windows > 0) {
         unsigned char h[UFFDD_FRAME_HEADER];
         struct uffdd_frame f;
-        int rc = socket_read(sock, (char *)h, sizeof h);
+        int rc = socket_read(d->sock, (char *)h, sizeof h);
         if (rc <= 0) {
-            out->error = rc < 0 ? -rc : ECONNRESET;
+            error = rc < 0 ? -rc : ECONNRESET;
             break;
         }
         uint64_t w = 0;
         if (frame_parse(h, &f) < 0 || f.request_id < first_id ||
             (w = f.request_id - first_id) >= nwin || win[w].finished ||
-            f.body_len > buf_cap) {
-            out->error = EPROTO;
+            f.body_len > d->around) {
+            error = EPROTO;
             break;
         }
         struct demand_window *x = &win[w];
-        if (f.body_len && (rc = socket_read(sock, buf, f.body_len)) <= 0) {
-            out->error = rc < 0 ? -rc : ECONNRESET;
+        struct demand_batch *b = &batches[x->batch];
+        if (f.body_len && (rc = socket_read(d->sock, d->buf, f.body_len)) <= 0) {
+            error = rc < 0 ? -rc : ECONNRESET;
             break;
         }
         if (f.flags & UFFDD_FLAG_ERROR) {
             x->failed = 1;
         } else if (f.address < x->image || f.length > x->len ||
                    f.address - x->image > x->len - f.length) {
-            out->error = EPROTO;  /* a chunk outside what was asked */
+            error = EPROTO;  /* a chunk outside what was asked */
             break;
         } else if (!x->failed) {
             if (f.flags & UFFDD_FLAG_ZERO)
-                memset(buf, 0, f.length);
-            else if (hash(buf, f.length) != f.checksum)
+                memset(d->buf, 0, f.length);
+            else if (d->hash(d->buf, f.length) != f.checksum)
                 x->failed = 1;
             if (!x->failed &&
-                demand_install(fd, x->run + (f.address - x->image), buf, f.length,
-                               done, done_cap, out) != 0)
+                demand_install(b->p->fd, x->run + (f.address - x->image), d->buf, f.length,
+                               b->r.installs, UFFDD_DEMAND_DONE, &b->ndone) != 0)
                 x->failed = 1;
         }
         if (f.flags & UFFDD_FLAG_LAST) {
             x->finished = 1;
             open_windows--;
-            out->nrefused += (size_t)x->failed;
         }
     }
-    for (size_t i = 0; i < nfaults; i++) {
-        size_t w = fault_window[i];
-        if (w != SIZE_MAX && win[w].finished && !win[w].failed) {
-            served[i] = 1;
-            out->nserved++;
+    for (size_t k = 0; k < nb; k++) {
+        struct demand_batch *b = &batches[k];
+        for (size_t i = 0; i < b->count; i++) {
+            size_t w = b->fault_window[i];
+            if (w != SIZE_MAX && win[w].finished && !win[w].failed)
+                b->served[i] = 1;
         }
     }
-    return (int)nwin;
+    return error;
+}
+
+/* Queue a report for the loop; takes its buffers. It never waits for the loop (the
+   loop may be waiting for this thread in resume or remove): the queue grows instead,
+   bounded by what the processes can have outstanding (a thread faults once until it
+   is woken; answered faults come back as more faults only as fast as C answers). A
+   report that finds no memory ends the thread's service: the loop is told (LANE). */
+static void demand_report(struct uffdd_demander *d, struct uffdd_demand_report *r)
+{
+    pthread_mutex_lock(&d->lock);
+    if (d->nreports == d->cap_reports) {
+        size_t cap = 2 * d->cap_reports;
+        struct uffdd_demand_report *more = realloc(d->reports, cap * sizeof *more);
+        if (more) {
+            d->reports = more;
+            d->cap_reports = cap;
+        } else {  /* keep the one in hand: drop its installs' list, keep its messages */
+            d->broken = 1;
+            struct uffdd_demand_report *tail = &d->reports[d->nreports - 1];
+            tail->flags |= UFFDD_DR_LANE;
+            tail->err = ENOMEM;
+            pthread_mutex_unlock(&d->lock);
+            free(r->installs);
+            free(r->msgs);
+            return;
+        }
+    }
+    d->reports[d->nreports++] = *r;
+    if (d->nreports == 1)
+        efd_post(d->out_efd);
+    pthread_mutex_unlock(&d->lock);
+}
+
+/* Read nothing more of the slot's uffd until resumed. Out of the epoll set, not just
+   disarmed: EPOLLHUP and EPOLLERR are reported even for a disarmed fd. */
+static void demand_pause(struct uffdd_demander *d, struct demand_proc *p)
+{
+    pthread_mutex_lock(&d->lock);
+    p->paused = 1;
+    pthread_mutex_unlock(&d->lock);
+    epoll_ctl(d->epfd, EPOLL_CTL_DEL, p->fd, NULL);
+}
+
+/* Read one ready uffd into its batch, under uffd_lock. 0 when there is something
+   for the round (faults, or a layout event: fenced, paused, reported with the
+   round), 1 when there is nothing (EAGAIN), -1 when the read failed (reported,
+   paused). */
+static int demand_read(struct uffdd_demander *d, struct demand_batch *b)
+{
+    struct demand_proc *p = b->p;
+    if (d->installer)
+        uffdd_installer_hold(d->installer);
+    ssize_t n = read(p->fd, b->msgs, sizeof b->msgs);
+    int err = n < 0 ? errno : 0;
+    b->r = (struct uffdd_demand_report){.token = p->token, .read_at = demand_now()};
+    b->count = n > 0 ? (size_t)n / sizeof b->msgs[0] : 0;
+    b->ndone = 0;
+    b->layout = 0;
+    for (size_t i = 0; i < b->count; i++)
+        b->layout |= b->msgs[i].event != UFFD_EVENT_PAGEFAULT;
+    if (b->layout && d->installer && uffdd_installer_fence_held(d->installer, p->fd) != 0)
+        b->r.flags |= UFFDD_DR_FENCE;
+    if (d->installer)
+        uffdd_installer_unhold(d->installer);
+    if (n < 0 && (err == EAGAIN || err == EINTR))
+        return 1;
+    b->r.installs = n > 0 ? malloc(UFFDD_DEMAND_DONE * sizeof *b->r.installs) : NULL;
+    b->r.msgs = n > 0 ? malloc(b->count * sizeof b->msgs[0]) : NULL;
+    if (n <= 0 || !b->r.installs || !b->r.msgs) {
+        /* nothing more is read from this fd: the loop ends its process */
+        b->r.flags |= UFFDD_DR_ERROR;
+        b->r.err = n < 0 ? err : (n == 0 ? EIO : ENOMEM);
+        free(b->r.installs);
+        free(b->r.msgs);
+        b->r.installs = NULL;
+        b->r.msgs = NULL;
+        b->r.done_at = b->r.read_at;
+        demand_pause(d, p);
+        demand_report(d, &b->r);
+        return -1;
+    }
+    if (b->layout)
+        demand_pause(d, p);
+    return 0;
+}
+
+/* The report of a batch after the round: what was answered, then the rest. */
+static void demand_finish(struct uffdd_demander *d, struct demand_batch *b, int lane)
+{
+    struct uffdd_demand_report *r = &b->r;
+    for (size_t i = 0; i < b->count; i++) {
+        if (b->served[i])
+            r->nfaults++;
+        else
+            memcpy(r->msgs + (r->nmsgs++) * sizeof b->msgs[0], &b->msgs[i], sizeof b->msgs[0]);
+    }
+    r->ninstalls = (uint32_t)b->ndone;
+    if (b->ndone == 0) {
+        free(r->installs);
+        r->installs = NULL;
+    }
+    if (lane) {
+        r->flags |= UFFDD_DR_LANE;
+        r->err = lane;
+    }
+    if (b->layout)
+        r->flags |= UFFDD_DR_LAYOUT;
+    else if (b->count < UFFDD_DEMAND_MAX)
+        r->flags |= UFFDD_DR_DRAINED;  /* a short read emptied the queue */
+    r->done_at = demand_now();
+    demand_report(d, r);
+}
+
+static void *demander_main(void *arg)
+{
+    struct uffdd_demander *d = arg;
+    pthread_setname_np(pthread_self(), "uffdd-demand");
+    struct epoll_event evs[UFFDD_DEMAND_ROUND];
+    for (;;) {
+        int n = epoll_wait(d->epfd, evs, UFFDD_DEMAND_ROUND, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            break;
+        size_t nb = 0;
+        pthread_mutex_lock(&d->lock);
+        if (d->stop) {
+            pthread_mutex_unlock(&d->lock);
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.u64 == UINT64_MAX) {
+                uint64_t counter;
+                ssize_t r = read(d->ctl_efd, &counter, sizeof counter);
+                (void)r;
+                continue;
+            }
+            struct demand_proc *p = &d->procs[evs[i].data.u64];
+            if (p->fd < 0 || p->paused || p->busy)
+                continue;
+            p->busy = 1;
+            d->batches[nb++].p = p;
+        }
+        pthread_mutex_unlock(&d->lock);
+        /* read them all, then one round trip for all their faults */
+        size_t kept = 0;
+        for (size_t k = 0; k < nb; k++) {
+            struct demand_batch *b = &d->batches[k];
+            if (demand_read(d, b) == 0) {
+                if (kept != k)
+                    d->batches[kept] = *b;
+                kept++;
+            } else {
+                pthread_mutex_lock(&d->lock);
+                b->p->busy = 0;
+                pthread_cond_broadcast(&d->idle);
+                pthread_mutex_unlock(&d->lock);
+            }
+        }
+        int lane = 0;
+        if (kept && !d->broken) {
+            lane = demand_serve(d, d->batches, kept);
+            if (lane)
+                d->broken = 1;
+        } else {
+            for (size_t k = 0; k < kept; k++)
+                memset(d->batches[k].served, 0, sizeof d->batches[k].served);
+        }
+        for (size_t k = 0; k < kept; k++)
+            demand_finish(d, &d->batches[k], lane);
+        pthread_mutex_lock(&d->lock);
+        for (size_t k = 0; k < kept; k++)
+            d->batches[k].p->busy = 0;
+        pthread_cond_broadcast(&d->idle);
+        pthread_mutex_unlock(&d->lock);
+    }
+    return NULL;
+}
+
+/* A started demand thread on the connected, blocking socket ``sock`` (it does not
+   own it), or NULL (errno set). ``installer`` may be NULL. */
+static struct uffdd_demander *uffdd_demander_new(int sock, uffdd_hash_fn hash, uint64_t around,
+                                                 size_t max_procs,
+                                                 struct uffdd_installer *installer)
+{
+    if (around < UFFDD_PAGE || (around & (around - 1)) || max_procs < 1) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct uffdd_demander *d = calloc(1, sizeof *d);
+    if (!d)
+        return NULL;
+    d->procs = calloc(max_procs, sizeof *d->procs);
+    d->reports = calloc(UFFDD_DEMAND_REPORTS, sizeof *d->reports);
+    d->buf = malloc(around);
+    d->batches = calloc(UFFDD_DEMAND_ROUND, sizeof *d->batches);
+    d->windows = calloc(UFFDD_DEMAND_ROUND * UFFDD_DEMAND_MAX, sizeof *d->windows);
+    d->frames = malloc(UFFDD_DEMAND_ROUND * UFFDD_DEMAND_MAX * (UFFDD_REQUEST_HEADER + 1024));
+    d->epfd = epoll_create1(EPOLL_CLOEXEC);
+    d->ctl_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    d->out_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event ctl = {.events = EPOLLIN, .data.u64 = UINT64_MAX};
+    if (!d->procs || !d->reports || !d->buf || !d->batches || !d->windows || !d->frames ||
+        d->epfd < 0 || d->ctl_efd < 0 ||
+        d->out_efd < 0 || epoll_ctl(d->epfd, EPOLL_CTL_ADD, d->ctl_efd, &ctl) != 0)
+        goto fail;
+    for (size_t i = 0; i < max_procs; i++)
+        d->procs[i].fd = -1;
+    d->nprocs = max_procs;
+    d->sock = sock;
+    d->hash = hash;
+    d->around = around;
+    d->next_id = 1;
+    d->installer = installer;
+    d->cap_reports = UFFDD_DEMAND_REPORTS;
+    pthread_mutex_init(&d->lock, NULL);
+    pthread_cond_init(&d->idle, NULL);
+    int rc = start_thread(&d->thread, demander_main, d);
+    if (rc == 0)
+        return d;
+    errno = rc;
+fail:
+    {
+        int e = errno;
+        int fds[] = {d->epfd, d->ctl_efd, d->out_efd};  /* each opened, or -1 */
+        for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
+            if (fds[i] >= 0)
+                close(fds[i]);
+        free(d->procs);
+        free(d->reports);
+        free(d->buf);
+        free(d->batches);
+        free(d->windows);
+        free(d->frames);
+        free(d);
+        errno = e;
+    }
+    return NULL;
+}
+
+static int uffdd_demander_efd(const struct uffdd_demander *d)
+{
+    return d->out_efd;
+}
+
+static int demand_set_ranges(struct demand_proc *p, const struct uffdd_fast_range *ranges,
+                             size_t nranges)
+{
+    struct uffdd_fast_range *copy = malloc((nranges ? nranges : 1) * sizeof *copy);
+    if (!copy)
+        return -ENOMEM;
+    memcpy(copy, ranges, nranges * sizeof *copy);
+    free(p->ranges);
+    p->ranges = copy;
+    p->nranges = nranges;
+    return 0;
+}
+
+/* Serve the uffd ``fd`` (non-blocking) from now on: the slot, or -errno. */
+static int uffdd_demander_add(struct uffdd_demander *d, int fd, uint64_t token,
+                              const char *image_id, size_t id_len,
+                              const struct uffdd_fast_range *ranges, size_t nranges)
+{
+    if (id_len > sizeof d->procs[0].image_id)
+        return -EINVAL;
+    pthread_mutex_lock(&d->lock);
+    size_t slot = 0;
+    while (slot < d->nprocs && d->procs[slot].fd >= 0)
+        slot++;
+    int rc = slot == d->nprocs ? -ENOSPC : 0;
+    struct demand_proc *p = &d->procs[slot];
+    if (rc == 0) {
+        p->ranges = NULL;
+        rc = demand_set_ranges(p, ranges, nranges);
+    }
+    if (rc == 0) {
+        p->token = token;
+        p->paused = 0;
+        p->busy = 0;
+        memcpy(p->image_id, image_id, id_len);
+        p->id_len = id_len;
+        p->fd = fd;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = slot};
+        if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+            rc = -errno;
+            p->fd = -1;
+            free(p->ranges);
+            p->ranges = NULL;
+        }
+    }
+    pthread_mutex_unlock(&d->lock);
+    return rc < 0 ? rc : (int)slot;
+}
+
+/* The loop has handled the slot's layout event: read it again, with these ranges. */
+static int uffdd_demander_resume(struct uffdd_demander *d, int slot,
+                                 const struct uffdd_fast_range *ranges, size_t nranges)
+{
+    pthread_mutex_lock(&d->lock);
+    struct demand_proc *p = &d->procs[slot];
+    while (p->busy)
+        pthread_cond_wait(&d->idle, &d->lock);
+    int rc = demand_set_ranges(p, ranges, nranges);
+    if (rc == 0 && p->paused) {
+        p->paused = 0;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)slot};
+        if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, p->fd, &ev) != 0)
+            rc = -errno;
+    }
+    pthread_mutex_unlock(&d->lock);
+    return rc;
+}
+
+/* Stop serving the slot's uffd; when this returns the thread no longer touches it
+   (its reports may still wait for the loop). */
+static void uffdd_demander_remove(struct uffdd_demander *d, int slot)
+{
+    pthread_mutex_lock(&d->lock);
+    struct demand_proc *p = &d->procs[slot];
+    while (p->busy)
+        pthread_cond_wait(&d->idle, &d->lock);
+    if (p->fd >= 0 && !p->paused)
+        epoll_ctl(d->epfd, EPOLL_CTL_DEL, p->fd, NULL);
+    p->fd = -1;
+    free(p->ranges);
+    p->ranges = NULL;
+    pthread_mutex_unlock(&d->lock);
+}
+
+/* Move up to n reports to out (their buffers are the caller's now); the number. */
+static size_t uffdd_demander_take(struct uffdd_demander *d, struct uffdd_demand_report *out,
+                                  size_t n)
+{
+    return efd_queue_take(d->out_efd, &d->lock, (void **)&d->reports, &d->nreports, out, n,
+                          sizeof *out);
+}
+
+/* Stop the thread (after the read or fetch in progress) and free everything; reports
+   not taken are freed. The socket and the uffds stay open (they are the caller's). */
+static void uffdd_demander_free(struct uffdd_demander *d)
+{
+    pthread_mutex_lock(&d->lock);
+    d->stop = 1;
+    pthread_mutex_unlock(&d->lock);
+    efd_post(d->ctl_efd);
+    shutdown(d->sock, SHUT_RDWR);  /* a fetch in progress ends at once */
+    pthread_join(d->thread, NULL);
+    for (size_t i = 0; i < d->nreports; i++) {
+        free(d->reports[i].installs);
+        free(d->reports[i].msgs);
+    }
+    for (size_t i = 0; i < d->nprocs; i++)
+        free(d->procs[i].ranges);
+    close(d->epfd);
+    close(d->ctl_efd);
+    close(d->out_efd);
+    free(d->procs);
+    free(d->reports);
+    free(d->buf);
+    free(d->batches);
+    free(d->windows);
+    free(d->frames);
+    free(d);
+}
+
+/* The loop's install into a uffd another thread reads: under uffd_lock, refused
+   (-EAGAIN, as the kernel refuses while an event is unread) when the uffd is fenced.
+   Otherwise the ioctl's 0 or errno. */
+static int uffdd_installer_guarded_ioctl(struct uffdd_installer *in, int fd,
+                                         unsigned long request, void *arg)
+{
+    uffdd_installer_hold(in);
+    int fenced = 0;
+    for (int i = 0; i < UFFDD_FENCES; i++)
+        fenced |= in->fenced[i] == fd;
+    int err = fenced ? EAGAIN : (ioctl(fd, request, arg) == 0 ? 0 : errno);
+    uffdd_installer_unhold(in);
+    return err;
 }
 
 static void uffdd_free(void *p)
@@ -1307,16 +1773,36 @@ uint64_t uffdd_receiver_queued(struct uffdd_receiver *r);
 int uffdd_receiver_send(struct uffdd_receiver *r, const char *data, size_t len);
 uint64_t uffdd_receiver_unsent(struct uffdd_receiver *r);
 void uffdd_receiver_free(struct uffdd_receiver *r);
-struct uffdd_demand_out { size_t nserved; size_t ndone; size_t nrefused; int error; };
 typedef uint64_t (*uffdd_hash_fn)(const void *, size_t);
+struct uffdd_demand_report {
+    uint64_t token;
+    double read_at, done_at;
+    uint32_t nfaults, ninstalls, nmsgs, flags;
+    int err;
+    struct uffdd_fast_done *installs;
+    char *msgs;
+};
+struct uffdd_demander;
 #define UFFDD_DEMAND_MAX ...
-int uffdd_demand_fetch(int fd, int sock, const char *image_id, size_t id_len,
-                       const struct uffdd_fast_range *ranges, size_t nranges,
-                       uint64_t around, const uint64_t *faults, size_t nfaults,
-                       uint8_t *served, uint64_t first_id, uffdd_hash_fn hash,
-                       char *buf, size_t buf_cap,
-                       struct uffdd_fast_done *done, size_t done_cap,
-                       struct uffdd_demand_out *out);
+#define UFFDD_DR_LAYOUT ...
+#define UFFDD_DR_DRAINED ...
+#define UFFDD_DR_ERROR ...
+#define UFFDD_DR_LANE ...
+#define UFFDD_DR_FENCE ...
+struct uffdd_demander *uffdd_demander_new(int sock, uffdd_hash_fn hash, uint64_t around,
+                                          size_t max_procs, struct uffdd_installer *installer);
+int uffdd_demander_efd(const struct uffdd_demander *d);
+int uffdd_demander_add(struct uffdd_demander *d, int fd, uint64_t token,
+                       const char *image_id, size_t id_len,
+                       const struct uffdd_fast_range *ranges, size_t nranges);
+int uffdd_demander_resume(struct uffdd_demander *d, int slot,
+                          const struct uffdd_fast_range *ranges, size_t nranges);
+void uffdd_demander_remove(struct uffdd_demander *d, int slot);
+size_t uffdd_demander_take(struct uffdd_demander *d, struct uffdd_demand_report *out,
+                           size_t n);
+void uffdd_demander_free(struct uffdd_demander *d);
+int uffdd_installer_guarded_ioctl(struct uffdd_installer *in, int fd, unsigned long request,
+                                  void *arg);
 void uffdd_free(void *p);
 """
 

@@ -144,25 +144,51 @@ class _Lib:
     def uffdd_receiver_free(self, receiver: _cffi_backend.FFI.CData, /) -> None: ...
     def uffdd_free(self, pointer: _cffi_backend.FFI.CData, /) -> None: ...
     UFFDD_DEMAND_MAX: int
-    def uffdd_demand_fetch(
+    UFFDD_DR_LAYOUT: int
+    UFFDD_DR_DRAINED: int
+    UFFDD_DR_ERROR: int
+    UFFDD_DR_LANE: int
+    UFFDD_DR_FENCE: int
+    def uffdd_demander_new(
         self,
-        fd: int,
         sock: int,
+        hash: _cffi_backend.FFI.CData,
+        around: int,
+        max_procs: int,
+        installer: _cffi_backend.FFI.CData,
+        /,
+    ) -> _cffi_backend.FFI.CData: ...
+    def uffdd_demander_efd(self, demander: _cffi_backend.FFI.CData, /) -> int: ...
+    def uffdd_demander_add(
+        self,
+        demander: _cffi_backend.FFI.CData,
+        fd: int,
+        token: int,
         image_id: bytes,
         id_len: int,
         ranges: _cffi_backend.FFI.CData,
         nranges: int,
-        around: int,
-        faults: _cffi_backend.FFI.CData,
-        nfaults: int,
-        served: _cffi_backend.FFI.CData,
-        first_id: int,
-        hash: _cffi_backend.FFI.CData,
-        buf: _cffi_backend.FFI.CData,
-        buf_cap: int,
-        done: _cffi_backend.FFI.CData,
-        done_cap: int,
-        out: _cffi_backend.FFI.CData,
+        /,
+    ) -> int: ...
+    def uffdd_demander_resume(
+        self,
+        demander: _cffi_backend.FFI.CData,
+        slot: int,
+        ranges: _cffi_backend.FFI.CData,
+        nranges: int,
+        /,
+    ) -> int: ...
+    def uffdd_demander_remove(self, demander: _cffi_backend.FFI.CData, slot: int, /) -> None: ...
+    def uffdd_demander_take(
+        self, demander: _cffi_backend.FFI.CData, out: _cffi_backend.FFI.CData, n: int, /
+    ) -> int: ...
+    def uffdd_demander_free(self, demander: _cffi_backend.FFI.CData, /) -> None: ...
+    def uffdd_installer_guarded_ioctl(
+        self,
+        installer: _cffi_backend.FFI.CData,
+        fd: int,
+        request: int,
+        arg: _cffi_backend.FFI.CData,
         /,
     ) -> int: ...
 

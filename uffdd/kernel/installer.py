@@ -69,6 +69,11 @@ class Installer:
         self._out: Any = ffi.new("struct uffdd_install_done[]", _TAKE_BATCH)
 
     @property
+    def handle(self) -> Any:
+        """The C installer, for C threads that read uffds too (the demand thread)."""
+        return self._handle
+
+    @property
     def fd(self) -> int:
         """An eventfd, readable while completions wait for :meth:`take`."""
         return lib.uffdd_installer_efd(self._handle)

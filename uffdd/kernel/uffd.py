@@ -296,11 +296,23 @@ class Uffd:
     range and later faults on anonymous memory read zeros, silently.
     """
 
-    __slots__ = ("_fd",)
+    __slots__ = ("_fd", "_guard")
 
     def __init__(self, fd: int) -> None:
         """Wrap ``fd`` without checks; prefer :meth:`create` or :meth:`adopt`."""
         self._fd = fd
+        self._guard: Any = None
+
+    def guard(self, installer: Any) -> None:
+        """From now on (``installer`` a C installer) or no longer (None), run copies
+        and zeropages under that installer's uffd lock, refused with EAGAIN while the
+        uffd is fenced: another thread reads this uffd (``uffdd_installer_guarded_ioctl``)."""
+        self._guard = installer
+
+    def _resolve(self, request: int, arg: Any) -> int:
+        if self._guard is None:
+            return int(lib.uffd_ioctl(self.fd, request, arg))
+        return int(lib.uffdd_installer_guarded_ioctl(self._guard, self.fd, request, arg))
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -531,7 +543,7 @@ class Uffd:
         arg.mode = (lib.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0) | (
             lib.UFFDIO_COPY_MODE_WP if wp else 0
         )
-        err = lib.uffd_ioctl(self.fd, lib.UFFDIO_COPY, arg)
+        err = self._resolve(lib.UFFDIO_COPY, arg)
         del keep  # the buffer export must outlive the ioctl, no longer
         return op_result("copy", err, int(arg.copy), dst, length)
 
@@ -541,7 +553,7 @@ class Uffd:
         arg.range.start = start
         arg.range.len = length
         arg.mode = lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE if dontwake else 0
-        err = lib.uffd_ioctl(self.fd, lib.UFFDIO_ZEROPAGE, arg)
+        err = self._resolve(lib.UFFDIO_ZEROPAGE, arg)
         return op_result("zeropage", err, int(arg.zeropage), start, length)
 
     def writeprotect(
