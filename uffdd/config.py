@@ -62,8 +62,10 @@ class DaemonConfig:
     """Install large background chunks on a thread of their own, so demand faults are
     read and answered meanwhile (off: every install runs on the daemon's loop)."""
     demand_lane: bool = True
-    """Fetch and install remote demand faults in C, on a fast-lane connection of its
-    own, right after the loop reads them (off: through the page client's lanes)."""
+    """Read, fetch and install remote demand faults in a C thread (``uffdd-demand``),
+    on a fast-lane connection of its own (off: the loop reads them and the page client
+    fetches them; a process that reads all its memory gets resident sooner that way on
+    a small host)."""
     images: str = ""
     """A local image root: handovers naming no page server are served from it."""
     log_format: str = "json"

@@ -68,8 +68,8 @@ from uffdd.log import LEVELS, configure_logging, get_logger
 @click.option(
     "--demand-lane/--no-demand-lane",
     default=None,
-    help="Fetch and install remote demand faults in C on a fast-lane connection of "
-    "their own (default), or through the page client's lanes.",
+    help="Read, fetch and install remote demand faults in a C thread on a fast-lane "
+    "connection of its own (default), or on the loop through the page client.",
 )
 @click.option(
     "--criu-images",
