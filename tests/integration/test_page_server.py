@@ -284,8 +284,11 @@ def test_urgent_request_overtakes_queued_bulk(images: Images) -> None:
     urgent_done = order.index(2)
     bulk_chunks = order.count(1)
     assert bulk_chunks > 100
-    # the urgent answer arrives before the bulk request is a tenth done
-    assert order[:urgent_done].count(1) < bulk_chunks // 10, order[: urgent_done + 1]
+    # The urgent answer arrives while most of the bulk data is still to come. (Not "a
+    # tenth": the bulk chunks the server wrote before it read the urgent request, and
+    # those already in HTTP/2's window, come first whatever the priority; on a busy VM
+    # that was 17 of 129 once. Without the priority it would come after all of them.)
+    assert order[:urgent_done].count(1) < bulk_chunks // 2, order[: urgent_done + 1]
     assert assemble(chunks, 2, urgent_region.start) == urgent_region.content[:PAGE]
     assert assemble(chunks, 1, bulk_region.start) == bulk_region.content[: 3 * 1024 * 1024]
 
@@ -314,7 +317,8 @@ def test_urgent_overtakes_bulk_through_the_client_on_one_lane(images: Images) ->
         return events
 
     events = run(scenario)
-    assert events.index("urgent done") < events.count("bulk") // 10
+    # most of the bulk data still to come (the test above says why not "a tenth")
+    assert events.index("urgent done") < events.count("bulk") // 2
 
 
 def test_cancel_stops_a_request_and_the_stream_goes_on(images: Images) -> None:
