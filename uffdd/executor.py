@@ -16,9 +16,10 @@ first (``Uffd.fast_serve``): it answers faults where the core's ``fast_ranges`` 
 image's data is right and the data's checksum chunk is verified, and stops at the first
 message it cannot answer; that message and everything after it takes the path above.
 The core learns what C installed (``FastServed``) in the same batch, before the rest.
-When it is remote, a batch of faults with no layout event goes to the demand lane
-first (``remote/demand_lane.py``): C fetches the fault-around windows from the page
-server, installs them, and the core gets a FastServed the same way.
+When it is remote and its page client's demand lane is up, the process's uffd is not
+read here at all: the demand thread (``remote/demand_lane.py``) reads it, fetches and
+installs the faults it can, and reports the rest here in order, a FastServed first,
+stopping at each layout event until the core has handled it.
 
 Large bulk copies (no thread waits on them) go to the installer thread
 (``kernel/installer.py``) instead, so a demand fault is read and answered while a
@@ -424,15 +425,14 @@ class Executor:
         report it made (the messages in them were read from the uffds: only these
         reports hold them)."""
         _log.warning("demand lane broken; the loop reads its processes", error=os.strerror(error))
-        mine = [(proc, slot) for proc, (owner, slot, _) in self._owned.items() if owner is thread]
-        for _, slot in mine:
-            thread.remove(slot)  # read no more of it
+        mine = [proc for proc, (owner, slot, _) in self._owned.items() if owner is thread]
+        for proc in mine:
+            thread.remove(self._owned[proc][1])  # read no more of it
         self._hand_reports(thread, thread.take())
-        for proc, slot in mine:
-            owner = self._owned.get(proc)
-            if owner is None:
+        for proc in mine:
+            if proc not in self._owned:
                 continue  # released by a report
-            self._disown(proc, slot, owner[2], thread)
+            self._forget_owner(proc)
             uffd = self._uffds[proc]
             self._loop.add_reader(uffd.fd, self._readable, proc)
             if error == errno.ENOMEM:
@@ -447,9 +447,9 @@ class Executor:
         for piece in self.tracker.process(proc).map:
             self._guard(proc, "wake", functools.partial(uffd.wake, piece.run, piece.length))
 
-    def _disown(self, proc: ProcId, slot: int, token: int, thread: DemandThread) -> None:
-        thread.remove(slot)
-        self._owned.pop(proc, None)
+    def _forget_owner(self, proc: ProcId) -> None:
+        """The demand thread no longer reads ``proc``'s uffd (the caller removed it)."""
+        _, _, token = self._owned.pop(proc)
         self._tokens.pop(token, None)
         uffd = self._uffds.get(proc)
         if uffd is not None:
@@ -671,7 +671,8 @@ class Executor:
             fast[1].close()
         owner = self._owned.get(action.proc)
         if owner is not None:
-            self._disown(action.proc, owner[1], owner[2], owner[0])
+            owner[0].remove(owner[1])
+            self._forget_owner(action.proc)
         tree = self._tree_of.get(action.proc)
         uffd = self._uffds.pop(action.proc, None)
         if uffd is not None:
