@@ -1380,18 +1380,22 @@ static void *demander_main(void *arg)
         if (n < 0)
             break;
         size_t nb = 0;
+        for (int i = 0; i < n; i++)
+            if (evs[i].data.u64 == UINT64_MAX) {
+                /* consumed before stop is read: a post after this read stays pending
+                   for the next epoll_wait, one before it set stop first */
+                uint64_t counter;
+                ssize_t r = read(d->ctl_efd, &counter, sizeof counter);
+                (void)r;
+            }
         pthread_mutex_lock(&d->lock);
         if (d->stop) {
             pthread_mutex_unlock(&d->lock);
             break;
         }
         for (int i = 0; i < n; i++) {
-            if (evs[i].data.u64 == UINT64_MAX) {
-                uint64_t counter;
-                ssize_t r = read(d->ctl_efd, &counter, sizeof counter);
-                (void)r;
+            if (evs[i].data.u64 == UINT64_MAX)
                 continue;
-            }
             struct demand_proc *p = &d->procs[evs[i].data.u64];
             if (p->fd < 0 || p->paused || p->busy)
                 continue;
