@@ -102,6 +102,7 @@ async def serving(
     fast_lane: bool = True,
     bulk_rate: int | None = None,
     bulk_worker: bool = False,
+    urgent_thread: bool = True,
 ) -> AsyncIterator[PageServer]:
     """A started PageServer; always stopped (grace 0) when the block ends. Bulk
     chunks on the fast lane are ``chunk_size`` too unless ``bulk_chunk_size`` says."""
@@ -114,6 +115,7 @@ async def serving(
         fast_lane=fast_lane,
         bulk_rate=bulk_rate,
         bulk_worker=bulk_worker,
+        urgent_thread=urgent_thread,
     )
     await server.start()
     try:

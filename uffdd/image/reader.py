@@ -222,6 +222,17 @@ class ImageReader:
         """The whole data file, zero-copy and *unverified*: check :attr:`verified`."""
         return self._view
 
+    @property
+    def chunk_checksums(self) -> tuple[int, ...]:
+        """The stored checksum of each chunk of the data file (empty when the format
+        stores none: a fast path must not serve such an image's data itself)."""
+        return self._checksums
+
+    def data_fileno(self) -> int:
+        """The data file's descriptor: a fast path checks its size before it trusts a
+        chunk it verifies itself, as :meth:`data` does."""
+        return self._file.fileno()
+
     def data_extents(self) -> tuple[Extent, ...]:
         """Every DATA extent (image address, length, data offset), in address order."""
         return tuple(e for e in self._extents if e.kind is ExtentKind.DATA)

@@ -190,5 +190,39 @@ class _Lib:
         arg: _cffi_backend.FFI.CData,
         /,
     ) -> int: ...
+    UFFDD_ANS_ZERO: int
+    UFFDD_HB_DECLINED: int
+    UFFDD_HB_FULL: int
+    UFFDD_HB_UNKNOWN: int
+    def uffdd_answerer_new(
+        self, hash: _cffi_backend.FFI.CData, chunk_size: int, max_length: int, max_conns: int, /
+    ) -> _cffi_backend.FFI.CData: ...
+    def uffdd_answerer_efd(self, answerer: _cffi_backend.FFI.CData, /) -> int: ...
+    def uffdd_answerer_image(
+        self,
+        answerer: _cffi_backend.FFI.CData,
+        image_id: bytes,
+        id_len: int,
+        page_size: int,
+        chunk_size: int,
+        data: _cffi_backend.FFI.CData,
+        data_size: int,
+        verified: _cffi_backend.FFI.CData,
+        checksums: _cffi_backend.FFI.CData,
+        nchunks: int,
+        data_fd: int,
+        extents: _cffi_backend.FFI.CData,
+        nextents: int,
+        /,
+    ) -> int: ...
+    def uffdd_answerer_add(
+        self, answerer: _cffi_backend.FFI.CData, fd: int, token: int, data: bytes, length: int, /
+    ) -> int: ...
+    def uffdd_answerer_take(
+        self, answerer: _cffi_backend.FFI.CData, out: _cffi_backend.FFI.CData, n: int, /
+    ) -> int: ...
+    def uffdd_answerer_live(self, answerer: _cffi_backend.FFI.CData, /) -> int: ...
+    def uffdd_answerer_drain(self, answerer: _cffi_backend.FFI.CData, /) -> int: ...
+    def uffdd_answerer_free(self, answerer: _cffi_backend.FFI.CData, /) -> None: ...
 
 lib: _Lib

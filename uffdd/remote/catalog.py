@@ -8,6 +8,7 @@ caller decides how to deliver it (abort a unary call, or an in-band error chunk)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +55,8 @@ class ImageCatalog:
     def __init__(self, root: Path, *, max_request_length: int = DEFAULT_MAX_REQUEST_LENGTH):
         self.root = root
         self.max_request_length = max_request_length
+        self._opened: dict[str, ImageReader] = {}
+        self._watchers: list[Callable[[ImageReader], None]] = []
         self._store: _Images
         if (root / "pstree.img").is_file():
             from uffdd.criu.catalog import CriuImages  # noqa: PLC0415 - only for CRIU dirs
@@ -68,11 +71,23 @@ class ImageCatalog:
     def image(self, image_id: str) -> ImageReader:
         """The open image; RequestError(NOT_FOUND) if the store does not hold it."""
         try:
-            return self._store.open(image_id)
+            reader = self._store.open(image_id)
         except ImageNotFound as exc:  # includes ids that cannot name an image ("../x")
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"no image {image_id!r}") from exc
         except ImageError as exc:
             raise RequestError(grpc.StatusCode.DATA_LOSS, f"image {image_id!r}: {exc}") from exc
+        if self._opened.get(image_id) is not reader:
+            self._opened[image_id] = reader
+            for watcher in self._watchers:
+                watcher(reader)
+        return reader
+
+    def watch(self, opened: Callable[[ImageReader], None]) -> None:
+        """Call ``opened`` with every image this catalog has opened, and from now on
+        with each one it opens (the fast lane's C answerer serves only those it knows)."""
+        self._watchers.append(opened)
+        for reader in list(self._opened.values()):
+            opened(reader)
 
     def resolve(self, image_id: str, address: int, length: int) -> ResolvedRange:
         """Check a request for [address, address + length) of ``image_id``."""
@@ -108,4 +123,6 @@ class ImageCatalog:
         return ResolvedRange(image, extents)
 
     def close(self) -> None:
+        self._watchers.clear()
+        self._opened.clear()
         self._store.close()

@@ -100,6 +100,13 @@ async def _serve(server: PageServer, grace: float, ready_file: Path | None) -> N
     "so urgent requests get the CPU first (not with TLS or --bulk-rate-limit).",
 )
 @click.option(
+    "--urgent-thread/--no-urgent-thread",
+    default=True,
+    show_default=True,
+    help="Answer the fast lane's urgent requests on a C thread of their own, without "
+    "Python on the way (not with TLS; anything it does not serve goes to the event loop).",
+)
+@click.option(
     "--bulk-nice",
     type=click.IntRange(0, 19),
     default=DEFAULT_NICE,
@@ -138,6 +145,7 @@ def page_server(
     bulk_chunk_size: int,
     bulk_worker: bool,
     bulk_nice: int,
+    urgent_thread: bool,
     bulk_rate_limit: str | None,
     fast_lane: bool,
     ready_file: Path | None,
@@ -166,6 +174,7 @@ def page_server(
             bulk_chunk_size=bulk_chunk_size,
             bulk_worker=bulk_worker,
             bulk_nice=bulk_nice,
+            urgent_thread=urgent_thread,
             bulk_rate=bulk_rate,
             fast_lane=fast_lane,
         )

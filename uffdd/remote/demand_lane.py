@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import importlib.util
 import os
 import socket
 import struct
@@ -42,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from uffdd.core.wire import MSG_SIZE
 from uffdd.kernel._uffd_ffi import ffi, lib
+from uffdd.kernel.native_hash import XXH3_64BITS
 from uffdd.kernel.uffd import range_array
 from uffdd.log import get_logger
 from uffdd.remote import fastlane_thread
@@ -58,21 +57,6 @@ MAX_PROCESSES = 4096
 
 _TAKE = 64
 _log = get_logger("uffdd.remote.demand_lane")
-
-
-def _xxh3_function() -> Any:
-    """XXH3_64bits from the xxhash package's own extension: the checksum the page
-    server computes (``image.format.checksum``), callable from C without the GIL."""
-    spec = importlib.util.find_spec("xxhash._xxhash")
-    origin = spec.origin if spec is not None else None
-    assert origin is not None, "the xxhash package has no extension"
-    library = ctypes.CDLL(origin)
-    address = ctypes.cast(library.XXH3_64bits, ctypes.c_void_p).value
-    assert address is not None
-    return ffi.cast("uffdd_hash_fn", address)
-
-
-_XXH3 = _xxh3_function()
 
 
 class DemandLane:
@@ -158,7 +142,7 @@ class DemandThread:
     def __init__(self, lane: DemandLane, around: int, installer: Any) -> None:
         self.lane = lane
         handle = lib.uffdd_demander_new(
-            lane.take(), _XXH3, around, MAX_PROCESSES, installer or ffi.NULL
+            lane.take(), XXH3_64BITS, around, MAX_PROCESSES, installer or ffi.NULL
         )
         if handle == ffi.NULL:
             err = ffi.errno

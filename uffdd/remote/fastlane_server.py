@@ -8,7 +8,9 @@ The fast lane answers the same requests with the same checks (ImageCatalog.resol
 and the same chunks (chunking.RangeCursor), written from the image's mmap with fixed
 binary headers (fastlane_wire), on the page server's own event loop, urgent ahead of
 bulk. gRPC stays the API; this is an optional shortcut a client finds through
-ListImages.
+ListImages. Where a connection goes is decided by its first frame: a bulk fetch to the
+bulk worker process (bulk_worker.py), an urgent one to the C answerer thread
+(urgent_answerer.py), each of which may give it back; TLS connections stay here.
 
 Memory is bounded: a frame's image id is at most 1 KiB, at most MAX_QUEUED requests
 are parsed ahead, and nothing more is read while the transport's write buffer is above
@@ -36,6 +38,7 @@ from uffdd.remote.catalog import RequestError
 from uffdd.remote.chunking import RangeCursor, log_refusal
 from uffdd.remote.fastlane_wire import tcp_host, unix_path
 from uffdd.remote.service import PageService
+from uffdd.remote.urgent_answerer import UrgentAnswerer
 
 if TYPE_CHECKING:
     from uffdd.remote.bulk_worker import BulkWorker
@@ -70,7 +73,14 @@ class Connection(asyncio.Protocol):
     read before the next bulk chunk is written, and waits behind one chunk at most.
     """
 
-    def __init__(self, lane: FastLaneServer, *, initial: bytes = b"") -> None:
+    def __init__(
+        self,
+        lane: FastLaneServer,
+        *,
+        initial: bytes = b"",
+        settled: bool = False,
+        return_when_known: str | None = None,
+    ) -> None:
         self._lane = lane
         self._service = lane.service
         self._initial = initial  # bytes read by the process that handed this over
@@ -86,7 +96,12 @@ class Connection(asyncio.Protocol):
         self._reading = True
         self._draining = False  # shutting down: answer what is queued, read nothing new
         self._closing = False
-        self._fresh = True  # no request frame seen yet: may go to the bulk worker
+        # No request frame seen yet: may go to the bulk worker or the urgent answerer
+        # (not once one of them gave it back: settled).
+        self._fresh = not settled
+        # Given back by the urgent answerer for this image only: back to it once the
+        # image is registered and nothing is queued or unsent here.
+        self._return_when_known = return_when_known
         self._peer = ""
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -125,24 +140,44 @@ class Connection(asyncio.Protocol):
             if len(self._buffer) < len(wire.BULK_MAGIC):
                 return
             self._fresh = False
-            if self._buffer.startswith(wire.BULK_MAGIC) and self._hand_over():
+            if self._hand_over():
                 return
         self._run()
 
     def _hand_over(self) -> bool:
-        """Give this bulk connection to the bulk worker, if there is one to take it."""
-        worker = self._lane.bulk_worker
+        """Give this connection to the bulk worker (its first frame is a bulk fetch) or
+        to the urgent answerer (an urgent one), if there is one to take it."""
+        bulk = self._buffer.startswith(wire.BULK_MAGIC)
+        taker = self._lane.bulk_worker if bulk else self._lane.urgent_answerer
+        if not bulk and not self._buffer.startswith(wire.MAGIC):
+            taker = None  # garbage, or a cancel first: the loop answers (or refuses) it
+        return taker is not None and self._give_to(taker)
+
+    def _give_to(self, taker: BulkWorker | UrgentAnswerer) -> bool:
         transport = self._transport
         sock = None if transport is None else transport.get_extra_info("socket")
-        if worker is None or sock is None or not worker.take(sock.fileno(), bytes(self._buffer)):
+        if sock is None or not taker.take(sock.fileno(), bytes(self._buffer)):
             return False
-        # The worker holds the socket now; closing our descriptor leaves it open.
+        # The taker holds the socket now; closing our descriptor leaves it open.
         self._closing = True
         self._buffer.clear()
         self._lane.connections.discard(self)
         assert transport is not None
         transport.abort()
         return True
+
+    def _return_if_known(self) -> None:
+        image_id = self._return_when_known
+        answerer = self._lane.urgent_answerer
+        transport = self._transport
+        if image_id is None or answerer is None or transport is None or self._closing:
+            return
+        if not answerer.knows(image_id) or not self.idle or self._buffer or self._bulk:
+            return
+        if transport.get_write_buffer_size():
+            return  # the thread's frames must not overtake ours: at a later turn
+        self._return_when_known = None
+        self._give_to(answerer)
 
     def eof_received(self) -> bool | None:
         if self._buffer:
@@ -182,6 +217,7 @@ class Connection(asyncio.Protocol):
         if self._bulk and self._bulk_turn is None and not (self._paused or self._closing):
             self._bulk_turn = self._loop.call_soon(self._bulk_step)
         self._update_reading()
+        self._return_if_known()
 
     def _update_reading(self) -> None:
         if self._transport is None or self._closing:
@@ -387,21 +423,29 @@ class FastLaneServer:
         service: PageService,
         ssl_context: ssl.SSLContext | None,
         bulk_worker: BulkWorker | None = None,
+        *,
+        urgent_thread: bool = False,
     ) -> None:
         self.service = service
         self.ssl_context = ssl_context
         self.bulk_worker = bulk_worker
         """Where bulk connections go (None: they are served here)."""
+        self._urgent_thread = urgent_thread and ssl_context is None
+        self.urgent_answerer: UrgentAnswerer | None = None
+        """Where urgent connections go once listening (None: they are served here)."""
         self.connections: set[Connection] = set()
         self.addresses: list[str] = []
         self.stopping = False
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
+        self._adopting: set[asyncio.Task[None]] = set()
 
     async def listen(self, grpc_listen: str) -> list[str]:
         """Open the fast lane that goes with the gRPC listener ``grpc_listen``; returns
         the addresses to advertise (none for a listener kind it cannot serve)."""
         loop = asyncio.get_running_loop()
+        if self._urgent_thread and self.urgent_answerer is None:
+            self._start_answerer()
         path = unix_path(grpc_listen)
         try:
             if path is not None:
@@ -426,6 +470,33 @@ class FastLaneServer:
         self.addresses += found
         return found
 
+    def _start_answerer(self) -> None:
+        try:
+            self.urgent_answerer = UrgentAnswerer(
+                self.service.catalog, chunk_size=self.service.chunk_size, hand_back=self._adopt
+            )
+        except OSError as exc:  # the loop answers urgent requests itself, as before
+            _log.warning("no urgent answerer thread", error=str(exc))
+
+    def _adopt(self, sock: socket.socket, initial: bytes, unknown_image: str | None) -> None:
+        """Serve on the loop a connection the urgent answerer gave back."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._connect(sock, initial, unknown_image))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _connect(
+        self, sock: socket.socket, initial: bytes, unknown_image: str | None
+    ) -> None:
+        def connection() -> Connection:
+            return Connection(self, initial=initial, settled=True, return_when_known=unknown_image)
+
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(connection, sock)
+        except OSError as exc:
+            _log.warning("fast lane: could not take a connection back", error=str(exc))
+            sock.close()
+
     async def _stop_accepting(self) -> None:
         """Take no new connections, and let those already accepted attach first.
 
@@ -448,11 +519,17 @@ class FastLaneServer:
             server.close()
         for connection in list(self.connections):
             connection.stop_reading()
+        answerer = self.urgent_answerer
         deadline = asyncio.get_running_loop().time() + (grace or 0)
-        while any(not c.idle for c in self.connections):
+        while any(not c.idle for c in self.connections) or (answerer and answerer.drain()):
             if asyncio.get_running_loop().time() >= deadline:
                 break
             await asyncio.sleep(0.01)
+        if answerer is not None:
+            answerer.close()
+            self.urgent_answerer = None
+        for task in list(self._adopting):
+            task.cancel()
         for connection in list(self.connections):
             connection.shut()
         for server in self._servers:

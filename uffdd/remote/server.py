@@ -87,6 +87,7 @@ class PageServer:
         fast_lane: bool = True,
         bulk_worker: bool = False,
         bulk_nice: int = DEFAULT_NICE,
+        urgent_thread: bool = True,
     ) -> None:
         if not listen:
             raise ConfigError("the page server needs at least one address to listen on")
@@ -104,6 +105,7 @@ class PageServer:
         self.addresses: list[str] = []
         self.fast_lane_addresses: list[str] = []
         self._fast_lane_enabled = fast_lane
+        self._urgent_thread = urgent_thread
         self.fast_lane: FastLaneServer | None = None
         # A second process for the fast lane's bulk connections (bulk_worker.py); an
         # SSL session cannot move there, and one bucket must see all rate-limited bulk.
@@ -166,7 +168,10 @@ class PageServer:
         if self.bulk_worker is not None:
             await self.bulk_worker.start()
         lane = self.fast_lane = FastLaneServer(
-            self.service, None if self.tls is None else self.tls.ssl_context(), self.bulk_worker
+            self.service,
+            None if self.tls is None else self.tls.ssl_context(),
+            self.bulk_worker,
+            urgent_thread=self._urgent_thread,
         )
         for listen in self.listen:
             self.fast_lane_addresses += await lane.listen(listen)
