@@ -1,7 +1,7 @@
 """Page server benchmark: bulk throughput and urgent latency, against references.
 
 Run: ``python bench/bench_page_server.py [--size 1GiB] [--transport tcp,unix]
-[--fast-lane all,urgent,off]``.
+[--fast-lane all,urgent,off] [--urgent 4000] [--per-round 200] [--urgent-thread on,off]``.
 
 Why these numbers: the daemon's background sweep needs bulk throughput (compared with
 a plain read() of the same data file, in the same run, so the machine's speed cancels
@@ -13,12 +13,41 @@ Targets: bulk >= 1 GiB/s over loopback; urgent p99 under bulk <= 2x urgent p99 a
 server's raw sockets, ``urgent`` only urgent ones (bulk on gRPC, the client before
 bulk moved), ``off`` everything over gRPC: side by side in one run they show what each
 lane saves.
+
+How urgent latency is measured: in many short rounds (``--per-round`` requests per
+condition, until each condition has ``--urgent``), each round urgent requests alone,
+then under a bulk sweep started fresh (given FILL_S to fill the pipe), stopped at the
+round's end. Why so fine: this VM's speed drifts over seconds (a halted vCPU takes ~70
+us or more to wake, neighbours come and go), and a p99 is made by its slowest spells;
+with a few long rounds one spell could land on one condition only and flip the ratio
+from one run to the next. Fine rounds spread every spell over both. The p50/p99 are
+plain percentiles over all samples of a condition; the spread of the per-round p99
+ratios is printed beside them to show how much a single round can swing.
+
+Three probes make the urgent round trips, one after the other in each round and
+condition (under bulk while the same sweep still runs), as many each:
+
+* ``urgent, uffdd client``: ``PageClient.fetch`` on this process's event loop, which
+  also takes the sweep's chunks (what a Python program using the client sees);
+* ``urgent, C client``: ``bench/c/roundtrip.c fastlane``, the same 4 KiB UFL1 fetches
+  from a C process on the page server's fast lane, as the daemon's demand thread
+  sends them: the page server's own latency, no Python client around it;
+* ``C pair, no uffdd``: ``roundtrip.c tcp|unix``, a 16-byte request and a 32 +
+  4096-byte answer between two C processes over the same kind of socket (loopback TCP
+  with TCP_NODELAY, or a Unix socket). Its ratio under bulk / alone is the machine's
+  own under the same load: the part of a ratio that no page server could remove.
+
+The C programs are compiled here by ``suite.build`` and inherit this process's short
+scheduler slice, as the page server's threads have one. ``--urgent-thread on,off``
+runs each configuration against a page server answering urgent requests on its C
+thread and against one answering them on its event loop (the previous version).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -27,8 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import xxhash
@@ -44,13 +72,19 @@ from uffdd.remote.client import Chunk, PageClient
 from uffdd.remote.convert import Priority
 from uffdd.v1 import pages_pb2
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from suite.build import build_roundtrip
+
 GiB = 1024**3
 MiB = 1024**2
 PAGE = 4096
 BASE = 0x7F0000000000
 IMAGE_ID = "bench"
 _UNITS = {"k": 1024, "m": MiB, "g": GiB}
-ROUNDS = 4
+FILL_S = 0.15
+"""How long each round's sweep runs before the samples under bulk: long enough to fill
+the client's window (32 MiB at ~2 GiB/s takes ~16 ms) and the socket buffers."""
 
 
 def per_call_us(action: Callable[[], object], repeat: int = 200) -> float:
@@ -116,8 +150,12 @@ def plain_read_gib_s(path: Path) -> float:
     return best
 
 
-@contextmanager
-def page_server(root: Path, listen: str, chunk_size: int, scratch: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def page_server(
+    root: Path, listen: str, chunk_size: int, scratch: Path, *, urgent_thread: bool
+) -> Iterator[tuple[str, str | None]]:
+    """``uffdd page-server`` in its own process: yields its gRPC address and its first
+    fast lane's (None without one)."""
     ready = scratch / f"ready-{time.monotonic_ns()}.json"
     process = subprocess.Popen(
         [
@@ -125,6 +163,7 @@ def page_server(root: Path, listen: str, chunk_size: int, scratch: Path) -> Iter
             "from uffdd.remote.commands import page_server; page_server()",
             "--images", str(root), "--listen", listen, "--ready-file", str(ready),
             "--chunk-size", str(chunk_size), "--log-level", "warning", "--grace", "0",
+            "--urgent-thread" if urgent_thread else "--no-urgent-thread",
         ]
     )  # fmt: skip
     try:
@@ -133,7 +172,8 @@ def page_server(root: Path, listen: str, chunk_size: int, scratch: Path) -> Iter
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("page server did not start")
             time.sleep(0.02)
-        yield json.loads(ready.read_text())["addresses"][0]
+        found = json.loads(ready.read_text())
+        yield found["addresses"][0], (found["fast_lane_addresses"] or [None])[0]
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -200,8 +240,9 @@ async def bulk_throughput(client: PageClient, size: int, request: int) -> float:
     return size / elapsed / GiB
 
 
-async def urgent_latencies(client: PageClient, size: int, count: int) -> list[float]:
-    rng = random.Random(42)
+async def urgent_latencies(
+    client: PageClient, size: int, count: int, rng: random.Random
+) -> list[float]:
     latencies = []
     for _ in range(count):
         address = BASE + rng.randrange(size // PAGE) * PAGE
@@ -209,6 +250,54 @@ async def urgent_latencies(client: PageClient, size: int, count: int) -> list[fl
         await client.fetch(IMAGE_ID, ImageAddr(address), PAGE, Priority.URGENT).read_all()
         latencies.append(time.perf_counter() - started)
     return latencies
+
+
+class RoundTrip:
+    """The C round-trip reference (``bench/c/roundtrip.c``): one process and its server.
+
+    Asked over its stdin for N round trips, it answers with one line of N latencies in
+    nanoseconds; the event loop keeps serving the bulk sweep meanwhile.
+    """
+
+    def __init__(self, requests: asyncio.StreamWriter, answers: asyncio.StreamReader) -> None:
+        self.requests = requests
+        self.answers = answers
+
+    async def latencies(self, count: int) -> list[float]:
+        self.requests.write(f"{count}\n".encode())
+        await self.requests.drain()
+        line = await self.answers.readline()
+        values = [int(field) / 1e9 for field in line.split()]
+        if len(values) != count:
+            raise RuntimeError(f"the C round trip answered {line[:200]!r}")
+        return values
+
+
+@contextlib.asynccontextmanager
+async def round_trip(program: Path, *where: str) -> AsyncIterator[RoundTrip]:
+    """Run ``bench/c/roundtrip`` with ``where`` (its mode and arguments)."""
+    process = await asyncio.create_subprocess_exec(
+        program,
+        *where,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        limit=16 * MiB,
+    )
+    requests, answers = process.stdin, process.stdout
+    try:
+        if requests is None or answers is None or await answers.readline() != b"ready\n":
+            raise RuntimeError("the C round trip did not start")
+        yield RoundTrip(requests, answers)
+    finally:
+        if requests is not None:
+            requests.close()  # EOF: it closes the connection and reaps its server
+        try:
+            await asyncio.wait_for(process.wait(), timeout=10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"the C round trip exited with {process.returncode}")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -231,6 +320,36 @@ async def wait_fast_lane(client: PageClient, bulk: bool) -> None:
     raise RuntimeError("the fast lane did not connect")
 
 
+Probe = Callable[[int], Awaitable[list[float]]]
+"""Makes N sequential urgent round trips; returns their latencies in seconds."""
+
+
+class Samples:
+    """One probe's latencies alone and under bulk, and the bulk rate while it ran."""
+
+    def __init__(self) -> None:
+        self.alone: list[float] = []
+        self.loaded: list[float] = []
+        self.bulk_during: list[float] = []
+        self.round_ratios: list[float] = []
+
+    def add_round(self, alone: list[float], loaded: list[float], bulk: float) -> None:
+        self.alone += alone
+        self.loaded += loaded
+        self.bulk_during.append(bulk)
+        self.round_ratios.append(percentile(loaded, 0.99) / percentile(alone, 0.99))
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "bulk_during": statistics.mean(self.bulk_during),
+            "alone_p50": statistics.median(self.alone),
+            "alone_p99": percentile(self.alone, 0.99),
+            "loaded_p50": statistics.median(self.loaded),
+            "loaded_p99": percentile(self.loaded, 0.99),
+            **spread("round_ratio", self.round_ratios),
+        }
+
+
 async def run_transport(
     target: str,
     size: int,
@@ -239,8 +358,14 @@ async def run_transport(
     lanes: int,
     window: int,
     urgent_count: int,
+    per_round: int,
     fast_lane: str,
-) -> dict[str, float]:
+    references: dict[str, RoundTrip],
+) -> dict[str, dict[str, float]]:
+    """Bulk throughput, then the rounds; per probe (uffdd's client, then each C
+    reference in ``references``) its summary, and "bulk" the throughput."""
+    started_config = time.perf_counter()
+    rng = random.Random(42)
     async with PageClient(
         target,
         lanes=lanes,
@@ -254,84 +379,157 @@ async def run_transport(
             await wait_fast_lane(client, bulk=fast_lane == "all")
         await bulk_throughput(client, min(size, 256 * MiB), request)  # warm up
         bulk = max([await bulk_throughput(client, size, request) for _ in range(2)])
-        await urgent_latencies(client, size, 200)  # warm up
-        # Alternate idle and loaded rounds so that anything else running on the machine
-        # disturbs both samples alike.
-        alone: list[float] = []
-        loaded: list[float] = []
-        bulk_during: list[float] = []
-        per_round = max(1, urgent_count // ROUNDS)
-        for _ in range(ROUNDS):
-            alone += await urgent_latencies(client, size, per_round)
+
+        async def uffdd_client(count: int) -> list[float]:
+            return await urgent_latencies(client, size, count, rng)
+
+        probes: dict[str, Probe] = {"uffdd": uffdd_client}
+        probes |= {name: ref.latencies for name, ref in references.items()}
+        for probe in probes.values():
+            await probe(200)  # warm up
+        # Many short rounds, each: every probe alone, then every probe under a fresh
+        # sweep. A slow spell of the VM (they last seconds) falls on both conditions.
+        samples = {name: Samples() for name in probes}
+        rounds = max(1, -(-urgent_count // per_round))
+        # The client holds bulk requests beyond its window, so two more than the window
+        # takes keep it full; more would only lengthen each round's drain at the end.
+        depth = window // request + 2
+        for _ in range(rounds):
+            alone = {name: await probe(per_round) for name, probe in probes.items()}
             sweep = BulkSweep(client, size, request, loop=True)
-            sweep.start(depth=64)
-            await asyncio.sleep(0.3)  # let the sweep fill the pipe
-            received_before = sweep.received
-            started = time.perf_counter()
-            loaded += await urgent_latencies(client, size, per_round)
-            elapsed = time.perf_counter() - started
-            bulk_during.append((sweep.received - received_before) / elapsed / GiB)
+            sweep.start(depth=depth)
+            await asyncio.sleep(FILL_S)  # let the sweep fill the pipe
+            for name, probe in probes.items():
+                received_before = sweep.received
+                started = time.perf_counter()
+                loaded = await probe(per_round)
+                rate = (sweep.received - received_before) / (time.perf_counter() - started)
+                samples[name].add_round(alone[name], loaded, rate / GiB)
             sweep.stop()
             await sweep.finished.wait()
             if sweep.errors:
                 raise RuntimeError(f"bulk sweep failed: {sweep.errors[0]}")
-    return {
+    results = {name: found.summary() for name, found in samples.items()}
+    results["run"] = {
         "bulk": bulk,
-        "bulk_during": statistics.mean(bulk_during),
-        "alone_p50": statistics.median(alone),
-        "alone_p99": percentile(alone, 0.99),
-        "loaded_p50": statistics.median(loaded),
-        "loaded_p99": percentile(loaded, 0.99),
+        "rounds": rounds,
+        "per_round": per_round,
+        "seconds": time.perf_counter() - started_config,
+    }
+    return results
+
+
+def spread(name: str, values: list[float]) -> dict[str, float]:
+    quartiles = (
+        statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    )
+    return {
+        f"{name}_min": min(values),
+        f"{name}_q1": quartiles[0],
+        f"{name}_median": statistics.median(values),
+        f"{name}_q3": quartiles[2],
+        f"{name}_max": max(values),
     }
 
 
+PROBES = {
+    "uffdd": "urgent, uffdd client",
+    "fast lane": "urgent, C client",
+    "pair": "C pair, no uffdd",
+}
+"""How each probe is labelled: uffdd's PageClient, a C client on the page server's
+fast lane (what the daemon's demand thread sees), and the C ping-pong reference."""
+
+
 def report(
-    transport: str, lanes: int, fast_lane: str, result: dict[str, float], reference: float
+    transport: str,
+    lanes: int,
+    fast_lane: str,
+    thread: bool,
+    results: dict[str, dict[str, float]],
+    reference: float,
 ) -> None:
     urgent = {
         "all": "urgent and bulk on the fast lane",
         "urgent": "urgent on the fast lane, bulk on gRPC",
         "off": "urgent and bulk on gRPC",
     }[fast_lane]
-    print(f"\n[{transport}, {lanes} gRPC lane{'s' if lanes > 1 else ''}, {urgent}]")
+    answered = "urgent answers on the C thread" if thread else "urgent answers on the loop"
+    if fast_lane == "off":
+        answered = "no fast lane"
+    run = results["run"]
+    print(f"\n[{transport}, {lanes} gRPC lane{'s' if lanes > 1 else ''}, {urgent}; {answered}]")
     print(
-        f"  bulk throughput      {result['bulk']:6.2f} GiB/s  "
-        f"({result['bulk'] / reference:.3f}x plain read; target >= 1 GiB/s)"
+        f"  bulk throughput        {run['bulk']:6.2f} GiB/s  "
+        f"({run['bulk'] / reference:.3f}x plain read; target >= 1 GiB/s)"
     )
     print(
-        f"  urgent alone         p50 {fmt_us(result['alone_p50'])}  "
-        f"p99 {fmt_us(result['alone_p99'])}"
+        "  round trip, 4 KiB      alone p50 / p99      under bulk p50 / p99  "
+        "ratio p50 / p99 (target p99 <= 2x)   per-round p99 ratio: min | quartiles | max"
     )
+    for name, result in results.items():
+        if name == "run":
+            continue
+        q = [result[f"round_ratio_{k}"] for k in ("min", "q1", "median", "q3", "max")]
+        print(
+            f"  {PROBES[name]:21s} {fmt_us(result['alone_p50'])} / {fmt_us(result['alone_p99'])}"
+            f"  {fmt_us(result['loaded_p50'])} / {fmt_us(result['loaded_p99'])}"
+            f"   {result['loaded_p50'] / result['alone_p50']:5.2f}x / "
+            f"{result['loaded_p99'] / result['alone_p99']:5.2f}x"
+            f"   (bulk meanwhile {result['bulk_during']:.2f} GiB/s)"
+            f"   {q[0]:.2f} | {q[1]:.2f} {q[2]:.2f} {q[3]:.2f} | {q[4]:.2f}x"
+        )
     print(
-        f"  urgent under bulk    p50 {fmt_us(result['loaded_p50'])}  "
-        f"p99 {fmt_us(result['loaded_p99'])}  "
-        f"(bulk meanwhile {result['bulk_during']:.2f} GiB/s)"
-    )
-    print(
-        f"  ratio under/alone    p50 {result['loaded_p50'] / result['alone_p50']:5.2f}x  "
-        f"p99 {result['loaded_p99'] / result['alone_p99']:5.2f}x  (target p99 <= 2x)",
+        f"  ({run['rounds']:.0f} rounds of {run['per_round']:.0f} per probe and condition; "
+        f"{run['seconds']:.0f} s)",
         flush=True,
     )
 
 
-async def run_all(args: argparse.Namespace, scratch: Path, size: int, reference: float) -> None:
+async def open_references(
+    stack: contextlib.AsyncExitStack,
+    program: Path,
+    fast_address: str | None,
+    size: int,
+    pair: list[str],
+) -> dict[str, RoundTrip]:
+    """The C probes: a C client of the fast lane (when there is one), the C pair."""
+    references = {}
+    if fast_address is not None:
+        lane = ["fastlane", fast_address, IMAGE_ID, str(BASE), str(size)]
+        references["fast lane"] = await stack.enter_async_context(round_trip(program, *lane))
+    references["pair"] = await stack.enter_async_context(round_trip(program, *pair))
+    return references
+
+
+async def run_all(
+    args: argparse.Namespace, scratch: Path, size: int, reference: float, program: Path
+) -> None:
     # one event loop for every client: grpc.aio binds its poller to the first loop
     chunk, request, window = map(parse_size, (args.chunk_size, args.request, args.window))
     for transport in args.transport.split(","):
         listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{scratch}/pages.sock"
-        with page_server(scratch / "images", listen, chunk, scratch) as target:
-            for lanes in map(int, args.lanes.split(",")):
-                for fast in args.fast_lane.split(","):
-                    result = await run_transport(
-                        target,
-                        size,
-                        request=request,
-                        lanes=lanes,
-                        window=window,
-                        urgent_count=args.urgent,
-                        fast_lane=fast,
-                    )
-                    report(transport, lanes, fast, result, reference)
+        pair = ["tcp"] if transport == "tcp" else ["unix", str(scratch / "roundtrip.sock")]
+        for lanes in map(int, args.lanes.split(",")):
+            for fast in args.fast_lane.split(","):
+                for thread in (t == "on" for t in args.urgent_thread.split(",")):
+                    with page_server(
+                        scratch / "images", listen, chunk, scratch, urgent_thread=thread
+                    ) as (target, fast_address):
+                        async with contextlib.AsyncExitStack() as stack:
+                            lane = fast_address if fast != "off" else None
+                            results = await run_transport(
+                                target,
+                                size,
+                                request=request,
+                                lanes=lanes,
+                                window=window,
+                                urgent_count=args.urgent,
+                                per_round=args.per_round,
+                                fast_lane=fast,
+                                references=await open_references(stack, program, lane, size, pair),
+                            )
+                    report(transport, lanes, fast, thread, results, reference)
 
 
 def main() -> None:
@@ -347,9 +545,24 @@ def main() -> None:
         default="all,urgent,off",
         help="requests over the fast lane: all, urgent (bulk on gRPC), off; comma-separated",
     )
-    parser.add_argument("--urgent", type=int, default=2000, help="urgent requests per run")
+    parser.add_argument(
+        "--urgent",
+        type=int,
+        default=4000,
+        help="urgent requests per condition (alone, under bulk) and configuration",
+    )
+    parser.add_argument(
+        "--per-round", type=int, default=200, help="urgent requests per condition per round"
+    )
+    parser.add_argument(
+        "--urgent-thread",
+        default="on",
+        help="the page server's urgent answers on its C thread (on) or its loop (off), "
+        "or both side by side (on,off): the previous version in the same run",
+    )
     args = parser.parse_args()
     size = parse_size(args.size)
+    program = build_roundtrip()
 
     with tempfile.TemporaryDirectory(prefix="uffdd-bench-") as scratch_name:
         scratch = Path(scratch_name)
@@ -360,13 +573,15 @@ def main() -> None:
         print(f"reference: plain read() of {DATA_NAME}: {reference:.2f} GiB/s")
         print(
             f"settings: chunk {args.chunk_size}, bulk request {args.request}, "
-            f"window {args.window}, {args.urgent} urgent 4 KiB requests per run",
+            f"window {args.window}, {args.urgent} urgent 4 KiB requests per condition "
+            f"in rounds of {args.per_round}, as many from each C probe",
             flush=True,
         )
         codec_costs(parse_size(args.chunk_size))
         keep_freed_memory()  # the client side as the daemon runs it: warm buffers,
         short_slice()  # and a short slice for the loop's thread
-        asyncio.run(run_all(args, scratch, size, reference))
+        asyncio.run(run_all(args, scratch, size, reference, program))
+        print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,11 @@ def main() -> None:
         action="store_true",
         help="experiment: every install on the daemon's loop (install_thread = false)",
     )
+    parser.add_argument(
+        "--no-urgent-thread",
+        action="store_true",
+        help="experiment: the page server answers urgent requests on its event loop",
+    )
     args = parser.parse_args()
     names = [n.strip() for n in args.scenario.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -86,6 +91,9 @@ def main() -> None:
     if args.no_demand_lane:
         services.DAEMON_ARGS.append("--no-demand-lane")
         print("experiment: daemon demand_lane = false")
+    if args.no_urgent_thread:
+        services.PAGE_SERVER_ARGS.append("--no-urgent-thread")
+        print("experiment: page server urgent_thread = off")
     if args.profile is not None:
         if not (shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists()):
             parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")

@@ -54,3 +54,11 @@ def build(build_dir: Path = BUILD_DIR) -> Built:
         remoteref=_compile(C_DIR / "remoteref.c", build_dir / "remoteref", "-pthread"),
         faulter=_compile(C_DIR / "faulter.c", build_dir / "libfaulter.so", "-shared", "-fPIC"),
     )
+
+
+def build_roundtrip(build_dir: Path = BUILD_DIR) -> Path:
+    """Build (or reuse) the round-trip reference of ``bench_page_server.py`` alone.
+
+    Apart from ``build()`` because that benchmark needs none of the other programs.
+    """
+    return _compile(C_DIR / "roundtrip.c", build_dir / "roundtrip")

@@ -32,6 +32,8 @@ from suite.stats import Summary
 
 DAEMON_ARGS: list[str] = []
 """Extra daemon_host.py flags for every daemon (``run.py --max-inflight``: experiments)."""
+PAGE_SERVER_ARGS: list[str] = []
+"""Extra ``uffdd page-server`` flags (``run.py --no-urgent-thread``: experiments)."""
 PROFILE: dict[str, Path] = {}
 """``PROFILE["dir"]``, when set (``run.py --profile DIR``): py-spy records every daemon."""
 
@@ -70,7 +72,7 @@ def page_server(workdir: Path, image: BenchImage, *extra: str) -> Iterator[str]:
     ready.unlink(missing_ok=True)
     command = [
         sys.executable, "-m", "uffdd.cli", "page-server", "--images", str(image.root),
-        "--listen", "127.0.0.1:0", "--ready-file", str(ready), *extra,
+        "--listen", "127.0.0.1:0", "--ready-file", str(ready), *PAGE_SERVER_ARGS, *extra,
     ]  # fmt: skip
     with running(command, log) as process:
         wait_for(ready, process, log)
