@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "refcommon.h"
+#include "sockets.h"
 
 #define SWEEP_DEPTH 4
 
@@ -50,39 +51,6 @@ struct request {
     uint64_t offset;
     uint64_t length;
 };
-
-static int send_all(int sock, const void *data, size_t len)
-{
-    const char *p = data;
-    while (len > 0) {
-        ssize_t put = send(sock, p, len, MSG_NOSIGNAL);
-        if (put < 0 && errno == EINTR)
-            continue;
-        if (put <= 0)
-            return -1;
-        p += put;
-        len -= (size_t)put;
-    }
-    return 0;
-}
-
-/* Returns 1 with len bytes read, 0 at EOF before the first byte, -1 on error. */
-static int recv_all(int sock, void *data, size_t len)
-{
-    char *p = data;
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = recv(sock, p + got, len - got, MSG_WAITALL);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n == 0 && got == 0)
-            return 0;
-        if (n <= 0)
-            return -1;
-        got += (size_t)n;
-    }
-    return 1;
-}
 
 static void no_delay(int sock)
 {
