@@ -1673,6 +1673,7 @@ static int uffdd_installer_guarded_ioctl(struct uffdd_installer *in, int fd,
 #define UFFDD_ANS_IN 4096           /* unparsed request bytes of a connection, at most
                                        (more when its first read held more) */
 #define UFFDD_ANS_TURN (256 * 1024) /* bytes one connection writes before the others */
+#define UFFDD_ANS_FRAMES 64         /* or frames it parses (a flood of cancels) */
 #define UFFDD_ANS_ZERO 1            /* uffdd_ans_extent.kind: known zero (else data) */
 #define UFFDD_HB_DECLINED 0         /* a frame this thread does not answer */
 #define UFFDD_HB_FULL 1             /* no room for the connection */
@@ -1985,10 +1986,20 @@ static int ans_write(struct ans_conn *c, size_t *written)
     return 1;
 }
 
+/* ``c`` had its turn with more to do: again after the others. */
+static void ans_later(struct uffdd_answerer *a, struct ans_conn *c)
+{
+    if (!c->runnable) {
+        c->runnable = 1;
+        a->run[a->nrun++] = (size_t)(c - a->conns);
+    }
+}
+
 /* Answer what ``c`` asks, for one turn. */
 static void ans_run(struct uffdd_answerer *a, struct ans_conn *c, int draining)
 {
     size_t written = 0;
+    int frames = 0;
     for (;;) {
         int w = ans_write(c, &written);
         if (w < 0) {
@@ -2001,10 +2012,7 @@ static void ans_run(struct uffdd_answerer *a, struct ans_conn *c, int draining)
         }
         if (c->active) {
             if (written >= UFFDD_ANS_TURN) {
-                if (!c->runnable) {
-                    c->runnable = 1;
-                    a->run[a->nrun++] = (size_t)(c - a->conns);
-                }
+                ans_later(a, c);
                 return;
             }
             ans_next_piece(a, c);
@@ -2014,13 +2022,19 @@ static void ans_run(struct uffdd_answerer *a, struct ans_conn *c, int draining)
             ans_release(a, c, UFFDD_HB_CLOSE);
             return;
         }
+        if (frames == UFFDD_ANS_FRAMES) {
+            ans_later(a, c);
+            return;
+        }
         int r = ans_parse(a, c);
         if (r < 0) {
             ans_release(a, c, -r - 1);
             return;
         }
-        if (r > 0)
+        if (r > 0) {
+            frames++;
             continue;
+        }
         ssize_t n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, MSG_DONTWAIT);
         if (n > 0) {
             c->in_len += (size_t)n;
@@ -2076,8 +2090,7 @@ static void ans_adopt(struct uffdd_answerer *a)
         memcpy(c->in, add->bytes, add->len);
         c->in_len = add->len;
         free(add->bytes);
-        c->runnable = 1;  /* its first bytes are here already */
-        a->run[a->nrun++] = (size_t)(c - a->conns);
+        ans_later(a, c);  /* its first bytes are here already */
     }
     free(adds);
 }
