@@ -20,6 +20,7 @@ import xxhash
 from page_server_support import (
     PAGE,
     Images,
+    eventually,
     flip_byte,
     make_images,
     run,
@@ -303,7 +304,11 @@ def test_stopping_answers_what_was_accepted_and_leaves_nothing_behind(tmp_path: 
         await server.start()
         stopped = False
         try:
-            assert urgent_threads() == 1
+
+            async def named() -> bool:  # the thread names itself once it runs
+                return urgent_threads() == 1
+
+            await eventually(named)
             async with connect(server) as (reader, writer), connect(server) as (other, out):
                 out.write(frame(9, "nope", 0x1000, PAGE))  # one connection given back
                 assert (await answers(other, 1))[9][0][3] & wire.FLAG_ERROR
