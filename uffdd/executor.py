@@ -341,7 +341,9 @@ class Executor:
         token = self._next_token = self._next_token + 1
         self._loop.remove_reader(uffd.fd)
         try:
-            slot = thread.add(token, uffd.fd, process.image_id, process.fast_ranges())
+            slot = thread.add(
+                token, uffd.fd, process.image_id, process.fast_ranges(), process.zero_ranges()
+            )
         except OSError as exc:
             _log.info("demand thread full; the loop reads this process", proc=proc, error=str(exc))
             self._loop.add_reader(uffd.fd, self._readable, proc)
@@ -417,7 +419,8 @@ class Executor:
         owner = self._owned.get(proc)
         if owner is None:
             return  # released by the batch
-        owner[0].resume(owner[1], self.tracker.process(proc).fast_ranges())
+        process = self.tracker.process(proc)
+        owner[0].resume(owner[1], process.fast_ranges(), process.zero_ranges())
         self._handle(EventsDrained(proc))  # what is still queued, the thread reads
 
     def _drop_demander(self, thread: DemandThread, error: int) -> None:

@@ -4,9 +4,10 @@ installed in C.
 Why here: the thread answers these faults without the core deciding each one, from
 bytes that crossed a socket, while it owns the process's uffd, so what must hold is
 checked end to end on real processes: every byte they read is the image's (or zeros
-after a madvise), a layout change (madvise, mremap, fork) reaches the core before any
-later fault is answered, a chunk with a wrong checksum is never installed, and a lane
-that breaks gives its processes back to the loop. The page server's gRPC side is the
+after a madvise, and known zeros are filled in C too), a layout change (madvise,
+mremap, fork) reaches the core before any later fault is answered, a chunk with a
+wrong checksum is never installed, and a lane that breaks gives its processes back to
+the loop. The page server's gRPC side is the
 real one; its fast lane is served by threads here (whatever answers the demand lane
 must not run on the test's loop, which the executor's work runs on), from the image's
 bytes, honestly or not.
@@ -245,6 +246,28 @@ def test_a_page_removed_after_c_served_it_reads_zeros(tmp_path: Path) -> None:
     run_remote(tmp_path, "honest", body)
 
 
+def test_known_zeros_and_removed_pages_are_zero_filled_in_c(tmp_path: Path) -> None:
+    async def body(h: Harness, lane: ThreadedFastLane) -> None:
+        before = h.process().stats
+        zero_fills, faults = before.zero_fills, before.faults
+        # the image's zero hole (pages 256-511: a ZERO extent), read page after page
+        assert await h.read(h.workload, 300, 40) == bytes(40 * P)
+        # pages removed by madvise before they were ever read
+        await asyncio.to_thread(
+            h.workload.call, "madvise", addr=h.base + 20 * P, length=32 * P, advice=MADV_DONTNEED
+        )
+        assert await h.read(h.workload, 16, 40) == (
+            h.expected(16, 4) + bytes(32 * P) + h.expected(52, 4)
+        )
+        stats = h.process().stats
+        assert stats.faults > faults
+        assert stats.zero_fills == zero_fills, "a zero fault went through the loop"
+        everything = h.expected(0, 20) + bytes(32 * P) + h.expected(52, PAGES - 52)
+        assert await h.read(h.workload, 0, PAGES) == everything
+
+    run_remote(tmp_path, "honest", body)
+
+
 def test_a_chunk_with_a_wrong_checksum_is_never_installed(tmp_path: Path) -> None:
     # the demand lane's answers lie; the page client's own lanes' do not
     async def body(h: Harness, lane: ThreadedFastLane) -> None:
@@ -287,6 +310,28 @@ def test_an_mremap_moves_what_the_thread_serves_to_the_new_address(tmp_path: Pat
         assert await h.read(h.workload, 80, 40) == h.expected(80, 40)
         assert h.executor is not None
         assert ROOT in h.executor.demand_served()
+
+    run_remote(tmp_path, "honest", body)
+
+
+def test_memory_grown_in_place_reads_zeros_a_block_per_fault(tmp_path: Path) -> None:
+    keep = 704
+
+    async def body(h: Harness, lane: ThreadedFastLane) -> None:
+        def mremap(length: int, new_length: int) -> int:
+            reply = h.workload.call("mremap", addr=h.base, length=length, new_length=new_length)
+            return int(reply.result)
+
+        assert await asyncio.to_thread(mremap, PAGES * P, keep * P) == h.base  # the tail goes
+        assert await asyncio.to_thread(mremap, keep * P, PAGES * P) == h.base  # and grows back
+        fills = h.process().stats.zero_fills
+        # never in the image (as brk or mremap grows memory): zeros, filled forward to
+        # the end of each fault-around block, not a page per fault (the block that
+        # crosses the mapping's end takes a few halving tries)
+        assert await h.read(h.workload, keep, PAGES - keep) == bytes((PAGES - keep) * P)
+        filled = h.process().stats.zero_fills - fills
+        assert 0 < filled <= (PAGES - keep) // 16 + 6, filled  # 66 pages: 66 without
+        assert await h.read(h.workload, 0, keep) == h.expected(0, keep)
 
     run_remote(tmp_path, "honest", body)
 

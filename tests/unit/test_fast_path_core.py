@@ -64,6 +64,16 @@ def test_removed_pages_leave_the_fast_ranges_and_the_generation_moves() -> None:
     assert process.fast_ranges() == [(run(0), img(0), 2 * P), (run(4), img(4), 12 * P)]
 
 
+def test_zero_ranges_are_the_known_zero_and_removed_pages_of_base_page_pieces() -> None:
+    tracker = make(data_pages=[0, 1, 2, 5, 6, 15], huge=True)
+    process = tracker.process(R)
+    # the image's zero pages; the huge-page region stays the core's business
+    assert process.zero_ranges() == [(run(3), 2 * P), (run(7), 8 * P)]
+    tracker.handle_uffd(R, [Remove(run(1), run(2))], 1.0)
+    assert process.zero_ranges() == [(run(1), P), (run(3), 2 * P), (run(7), 8 * P)]
+    assert (run(1), img(1), P) not in process.fast_ranges()
+
+
 def test_remap_and_unmap_move_the_fast_ranges_with_the_map() -> None:
     tracker = make()
     process = tracker.process(R)

@@ -96,6 +96,23 @@ def test_a_zero_window_stops_at_data_and_goes_on_past_a_present_page() -> None:
     assert last == ZeroFill(R, last.install_id, run(3), P, P)
 
 
+def test_grown_memory_is_zero_filled_forward_to_the_block_end_short_of_a_piece() -> None:
+    # the lazy region starts at page 2; pages 0-1 and 16 on were never in the image
+    tracker = Tracker(POLICY)
+    data = [(int(img(p)), P) for p in range(14)]
+    tracker.add_process(R, "img", [LazyRegion(run(2), img(0), 14 * P)], data, 0.0)
+    [below] = only(tracker.handle_uffd(R, [PageFault(run(0))], 1.0), ZeroFill)
+    assert below == ZeroFill(R, below.install_id, run(0), 2 * P, P)  # not into page 2
+    [above] = only(tracker.handle_uffd(R, [PageFault(run(17))], 1.1), ZeroFill)
+    assert above == ZeroFill(R, above.install_id, run(17), 3 * P, P)  # to the block's end
+    # a fill the kernel refuses as a whole (past the mapping's end): half as far next
+    # time, down to a page
+    refused = InstallOutcome(R, above.install_id, InstallResult.LAYOUT_CHANGED, 0)
+    assert only(tracker.handle(refused, 1.2), Wake)
+    [shorter] = only(tracker.handle_uffd(R, [PageFault(run(17))], 1.3), ZeroFill)
+    assert shorter == ZeroFill(R, shorter.install_id, run(17), P, P)  # 3 pages -> 1
+
+
 def test_a_deferred_zero_window_resolves_every_waiting_page() -> None:
     tracker, _ = make(data_pages=[])
     # two threads in one window: one fill answers both

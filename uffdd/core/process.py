@@ -14,8 +14,9 @@ process), as interval sets that partition the mapped lazy pages:
 Unmapped pages (GONE) are not in the map at all, and drop out of every set.
 
 A shell may also answer faults itself (a C fast path, for local image data): it asks
-``fast_ranges()`` where image data is the right answer, serves only faults read before
-any other message, and reports what it installed as ``FastServed``.
+``fast_ranges()`` where image data is the right answer (and ``zero_ranges()`` where
+zeros are), serves only faults read before any other message, and reports what it
+installed as ``FastServed``.
 
 The shell contract (see ``actions.py``): actions of a process are executed in order and
 every install outcome is fed back before that process's next uffd batch with a layout
@@ -172,6 +173,9 @@ class LazyProcess:
         self._urgent: set[int] = set()
         """Ids of ``requests`` sent on the urgent lane."""
         self._installs: dict[int, _Install] = {}
+        # Zero fills outside every piece that failed as a whole (they crossed the end of
+        # the mapping, which the core cannot see): run -> the shorter length to try next.
+        self._gap_retry: dict[int, int] = {}
         self._deferred: list[_Install] = []
         self._deferred_since: float | None = None
         self._waiters: dict[int, list[float]] = {}
@@ -330,6 +334,22 @@ class LazyProcess:
                 out.append((piece.to_run(cursor), ImageAddr(cursor), piece.image_end - cursor))
         return out
 
+    def zero_ranges(self) -> list[tuple[RunAddr, int]]:
+        """Where a fault's right answer is zeros: (run, length), in run-time order.
+
+        Mapped 4 KiB pages inside ``zero`` (ZERO in the image, or removed by madvise);
+        a shell's fast path may zero-fill faults there, as the core's ZeroFill would,
+        and report them in ``FastServed``. Recompute it with :meth:`fast_ranges`.
+        """
+        if self.state is not State.LIVE:
+            return []
+        return [
+            (piece.to_run(lo), hi - lo)
+            for piece in self.map
+            if piece.page_size == PAGE_SIZE
+            for lo, hi in self.zero.intersect(piece.image, piece.image_end)
+        ]
+
     def _fast_served(self, event: FastServed, now: float, out: list[Action]) -> None:
         """The shell's fast path installed image data: those pages are resident now."""
         self.stats.faults += event.faults
@@ -364,9 +384,12 @@ class LazyProcess:
         piece = self.map.lookup(page)
         if piece is None:
             # Not a lazy page (any more): a stale fault on an unmapped address (the
-            # ZeroFill fails with ENOENT and we wake it), or memory that grew by mremap
-            # and was never in the image (zeros are right, as for CRIU).
-            self._zero_fill(page, PAGE_SIZE, out)
+            # ZeroFill fails with ENOENT and we wake it), or memory that grew (mremap,
+            # brk) and was never in the image (zeros are right, as for CRIU). Grown
+            # memory is read page after page too, so fill forward to the end of the
+            # fault-around block, short of the next lazy piece.
+            if not self._zero_fill_covers(page):
+                self._zero_fill(page, PAGE_SIZE, out, length=self._gap_end(page) - page)
             return
         image = piece.to_image(page)
         if image in self.zero:
@@ -397,6 +420,17 @@ class LazyProcess:
         else:
             # Resident already: the fault was queued before our copy landed.
             self._wake_waiters(page, page + piece.page_size, out, now=now)
+
+    def _gap_end(self, page: int) -> int:
+        """Where a zero fill from ``page``, outside every piece, stops."""
+        if page in self._gap_retry:
+            return page + self._gap_retry[page]
+        block = max(self.policy.fault_around, PAGE_SIZE)
+        end = page - page % block + block
+        following = self.map.pieces_in_run(page, end)
+        if following:
+            end = min(end, following[0].run)
+        return max(end, page + PAGE_SIZE)
 
     def _zero_fill_covers(self, page: int) -> bool:
         return any(
@@ -617,6 +651,10 @@ class LazyProcess:
         elif install.kind is _Kind.ZERO:
             # LAYOUT_CHANGED for a zero fill: the address is not ours any more; let the
             # thread retry (it faults again if the address is still registered).
+            if not done and install.length > PAGE_SIZE and self.map.lookup(install.run) is None:
+                # past the mapping's end: half as far next time (a page at least)
+                half = install.length // 2
+                self._gap_retry[install.run] = max(half - half % PAGE_SIZE, PAGE_SIZE)
             self._wake_waiters(install.run + done, install.run + install.length, out)
         elif install.attempts + 1 > self.policy.max_layout_retries:
             self._finish(State.KILLED, now)

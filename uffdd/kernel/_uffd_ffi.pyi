@@ -167,6 +167,8 @@ class _Lib:
         id_len: int,
         ranges: _cffi_backend.FFI.CData,
         nranges: int,
+        zeros: _cffi_backend.FFI.CData,
+        nzeros: int,
         /,
     ) -> int: ...
     def uffdd_demander_resume(
@@ -175,6 +177,8 @@ class _Lib:
         slot: int,
         ranges: _cffi_backend.FFI.CData,
         nranges: int,
+        zeros: _cffi_backend.FFI.CData,
+        nzeros: int,
         /,
     ) -> int: ...
     def uffdd_demander_remove(self, demander: _cffi_backend.FFI.CData, slot: int, /) -> None: ...

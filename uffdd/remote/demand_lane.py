@@ -135,6 +135,11 @@ def _rows_array(rows: Iterable[tuple[int, int, int]]) -> tuple[Any, int]:
     return range_array((run, length, image) for run, image, length in rows)
 
 
+def _zeros_array(zeros: Iterable[tuple[int, int]]) -> tuple[Any, int]:
+    """The core's zero ranges, (run, length), as C's range array."""
+    return range_array((run, length, 0) for run, length in zeros)
+
+
 class DemandThread:
     """``uffdd-demand``: reads the uffds handed to it and serves their faults over
     ``lane``; :meth:`take` the reports when :attr:`fd` is readable."""
@@ -156,21 +161,39 @@ class DemandThread:
         """The eventfd that is readable while reports wait."""
         return int(lib.uffdd_demander_efd(self._handle))
 
-    def add(self, token: int, fd: int, image_id: str, rows: Iterable[tuple[int, int, int]]) -> int:
+    def add(
+        self,
+        token: int,
+        fd: int,
+        image_id: str,
+        rows: Iterable[tuple[int, int, int]],
+        zeros: Iterable[tuple[int, int]],
+    ) -> int:
         """Read and serve the (non-blocking) uffd ``fd`` from now on, with the core's
-        fast ranges ``rows``; returns its slot. OSError when there is no room."""
+        fast ranges ``rows`` and zero ranges ``zeros``; returns its slot. OSError when
+        there is no room."""
         ranges, count = _rows_array(rows)
+        zero_ranges, zero_count = _zeros_array(zeros)
         name = image_id.encode()
-        slot = int(lib.uffdd_demander_add(self._handle, fd, token, name, len(name), ranges, count))
+        slot = int(
+            lib.uffdd_demander_add(
+                self._handle, fd, token, name, len(name), ranges, count, zero_ranges, zero_count
+            )
+        )
         if slot < 0:
             raise OSError(-slot, os.strerror(-slot))
         return slot
 
-    def resume(self, slot: int, rows: Iterable[tuple[int, int, int]]) -> None:
+    def resume(
+        self, slot: int, rows: Iterable[tuple[int, int, int]], zeros: Iterable[tuple[int, int]]
+    ) -> None:
         """The core has handled the slot's layout event: read it again, with the fast
-        ranges as they are now."""
+        and zero ranges as they are now."""
         ranges, count = _rows_array(rows)
-        rc = int(lib.uffdd_demander_resume(self._handle, slot, ranges, count))
+        zero_ranges, zero_count = _zeros_array(zeros)
+        rc = int(
+            lib.uffdd_demander_resume(self._handle, slot, ranges, count, zero_ranges, zero_count)
+        )
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
 
