@@ -392,6 +392,15 @@ static void installer_post(struct uffdd_installer *in)
     efd_post(in->efd);
 }
 
+/* A constructor's fail path: close each of the ``n`` descriptors that was opened
+   (the others are -1). */
+static void close_opened(const int *fds, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
 /* pthread_create with every signal blocked in the new thread: signals stay with the
    threads that run Python. 0 or the error number. */
 static int start_thread(pthread_t *thread, void *(*start)(void *), void *arg)
@@ -1532,10 +1541,7 @@ static struct uffdd_demander *uffdd_demander_new(int sock, uffdd_hash_fn hash, u
 fail:
     {
         int e = errno;
-        int fds[] = {d->epfd, d->ctl_efd, d->out_efd};  /* each opened, or -1 */
-        for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
-            if (fds[i] >= 0)
-                close(fds[i]);
+        close_opened((int[]){d->epfd, d->ctl_efd, d->out_efd}, 3);
         free(d->procs);
         free(d->reports);
         free(d->buf);
@@ -2243,10 +2249,7 @@ static struct uffdd_answerer *uffdd_answerer_new(uffdd_hash_fn hash, uint64_t ch
 fail:
     {
         int e = errno;
-        int fds[] = {a->epfd, a->ctl_efd, a->out_efd};  /* each opened, or -1 */
-        for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
-            if (fds[i] >= 0)
-                close(fds[i]);
+        close_opened((int[]){a->epfd, a->ctl_efd, a->out_efd}, 3);
         free(a->conns);
         free(a->run);
         free(a->turn);
