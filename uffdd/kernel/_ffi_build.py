@@ -1113,45 +1113,28 @@ static double demand_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* Install [run, run+len) from src with waking copies; a present page is woken and
-   skipped. 0 when every page is in, else the errno (EAGAIN: an event is pending). */
+/* Install [run, run+len) with waking ioctls: copied from src, or zero-filled when src
+   is NULL; a present page is woken and skipped. 0 when every page is in, else the
+   errno (EAGAIN: an event is pending). */
 static int demand_install(int fd, uint64_t run, const char *src, uint64_t len,
                           struct uffdd_fast_done *done, size_t done_cap, size_t *ndone)
 {
     uint64_t at = 0;
     while (at < len) {
         if (*ndone == done_cap)
-            return ENOSPC;  /* before the copy: every install is recorded */
-        struct uffdio_copy arg = {run + at, (uint64_t)(uintptr_t)(src + at), len - at, 0, 0};
-        int err = ioctl(fd, UFFDIO_COPY, &arg) == 0 ? 0 : errno;
-        uint64_t copied = err == 0 ? len - at : (arg.copy > 0 ? (uint64_t)arg.copy : 0);
-        if (copied) {
-            done[(*ndone)++] = (struct uffdd_fast_done){run + at, copied, 0};
-            at += copied;
-            continue;
+            return ENOSPC;  /* before the ioctl: every install is recorded */
+        int err;
+        int64_t progress;  /* the kernel's count of bytes done, or a negative errno */
+        if (src) {
+            struct uffdio_copy c = {run + at, (uint64_t)(uintptr_t)(src + at), len - at, 0, 0};
+            err = ioctl(fd, UFFDIO_COPY, &c) == 0 ? 0 : errno;
+            progress = c.copy;
+        } else {
+            struct uffdio_zeropage z = {{run + at, len - at}, 0, 0};
+            err = ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0 ? 0 : errno;
+            progress = z.zeropage;
         }
-        if (err != EEXIST)
-            return err;
-        struct uffdio_range page = {run + at, UFFDD_PAGE};
-        if (ioctl(fd, UFFDIO_WAKE, &page) != 0)
-            return errno;
-        at += UFFDD_PAGE;
-    }
-    return 0;
-}
-
-/* Zero-fill [run, run+len) with waking UFFDIO_ZEROPAGEs; a present page is woken and
-   skipped. 0 when every page is in, else the errno (EAGAIN: an event is pending). */
-static int demand_zero(int fd, uint64_t run, uint64_t len, struct uffdd_fast_done *done,
-                       size_t done_cap, size_t *ndone)
-{
-    uint64_t at = 0;
-    while (at < len) {
-        if (*ndone == done_cap)
-            return ENOSPC;  /* before the fill: every install is recorded */
-        struct uffdio_zeropage z = {{run + at, len - at}, 0, 0};
-        int err = ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0 ? 0 : errno;
-        uint64_t filled = err == 0 ? len - at : (z.zeropage > 0 ? (uint64_t)z.zeropage : 0);
+        uint64_t filled = err == 0 ? len - at : (progress > 0 ? (uint64_t)progress : 0);
         if (filled) {
             done[(*ndone)++] = (struct uffdd_fast_done){run + at, filled, 0};
             at += filled;
@@ -1220,8 +1203,9 @@ static int demand_serve(struct uffdd_demander *d, struct demand_batch *batches, 
                 uint64_t start = page & ~(d->around - 1), stop = start + d->around;
                 start = start < r->run_start ? r->run_start : start;
                 stop = stop > r->run_end ? r->run_end : stop;
-                b->served[i] = demand_zero(b->p->fd, start, stop - start, b->r.installs,
-                                           UFFDD_DEMAND_DONE, &b->ndone) == 0;
+                b->served[i] = demand_install(b->p->fd, start, NULL, stop - start,
+                                              b->r.installs, UFFDD_DEMAND_DONE,
+                                              &b->ndone) == 0;
                 continue;
             }
             if (r == NULL)
