@@ -1044,7 +1044,8 @@ static void uffdd_receiver_free(struct uffdd_receiver *r)
 #define UFFDD_REQUEST_HEADER 26      /* fastlane_wire.REQUEST */
 #define UFFDD_DEMAND_REPORTS 256     /* room for reports at first (it grows) */
 #define UFFDD_DEMAND_ROUND 16        /* processes read, and answered, per round trip */
-#define UFFDD_DEMAND_DONE (4 * UFFDD_DEMAND_MAX)  /* installs one read may record */
+#define UFFDD_DEMAND_DONE (16 * UFFDD_DEMAND_MAX)  /* installs one read may record */
+#define UFFDD_DEMAND_WINDOWS (UFFDD_DEMAND_ROUND * UFFDD_DEMAND_MAX)  /* per round trip */
 #define UFFDD_DR_LAYOUT 1            /* msgs hold a layout event: fd fenced, paused */
 #define UFFDD_DR_DRAINED 2           /* the fd was empty after this */
 #define UFFDD_DR_ERROR 4             /* read() failed: err; the fd is paused */
@@ -1096,7 +1097,7 @@ struct uffdd_demander {
     struct uffdd_installer *installer;  /* may be NULL */
     char *buf;                        /* one window */
     struct demand_batch *batches;     /* UFFDD_DEMAND_ROUND */
-    struct demand_window *windows;    /* UFFDD_DEMAND_ROUND * UFFDD_DEMAND_MAX */
+    struct demand_window *windows;    /* UFFDD_DEMAND_WINDOWS */
     char *frames;                     /* their request frames */
 };
 
@@ -1179,6 +1180,40 @@ struct demand_batch {
    process's ranges: all requests sent at once, the answers installed as they come.
    b->served[i]: that fault's window is in. Returns 0, or the errno that makes the
    connection unusable (what was installed before it is in the batches' reports). */
+/* The index of the first range of ``c`` that ends after ``addr``. */
+static size_t fast_after(const struct uffdd_fast_ctx *c, uint64_t addr)
+{
+    size_t lo = 0, hi = c->nranges;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (c->ranges[mid].run_end <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* The window of range ``r`` inside [block, block_end), one per run start among the
+   batch's windows (from ``first``): its index, or SIZE_MAX when there is no room. */
+static size_t demand_window(struct demand_window *win, size_t *nwin, size_t first,
+                            const struct uffdd_fast_range *r, uint64_t block,
+                            uint64_t block_end, size_t batch)
+{
+    uint64_t start = block < r->run_start ? r->run_start : block;
+    uint64_t stop = block_end > r->run_end ? r->run_end : block_end;
+    size_t w = first;
+    while (w < *nwin && win[w].run != start)
+        w++;
+    if (w < *nwin)
+        return w;
+    if (*nwin == UFFDD_DEMAND_WINDOWS)
+        return SIZE_MAX;
+    win[(*nwin)++] = (struct demand_window){
+        start, r->data_offset + (start - r->run_start), stop - start, 0, 0, batch};
+    return w;
+}
+
 static int demand_serve(struct uffdd_demander *d, struct demand_batch *batches, size_t nb)
 {
     struct demand_window *win = d->windows;
@@ -1188,6 +1223,7 @@ static int demand_serve(struct uffdd_demander *d, struct demand_batch *batches, 
         struct uffdd_fast_ctx c = {.ranges = b->p->ranges, .nranges = b->p->nranges};
         struct uffdd_fast_ctx zc = {.ranges = b->p->zeros, .nranges = b->p->nzeros};
         size_t first_win = nwin;
+        uint64_t whole = UINT64_MAX;  /* the last block made whole in this batch */
         for (size_t i = 0; i < b->count; i++) {
             const struct uffd_msg *m = &b->msgs[i];
             b->served[i] = 0;
@@ -1210,18 +1246,25 @@ static int demand_serve(struct uffdd_demander *d, struct demand_batch *batches, 
             }
             if (r == NULL)
                 continue;
-            uint64_t start = page & ~(d->around - 1), stop = start + d->around;
-            if (start < r->run_start)
-                start = r->run_start;
-            if (stop > r->run_end)
-                stop = r->run_end;
-            size_t w = first_win;
-            while (w < nwin && win[w].run != start)
-                w++;
-            if (w == nwin)
-                win[nwin++] = (struct demand_window){
-                    start, r->data_offset + (start - r->run_start), stop - start, 0, 0, k};
-            b->fault_window[i] = w;
+            uint64_t block = page & ~(d->around - 1), block_end = block + d->around;
+            b->fault_window[i] = demand_window(win, &nwin, first_win, r, block, block_end, k);
+            if (b->fault_window[i] == SIZE_MAX || block == whole)
+                continue;
+            /* The rest of the fault's block too, in the same round trip: its other data
+               runs fetched, its zero runs filled here. Sparse memory (data pages between
+               zero ones) is then one fault a block, not one a page. Best effort: these
+               are nobody's fault yet, and what fails stays missing for the core. */
+            whole = block;
+            for (size_t j = fast_after(&c, block);
+                 j < c.nranges && c.ranges[j].run_start < block_end; j++)
+                demand_window(win, &nwin, first_win, &c.ranges[j], block, block_end, k);
+            for (size_t j = fast_after(&zc, block);
+                 j < zc.nranges && zc.ranges[j].run_start < block_end; j++) {
+                uint64_t lo = zc.ranges[j].run_start < block ? block : zc.ranges[j].run_start;
+                uint64_t hi = zc.ranges[j].run_end > block_end ? block_end : zc.ranges[j].run_end;
+                demand_install(b->p->fd, lo, NULL, hi - lo, b->r.installs, UFFDD_DEMAND_DONE,
+                               &b->ndone);
+            }
         }
     }
     if (nwin == 0)
@@ -1497,8 +1540,8 @@ static struct uffdd_demander *uffdd_demander_new(int sock, uffdd_hash_fn hash, u
     d->reports = calloc(UFFDD_DEMAND_REPORTS, sizeof *d->reports);
     d->buf = malloc(around);
     d->batches = calloc(UFFDD_DEMAND_ROUND, sizeof *d->batches);
-    d->windows = calloc(UFFDD_DEMAND_ROUND * UFFDD_DEMAND_MAX, sizeof *d->windows);
-    d->frames = malloc(UFFDD_DEMAND_ROUND * UFFDD_DEMAND_MAX * (UFFDD_REQUEST_HEADER + 1024));
+    d->windows = calloc(UFFDD_DEMAND_WINDOWS, sizeof *d->windows);
+    d->frames = malloc(UFFDD_DEMAND_WINDOWS * (UFFDD_REQUEST_HEADER + 1024));
     d->epfd = epoll_create1(EPOLL_CLOEXEC);
     d->ctl_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     d->out_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
