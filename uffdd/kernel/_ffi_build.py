@@ -1107,6 +1107,20 @@ struct demand_window {
     size_t batch;  /* whose fault */
 };
 
+/* An epoll-driven C thread's descriptors: its epoll set, holding ``ctl`` (the loop's
+   eventfd to the thread, data.u64 UINT64_MAX), and ``out`` (the thread's eventfd to
+   the loop). 0, or -1 with each one opened or -1 (for close_opened). */
+static int thread_fds_open(int *epfd, int *ctl, int *out)
+{
+    *epfd = epoll_create1(EPOLL_CLOEXEC);
+    *ctl = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    *out = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = UINT64_MAX};
+    if (*epfd < 0 || *ctl < 0 || *out < 0 || epoll_ctl(*epfd, EPOLL_CTL_ADD, *ctl, &ev) != 0)
+        return -1;
+    return 0;
+}
+
 static double demand_now(void)
 {
     struct timespec ts;
@@ -1542,13 +1556,9 @@ static struct uffdd_demander *uffdd_demander_new(int sock, uffdd_hash_fn hash, u
     d->batches = calloc(UFFDD_DEMAND_ROUND, sizeof *d->batches);
     d->windows = calloc(UFFDD_DEMAND_WINDOWS, sizeof *d->windows);
     d->frames = malloc(UFFDD_DEMAND_WINDOWS * (UFFDD_REQUEST_HEADER + 1024));
-    d->epfd = epoll_create1(EPOLL_CLOEXEC);
-    d->ctl_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    d->out_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    struct epoll_event ctl = {.events = EPOLLIN, .data.u64 = UINT64_MAX};
+    int fds = thread_fds_open(&d->epfd, &d->ctl_efd, &d->out_efd);
     if (!d->procs || !d->reports || !d->buf || !d->batches || !d->windows || !d->frames ||
-        d->epfd < 0 || d->ctl_efd < 0 ||
-        d->out_efd < 0 || epoll_ctl(d->epfd, EPOLL_CTL_ADD, d->ctl_efd, &ctl) != 0)
+        fds != 0)
         goto fail;
     for (size_t i = 0; i < max_procs; i++)
         d->procs[i].fd = -1;
@@ -2254,12 +2264,8 @@ static struct uffdd_answerer *uffdd_answerer_new(uffdd_hash_fn hash, uint64_t ch
     a->run = calloc(max_conns, sizeof *a->run);
     a->turn = calloc(max_conns, sizeof *a->turn);
     a->handbacks = calloc(16, sizeof *a->handbacks);
-    a->epfd = epoll_create1(EPOLL_CLOEXEC);
-    a->ctl_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    a->out_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    struct epoll_event ctl = {.events = EPOLLIN, .data.u64 = UINT64_MAX};
-    if (!a->conns || !a->run || !a->turn || !a->handbacks || a->epfd < 0 || a->ctl_efd < 0 ||
-        a->out_efd < 0 || epoll_ctl(a->epfd, EPOLL_CTL_ADD, a->ctl_efd, &ctl) != 0)
+    int fds = thread_fds_open(&a->epfd, &a->ctl_efd, &a->out_efd);
+    if (!a->conns || !a->run || !a->turn || !a->handbacks || fds != 0)
         goto fail;
     for (size_t i = 0; i < max_conns; i++)
         a->conns[i].fd = -1;
@@ -2617,7 +2623,6 @@ void uffdd_demander_free(struct uffdd_demander *d);
 int uffdd_installer_guarded_ioctl(struct uffdd_installer *in, int fd, unsigned long request,
                                   void *arg);
 #define UFFDD_ANS_ZERO ...
-#define UFFDD_HB_DECLINED ...
 #define UFFDD_HB_FULL ...
 #define UFFDD_HB_UNKNOWN ...
 struct uffdd_ans_extent { uint64_t start, end, data_offset, page_size; uint32_t kind; };

@@ -195,7 +195,6 @@ class _Lib:
         /,
     ) -> int: ...
     UFFDD_ANS_ZERO: int
-    UFFDD_HB_DECLINED: int
     UFFDD_HB_FULL: int
     UFFDD_HB_UNKNOWN: int
     def uffdd_answerer_new(
