@@ -2,7 +2,7 @@
 
 Two things in uffdd are produced at build time rather than written by hand: the cffi
 extension over <linux/userfaultfd.h> (compiled against this machine's headers, with the
-newer UAPI filled in by ``uffdd/kernel/_ffi_build.py``) and the protobuf/gRPC modules
+newer UAPI filled in by ``uffdd/native/build.py``) and the protobuf/gRPC modules
 generated from ``proto/``. Both land inside the source tree (so editable installs work)
 and are declared as wheel artifacts (so ``pip install .`` ships them even though
 ``.gitignore`` hides them from version control).
@@ -22,7 +22,7 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 PROTO_ROOT = "proto"
 GENERATED_PACKAGE = Path("uffdd") / "v1"
-FFI_BUILDER = Path("uffdd") / "kernel" / "_ffi_build.py"
+FFI_BUILDER = Path("uffdd") / "native" / "build.py"
 
 
 def _plugin(name: str) -> str:
@@ -75,8 +75,8 @@ def compile_ffi(root: Path) -> Path:
         raise RuntimeError(f"cannot load {FFI_BUILDER}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    target_dir = root / "uffdd" / "kernel"
-    for stale in target_dir.glob("_uffd_ffi*.so"):
+    target_dir = root / "uffdd" / "native"
+    for stale in target_dir.glob("_ffi*.so"):
         stale.unlink()
     with tempfile.TemporaryDirectory(prefix="uffdd-ffi-") as scratch:
         built = Path(module.ffibuilder.compile(tmpdir=scratch, verbose=False))

@@ -61,16 +61,16 @@ from pathlib import Path
 
 import xxhash
 
+from uffdd.client.page_client import Chunk, PageClient
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import PageServerError
+from uffdd.core.errors import PageServerError
 from uffdd.image.format import DATA_NAME
 from uffdd.image.writer import ImageWriter
 from uffdd.kernel.memory import keep_freed_memory
 from uffdd.kernel.sched import short_slice
-from uffdd.remote import chunk_codec
-from uffdd.remote.client import Chunk, PageClient
-from uffdd.remote.convert import Priority
 from uffdd.v1 import pages_pb2
+from uffdd.wire import chunk_codec
+from uffdd.wire.convert import Priority
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -160,7 +160,7 @@ def page_server(
     process = subprocess.Popen(
         [
             sys.executable, "-c",
-            "from uffdd.remote.commands import page_server; page_server()",
+            "from uffdd.pageserver.command import page_server; page_server()",
             "--images", str(root), "--listen", listen, "--ready-file", str(ready),
             "--chunk-size", str(chunk_size), "--log-level", "warning", "--grace", "0",
             "--urgent-thread" if urgent_thread else "--no-urgent-thread",

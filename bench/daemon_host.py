@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import stages
 
 from uffdd.config import DaemonConfig
-from uffdd.daemon import Daemon
-from uffdd.image.format import ExtentLike, Region
-from uffdd.kernel.handover import Handover, HandoverPolicy, Listener, accept_handovers
+from uffdd.daemon.doors.native.door import native_door
+from uffdd.daemon.doors.native.listener import HandoverPolicy, Listener
+from uffdd.daemon.lifecycle import Daemon
 from uffdd.log import configure_logging
-from uffdd.sources import PageSource
 
 
 def main() -> None:
@@ -58,20 +56,6 @@ def main() -> None:
     asyncio.run(_serve(args))
 
 
-class _BenchDaemon(Daemon):
-    """The production daemon; with ``--stages``, every page source is timed."""
-
-    def __init__(self, config: DaemonConfig, timed: bool) -> None:
-        super().__init__(config)
-        self.timed = timed
-
-    async def find_image(
-        self, handover: Handover
-    ) -> tuple[PageSource, Sequence[Region], Sequence[ExtentLike], str]:
-        source, regions, extents, where = await super().find_image(handover)
-        return (stages.TimedSource(source) if self.timed else source), regions, extents, where
-
-
 async def _serve(args: argparse.Namespace) -> None:
     # A short grace: the scenarios stop the daemon between runs, never mid-restore.
     # The image directory is <root>/<image id>, the id the faulter hands over.
@@ -89,24 +73,22 @@ async def _serve(args: argparse.Namespace) -> None:
         config = replace(config, max_inflight_bytes=args.max_inflight)
     if args.fault_around:
         config = replace(config, fault_around=args.fault_around)
-    daemon = _BenchDaemon(config, timed=args.stages is not None)
+    daemon = Daemon(config)
 
-    async def door(_: Daemon) -> None:
-        # Our own door: the ready file, and room for 64 handshakes arriving at once.
-        listener = Listener.bind(args.handover)
-        lag = asyncio.get_running_loop().create_task(stages.loop_lag()) if args.stages else None
-        try:
-            policy = HandoverPolicy(max_pending=256)
-            args.ready_file.write_text("ready\n")
-            await accept_handovers(listener.sock, daemon.serve_handover, policy=policy)
-        finally:
-            if lag is not None:
-                lag.cancel()
-            listener.close()
-
+    # Our own door: the ready file, and room for 64 handshakes arriving at once.
+    listener = Listener.bind(args.handover)
+    door = native_door(
+        listener,
+        HandoverPolicy(max_pending=256),
+        wrap_source=stages.TimedSource if args.stages is not None else None,
+    )
+    args.ready_file.write_text("ready\n")
+    lag = asyncio.get_running_loop().create_task(stages.loop_lag()) if args.stages else None
     try:
-        await daemon.run(native=False, listeners=[door])
+        await daemon.run([door])
     finally:
+        if lag is not None:
+            lag.cancel()
         if args.stages is not None:
             stages.dump(args.stages)
 

@@ -179,17 +179,17 @@ def main() -> None:
     t0 = time.monotonic()
     result["t0"] = t0
     handler = None
-    session = None
+    restore = None
     if args.handler == "daemon":
-        session = Restorer(args.handover, timeout=60).restore(
+        restore = Restorer(args.handover, timeout=60).restore(
             args.image, [RegionSpec(args.address, args.length, run_address=args.address)]
         )
     else:
         handler, uffd = start_reference(args)
     result["handover_s"] = time.monotonic() - t0
     result["touch_s"] = timer.touch(where, latencies) / 1e9
-    if session is not None and args.wait_resident:
-        summary = session.wait_resident(timeout=args.wait_resident)
+    if restore is not None and args.wait_resident:
+        summary = restore.wait_resident(timeout=args.wait_resident)
         result["resident_s"] = time.monotonic() - t0
         result["daemon_seconds_to_resident"] = summary.seconds_to_resident
         result["daemon_faults"] = summary.faults
@@ -210,8 +210,8 @@ def main() -> None:
     if args.lat_out is not None:
         with args.lat_out.open("wb") as out_file:
             latencies.tofile(out_file)
-    if session is not None:
-        session.close()
+    if restore is not None:
+        restore.close()
     print(json.dumps(result), flush=True)
 
 

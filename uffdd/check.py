@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from uffdd.errors import KernelSupportError
+from uffdd.core.errors import KernelSupportError
 from uffdd.kernel.probe import MEMORY_KINDS, MODES, ProbeReport, probe
 from uffdd.kernel.uffd import Feature, Ioctl
 

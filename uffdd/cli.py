@@ -17,14 +17,14 @@ from uffdd import __version__
 # command name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
     "check": "uffdd.check:check_command",
-    "daemon": "uffdd.daemon_cli:daemon",
+    "daemon": "uffdd.daemon.command:daemon",
     "demo": "uffdd.demo.command:demo",
-    "dump": "uffdd.image.commands:dump",
-    "firecracker": "uffdd.firecracker.commands:firecracker",
-    "image": "uffdd.image.commands:image",
-    "lazy-pages": "uffdd.criu.commands:lazy_pages",
-    "page-server": "uffdd.remote.commands:page_server",
-    "restore": "uffdd.restorer_cli:restore",
+    "dump": "uffdd.image.command:dump",
+    "firecracker": "uffdd.daemon.doors.firecracker.command:firecracker",
+    "image": "uffdd.image.command:image",
+    "lazy-pages": "uffdd.daemon.doors.criu_command:lazy_pages",
+    "page-server": "uffdd.pageserver.command:page_server",
+    "restore": "uffdd.restore_command:restore",
 }
 
 

@@ -21,7 +21,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from uffdd.errors import ConfigError
+from uffdd.core.errors import ConfigError
 
 LOG_FORMATS = ("json", "console")
 

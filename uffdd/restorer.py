@@ -5,11 +5,11 @@ workload, a VMM, a test's child process) maps the regions at their run-time addr
 registers them with a userfaultfd it creates, and hands the uffd to the uffdd daemon;
 from the ack on, every access to a missing page is served by the daemon. So::
 
-    session = Restorer("/run/uffdd/handover.sock").restore(
+    restore = Restorer("/run/uffdd/handover.sock").restore(
         "my-image", [RegionSpec(image_address=..., length=..., run_address=...)]
     )
     ...                                  # use the memory: faults are served
-    summary = session.wait_resident(timeout=60)   # optional: every page is in
+    summary = restore.wait_resident(timeout=60)   # optional: every page is in
 
 Rules this follows (shared/PROTOCOLS.md):
 
@@ -40,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
+from uffdd.core.errors import PeerProtocolError, UffddError
 from uffdd.core.handover import (
     DEFAULT_SOCKET_PATH,
     HUGE_1G,
@@ -54,20 +55,19 @@ from uffdd.core.handover import (
     Progress,
     ResidentSummary,
 )
-from uffdd.errors import PeerProtocolError, UffddError
-from uffdd.handover_protocol import decode_reply, encode_request
 from uffdd.kernel import memory
 from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
+from uffdd.wire.handover import decode_reply, encode_request
 
 __all__ = [
     "DEFAULT_SOCKET",
     "REQUIRED_FEATURES",
+    "HandedOver",
     "HandoverRefused",
     "RegionSpec",
     "RestoreError",
     "RestoreFailed",
     "Restorer",
-    "Session",
     "map_anonymous",
     "unmap",
 ]
@@ -116,14 +116,14 @@ class _Mapped:
     length: int
 
 
-class Session:
+class HandedOver:
     """A handed-over restore: the daemon serves the memory; this is the line back to it."""
 
     def __init__(
-        self, sock: socket.socket, session_id: str, regions: tuple[HandoverRegion, ...]
+        self, sock: socket.socket, handover_id: str, regions: tuple[HandoverRegion, ...]
     ) -> None:
         self._sock: socket.socket | None = sock
-        self.session_id = session_id
+        self.handover_id = handover_id
         self.regions = regions
         """The regions as handed over, with their run-time addresses."""
         self.last_progress: Progress | None = None
@@ -140,11 +140,11 @@ class Session:
         """Block until the daemon reports every page resident; return its summary.
 
         Raises RestoreFailed on Failed or a hang-up, TimeoutError after ``timeout``
-        seconds (the session stays usable: call again to keep waiting).
+        seconds (the restore stays usable: call again to keep waiting).
         """
         sock = self._sock
         if sock is None:
-            raise RestoreFailed(f"session {self.session_id}: the connection is closed")
+            raise RestoreFailed(f"handover {self.handover_id}: the connection is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -153,17 +153,17 @@ class Session:
                 data = sock.recv(MAX_REPLY_BYTES)
             except TimeoutError:
                 raise TimeoutError(
-                    f"session {self.session_id}: not resident after {timeout:g} s"
+                    f"handover {self.handover_id}: not resident after {timeout:g} s"
                 ) from None
             except OSError as exc:
                 self.close()
                 raise RestoreFailed(
-                    f"session {self.session_id}: connection to the daemon lost: {exc}"
+                    f"handover {self.handover_id}: connection to the daemon lost: {exc}"
                 ) from exc
             if not data:
                 self.close()
                 raise RestoreFailed(
-                    f"session {self.session_id}: the daemon hung up before the memory was "
+                    f"handover {self.handover_id}: the daemon hung up before the memory was "
                     "resident (did it exit?)"
                 )
             reply = decode_reply(data)
@@ -176,9 +176,9 @@ class Session:
             if isinstance(reply, ResidentSummary):
                 return reply
             if isinstance(reply, Failed):
-                raise RestoreFailed(f"session {self.session_id}: {reply.reason}")
+                raise RestoreFailed(f"handover {self.handover_id}: {reply.reason}")
             raise PeerProtocolError(
-                f"session {self.session_id}: unexpected {type(reply).__name__} reply"
+                f"handover {self.handover_id}: unexpected {type(reply).__name__} reply"
             )
 
     def close(self) -> None:
@@ -187,7 +187,7 @@ class Session:
         if sock is not None:
             sock.close()
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> HandedOver:
         return self
 
     def __exit__(
@@ -217,7 +217,7 @@ class Restorer:
         page_server: str = "",
         map_memory: bool = True,
         pid: int = 0,
-    ) -> Session:
+    ) -> HandedOver:
         """Map (unless ``map_memory`` is False), register, hand over, wait for the ack.
 
         Raises RestoreError (local failure), HandoverRefused (the daemon's Error reply,
@@ -239,14 +239,14 @@ class Restorer:
             with _make_uffd(placed) as uffd:
                 for region in placed:
                     uffd.register(region.run_address, region.length, RegisterMode.MISSING)
-                sock, session_id = self._hand_over(encode_request(request), uffd)
+                sock, handover_id = self._hand_over(encode_request(request), uffd)
             # Leaving the block closed our copy of the uffd: the daemon holds its own.
         except BaseException:
             for m in mapped:
                 with contextlib.suppress(OSError):
                     memory.munmap(m.address, m.length)
             raise
-        return Session(sock, session_id, placed)
+        return HandedOver(sock, handover_id, placed)
 
     def _place(
         self, regions: Sequence[RegionSpec], map_memory: bool, mapped: list[_Mapped]
@@ -298,7 +298,7 @@ class Restorer:
         except BaseException:
             sock.close()
             raise
-        return sock, reply.session_id
+        return sock, reply.handover_id
 
 
 def _make_uffd(regions: tuple[HandoverRegion, ...]) -> Uffd:
@@ -347,7 +347,7 @@ def map_anonymous(length: int, page_size: int = PAGE_SIZE, address: int | None =
 
 
 def unmap(address: int, length: int) -> None:
-    """Unmap memory mapped by :func:`map_anonymous` (e.g. after a session is over)."""
+    """Unmap memory mapped by :func:`map_anonymous` (e.g. after a restore is over)."""
     try:
         memory.munmap(address, length)
     except OSError as exc:

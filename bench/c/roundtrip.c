@@ -13,7 +13,7 @@
  *   roundtrip unix PATH    a Unix stream socket bound at PATH (removed at exit)
  *   roundtrip fastlane ADDRESS IMAGE_ID BASE SIZE
  *                          no server of its own: urgent 4 KiB fetches (UFL1 frames,
- *                          uffdd/remote/fastlane_wire.py) of random pages of
+ *                          uffdd/wire/fast_lane.py) of random pages of
  *                          [BASE, BASE + SIZE) from a page server's fast lane at
  *                          ADDRESS (HOST:PORT or unix:PATH), as the daemon's demand
  *                          thread sends them: the page server's own latency, without

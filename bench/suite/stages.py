@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from uffdd.client.page_client import Chunk, ChunkCallback, DoneCallback
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.tracker import Tracker
+from uffdd.daemon.sources import FetchHandle, PageSource
 from uffdd.kernel.uffd import Uffd
-from uffdd.remote.client import Chunk, ChunkCallback, DoneCallback
-from uffdd.remote.convert import Priority
-from uffdd.sources import FetchHandle, PageSource
+from uffdd.wire.convert import Priority
 
 SAMPLES: dict[str, list[float]] = {}
 """Stage name -> durations in microseconds."""

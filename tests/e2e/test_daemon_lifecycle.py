@@ -25,7 +25,7 @@ from support.lazy_restore import daemon, make_demo_image, page_server, services,
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.handover import Error, ErrorCode, HandoverRegion, HandoverRequest
 from uffdd.demo.pattern import demo_layout
-from uffdd.handover_protocol import decode_reply, encode_request
+from uffdd.wire.handover import decode_reply, encode_request
 
 pytestmark = pytest.mark.timeout(180)
 

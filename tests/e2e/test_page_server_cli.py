@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from uffdd.client.page_client import PageClient
 from uffdd.core.addresses import ImageAddr
 from uffdd.image.writer import ImageWriter
-from uffdd.remote.client import PageClient
-from uffdd.remote.commands import page_server
-from uffdd.remote.convert import Priority
+from uffdd.pageserver.command import page_server
+from uffdd.wire.convert import Priority
 
 pytestmark = pytest.mark.timeout(60)
 
 # The command as the `uffdd` console script runs it, independent of its registration.
-LAUNCH = [sys.executable, "-c", "from uffdd.remote.commands import page_server; page_server()"]
+LAUNCH = [sys.executable, "-c", "from uffdd.pageserver.command import page_server; page_server()"]
 PAGE = 4096
 
 
@@ -113,7 +113,7 @@ def test_serves_on_tcp_and_unix_and_exits_0_on_sigterm(
     assert unix.startswith("unix:")
     # its one child is the bulk worker, at a lower CPU priority
     (worker,) = _children(process.pid)
-    assert b"uffdd.remote.bulk_worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
+    assert b"uffdd.pageserver.bulk_worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
     nice = os.getpriority(os.PRIO_PROCESS, process.pid)
     assert os.getpriority(os.PRIO_PROCESS, worker) == nice + 10
     # the thread answering urgent requests has a short slice; the worker keeps the default

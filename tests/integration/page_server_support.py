@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from uffdd.client.fast_lane import FastLane
+from uffdd.client.page_client import PageClient, Request
 from uffdd.core.addresses import ImageAddr
 from uffdd.image.writer import ImageWriter
-from uffdd.remote import fastlane_wire as wire
-from uffdd.remote.client import PageClient, Request
-from uffdd.remote.fastlane_client import FastLane
-from uffdd.remote.server import PageServer
-from uffdd.remote.tls import ServerTls
+from uffdd.pageserver.server import PageServer
+from uffdd.wire import fast_lane as wire
+from uffdd.wire.tls import ServerTls
 
 PAGE = 4096
 T = TypeVar("T")

@@ -19,8 +19,8 @@ import pytest
 from support.criu_restorer import TIMEOUT, Restorer, Tree, task_spec, write_dump
 
 from uffdd.config import DaemonConfig
-from uffdd.criu.lazy_pages import LAZY_PAGES_SOCKET, serve_criu_restores
-from uffdd.daemon import Daemon
+from uffdd.daemon.doors.criu import LAZY_PAGES_SOCKET, serve_criu_restores
+from uffdd.daemon.lifecycle import Daemon
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,7 +74,7 @@ def test_two_criu_restores_through_one_daemon(tmp_path: Path) -> None:
                 lambda d: serve_criu_restores(d, tmp_path / "a"),
                 lambda d: serve_criu_restores(d, tmp_path / "b", tmp_path / "work-b"),
             ]
-            running = asyncio.create_task(daemon.run(native=False, listeners=doors))
+            running = asyncio.create_task(daemon.run(doors))
             try:
                 await asyncio.to_thread(_break, broken, tmp_path / "work-b")
                 status = await asyncio.to_thread(broken.proc.wait, TIMEOUT)

@@ -27,15 +27,15 @@ import xxhash
 from page_server_support import Images, eventually, make_images, serving
 from support.workload import Workload, WorkloadPool
 
+from uffdd.client.page_client import PageClient
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import ProcId
 from uffdd.core.policy import Policy
 from uffdd.core.process import LazyProcess, LazyRegion
-from uffdd.executor import Executor, TreeOutcome
+from uffdd.daemon.executor import Executor, TreeOutcome
 from uffdd.image.format import stored_ranges
 from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
-from uffdd.remote import fastlane_wire as wire
-from uffdd.remote.client import PageClient
+from uffdd.wire import fast_lane as wire
 
 pytestmark = pytest.mark.timeout(60)
 

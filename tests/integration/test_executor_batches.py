@@ -16,7 +16,7 @@ import time
 import pytest
 
 from uffdd.core.events import Fork, ProcId
-from uffdd.executor import Executor
+from uffdd.daemon.executor import Executor
 
 
 def test_a_fork_nobody_adopts_has_its_uffd_closed() -> None:

@@ -21,15 +21,16 @@ from support.workload import Workload, WorkloadPool, fault, remove, wait_readabl
 
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import ProcId
+from uffdd.core.outcomes import Outcome
 from uffdd.core.policy import Policy
 from uffdd.core.process import LazyProcess, LazyRegion
 from uffdd.core.wire import decode_messages
-from uffdd.executor import Executor, TreeOutcome
+from uffdd.daemon.executor import Executor, TreeOutcome
+from uffdd.daemon.sources import LocalImageSource
 from uffdd.image.format import DATA_NAME, stored_ranges
 from uffdd.image.reader import ImageReader
 from uffdd.image.writer import ImageWriter
-from uffdd.kernel.uffd import FastStatus, FastTable, Feature, Outcome, RegisterMode, Uffd
-from uffdd.sources import LocalImageSource
+from uffdd.kernel.uffd import FastStatus, FastTable, Feature, RegisterMode, Uffd
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""The bulk fast lane received on its own pthread (``uffdd.remote.fastlane_thread``).
+"""The bulk fast lane received on its own pthread (``uffdd.client.bulk_receiver``).
 
 Real sockets throughout: a real page server on 127.0.0.1 and on a Unix socket for the
 bytes, small hand-written fast lanes for a lying or dying server, and socket pairs for
@@ -35,20 +35,20 @@ from page_server_support import (
 from support.fds import open_fds
 from support.threads import named_threads, wait_threads_gone
 
+from uffdd.client.bulk_receiver import ThreadedConnection
+from uffdd.client.fast_lane import FastLane
+from uffdd.client.page_client import Chunk, PageClient
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import (
+from uffdd.core.errors import (
     PageServerDataError,
     PageServerError,
     PageServerNotFound,
     PageServerUnavailable,
 )
-from uffdd.kernel._uffd_ffi import lib
-from uffdd.remote import fastlane_wire as wire
-from uffdd.remote.client import Chunk, PageClient
-from uffdd.remote.convert import Priority
-from uffdd.remote.fastlane_client import FastLane
-from uffdd.remote.fastlane_thread import ThreadedConnection
-from uffdd.remote.tls import ClientTls, ServerTls
+from uffdd.native._ffi import lib
+from uffdd.wire import fast_lane as wire
+from uffdd.wire.convert import Priority
+from uffdd.wire.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -30,8 +30,8 @@ from support.firecracker_support import (
     vmm,
 )
 
-from uffdd.firecracker.backing import LocalImage, image_from_memfile
-from uffdd.firecracker.listener import FirecrackerPolicy
+from uffdd.daemon.doors.firecracker.backing import LocalImage, image_from_memfile
+from uffdd.daemon.doors.firecracker.listener import FirecrackerPolicy
 
 pytestmark = pytest.mark.timeout(120)
 

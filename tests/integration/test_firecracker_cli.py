@@ -44,7 +44,7 @@ OVERLAPPING = json.dumps(
 def firecracker_command(*args: str) -> list[str]:
     if "firecracker" in COMMANDS:
         return uffdd_command("firecracker", *args)
-    return [sys.executable, "-m", "uffdd.firecracker.commands", *args]
+    return [sys.executable, "-m", "uffdd.daemon.doors.firecracker.command", *args]
 
 
 def run_vmm(**config: Any) -> tuple[int, list[dict[str, Any]]]:

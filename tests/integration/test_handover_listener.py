@@ -32,6 +32,7 @@ import pytest
 from support.fds import open_fds
 
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
+from uffdd.core.errors import ConfigError
 from uffdd.core.handover import (
     MAX_REQUEST_BYTES,
     Ack,
@@ -43,9 +44,7 @@ from uffdd.core.handover import (
     Reply,
     ResidentSummary,
 )
-from uffdd.errors import ConfigError
-from uffdd.handover_protocol import decode_reply, encode_request
-from uffdd.kernel.handover import (
+from uffdd.daemon.doors.native.listener import (
     REQUIRED_FEATURES,
     Handover,
     HandoverPolicy,
@@ -55,6 +54,7 @@ from uffdd.kernel.handover import (
 from uffdd.kernel.uffd import Feature, Uffd
 from uffdd.restorer import REQUIRED_FEATURES as RESTORER_FEATURES
 from uffdd.restorer import map_anonymous, unmap
+from uffdd.wire.handover import decode_reply, encode_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,18 +88,18 @@ regions = [
 ]
 restorer = Restorer(Path(config["socket"]), timeout=10, name="test-child", labels={"k": "v"})
 try:
-    session = restorer.restore(config.get("image", "img"), regions, page_server="ps:1")
+    restore = restorer.restore(config.get("image", "img"), regions, page_server="ps:1")
 except HandoverRefused as exc:
     say(refused=exc.code.name, reason=exc.reason, uffds=uffd_count())
     sys.exit(0)
 say(
-    session_id=session.session_id,
-    regions=[[r.run_address, r.image_address, r.length] for r in session.regions],
+    handover_id=restore.handover_id,
+    regions=[[r.run_address, r.image_address, r.length] for r in restore.regions],
     uffds=uffd_count(),
 )
 if config.get("wait"):
     try:
-        say(resident=dataclasses.asdict(session.wait_resident(timeout=20)))
+        say(resident=dataclasses.asdict(restore.wait_resident(timeout=20)))
     except RestoreFailed as exc:
         say(failed=str(exc))
 """
@@ -221,12 +221,12 @@ async def child(script: str, *args: str) -> AsyncIterator[Child]:
 
 
 async def good_handover(daemon: Daemon) -> None:
-    """A restorer child hands over; the daemon side sees the same session, pid, regions."""
+    """A restorer child hands over; the daemon side sees the same restore, pid, regions."""
     async with child(RESTORER_CHILD, json.dumps({"socket": str(daemon.path)})) as restorer:
         said = await restorer.line()
         handover = await daemon.next_handover()
         try:
-            assert said["session_id"] == handover.session_id
+            assert said["handover_id"] == handover.handover_id
             assert handover.pid == handover.peer.pid == restorer.proc.pid
             assert said["uffds"] == 0  # the restorer closed its copy after the ack
             assert [[r.run_address, r.image_address, r.length] for r in handover.regions] == sorted(
@@ -582,7 +582,7 @@ def test_a_callback_failing_after_the_ack_kills_the_process(tmp_path: Path) -> N
         async with running(tmp_path, on_handover=ack_then_fail) as daemon:
             config = json.dumps({"socket": str(daemon.path), "wait": True})
             async with child(RESTORER_CHILD, config) as restorer:
-                # (it may die before it can print the session: the kill follows the ack)
+                # (it may die before it can print the restore: the kill follows the ack)
                 await asyncio.wait_for(restorer.proc.wait(), WAIT)
                 assert restorer.proc.returncode == -signal.SIGKILL
 
@@ -597,7 +597,7 @@ def test_the_restorer_hears_how_it_ended(tmp_path: Path, outcome: str) -> None:
             async with child(RESTORER_CHILD, config) as restorer:
                 said = await restorer.line()
                 handover = await daemon.next_handover()
-                assert said["session_id"] == handover.session_id
+                assert said["handover_id"] == handover.handover_id
                 assert await handover.reply.send_progress(P, 3 * 4 * P)
                 if outcome == "resident":
                     summary = ResidentSummary(12, 12 * P, 5, 40.0, 300.0, 0.25)
@@ -614,7 +614,7 @@ def test_the_restorer_hears_how_it_ended(tmp_path: Path, outcome: str) -> None:
                     }
                 elif outcome == "failed":
                     assert await handover.reply.send_failed("page server gone")
-                    expected = {"failed": f"session {handover.session_id}: page server gone"}
+                    expected = {"failed": f"handover {handover.handover_id}: page server gone"}
                 else:
                     handover.reply.close()
                     expected = {"failed": "the daemon hung up"}

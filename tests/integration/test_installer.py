@@ -18,9 +18,10 @@ import pytest
 from support.threads import wait_thread_count, wait_threads_gone
 from support.workload import PAGE, Workload, WorkloadPool, fault, pattern, wait_events
 
+from uffdd.core.outcomes import OpResult, Outcome
 from uffdd.image.procmem import Mapping, populated_runs
-from uffdd.kernel.installer import Completed, Installer
-from uffdd.kernel.uffd import OpResult, Outcome, RegisterMode, Uffd
+from uffdd.kernel.uffd import RegisterMode, Uffd
+from uffdd.native.installer import Completed, Installer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -30,12 +30,12 @@ from page_server_support import (
     serving,
 )
 
+from uffdd.client.page_client import Chunk, PageClient
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import PageServerDataError, PageServerError, PageServerNotFound
+from uffdd.core.errors import PageServerDataError, PageServerError, PageServerNotFound
 from uffdd.image.format import DATA_NAME, ExtentKind
-from uffdd.remote.client import Chunk, PageClient
-from uffdd.remote.convert import Priority
 from uffdd.v1 import pages_pb2, pages_pb2_grpc
+from uffdd.wire.convert import Priority
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -27,12 +27,12 @@ from page_server_support import (
 )
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import PageServerNotFound, PageServerUnavailable
-from uffdd.remote import fastlane_wire as wire
-from uffdd.remote.bulk_worker import BulkWorker
-from uffdd.remote.convert import Priority
-from uffdd.remote.server import PageServer
-from uffdd.remote.tls import ServerTls
+from uffdd.core.errors import PageServerNotFound, PageServerUnavailable
+from uffdd.pageserver.bulk_worker import BulkWorker
+from uffdd.pageserver.server import PageServer
+from uffdd.wire import fast_lane as wire
+from uffdd.wire.convert import Priority
+from uffdd.wire.tls import ServerTls
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,8 +7,8 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from uffdd.remote import chunk_codec
 from uffdd.v1 import pages_pb2
+from uffdd.wire import chunk_codec
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 

@@ -18,13 +18,13 @@ import pytest
 from grpc import aio
 from page_server_support import PAGE, Images, eventually, make_certs, make_images, run, serving
 
+from uffdd.client.page_client import PageClient
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import PageServerDataError, PageServerError, PageServerUnavailable
-from uffdd.remote import chunk_codec
-from uffdd.remote.client import PageClient
-from uffdd.remote.convert import Priority
-from uffdd.remote.tls import ClientTls, ServerTls
+from uffdd.core.errors import PageServerDataError, PageServerError, PageServerUnavailable
 from uffdd.v1 import pages_pb2
+from uffdd.wire import chunk_codec
+from uffdd.wire.convert import Priority
+from uffdd.wire.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)
 

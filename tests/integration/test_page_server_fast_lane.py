@@ -37,21 +37,21 @@ from page_server_support import (
     serving,
 )
 
+from uffdd.client.fast_lane import FastLane, candidates
+from uffdd.client.page_client import Chunk, PageClient
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import PageServerError, PageServerUnavailable
+from uffdd.core.errors import PageServerError, PageServerUnavailable
 from uffdd.image.format import DATA_NAME
-from uffdd.remote import fastlane_wire as wire
-from uffdd.remote.client import Chunk, PageClient
-from uffdd.remote.convert import Priority
-from uffdd.remote.fastlane_client import FastLane, candidates
-from uffdd.remote.fastlane_server import MAX_QUEUED
-from uffdd.remote.server import PageServer
-from uffdd.remote.tls import ClientTls, ServerTls
+from uffdd.pageserver.fast_lane import MAX_QUEUED
+from uffdd.pageserver.server import PageServer
+from uffdd.wire import fast_lane as wire
+from uffdd.wire.convert import Priority
+from uffdd.wire.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1024 * 1024
-LAUNCH = [sys.executable, "-c", "from uffdd.remote.commands import page_server; page_server()"]
+LAUNCH = [sys.executable, "-c", "from uffdd.pageserver.command import page_server; page_server()"]
 
 
 @pytest.fixture

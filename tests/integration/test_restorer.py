@@ -24,11 +24,11 @@ import pytest
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr
 from uffdd.core.events import PageFault
 from uffdd.core.handover import ErrorCode, HandoverRejected, ResidentSummary
+from uffdd.core.outcomes import Outcome
+from uffdd.daemon.doors.native.listener import Handover, Listener, accept_handovers
 from uffdd.image.format import ExtentKind
 from uffdd.image.reader import ImageReader
 from uffdd.image.writer import ImageWriter
-from uffdd.kernel.handover import Handover, Listener, accept_handovers
-from uffdd.kernel.uffd import Outcome
 from uffdd.restorer import RegionSpec, RestoreError, Restorer, map_anonymous, unmap
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,7 +38,7 @@ WAIT = 20.0
 SUMMARY = ResidentSummary(
     pages=1, bytes=2, faults=3, fault_p50_us=4.5, fault_p99_us=6.5, seconds_to_resident=7.5
 )
-CLI = "from uffdd.restorer_cli import restore; restore()"
+CLI = "from uffdd.restore_command import restore; restore()"
 HIGH = 0x3E0000000000
 """Image addresses for --placement image: far from anything a Python process maps."""
 

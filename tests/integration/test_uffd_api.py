@@ -11,17 +11,10 @@ from typing import Literal
 import pytest
 from support.workload import PAGE, WorkloadPool, fault, pattern, wait_events
 
-from uffdd.errors import KernelSupportError, PeerProtocolError, UffdOpError
+from uffdd.core.errors import KernelSupportError, PeerProtocolError, UffdOpError
+from uffdd.core.outcomes import OpResult, Outcome
 from uffdd.kernel.probe import probe
-from uffdd.kernel.uffd import (
-    Feature,
-    Ioctl,
-    OpResult,
-    Outcome,
-    RegisterMode,
-    Uffd,
-    kernel_features,
-)
+from uffdd.kernel.uffd import Feature, Ioctl, RegisterMode, Uffd, kernel_features
 
 pytestmark = pytest.mark.timeout(60)
 

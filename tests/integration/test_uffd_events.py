@@ -19,7 +19,8 @@ from support.workload import (
 )
 
 from uffdd.core.events import Fork, UffdEvent
-from uffdd.kernel.uffd import Feature, OpResult, Outcome, RegisterMode, Uffd
+from uffdd.core.outcomes import OpResult, Outcome
+from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from support.workload import PAGE, WorkloadError, WorkloadPool, fault, pattern, wait_events
 
-from uffdd.errors import UffdOpError
-from uffdd.kernel.uffd import Feature, Ioctl, OpResult, Outcome, RegisterMode
+from uffdd.core.errors import UffdOpError
+from uffdd.core.outcomes import OpResult, Outcome
+from uffdd.kernel.uffd import Feature, Ioctl, RegisterMode
 
 pytestmark = pytest.mark.timeout(60)
 

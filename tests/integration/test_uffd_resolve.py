@@ -9,8 +9,9 @@ import errno
 import pytest
 from support.workload import PAGE, WorkloadPool, fault, pattern, wait_events
 
-from uffdd.errors import UffdOpError
-from uffdd.kernel.uffd import FaultCounts, Feature, Ioctl, OpResult, Outcome, RegisterMode
+from uffdd.core.errors import UffdOpError
+from uffdd.core.outcomes import OpResult, Outcome
+from uffdd.kernel.uffd import FaultCounts, Feature, Ioctl, RegisterMode
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -28,13 +28,13 @@ from page_server_support import (
 )
 from support.fds import open_fds
 
+from uffdd.client.page_client import PageClient
 from uffdd.core.addresses import ImageAddr
 from uffdd.image.format import DATA_NAME, ExtentKind
 from uffdd.image.reader import ImageReader
 from uffdd.image.writer import ImageWriter
-from uffdd.remote import fastlane_wire as wire
-from uffdd.remote.client import PageClient
-from uffdd.remote.server import PageServer
+from uffdd.pageserver.server import PageServer
+from uffdd.wire import fast_lane as wire
 
 pytestmark = pytest.mark.timeout(60)
 

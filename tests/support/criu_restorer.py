@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from support.criu_tree import PAGE, page_pattern
-from uffdd.criu.images import (
+from uffdd.image.criu.images import (
     PE_LAZY,
     PE_PRESENT,
     PagemapEntry,
@@ -202,8 +202,8 @@ def write_dump(images: Path, tree: Tree, style: PagemapStyle = "4.x") -> None:
 
 
 def lazy_pages_command(images: Path, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "uffdd.criu.commands", "-D", str(images), "-W", str(work),
-            "--log-format", "json", "-v", *extra]  # fmt: skip
+    return [sys.executable, "-m", "uffdd.daemon.doors.criu_command",
+            "-D", str(images), "-W", str(work), "--log-format", "json", "-v", *extra]  # fmt: skip
 
 
 @dataclass

@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from support.fds import open_fds
+from uffdd.client.page_client import ChunkCallback, DoneCallback
 from uffdd.config import DaemonConfig
 from uffdd.core.addresses import ImageAddr
-from uffdd.daemon import Daemon
-from uffdd.firecracker.backing import Backing, Layout, LocalImage
-from uffdd.firecracker.endpoint import FirecrackerSocket
-from uffdd.firecracker.listener import FirecrackerPolicy, firecracker_door
-from uffdd.remote.client import ChunkCallback, DoneCallback
-from uffdd.remote.convert import Priority
-from uffdd.sources import FetchHandle, PageSource
+from uffdd.daemon.doors.firecracker.backing import Backing, Layout, LocalImage
+from uffdd.daemon.doors.firecracker.endpoint import FirecrackerSocket
+from uffdd.daemon.doors.firecracker.listener import FirecrackerPolicy, firecracker_door
+from uffdd.daemon.lifecycle import Daemon
+from uffdd.daemon.sources import FetchHandle, PageSource
+from uffdd.wire.convert import Priority
 
 VMM_SCRIPT = Path(__file__).with_name("firecracker_vmm.py")
 PAGE = 4096
@@ -129,7 +129,7 @@ async def firecracker_daemon(
     daemon = Daemon(config)
     listening = FirecrackerSocket.bind(socket_path)
     task = asyncio.get_running_loop().create_task(
-        daemon.run(native=False, listeners=[firecracker_door(listening, backing, policy)])
+        daemon.run([firecracker_door(listening, backing, policy)])
     )
     try:
         await asyncio.sleep(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from uffdd.config import DaemonConfig, build, load_toml, parse_size
-from uffdd.errors import ConfigError
+from uffdd.core.errors import ConfigError
 
 
 def test_defaults_are_valid() -> None:

@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.criu.catalog import CriuImages
-from uffdd.criu.images import (
+from uffdd.image.criu.catalog import CriuImages
+from uffdd.image.criu.images import (
     PAGEMAP_MAGIC,
     PE_LAZY,
     PE_PARENT,
@@ -40,9 +40,9 @@ from uffdd.criu.images import (
     write_pagemap,
     write_pstree,
 )
-from uffdd.criu.reader import CriuImageReader, CriuLayout, image_id_for, pid_of
+from uffdd.image.criu.reader import CriuImageReader, CriuLayout, image_id_for, pid_of
 from uffdd.image.format import ExtentKind, ImageNotFound
-from uffdd.remote.catalog import ImageCatalog, RequestError
+from uffdd.pageserver.catalog import ImageCatalog, RequestError
 from uffdd.v1 import criu_pb2
 
 pytestmark = pytest.mark.timeout(60)

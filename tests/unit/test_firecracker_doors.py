@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from uffdd.config import DaemonConfig
-from uffdd.errors import ConfigError
-from uffdd.firecracker.backing import RemoteImage
-from uffdd.firecracker.doors import firecracker_doors, parse_spec
+from uffdd.core.errors import ConfigError
+from uffdd.daemon.doors.firecracker.backing import RemoteImage
+from uffdd.daemon.doors.firecracker.doors import firecracker_doors, parse_spec
 
 pytestmark = pytest.mark.timeout(30)
 

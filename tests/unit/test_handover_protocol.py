@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
+from uffdd.core.errors import PeerProtocolError
 from uffdd.core.handover import (
     HUGE_2M,
     MAX_REQUEST_BYTES,
@@ -28,9 +29,8 @@ from uffdd.core.handover import (
     ResidentSummary,
     validate_regions,
 )
-from uffdd.errors import PeerProtocolError
-from uffdd.handover_protocol import decode_reply, decode_request, encode_reply, encode_request
 from uffdd.v1 import handover_pb2
+from uffdd.wire.handover import decode_reply, decode_request, encode_reply, encode_request
 
 pytestmark = pytest.mark.timeout(60)
 

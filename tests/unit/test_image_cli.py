@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.image.commands import image, parse_region, parse_size
+from uffdd.image.command import image, parse_region, parse_size
 from uffdd.image.format import DATA_NAME, ExtentKind
 from uffdd.image.reader import ImageReader
 

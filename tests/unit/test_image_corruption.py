@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import ImageError
+from uffdd.core.errors import ImageError
 from uffdd.image.format import (
     DATA_NAME,
     MANIFEST_HEADER_SIZE,

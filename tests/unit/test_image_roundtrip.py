@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import ImageError
+from uffdd.core.errors import ImageError
 from uffdd.image import writer as writer_module
 from uffdd.image.format import (
     CHECKSUM_ALGORITHM,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import ImageError
+from uffdd.core.errors import ImageError
 from uffdd.image.format import MANIFEST_NAME, InvalidImageId, validate_image_id
 from uffdd.image.store import ImageNotFound, ImageStore
 from uffdd.image.writer import ImageWriter

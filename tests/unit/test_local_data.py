@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from uffdd.core.addresses import ImageAddr
+from uffdd.daemon.sources import LocalImageSource, local_data_of
 from uffdd.image.format import DATA_NAME
 from uffdd.image.reader import ImageReader
 from uffdd.image.writer import ImageWriter
 from uffdd.kernel.uffd import FastTable
-from uffdd.sources import LocalImageSource, local_data_of
 
 P = 4096
 CHUNK = 4 * P

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from uffdd.remote.ratelimit import TokenBucket, parse_rate
+from uffdd.pageserver.ratelimit import TokenBucket, parse_rate
 
 
 @pytest.mark.parametrize(

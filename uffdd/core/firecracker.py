@@ -4,7 +4,7 @@ Why pure: the payload comes from a local peer we do not control, and every way i
 be wrong (not JSON, not an array, a missing or mistyped field, a zero size, an address
 not aligned to its page size, a page size other than 4 KiB or 2 MiB, regions that
 overlap in the VMM or in the memory file) must be a clear, tested error before any
-fd is touched. The listener (``uffdd.firecracker.listener``) does the sockets.
+fd is touched. The listener (``uffdd.daemon.doors.firecracker.listener``) does the sockets.
 
 The message (shared/PROTOCOLS.md section 3) is a JSON array of objects
 ``{"base_host_virt_addr", "size", "offset", "page_size"}``; older senders name the page

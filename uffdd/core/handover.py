@@ -3,8 +3,8 @@
 Why here, apart from the sockets: everything a hostile or buggy restorer can get wrong in
 a request (an unknown version, regions that overlap, are unaligned, empty or absurdly
 large, oversized strings) is decided by pure functions that unit tests and hypothesis
-cover without a kernel. The protobuf codec is ``uffdd.handover_protocol`` (generated
-code stays out of the core); the socket shell (``uffdd.kernel.handover``) adds what only
+cover without a kernel. The protobuf codec is ``uffdd.wire.handover`` (generated
+code stays out of the core); the socket shell (``uffdd.daemon.doors.native``) adds what only
 the kernel knows (the peer's credentials, the fd). The wire format is
 ``proto/uffdd/v1/handover.proto``; the numbers here mirror it (a unit test checks).
 """
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
-from uffdd.errors import PeerProtocolError
+from uffdd.core.errors import PeerProtocolError
 
 DEFAULT_SOCKET_PATH = "/run/uffdd/handover.sock"
 """Where the daemon listens by default (``uffdd daemon --handover``)."""
@@ -112,7 +112,7 @@ class HandoverLimits:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    session_id: str
+    handover_id: str
 
 
 @dataclass(frozen=True, slots=True)

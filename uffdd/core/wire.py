@@ -14,8 +14,8 @@ from __future__ import annotations
 import struct
 
 from uffdd.core.addresses import RunAddr
+from uffdd.core.errors import PeerProtocolError
 from uffdd.core.events import Fork, PageFault, Remap, Remove, UffdEvent, Unmap
-from uffdd.errors import PeerProtocolError
 
 MSG_SIZE = 32
 

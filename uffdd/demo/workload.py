@@ -157,18 +157,18 @@ def run_restored(
     heap, sparse, zeroed, moved = layout
     checker = Checker(pattern)
     started = time.monotonic()
-    session = Restorer(socket_path=Path(handover)).restore(
+    restore = Restorer(socket_path=Path(handover)).restore(
         image_id,
         [RegionSpec(r.start, r.length, run_address=r.start) for r in layout],
         page_server=page_server,
     )
-    emit("handed_over", seconds=round(time.monotonic() - started, 4), session=session.session_id)
+    emit("handed_over", seconds=round(time.monotonic() - started, 4), handover=restore.handover_id)
 
     outcome: dict[str, Any] = {}
 
     def follow_progress() -> None:
         try:
-            summary = session.wait_resident(
+            summary = restore.wait_resident(
                 timeout=resident_timeout,
                 on_progress=lambda p: emit(
                     "progress", resident=p.resident_bytes, total=p.total_bytes

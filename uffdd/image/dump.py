@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import ImageError
+from uffdd.core.errors import ImageError
 from uffdd.image.format import ImageSource
 from uffdd.image.procmem import (
     Mapping,

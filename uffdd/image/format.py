@@ -18,7 +18,7 @@ from typing import Protocol
 import xxhash
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import ImageError
+from uffdd.core.errors import ImageError
 from uffdd.v1 import image_pb2
 
 FORMAT_VERSION = 1

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import ImageError
+from uffdd.core.errors import ImageError
 from uffdd.image.format import (
     CHECKSUM_ALGORITHM,
     DATA_NAME,

@@ -31,7 +31,7 @@ from typing import BinaryIO
 import xxhash
 
 from uffdd.core.addresses import ImageAddr
-from uffdd.errors import ImageError
+from uffdd.core.errors import ImageError
 from uffdd.image.format import (
     CHECKSUM_ALGORITHM,
     DATA_NAME,

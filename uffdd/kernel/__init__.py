@@ -1,1 +1,1 @@
-"""The thin typed shell over the kernel: userfaultfd ioctls, reads, handover sockets."""
+"""The thin typed shell over the kernel: userfaultfd ioctls and reads, memory, fds, probes."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from uffdd.kernel._uffd_ffi import ffi
+from uffdd.native._ffi import ffi
 
 PROT_READ = 0x1
 PROT_WRITE = 0x2

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from uffdd.errors import KernelSupportError, UffdOpError
+from uffdd.core.errors import KernelSupportError, UffdOpError
 from uffdd.kernel.uffd import ApiInfo, Feature, Ioctl, RegisterMode, Uffd
 
 MemoryKind = Literal["anon", "shmem", "hugetlbfs"]

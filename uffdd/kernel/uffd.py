@@ -5,7 +5,7 @@ same few dozen lines of ioctl plumbing, and the kernel's answers need one consis
 reading. Here the errnos a lazy-restore handler *expects* (the page is already there,
 drain events first, the layout changed, the process is gone) come back as an
 :class:`OpResult` value together with the bytes the kernel did finish, and everything
-else raises :class:`~uffdd.errors.UffdOpError`. Calls go through the cffi API-mode
+else raises :class:`~uffdd.core.errors.UffdOpError`. Calls go through the cffi API-mode
 module (request numbers and struct layouts from the C headers, the GIL released during
 the ioctl) and page data is passed with ``ffi.from_buffer``: no second copy in Python.
 :meth:`Uffd.fast_serve` runs a whole read-and-answer loop in C over a :class:`FastTable`
@@ -47,10 +47,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from uffdd.core.errors import KernelSupportError, PeerProtocolError, UffdOpError
 from uffdd.core.events import UffdEvent
+from uffdd.core.outcomes import OpResult, Outcome, op_result
 from uffdd.core.wire import MSG_SIZE, decode_messages
-from uffdd.errors import KernelSupportError, PeerProtocolError, UffdOpError
-from uffdd.kernel._uffd_ffi import ffi, lib
+from uffdd.native._ffi import ffi, lib
 
 if TYPE_CHECKING:
     from typing import Self
@@ -122,43 +123,6 @@ class Ioctl(enum.IntFlag):
     CONTINUE = 1 << lib._UFFDIO_CONTINUE
     POISON = 1 << lib._UFFDIO_POISON
     API = 1 << lib._UFFDIO_API
-
-
-class Outcome(enum.Enum):
-    """How a resolving ioctl ended, for the errnos a handler expects."""
-
-    DONE = "done"
-    """The whole range was handled (``OpResult.done`` is the full length)."""
-    EXISTS = "exists"
-    """EEXIST: the first page of the range is already present; wake its waiters."""
-    RETRY = "retry"
-    """EAGAIN: stopped after ``done`` bytes; drain events, retry from ``start + done``."""
-    LAYOUT_CHANGED = "layout_changed"
-    """ENOENT: the range is no longer mapped as it was (munmap/mremap); re-check."""
-    GONE = "gone"
-    """ESRCH/ENOSPC: the process behind the uffd has exited."""
-
-
-_OUTCOME_OF_ERRNO = {
-    errno.EEXIST: Outcome.EXISTS,
-    errno.EAGAIN: Outcome.RETRY,
-    errno.ENOENT: Outcome.LAYOUT_CHANGED,
-    errno.ESRCH: Outcome.GONE,
-    errno.ENOSPC: Outcome.GONE,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class OpResult:
-    """The outcome of a resolving ioctl and how many bytes of the range it completed."""
-
-    outcome: Outcome
-    done: int
-
-    @property
-    def partial(self) -> bool:
-        """True when the kernel stopped part way: ``done`` bytes are in, the rest is not."""
-        return self.outcome is not Outcome.DONE and self.done > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -675,17 +639,6 @@ def _range(start: int, length: int) -> Any:
     arg.start = start
     arg.len = length
     return arg
-
-
-def op_result(op: str, err: int, count: int, start: int, length: int) -> OpResult:
-    """Map an ioctl's errno and count field to an OpResult (or raise UffdOpError)."""
-    if err == 0:
-        return OpResult(Outcome.DONE, length)
-    outcome = _OUTCOME_OF_ERRNO.get(err)
-    if outcome is None:
-        raise UffdOpError(op, err, start, length)
-    # On failure the count field holds -errno, or the bytes done before stopping.
-    return OpResult(outcome, max(count, 0))
 
 
 def _syscall_reason(err: int) -> str:

@@ -1,0 +1,328 @@
+"""CRIU's lazy-pages handover: ``criu restore --lazy-pages`` hands each task's uffd over.
+
+Why a module of its own: the protocol (shared/PROTOCOLS.md section 2) has no framing,
+reply or version: on one SOCK_STREAM connection come, per task in pstree order, a
+native-endian 4-byte pid then the task's uffd (SCM_RIGHTS, 1-byte payload), a zombie as
+a negated pid without fd, and at the end the 4-byte "RSTF" marker and a hang-up. Every
+way that can go wrong (a short pid, a pid without fd, an unknown pid, a hang-up before
+the marker) must end the restore with a reason, killing the tasks already handed over
+rather than leaving them to read zeros. The daemon serves each task as a restore of its
+own (``criu-<pid>``): faults at once, the background sweep after the marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uffdd.core.addresses import RunAddr
+from uffdd.core.errors import ImageError, PageServerError, PeerProtocolError
+from uffdd.core.events import ProcId
+from uffdd.core.process import LazyRegion
+from uffdd.daemon.executor import TreeOutcome
+from uffdd.daemon.lifecycle import Daemon, Restore, SilentReporter
+from uffdd.daemon.sources import LocalImageSource, PageSource
+from uffdd.image.criu.images import CriuImageError, read_pstree
+from uffdd.image.criu.reader import CriuImageReader, CriuLayout, image_id_for
+from uffdd.kernel.fdpass import close_fds, fds_in, wait_readable
+from uffdd.kernel.uffd import Uffd
+from uffdd.log import get_logger
+
+LAZY_PAGES_SOCKET = "lazy-pages.socket"
+RESTORE_FINISHED = 0x52535446
+"""The marker criu restore sends after the last task ("RSTF" as a native int)."""
+
+EXIT_RESIDENT = 0
+EXIT_FAILED = 1
+EXIT_TASK_EXITED = 3
+"""A task exited on its own before it was fully resident (nothing was served wrong)."""
+
+_PID = struct.Struct("=i")
+_FDS_SPACE = socket.CMSG_SPACE(4 * 4)
+
+_log = get_logger("uffdd.criu")
+
+
+class CriuProtocolError(PeerProtocolError):
+    """criu restore broke the lazy-pages protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class CriuResult:
+    """How a CRIU restore ended: the exit code and, unless resident, why."""
+
+    code: int
+    reason: str | None = None
+
+
+class _Stream:
+    """Exact-length reads (with any fds that come along) from a non-blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+
+    async def read(self, length: int) -> tuple[bytes, list[int]]:
+        """``length`` bytes, fewer only at end of stream; the fds received meanwhile."""
+        data, fds = b"", list[int]()
+        while len(data) < length:
+            try:
+                chunk, ancdata, flags, _ = self.sock.recvmsg(
+                    length - len(data), _FDS_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                await wait_readable(self.sock.fileno())
+                continue
+            fds.extend(fds_in(ancdata))
+            if flags & socket.MSG_CTRUNC:
+                close_fds(fds)
+                raise CriuProtocolError("more fds came at once than the protocol allows")
+            if not chunk:
+                break
+            data += chunk
+        return data, fds
+
+
+def _releaser(resources: list[Callable[[], None]]) -> Callable[[], None]:
+    def release() -> None:
+        for step in reversed(resources):
+            with contextlib.suppress(OSError):
+                step()
+
+    return release
+
+
+@dataclass(eq=False)
+class CriuRestore:
+    """One ``criu restore --lazy-pages``: its connection and every task it hands over.
+
+    ``page_server``: fetch page data from ``uffdd page-server`` (images ``criu-<pid>``)
+    instead of reading ``pages-<id>.img`` from ``images_dir``; the layout always comes
+    from ``images_dir`` (mm and pagemap images), as CRIU's own daemon does.
+    """
+
+    daemon: Daemon
+    images_dir: Path
+    page_server: str | None = None
+    _roots: dict[ProcId, Restore] = field(default_factory=dict)
+    _outcomes: dict[ProcId, TreeOutcome] = field(default_factory=dict)
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, conn: socket.socket) -> CriuResult:
+        """Take the handover on ``conn`` and serve until every task is resident."""
+        try:
+            tasks = read_pstree(self.images_dir)
+            await self._take_handover(_Stream(conn), {t.pid for t in tasks})
+        except (CriuProtocolError, ImageError, PageServerError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+            _log.error("criu restore failed", reason=reason)
+            await self._kill_all(reason)
+            return CriuResult(EXIT_FAILED, reason)
+        except asyncio.CancelledError:
+            self._kill_started("uffdd stopped during the handover")
+            raise
+        finally:
+            conn.close()
+        for root in self._roots:
+            self.daemon.handover_complete(root)
+        await self._wait_all()
+        return self._result()
+
+    async def _take_handover(self, stream: _Stream, pids: set[int]) -> None:
+        seen: set[int] = set()
+        while True:
+            raw, fds = await stream.read(_PID.size)
+            if fds:
+                close_fds(fds)
+                raise CriuProtocolError("an fd came with a pid, not after it")
+            if not raw:
+                raise CriuProtocolError(
+                    "criu restore hung up before the restore-finished marker "
+                    f"({len(seen)} of {len(pids)} tasks handed over)"
+                )
+            if len(raw) < _PID.size:
+                raise CriuProtocolError(f"short pid: {len(raw)} byte(s), then a hang-up")
+            (value,) = _PID.unpack(raw)
+            if value == RESTORE_FINISHED:
+                missing = sorted(pids - seen)
+                if missing:
+                    _log.warning("tasks never handed over", pids=missing)
+                _log.info(
+                    "restore finished", tasks=len(self._roots), zombies=len(seen) - len(self._roots)
+                )
+                return
+            pid = abs(value)
+            if pid == 0 or pid not in pids:
+                raise CriuProtocolError(f"pid {value} is not a task of pstree.img")
+            if pid in seen:
+                raise CriuProtocolError(f"task {pid} was handed over twice")
+            seen.add(pid)
+            if value < 0:
+                _log.info("zombie", pid=pid)
+                continue
+            payload, fds = await stream.read(1)
+            if len(fds) != 1 or len(payload) != 1:
+                close_fds(fds)
+                what = "a hang-up" if not payload else f"{len(fds)} fds"
+                raise CriuProtocolError(f"task {pid}: expected its uffd, got {what}")
+            await self._start(pid, fds[0])
+
+    async def _start(self, pid: int, fd: int) -> None:
+        try:
+            uffd = Uffd.adopt(fd, nonblocking=True)
+        except PeerProtocolError as exc:
+            os.close(fd)
+            raise CriuProtocolError(f"task {pid}: {exc}") from exc
+        resources: list[Callable[[], None]] = [uffd.close]
+        try:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                raise CriuProtocolError(f"task {pid} does not exist") from None
+            resources.append(lambda: os.close(pidfd))
+            try:
+                layout = CriuLayout.load(self.images_dir, pid)
+                source = await self._source(layout, resources)
+            except BaseException as exc:
+                # its uffd is ours alone: closing it would leave the task reading zeros
+                _log.error("killing task", pid=pid, reason=str(exc))
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                raise
+        except BaseException:
+            _releaser(resources)()
+            raise
+        restore = Restore(
+            name=f"criu-{pid}",
+            pid=pid,
+            pidfd=pidfd,
+            uffd=uffd,
+            image_id=image_id_for(pid),
+            regions=[
+                LazyRegion(RunAddr(r.start), r.start, r.length, r.page_size) for r in layout.regions
+            ],
+            data=layout.data,
+            source=source,
+            reporter=SilentReporter(),
+            close=_releaser(resources),
+            handed_over=False,
+            on_done=self._task_done,
+        )
+        try:
+            root = self.daemon.start(restore, dialect="criu")
+        except ValueError as exc:  # the same task is being restored already
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            restore.close()
+            raise CriuProtocolError(f"task {pid}: {exc}") from exc
+        self._roots[root] = restore
+
+    async def _source(self, layout: CriuLayout, resources: list[Callable[[], None]]) -> PageSource:
+        if self.page_server is None:
+            reader = CriuImageReader(self.images_dir, layout)
+            resources.append(reader.close)
+            return LocalImageSource(reader)
+        client = self.daemon.clients.get(self.page_server)
+        image_id = image_id_for(layout.pid)
+        info = await client.image_info(image_id, timeout=self.daemon.config.fetch_deadline)
+        ours = [(r.start, r.length) for r in layout.regions]
+        theirs = [(r.start, r.length) for r in info.regions]
+        if ours != theirs:
+            raise CriuImageError(
+                f"image {image_id} on {self.page_server} does not match mm-{layout.pid}.img "
+                f"here (regions {theirs} vs {ours})"
+            )
+        return client
+
+    def _task_done(self, outcome: TreeOutcome) -> None:
+        self._outcomes[outcome.root] = outcome
+        if len(self._outcomes) == len(self._roots):
+            self._done.set()
+
+    async def _wait_all(self) -> None:
+        if self._roots and len(self._outcomes) < len(self._roots):
+            await self._done.wait()
+
+    async def _kill_all(self, reason: str) -> None:
+        """Kill every task handed over so far (they would read zeros without us)."""
+        self._kill_started(reason)
+        await self._wait_all()
+
+    def _kill_started(self, reason: str) -> None:
+        for root, restore in self._roots.items():
+            if root not in self._outcomes:
+                _log.error("killing task", proc=root, pid=restore.pid, reason=reason)
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pidfd_send_signal(restore.pidfd, signal.SIGKILL)
+
+    def _result(self) -> CriuResult:
+        failed = [o for o in self._outcomes.values() if o.failure is not None]
+        if failed:
+            return CriuResult(EXIT_FAILED, "; ".join(f"{o.root}: {o.failure}" for o in failed))
+        exited = [str(o.root) for o in self._outcomes.values() if o.exited]
+        if exited:
+            return CriuResult(
+                EXIT_TASK_EXITED, f"exited before fully resident: {', '.join(exited)}"
+            )
+        return CriuResult(EXIT_RESIDENT)
+
+
+def bind_lazy_pages_socket(work_dir: Path) -> socket.socket:
+    """``<work_dir>/lazy-pages.socket``, listening (a stale file is replaced)."""
+    path = work_dir / LAZY_PAGES_SOCKET
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(1)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def lazy_pages_once(
+    daemon: Daemon, listener: socket.socket, images_dir: Path, page_server: str | None
+) -> CriuResult:
+    """``criu lazy-pages``: one connection, one restore, then stop the daemon."""
+    try:
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(listener)
+        listener.close()
+        return await CriuRestore(daemon, images_dir, page_server).run(conn)
+    finally:
+        listener.close()
+        daemon.stop()
+
+
+async def serve_criu_restores(
+    daemon: Daemon, images_dir: Path, work_dir: Path | None = None, page_server: str | None = None
+) -> None:
+    """A daemon front door: every connection on ``<work_dir>/lazy-pages.socket`` is one
+    CRIU restore of the dump in ``images_dir`` (served side by side, each to residency)."""
+    listener = bind_lazy_pages_socket(work_dir or images_dir)
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[CriuResult]] = set()
+    try:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = loop.create_task(CriuRestore(daemon, images_dir, page_server).run(conn))
+            running.add(task)
+            task.add_done_callback(running.discard)
+    finally:
+        for task in running:
+            task.cancel()
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            ((work_dir or images_dir) / LAZY_PAGES_SOCKET).unlink()

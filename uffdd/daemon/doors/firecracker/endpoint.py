@@ -1,0 +1,128 @@
+"""The Firecracker socket and the stream IO on its connections.
+
+Why apart from the listener: binding (stale-socket handling, mode) and receiving
+(recvmsg with room for fds, timeouts, a last look at unread bytes at shutdown) are
+plain socket work; the listener keeps only the protocol's decisions.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+
+from uffdd.core.errors import ConfigError
+from uffdd.kernel.fdpass import fds_in, wait_readable
+from uffdd.log import get_logger
+
+_log = get_logger("uffdd.firecracker")
+
+_INT = array.array("i").itemsize
+_MAX_FDS = 8
+_ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * _INT)
+_RECV_BYTES = 64 * 1024
+
+
+class FirecrackerSocket:
+    """The listening SOCK_STREAM socket (bound here, unlinked on close)."""
+
+    def __init__(self, sock: socket.socket, path: Path, inode: int) -> None:
+        self.sock = sock
+        self.path = path
+        self._inode = inode
+
+    @classmethod
+    def bind(cls, path: Path, *, mode: int = 0o600, backlog: int = 64) -> FirecrackerSocket:
+        """Bind and listen at ``path``; a stale socket file is replaced, anything else
+        (a live listener, a regular file) is a ConfigError."""
+        path = Path(path)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _remove_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            old_umask = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, mode)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            inode = os.stat(path).st_ino
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        return cls(sock, path, inode)
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+
+def _remove_stale(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        os.unlink(path)  # nobody listens: a dead daemon's socket
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"{path}: another process is listening there")
+
+
+async def recv(conn: socket.socket, fds: list[int], timeout: float | None) -> bytes | None:
+    """One recvmsg (its fds go to ``fds``): the data, b"" at EOF, None on timeout.
+
+    (On a stream socket an fd always travels with at least one byte of data.)"""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            data, ancillary, flags, _ = conn.recvmsg(
+                _RECV_BYTES, _ANCILLARY, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ConnectionResetError:
+            return b""
+        else:
+            fds.extend(fds_in(ancillary))
+            if flags & socket.MSG_CTRUNC:
+                _log.warning("a Firecracker peer sent more fds than fit; the kernel dropped some")
+            return data
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return None
+        try:
+            await asyncio.wait_for(wait_readable(conn.fileno()), remaining)
+        except TimeoutError:
+            return None
+
+
+def drain_now(conn: socket.socket, fds: list[int]) -> bytes:
+    """Whatever the peer sent and we have not read yet, without waiting (fds to ``fds``)."""
+    received = b""
+    while True:
+        try:
+            data, ancillary, _, _ = conn.recvmsg(
+                _RECV_BYTES, _ANCILLARY, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            )
+        except OSError:
+            return received
+        fds.extend(fds_in(ancillary))
+        if not data:
+            return received
+        received += data

@@ -1,0 +1,1 @@
+"""uffdd's own handover: ``listener`` speaks the socket protocol, ``door`` serves it."""

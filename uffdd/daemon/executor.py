@@ -1,0 +1,853 @@
+"""The shell around the core: read uffds, run the core's actions, feed outcomes back.
+
+Why here and not in the core: this is where IO happens (ioctls on userfaultfds, page
+requests over gRPC, pidfd signals), all on the one asyncio loop; every decision is the
+core's (``Tracker.handle*`` -> actions). The loop of one uffd is: read until empty
+(many messages per read), stamp the batch with the time of the read, hand it to the
+core in order, execute the actions in order, and hand each install's outcome straight
+back before anything else of that process is read, as ``core/actions.py`` requires.
+
+Page data is never copied in Python: a chunk arrives as a view into the received gRPC
+message, travels through the core untouched inside ``PagesArrived``/``Copy``, and goes
+to ``UFFDIO_COPY`` with ``ffi.from_buffer``.
+
+When the tree's source holds the image locally, a read goes through the C fast path
+first (``Uffd.fast_serve``): it answers faults where the core's ``fast_ranges`` say the
+image's data is right and the data's checksum chunk is verified, and stops at the first
+message it cannot answer; that message and everything after it takes the path above.
+The core learns what C installed (``FastServed``) in the same batch, before the rest.
+When it is remote and its page client's demand lane is up, the process's uffd is not
+read here at all: the demand thread (``client/demand_lane.py``) reads it, fetches and
+installs the faults it can, and reports the rest here in order, a FastServed first,
+stopping at each layout event until the core has handled it.
+
+Large bulk copies (no thread waits on them) go to the installer thread
+(``native/installer.py``) instead, so a demand fault is read and answered while a
+megabyte of background data goes in. The core's contract still holds where it matters:
+a batch that holds only faults may reach the core while such copies run (it leaves
+their pages alone: their outcome wakes the waiters), but before a layout event reaches
+it the uffd is fenced and every copy of that process has ended and reported back; an
+install the core asks for meanwhile meets the EAGAIN the kernel would give.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import errno
+import functools
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uffdd.client.demand_lane import DemandLane, DemandReport, DemandThread
+from uffdd.client.page_client import Chunk
+from uffdd.core.actions import (
+    Action,
+    AdoptChild,
+    CancelFetch,
+    Copy,
+    Fetch,
+    Kill,
+    Lane,
+    Release,
+    Wake,
+    ZeroFill,
+)
+from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
+from uffdd.core.errors import PageServerError, UffdOpError
+from uffdd.core.events import (
+    EventsDrained,
+    Exited,
+    FastServed,
+    FetchFailed,
+    Fork,
+    HandoverComplete,
+    InstallOutcome,
+    InstallResult,
+    PageFault,
+    PagesArrived,
+    ProcId,
+    ShellEvent,
+    Tick,
+    UffdEvent,
+)
+from uffdd.core.outcomes import OpResult
+from uffdd.core.policy import Policy
+from uffdd.core.process import LazyProcess, LazyRegion
+from uffdd.core.stats import LatencyHistogram, ProcessSummary
+from uffdd.core.tracker import Tracker
+from uffdd.core.wire import decode_messages
+from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, demand_lane_of, local_data_of
+from uffdd.kernel.uffd import FastStatus, FastTable, Uffd
+from uffdd.log import get_logger
+from uffdd.native.installer import Installer
+from uffdd.wire.convert import Priority
+
+_log = get_logger("uffdd.daemon.executor")
+
+_READ_BATCH = 64
+_BACKGROUND_MIN = 128 * 1024
+"""Bulk copies this large go to the installer thread; smaller ones cost less than the
+hand-off (a completion wakes the loop across CPUs, ~70 us here)."""
+_PRIORITY = {Lane.URGENT: Priority.URGENT, Lane.BULK: Priority.BULK}
+_TICK_MIN_DELAY = 0.001
+_TICK_SLACK = 0.001
+"""A timer armed within this of the core's next wakeup is kept: a Tick up to 1 ms early
+finds nothing due and asks again, and the core's deadlines are seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class TreeOutcome:
+    """How a restore tree ended, with a summary: fully resident (``failure`` None and not
+    ``exited``), the restored process exited first (``exited``), or killed (``failure``)."""
+
+    root: ProcId
+    failure: str | None
+    exited: bool
+    processes: tuple[ProcessSummary, ...]
+    faults: int
+    fault_p50: float | None
+    fault_p99: float | None
+    bytes_resident: int
+    seconds: float
+    thread_installs: int = 0
+    """Copies the installer thread ran for this tree."""
+
+
+@dataclass(eq=False)
+class _Tree:
+    """One handed-over restore: the root process and everything it forks."""
+
+    root: ProcId
+    pid: int
+    pidfd: int
+    source: PageSource
+    started: float
+    on_done: Callable[[TreeOutcome], None]
+    members: set[ProcId] = field(default_factory=set)
+    failure: str | None = None
+    root_exited: bool = False
+    """The restored process itself exited before it was fully resident."""
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    summaries: list[ProcessSummary] = field(default_factory=list)
+    local: LocalData | None = None
+    """The image in place, when the source has it locally (the C fast path serves)."""
+    thread_installs: int = 0
+
+
+class Executor:
+    """Serves every lazy process of the daemon on the running loop."""
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        background_installs: bool = True,
+        demand_lane: bool = True,
+    ) -> None:
+        self.tracker = Tracker(policy)
+        self._deadlines = {
+            Lane.URGENT: self.tracker.policy.urgent_deadline,
+            Lane.BULK: self.tracker.policy.bulk_deadline,
+        }
+        self._loop = asyncio.get_running_loop()
+        self._uffds: dict[ProcId, Uffd] = {}
+        self._tree_of: dict[ProcId, _Tree] = {}
+        self._trees: dict[ProcId, _Tree] = {}
+        self._requests: dict[int, FetchHandle] = {}
+        self._queue: deque[Action] = deque()
+        self._running = False
+        self._tick: asyncio.TimerHandle | None = None
+        self._fast: dict[ProcId, tuple[int, FastTable]] = {}
+        """Each process's fast-path table, with the layout generation it was built at."""
+        self._demand = demand_lane and background_installs  # its safety needs the fence
+        self._demanders: dict[int, DemandThread] = {}
+        """A demand thread per connected demand lane (by the lane's id)."""
+        self._owned: dict[ProcId, tuple[DemandThread, int, int]] = {}
+        """Processes whose uffd a demand thread reads: (thread, slot, token)."""
+        self._tokens: dict[int, ProcId] = {}
+        self._next_token = 0
+        self._installer = Installer() if background_installs else None
+        self._background: dict[int, tuple[ProcId, int]] = {}
+        """Installer job -> (process, install id) of the Copy it runs."""
+        self._fenced: set[ProcId] = set()
+        """Processes whose layout event was read and not yet handed to the core."""
+        if self._installer is not None:
+            self._loop.add_reader(self._installer.fd, self._take_completions)
+
+    # -- what the daemon calls ---------------------------------------------------------
+
+    def add_tree(
+        self,
+        root: ProcId,
+        *,
+        uffd: Uffd,
+        pid: int,
+        pidfd: int,
+        source: PageSource,
+        image_id: str,
+        regions: list[LazyRegion],
+        data: list[tuple[int, int]],
+        on_done: Callable[[TreeOutcome], None],
+        handed_over: bool = True,
+    ) -> None:
+        """Start serving a handed-over process (its uffd stays owned by the caller,
+        which closes it once ``on_done`` ran). ``handed_over`` False: demand faults are
+        served at once, the background sweep waits for :meth:`handover_complete` (CRIU
+        sends its restore-finished marker after the last task)."""
+        now = time.monotonic()
+        tree = _Tree(root, pid, pidfd, source, now, on_done)
+        local = local_data_of(source)
+        if local is not None and local.image_id == image_id:
+            tree.local = local
+        self._trees[root] = tree
+        self._watch(root, uffd, tree)
+        if pidfd >= 0:
+            self._loop.add_reader(pidfd, self._root_exited, root)
+        self._run(
+            self.tracker.add_process(root, image_id, regions, data, now, handed_over=handed_over)
+        )
+
+    def handover_complete(self, root: ProcId) -> None:
+        """The restorer finished the whole restore: start the background sweep."""
+        if root in self._trees:
+            self._handle(HandoverComplete(root))
+
+    def progress(self, root: ProcId) -> tuple[int, int]:
+        """(resident bytes, total bytes) of a tree."""
+        progress = self.tracker.progress(root)
+        return progress.bytes_resident, progress.bytes_total
+
+    def demand_served(self) -> list[ProcId]:
+        """Processes whose uffd the demand thread reads (client/demand_lane.py)."""
+        return list(self._owned)
+
+    @property
+    def trees(self) -> list[ProcId]:
+        return list(self._trees)
+
+    def kill_tree(self, root: ProcId, reason: str) -> None:
+        """Kill a whole restore tree (never leave it reading zeros) and end it."""
+        tree = self._trees.get(root)
+        if tree is None:
+            return
+        self._run(self.tracker.kill_tree(root, reason, time.monotonic()))
+        self._end_tree(tree, failure=reason)
+
+    # -- reading uffds -----------------------------------------------------------------
+
+    def _watch(self, proc: ProcId, uffd: Uffd, tree: _Tree) -> None:
+        self._uffds[proc] = uffd
+        self._tree_of[proc] = tree
+        tree.members.add(proc)
+        self._loop.add_reader(uffd.fd, self._readable, proc)
+
+    def _readable(self, proc: ProcId) -> None:
+        uffd = self._uffds.get(proc)
+        if uffd is None:
+            return
+        now = time.monotonic()
+        events: list[UffdEvent | FastServed] = []
+        error = 0
+        table = self._fast_table(proc)
+        with self._reading() as fence:
+            if table is not None:
+                drained, error = self._serve_fast(proc, uffd, table, events)
+                now = time.monotonic()  # the rest was read just now, at the end of it
+            else:
+                drained = False
+            while not drained and (batch := uffd.read_events(_READ_BATCH)):
+                events.extend(batch)
+            layout = any(not isinstance(e, PageFault | FastServed) for e in events)
+            if layout and fence is not None:
+                fence(uffd)
+        if layout and self._installer is not None:
+            self._run(self._fenced_batch(proc, uffd, events, now))
+        elif events:
+            if self._background:
+                self._expedite(uffd, events)
+            self._run(self._hand_batch(proc, events, now))
+        if error:
+            raise UffdOpError("read", error)
+        # Everything queued has been read: installs that met EAGAIN may go again.
+        if proc in self._uffds:
+            self._handle(EventsDrained(proc))
+            self._hand_to_demander(proc)
+
+    def _reading(self) -> contextlib.AbstractContextManager[Callable[[Uffd], None] | None]:
+        if self._installer is None:
+            return contextlib.nullcontext()
+        return self._installer.reading()
+
+    def _fenced_batch(
+        self, proc: ProcId, uffd: Uffd, events: list[UffdEvent | FastServed], now: float
+    ) -> list[Action]:
+        """The core's actions for a batch with a layout event, read with ``uffd`` fenced:
+        first every background copy of the process ends and reports back."""
+        assert self._installer is not None
+        self._fenced.add(proc)
+        self.tracker.batch_read(proc)  # its outcomes must not release it before the batch
+        try:
+            self._installer.quiesce(uffd)
+            self._take_completions()
+            return self._hand_batch(proc, events, now)
+        finally:
+            self._fenced.discard(proc)
+            if not uffd.closed:  # (an outcome may have ended the process: fd closed)
+                self._installer.unfence(uffd)
+
+    def _hand_batch(
+        self, proc: ProcId, events: list[UffdEvent | FastServed], now: float
+    ) -> list[Action]:
+        """The core's actions for a batch read from ``proc``'s uffd. A FORK's new uffd
+        that the core does not adopt (the process ended first) is closed here."""
+        actions = self.tracker.handle_uffd(proc, events, now)
+        adopted = {a.child_fd for a in actions if isinstance(a, AdoptChild)}
+        for event in events:
+            if isinstance(event, Fork) and event.child_fd not in adopted:
+                _log.info("fork of an ended process: its uffd is closed", proc=proc)
+                os.close(event.child_fd)
+        return actions
+
+    def _expedite(self, uffd: Uffd, events: list[UffdEvent | FastServed]) -> None:
+        """Faults on pages a queued background copy installs: that copy goes first.
+        (Queued behind up to the whole in-flight budget, it made faults wait 200 ms.)"""
+        assert self._installer is not None
+        for event in events:
+            if isinstance(event, PageFault):
+                self._installer.expedite(uffd, event.address)
+
+    # -- the demand thread (client/demand_lane.py) ---------------------------------------
+
+    def _hand_to_demander(self, proc: ProcId) -> None:
+        """Give a remote process's uffd to the demand thread of its page client's demand
+        lane, once that is connected; until then (or without room) the loop reads it."""
+        tree = self._tree_of.get(proc)
+        if not self._demand or proc in self._owned or tree is None or tree.local is not None:
+            return
+        lane = demand_lane_of(tree.source)
+        if lane is None:
+            return
+        thread = self._demander(lane)
+        if thread is None:
+            return
+        uffd = self._uffds[proc]
+        process = self.tracker.process(proc)
+        token = self._next_token = self._next_token + 1
+        self._loop.remove_reader(uffd.fd)
+        try:
+            slot = thread.add(
+                token, uffd.fd, process.image_id, process.fast_ranges(), process.zero_ranges()
+            )
+        except OSError as exc:
+            _log.info("demand thread full; the loop reads this process", proc=proc, error=str(exc))
+            self._loop.add_reader(uffd.fd, self._readable, proc)
+            return
+        assert self._installer is not None
+        uffd.guard(self._installer.handle)
+        self._owned[proc] = (thread, slot, token)
+        self._tokens[token] = proc
+
+    def _demander(self, lane: DemandLane) -> DemandThread | None:
+        thread = self._demanders.get(id(lane))
+        if thread is not None:
+            return thread
+        assert self._installer is not None
+        try:
+            thread = DemandThread(lane, self.tracker.policy.fault_around, self._installer.handle)
+        except OSError as exc:
+            _log.warning("no demand thread", error=str(exc))
+            lane.close()
+            return None
+        self._demanders[id(lane)] = thread
+        self._loop.add_reader(thread.fd, self._take_demand, thread)
+        return thread
+
+    def _take_demand(self, thread: DemandThread) -> None:
+        """The demand thread's reports, each handed to the core as a read batch."""
+        broken = self._hand_reports(thread, thread.take())
+        if broken:
+            self._drop_demander(thread, broken)
+
+    def _hand_reports(self, thread: DemandThread, reports: list[DemandReport]) -> int:
+        """Hand the reports to the core, in order; a process's run of plain reports
+        (faults only) goes as one batch: with the thread answering a reading process
+        as fast as it faults, a batch per report was most of the loop's work. Returns
+        the errno that broke the lane, or 0."""
+        broken = 0
+        plain: dict[ProcId, list[DemandReport]] = {}
+        for report in reports:
+            broken = broken or report.lane_error
+            proc = self._tokens.get(report.token)
+            if proc is None or self._owned.get(proc, (None,))[0] is not thread:
+                _close_fork_fds(report)  # the process was released meanwhile
+            elif report.layout or report.read_error or report.fence_failed:
+                self._hand_plain(proc, plain.pop(proc, []))
+                self._hand_special(proc, report)
+            else:
+                plain.setdefault(proc, []).append(report)
+        for proc, run in plain.items():
+            self._hand_plain(proc, run)
+        return broken
+
+    def _hand_plain(self, proc: ProcId, reports: list[DemandReport]) -> None:
+        if not reports or self._owned.get(proc) is None:
+            return
+        events = [e for report in reports for e in _report_events(proc, report)]
+        if events:
+            self._run(self._hand_batch(proc, events, reports[-1].done_at))
+        if reports[-1].drained and proc in self._uffds:
+            self._handle(EventsDrained(proc))
+
+    def _hand_special(self, proc: ProcId, report: DemandReport) -> None:
+        """A report with a layout event, or the end of the thread's reading of it."""
+        if self._owned.get(proc) is None:
+            _close_fork_fds(report)  # released by the reports before
+            return
+        if report.read_error or report.fence_failed:
+            what = "cannot fence" if report.fence_failed else f"errno {report.read_error}"
+            _close_fork_fds(report)
+            self._run(self.tracker.kill_tree(proc, f"uffd read failed: {what}", report.done_at))
+            return
+        events = _report_events(proc, report)
+        self._run(self._fenced_batch(proc, self._uffds[proc], events, report.done_at))
+        owner = self._owned.get(proc)
+        if owner is None:
+            return  # released by the batch
+        process = self.tracker.process(proc)
+        owner[0].resume(owner[1], process.fast_ranges(), process.zero_ranges())
+        self._handle(EventsDrained(proc))  # what is still queued, the thread reads
+
+    def _drop_demander(self, thread: DemandThread, error: int) -> None:
+        """The thread's lane broke: its processes go back to the loop, after every
+        report it made (the messages in them were read from the uffds: only these
+        reports hold them)."""
+        _log.warning("demand lane broken; the loop reads its processes", error=os.strerror(error))
+        mine = [proc for proc, (owner, slot, _) in self._owned.items() if owner is thread]
+        for proc in mine:
+            thread.remove(self._owned[proc][1])  # read no more of it
+        self._hand_reports(thread, thread.take())
+        for proc in mine:
+            if proc not in self._owned:
+                continue  # released by a report
+            self._forget_owner(proc)
+            uffd = self._uffds[proc]
+            self._loop.add_reader(uffd.fd, self._readable, proc)
+            if error == errno.ENOMEM:
+                # A report may have been lost: wake every thread of the process, so a
+                # fault read into it is raised again (a present page is not touched).
+                self._wake_all(proc, uffd)
+        self._loop.remove_reader(thread.fd)
+        self._demanders.pop(id(thread.lane), None)
+        thread.close()
+
+    def _wake_all(self, proc: ProcId, uffd: Uffd) -> None:
+        for piece in self.tracker.process(proc).map:
+            self._guard(proc, "wake", functools.partial(uffd.wake, piece.run, piece.length))
+
+    def _forget_owner(self, proc: ProcId) -> None:
+        """The demand thread no longer reads ``proc``'s uffd (the caller removed it)."""
+        _, _, token = self._owned.pop(proc)
+        self._tokens.pop(token, None)
+        uffd = self._uffds.get(proc)
+        if uffd is not None:
+            uffd.guard(None)
+
+    def _serve_fast(
+        self, proc: ProcId, uffd: Uffd, table: FastTable, events: list[UffdEvent | FastServed]
+    ) -> tuple[bool, int]:
+        """Answer what C can; append a FastServed and the rest's events, in order.
+        Returns (the fd is drained, errno of a failed read)."""
+        while True:
+            read_at = time.monotonic()
+            result = uffd.fast_serve(table)
+            if result.faults or result.installs:
+                installs = tuple((RunAddr(run), length) for run, length in result.installs)
+                events.append(FastServed(proc, installs, result.faults, read_at))
+            if result.rest:
+                events.extend(decode_messages(result.rest))
+            if result.error or result.status is not FastStatus.FULL:
+                return result.status is FastStatus.DRAINED, result.error
+
+    def _fast_table(self, proc: ProcId) -> FastTable | None:
+        """The process's fast-path table, rebuilt when its layout changed."""
+        tree = self._tree_of.get(proc)
+        if tree is None or tree.local is None:
+            return None
+        process = self.tracker.process(proc)
+        cached = self._fast.get(proc)
+        if cached is not None and cached[0] == process.layout_generation:
+            return cached[1]
+        if cached is not None:
+            cached[1].close()
+        local = tree.local
+        table = FastTable(
+            _table_rows(process, local),
+            local.data,
+            local.verified,
+            local.chunk_size,
+            self.tracker.policy.fault_around,
+        )
+        self._fast[proc] = (process.layout_generation, table)
+        return table
+
+    def _root_exited(self, root: ProcId) -> None:
+        tree = self._trees.get(root)
+        if tree is None:
+            return
+        self._loop.remove_reader(tree.pidfd)
+        self._handle(Exited(root))
+
+    # -- the core loop -----------------------------------------------------------------
+
+    def _handle(self, event: ShellEvent) -> None:
+        self._run(self.tracker.handle(event, time.monotonic()))
+
+    def _run(self, actions: list[Action]) -> None:
+        """Execute actions in order; outcomes go back to the core as they come.
+
+        Re-entrant calls (an outcome producing actions while actions run) append to the
+        one queue, so every action runs in the order the core produced it.
+        """
+        self._queue.extend(actions)
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self._queue:
+                self._execute(self._queue.popleft())
+        finally:
+            self._running = False
+        self._schedule_tick()
+
+    def _execute(self, action: Action) -> None:
+        if isinstance(action, Copy):
+            if not self._submit_background(action):
+                self._install(action, self._copy)
+        elif isinstance(action, ZeroFill):
+            self._install(action, self._zero)
+        elif isinstance(action, Fetch):
+            self._fetch(action)
+        elif isinstance(action, Wake):
+            uffd = self._uffds.get(action.proc)
+            if uffd is not None:
+                self._guard(action.proc, "wake", lambda: uffd.wake(action.run_addr, action.length))
+        elif isinstance(action, CancelFetch):
+            request = self._requests.pop(action.request_id, None)
+            if request is not None:
+                request.cancel()
+        elif isinstance(action, AdoptChild):
+            self._adopt(action)
+        elif isinstance(action, Release):
+            self._release(action)
+        else:
+            self._kill(action)
+
+    def _submit_background(self, action: Copy) -> bool:
+        """Hand a large bulk copy to the installer thread; False: install it here."""
+        uffd = self._uffds.get(action.proc)
+        if (
+            self._installer is None
+            or uffd is None
+            or not action.dontwake
+            or action.length < _BACKGROUND_MIN
+            or action.page_size != PAGE_SIZE  # pieces would split a huge page
+            or action.proc in self._fenced
+        ):
+            return False
+        data = memoryview(action.data)  # type: ignore[arg-type]
+        view = data[action.data_offset : action.data_offset + action.length]
+        job = self._installer.submit(uffd, action.run_addr, view, dontwake=True)
+        if job is None:
+            return False  # the queue is full: this one goes in here
+        self._background[job] = (action.proc, action.install_id)
+        self._tree_of[action.proc].thread_installs += 1
+        return True
+
+    def _take_completions(self) -> None:
+        """Feed the installer's completions to the core."""
+        assert self._installer is not None
+        for done in self._installer.take():
+            proc, install_id = self._background.pop(done.job)
+            if proc not in self._uffds:
+                continue  # released meanwhile: nothing waits for this outcome
+            if done.result is None:
+                self._run(self.tracker.kill_tree(proc, str(done.error), time.monotonic()))
+                continue
+            result = InstallResult(done.result.outcome.value)
+            self._handle(InstallOutcome(proc, install_id, result, done.result.done))
+
+    def _install(
+        self, action: Copy | ZeroFill, operation: Callable[[Uffd, Copy | ZeroFill], OpResult]
+    ) -> None:
+        uffd = self._uffds.get(action.proc)
+        if uffd is None:
+            result = InstallResult.GONE
+            done = 0
+        elif action.proc in self._fenced:
+            # Its layout event is read but not yet handled: as the kernel does until
+            # the event is read, refuse; the core retries once the events are drained.
+            result = InstallResult.RETRY
+            done = 0
+        else:
+            try:
+                outcome = operation(uffd, action)
+            except UffdOpError as exc:
+                # Not an outcome a handler expects: this process cannot be served safely.
+                self._run(self.tracker.kill_tree(action.proc, str(exc), time.monotonic()))
+                return
+            result, done = InstallResult(outcome.outcome.value), outcome.done
+        self._handle(InstallOutcome(action.proc, action.install_id, result, done))
+
+    @staticmethod
+    def _copy(uffd: Uffd, action: Copy | ZeroFill) -> OpResult:
+        assert isinstance(action, Copy)
+        data = memoryview(action.data)  # type: ignore[arg-type]
+        view = data[action.data_offset : action.data_offset + action.length]
+        return uffd.copy(action.run_addr, view, dontwake=action.dontwake)
+
+    @staticmethod
+    def _zero(uffd: Uffd, action: Copy | ZeroFill) -> OpResult:
+        assert isinstance(action, ZeroFill)
+        if action.page_size == PAGE_SIZE:
+            return uffd.zeropage(action.run_addr, action.length)
+        # hugetlbfs has no ZEROPAGE: install zeros from a buffer of the right size.
+        return uffd.copy(action.run_addr, bytes(action.length))
+
+    def _guard(self, proc: ProcId, what: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except UffdOpError as exc:
+            _log.warning("uffd operation failed", proc=proc, op=what, error=str(exc))
+
+    # -- page server -------------------------------------------------------------------
+
+    def _fetch(self, action: Fetch) -> None:
+        tree = self._tree_of.get(action.proc)
+        if tree is None:
+            self._handle(FetchFailed(action.request_id, "the requesting process is gone"))
+            return
+        request_id = action.request_id
+
+        def on_chunk(chunk: Chunk) -> None:
+            data: object = chunk.data if chunk.data is not None else bytes(chunk.length)
+            self._handle(PagesArrived(request_id, ImageAddr(chunk.address), chunk.length, data))
+
+        def on_done(error: PageServerError | None) -> None:
+            self._requests.pop(request_id, None)
+            if error is not None:
+                self._handle(FetchFailed(request_id, str(error)))
+
+        self._requests[request_id] = tree.source.submit(
+            action.image_id,
+            action.image_addr,
+            action.length,
+            _PRIORITY[action.lane],
+            on_chunk=on_chunk,
+            on_done=on_done,
+            # Each lane has its own deadline: a bulk request may wait in the client
+            # behind megabytes of others (a sparse image makes thousands of small
+            # ones); only a demand fault must be answered within the short one.
+            deadline=self._deadlines[action.lane],
+        )
+
+    # -- process life cycle ------------------------------------------------------------
+
+    def _adopt(self, action: AdoptChild) -> None:
+        tree = self._tree_of.get(action.parent)
+        uffd = Uffd.adopt(action.child_fd, nonblocking=True)
+        if tree is None:  # the parent's tree ended while the fork event was queued
+            uffd.close()
+            return
+        _log.info("following fork", parent=action.parent, child=action.child)
+        self._watch(action.child, uffd, tree)
+        self._hand_to_demander(action.child)
+
+    def _release(self, action: Release) -> None:
+        fast = self._fast.pop(action.proc, None)
+        if fast is not None:
+            fast[1].close()
+        owner = self._owned.get(action.proc)
+        if owner is not None:
+            owner[0].remove(owner[1])
+            self._forget_owner(action.proc)
+        tree = self._tree_of.get(action.proc)
+        uffd = self._uffds.pop(action.proc, None)
+        if uffd is not None:
+            self._loop.remove_reader(uffd.fd)
+            if self._installer is not None:
+                # No job may outlive the fd: its number could name another uffd next.
+                self._installer.fence(uffd)
+                self._installer.quiesce(uffd)
+                self._installer.unfence(uffd)
+            uffd.close()
+        self._tree_of.pop(action.proc, None)
+        if tree is None:
+            return
+        summary = self.tracker.summary(action.proc, time.monotonic())
+        tree.summaries.append(summary)
+        tree.latency.merge(self.tracker.process(action.proc).stats.latency)
+        tree.members.discard(action.proc)
+        if action.exited and action.proc == tree.root:
+            tree.root_exited = True
+        _log.info(
+            "process released" if not action.exited else "process exited",
+            proc=action.proc,
+            pages=summary.bytes_resident // PAGE_SIZE,
+            bytes=summary.bytes_resident,
+            faults=summary.faults,
+            fault_p50_us=_micros(summary.latency_p50),
+            fault_p99_us=_micros(summary.latency_p99),
+            seconds_to_resident=summary.time_to_resident,
+        )
+        if not tree.members:
+            self._end_tree(tree, failure=tree.failure)
+
+    def _kill(self, action: Kill) -> None:
+        tree = self._tree_of.get(action.proc)
+        if tree is None:
+            return
+        _log.error("killing restore tree", proc=action.proc, reason=action.reason)
+        if tree.failure is None:
+            tree.failure = f"{action.proc}: {action.reason}"
+            _kill_tree(tree.pid, tree.pidfd)
+        # The process is dead or dying (SIGKILL cannot be caught): its uffd may close.
+        self._release(Release(action.proc, exited=True))
+
+    def _end_tree(self, tree: _Tree, failure: str | None) -> None:
+        if self._trees.pop(tree.root, None) is None:
+            return
+        for proc in list(tree.members):
+            self._release(Release(proc, exited=True))
+        if tree.pidfd >= 0:
+            self._loop.remove_reader(tree.pidfd)
+        outcome = TreeOutcome(
+            root=tree.root,
+            failure=failure,
+            exited=tree.root_exited and failure is None,
+            processes=tuple(tree.summaries),
+            faults=sum(s.faults for s in tree.summaries),
+            fault_p50=tree.latency.quantile(0.5),
+            fault_p99=tree.latency.quantile(0.99),
+            bytes_resident=sum(s.bytes_resident for s in tree.summaries),
+            seconds=time.monotonic() - tree.started,
+            thread_installs=tree.thread_installs,
+        )
+        self.tracker.forget_tree(tree.root)
+        tree.on_done(outcome)
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        """Arm the one timer for the core's next wakeup. Called after every batch: a
+        timer already armed for about that moment stays (cancelling and re-arming it
+        every time was 4.5 % of the loop's busy samples during a sweep)."""
+        wakeup = self.tracker.next_wakeup()
+        if wakeup is None:
+            if self._tick is not None:
+                self._tick.cancel()
+                self._tick = None
+            return
+        when = self._loop.time() + max(wakeup - time.monotonic(), _TICK_MIN_DELAY)
+        if self._tick is not None:
+            if abs(self._tick.when() - when) <= _TICK_SLACK:
+                return
+            self._tick.cancel()
+        self._tick = self._loop.call_at(when, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        self._handle(Tick())
+
+    def close(self) -> None:
+        """Stop timers, readers and threads (the trees must have ended)."""
+        if self._tick is not None:
+            self._tick.cancel()
+        for thread in list(self._demanders.values()):
+            self._loop.remove_reader(thread.fd)
+            thread.close()
+        self._demanders.clear()
+        self._owned.clear()
+        for uffd in self._uffds.values():
+            self._loop.remove_reader(uffd.fd)
+        for _, table in self._fast.values():
+            table.close()
+        self._fast.clear()
+        if self._installer is not None:
+            self._loop.remove_reader(self._installer.fd)
+            self._installer.close()
+            self._installer = None
+            self._background.clear()
+
+
+def _table_rows(process: LazyProcess, local: LocalData) -> list[tuple[int, int, int]]:
+    """The process's fast ranges as (run-time address, length, data offset) rows: each
+    cut where it crosses from one DATA extent of the image to the next."""
+    extents = local.extents
+    starts = [start for start, _, _ in extents]
+    rows: list[tuple[int, int, int]] = []
+    for run, image, length in process.fast_ranges():
+        end = image + length
+        index = max(bisect.bisect_right(starts, image) - 1, 0)
+        while index < len(extents) and extents[index][0] < end:
+            start, size, offset = extents[index]
+            lo, hi = max(image, start), min(end, start + size)
+            if lo < hi:
+                rows.append((run + (lo - image), hi - lo, offset + (lo - start)))
+            index += 1
+    return rows
+
+
+def _report_events(proc: ProcId, report: DemandReport) -> list[UffdEvent | FastServed]:
+    """What a demand report tells the core: what C answered, then the rest, in order."""
+    events: list[UffdEvent | FastServed] = []
+    if report.faults or report.installs:
+        installs = tuple((RunAddr(run), length) for run, length in report.installs)
+        events.append(FastServed(proc, installs, report.faults, report.read_at, report.done_at))
+    events.extend(decode_messages(report.messages))
+    return events
+
+
+def _close_fork_fds(report: DemandReport) -> None:
+    """Close the new uffds of FORK events in a report nobody will hand to the core."""
+    for event in decode_messages(report.messages):
+        if isinstance(event, Fork):
+            os.close(event.child_fd)
+
+
+def _micros(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e6, 1)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (children first found, deepest last)."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def _kill_tree(pid: int, pidfd: int) -> None:
+    """SIGKILL the restored process and everything it forked (children first found
+    while the root still lives, so none is reparented out of reach)."""
+    for child in _descendants(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    if pidfd >= 0:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)

@@ -1,1 +1,0 @@
-"""Firecracker's UFFD memory backend: uffdd as the page-fault handler of restored VMs."""

@@ -1,0 +1,174 @@
+"""Bulk UFFDIO_COPY on a thread of its own, fenced against the loop's reads of each uffd.
+
+Why: a large copy holds the daemon's one asyncio loop for as long as the kernel takes
+to fill the pages (0.3 ms to several ms per MiB on this VM), and every demand fault
+read meanwhile waits behind it. The installer is a pthread in the cffi module that
+runs queued copies in pieces, without the GIL, while the loop reads faults and sockets.
+
+The loop's side of the bargain (the executor keeps it): read a uffd only inside
+:meth:`Installer.reading`, and when a read returns a layout event (REMOVE, UNMAP,
+REMAP, FORK), fence that uffd before leaving the block, :meth:`quiesce` it, feed the
+completions to the core, and only then hand the core the event and :meth:`unfence`.
+No piece of a fenced uffd starts, and no piece runs during a read, so every byte the
+thread installs landed before the event was read, as it would have on the loop.
+
+Completions are collected by :meth:`take` when :attr:`fd` (an eventfd) is readable.
+A job cut short by a fence ends like a copy the kernel interrupted: EAGAIN with the
+bytes done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from uffdd.core.errors import UffdOpError
+from uffdd.core.outcomes import OpResult, op_result
+from uffdd.native._ffi import ffi, lib
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+_TAKE_BATCH = 256
+
+
+class Uffd(Protocol):
+    """What the installer needs of a userfaultfd (``kernel.uffd.Uffd`` is one): its fd."""
+
+    @property
+    def fd(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """One finished job: its result, or the error no handler expects."""
+
+    job: int
+    result: OpResult | None
+    error: UffdOpError | None = None
+
+
+class Installer:
+    """A started installer thread; stop it with :meth:`close`.
+
+    ``capacity``: jobs queued, running, or finished and not taken (beyond it
+    :meth:`submit` refuses, and the caller installs on its own thread). ``piece``: bytes per
+    ioctl, the longest a read of a uffd waits for the thread. ``nice``: the thread's
+    nice value (Linux schedules threads on their own), so bulk yields the CPU.
+    """
+
+    _handle: Any = None  # until started (a refused __init__ leaves nothing to stop)
+
+    def __init__(self, *, capacity: int = 1024, piece: int = 64 * 1024, nice: int = 0) -> None:
+        if piece <= 0 or piece % 4096:
+            raise ValueError(f"piece {piece} is not a positive multiple of 4096")
+        handle = lib.uffdd_installer_new(capacity, piece, nice)
+        if handle == ffi.NULL:
+            err = ffi.errno
+            raise OSError(err, f"cannot start the installer thread: {os.strerror(err)}")
+        self._handle = handle
+        self._jobs: dict[int, tuple[Any, int, int]] = {}
+        """Job id -> (the buffer export the thread reads, destination, length)."""
+        self._next = 0
+        self._out: Any = ffi.new("struct uffdd_install_done[]", _TAKE_BATCH)
+
+    @property
+    def handle(self) -> Any:
+        """The C installer, for C threads that read uffds too (the demand thread)."""
+        return self._handle
+
+    @property
+    def fd(self) -> int:
+        """An eventfd, readable while completions wait for :meth:`take`."""
+        return lib.uffdd_installer_efd(self._handle)
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not yet taken."""
+        return len(self._jobs)
+
+    def submit(self, uffd: Uffd, dst: int, data: Buffer, *, dontwake: bool) -> int | None:
+        """Queue UFFDIO_COPY of ``data`` to ``dst``; the job id, or None when full.
+
+        ``data`` is read in place until the job is taken: keep it unchanged.
+        """
+        keep = ffi.from_buffer(data)
+        job = self._next = self._next + 1
+        mode = lib.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0
+        src = int(ffi.cast("uintptr_t", keep))
+        if lib.uffdd_installer_submit(self._handle, uffd.fd, dst, src, len(keep), mode, job):
+            return None
+        self._jobs[job] = (keep, dst, len(keep))
+        return job
+
+    def take(self) -> list[Completed]:
+        """Every completion so far, in the order the jobs ended."""
+        taken: list[Completed] = []
+        while count := lib.uffdd_installer_take(self._handle, self._out, _TAKE_BATCH):
+            for index in range(count):
+                done = self._out[index]
+                job = int(done.id)
+                _, dst, length = self._jobs.pop(job)
+                try:
+                    result = op_result("copy", int(done.err), int(done.copied), dst, length)
+                except UffdOpError as exc:
+                    taken.append(Completed(job, None, exc))
+                else:
+                    taken.append(Completed(job, result))
+            if count < _TAKE_BATCH:
+                break
+        return taken
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Callable[[Uffd], None]]:
+        """Hold off every piece while the block reads uffds; it gets ``fence(uffd)``.
+
+        Do nothing in the block but read (and fence): :meth:`quiesce` or a
+        :meth:`fence` of its own inside it would wait for itself.
+        """
+        lib.uffdd_installer_hold(self._handle)
+        try:
+            yield self._fence_held
+        finally:
+            lib.uffdd_installer_unhold(self._handle)
+
+    def _fence_held(self, uffd: Uffd) -> None:
+        if lib.uffdd_installer_fence_held(self._handle, uffd.fd):
+            raise RuntimeError("too many uffds fenced at once")
+
+    def fence(self, uffd: Uffd) -> None:
+        """No piece for ``uffd`` starts from now until :meth:`unfence`."""
+        with self.reading() as fence:
+            fence(uffd)
+
+    def unfence(self, uffd: Uffd) -> None:
+        lib.uffdd_installer_unfence(self._handle, uffd.fd)
+
+    def quiesce(self, uffd: Uffd) -> None:
+        """For a fenced ``uffd``: end its queued jobs and wait for the one running.
+
+        Afterwards the thread holds no job of ``uffd`` (their completions wait for
+        :meth:`take`), so the fd may be closed.
+        """
+        lib.uffdd_installer_quiesce(self._handle, uffd.fd)
+
+    def expedite(self, uffd: Uffd, address: int) -> bool:
+        """A thread faulted at ``address``: the job that installs it goes first and
+        wakes as it goes (the one running wakes from its next piece). False when no
+        job of ``uffd`` covers it (any more)."""
+        return lib.uffdd_installer_expedite(self._handle, uffd.fd, address) != 0
+
+    def close(self) -> None:
+        """Stop the thread (after the piece in progress) and drop unfinished jobs."""
+        if self._handle is None:
+            return
+        lib.uffdd_installer_free(self._handle)  # joins the thread: no piece runs after
+        self._handle = None
+        self._jobs.clear()
+
+    def __del__(self) -> None:
+        # The thread reads the jobs' buffers: it must stop before they can be freed.
+        self.close()
