@@ -8,7 +8,8 @@ function in the component it drives. Components know nothing of click.
 Why the components are imported inside the command bodies: the daemon, the page server
 and dump pull in grpc, protobuf and cffi; ``uffdd check`` and ``--help`` must not pay for
 them, and one command's missing piece must not break the others. This module itself
-imports only click and the standard library's share of ``uffdd.config``.
+imports only click, ``uffdd.config`` and two pure core modules (tests/e2e/test_check_cli.py
+keeps it so).
 
 Defaults shown by ``--help`` are the config classes' own. Where a config file may also
 set a value (the daemon), a flag's default is shown but never applied: only values
