@@ -40,7 +40,8 @@ condition (under bulk while the same sweep still runs), as many each:
 The C programs are compiled here by ``suite.build`` and inherit this process's short
 scheduler slice, as the page server's threads have one. ``--urgent-thread on,off``
 runs each configuration against a page server answering urgent requests on its C
-thread and against one answering them on its event loop (the previous version).
+thread and against one answering them on its event loop (the page server's engine
+knob ``urgent_thread=off``).
 """
 
 from __future__ import annotations
@@ -159,11 +160,10 @@ def page_server(
     ready = scratch / f"ready-{time.monotonic_ns()}.json"
     process = subprocess.Popen(
         [
-            sys.executable, "-c",
-            "from uffdd.pageserver.command import page_server; page_server()",
+            sys.executable, "-m", "uffdd", "page-server",
             "--images", str(root), "--listen", listen, "--ready-file", str(ready),
             "--chunk-size", str(chunk_size), "--log-level", "warning", "--grace", "0",
-            "--urgent-thread" if urgent_thread else "--no-urgent-thread",
+            "--engine", f"urgent_thread={'on' if urgent_thread else 'off'}",
         ]
     )  # fmt: skip
     try:
@@ -558,7 +558,7 @@ def main() -> None:
         "--urgent-thread",
         default="on",
         help="the page server's urgent answers on its C thread (on) or its loop (off), "
-        "or both side by side (on,off): the previous version in the same run",
+        "or both side by side (on,off): engine knob urgent_thread, in the same run",
     )
     args = parser.parse_args()
     size = parse_size(args.size)

@@ -3,19 +3,21 @@
 Run by the scenarios, never by hand::
 
     daemon_host.py --handover SOCK --ready-file F (--image-dir DIR | --page-server ADDR)
-                   [--no-sweep]
+                   [--engine NAME=VALUE ...]
 
 Why not ``uffdd daemon`` itself: the benchmark times every stage inside the daemon
 (``--stages``: each page source wrapped by ``suite.stages.TimedSource``), writes a
 ready file and lets 64 handshakes queue at once. Everything else is the production
 ``Daemon`` (``serve_handover``, ``find_image``, local images via
-``DaemonConfig.images``, ``sweep=False``): only the door and the timing differ.
+``DaemonConfig.images``, the engine table of ``uffdd.config``: ``--engine`` and
+``$UFFDD_ENGINE``, as ``uffdd daemon`` takes them): only the door and the timing differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from suite import stages
 
-from uffdd.config import DaemonConfig
+from uffdd.config import DaemonConfig, build_engine, engine_pairs
 from uffdd.daemon.doors.native.door import native_door
 from uffdd.daemon.doors.native.listener import HandoverPolicy, Listener
 from uffdd.daemon.lifecycle import Daemon
@@ -37,12 +39,12 @@ def main() -> None:
     parser.add_argument("--ready-file", type=Path, required=True)
     parser.add_argument("--image-dir", type=Path, help="serve this local image in place")
     parser.add_argument("--page-server", default="", help="fetch from this page server")
-    parser.add_argument("--no-sweep", action="store_true", help="demand faults only")
     parser.add_argument(
-        "--no-install-thread", action="store_true", help="every install on the loop"
-    )
-    parser.add_argument(
-        "--no-demand-lane", action="store_true", help="remote faults through the page client"
+        "--engine",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an engine knob (uffdd.config.Engine), after $UFFDD_ENGINE; repeatable",
     )
     parser.add_argument("--max-inflight", type=int, help="DaemonConfig.max_inflight_bytes")
     parser.add_argument("--fault-around", type=int, help="DaemonConfig.fault_around")
@@ -63,9 +65,7 @@ async def _serve(args: argparse.Namespace) -> None:
         handover=str(args.handover),
         page_server=args.page_server,
         images=str(args.image_dir.parent) if args.image_dir else "",
-        sweep=not args.no_sweep,
-        install_thread=not args.no_install_thread,
-        demand_lane=not args.no_demand_lane,
+        engine=build_engine(None, engine_pairs(os.environ, args.engine)),
         log_format="json",
         grace=2.0,
     )

@@ -3,6 +3,7 @@
 Run::
 
     .venv/bin/python bench/run.py [--quick] [--scenario local,remote,residency,many]
+                                  [--engine NAME=VALUE ...]
 
 Why one command: the figures in bench/README.md must be reproducible as they are.
 Each scenario prints a Markdown table (measured | reference | ratio | target) and
@@ -24,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from suite import local, machine, many, profile, remote, residency, services
 from suite.build import BUILD_DIR, Built, build
+
+from uffdd.config import Engine, build_engine, engine_pairs
+from uffdd.core.errors import ConfigError
 
 Scenario = Callable[[Built, Path, Path, bool], str]
 SCENARIOS: dict[str, Scenario] = {
@@ -57,19 +61,13 @@ def main() -> None:
         help="experiment: the daemon's fault_around (default: uffdd's, 64 KiB)",
     )
     parser.add_argument(
-        "--no-demand-lane",
-        action="store_true",
-        help="experiment: remote faults through the page client (demand_lane = false)",
-    )
-    parser.add_argument(
-        "--no-install-thread",
-        action="store_true",
-        help="experiment: every install on the daemon's loop (install_thread = false)",
-    )
-    parser.add_argument(
-        "--no-urgent-thread",
-        action="store_true",
-        help="experiment: the page server answers urgent requests on its event loop",
+        "--engine",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="experiment: an engine knob for every daemon and page server (uffdd.config."
+        "Engine, e.g. demand_lane=off, install_thread=off, urgent_thread=off); repeatable. "
+        "$UFFDD_ENGINE reaches them too.",
     )
     args = parser.parse_args()
     names = [n.strip() for n in args.scenario.split(",") if n.strip()]
@@ -85,15 +83,15 @@ def main() -> None:
     if args.fault_around:
         services.DAEMON_ARGS += ["--fault-around", str(args.fault_around << 10)]
         print(f"experiment: daemon fault_around = {args.fault_around} KiB")
-    if args.no_install_thread:
-        services.DAEMON_ARGS.append("--no-install-thread")
-        print("experiment: daemon install_thread = false")
-    if args.no_demand_lane:
-        services.DAEMON_ARGS.append("--no-demand-lane")
-        print("experiment: daemon demand_lane = false")
-    if args.no_urgent_thread:
-        services.PAGE_SERVER_ARGS.append("--no-urgent-thread")
-        print("experiment: page server urgent_thread = off")
+    try:
+        engine = build_engine(None, engine_pairs(os.environ, args.engine))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    for knob in args.engine:
+        services.DAEMON_ARGS += ["--engine", knob]
+        services.PAGE_SERVER_ARGS += ["--engine", knob]
+    if engine != Engine():
+        print(f"experiment: engine {engine}")
     if args.profile is not None:
         if not (shutil.which("py-spy") or Path(sys.executable).with_name("py-spy").exists()):
             parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")

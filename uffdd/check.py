@@ -17,8 +17,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import click
-
 from uffdd.core.errors import KernelSupportError
 from uffdd.kernel.probe import MEMORY_KINDS, MODES, ProbeReport, probe
 from uffdd.kernel.uffd import Feature, Ioctl
@@ -151,21 +149,20 @@ def _names(ioctls: Ioctl) -> str:
     return ", ".join(_names_list(ioctls))
 
 
-@click.command("check")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def check_command(as_json: bool) -> None:
-    """Probe this host's userfaultfd support and say what uffdd can and cannot do."""
+def run(as_json: bool) -> int:
+    """``uffdd check``: probe this host, print the report (stdout) and any reason it
+    cannot run uffdd (stderr); the exit status (0 usable, 1 not)."""
     try:
         report = probe()
     except KernelSupportError as exc:
-        message = f"this host cannot run uffdd: {exc}"
         if as_json:
-            click.echo(json.dumps({"usable": False, "problems": [str(exc)]}, indent=2))
-        click.echo(message, err=True)
-        sys.exit(1)
+            print(json.dumps({"usable": False, "problems": [str(exc)]}, indent=2))
+        print(f"this host cannot run uffdd: {exc}", file=sys.stderr)
+        return 1
     verdict = assess(report)
     data = report_dict(report, verdict)
-    click.echo(json.dumps(data, indent=2) if as_json else render_text(data))
+    print(json.dumps(data, indent=2) if as_json else render_text(data))
     if not verdict.usable:
-        click.echo("this host cannot run uffdd: " + "; ".join(verdict.problems), err=True)
-        sys.exit(1)
+        print("this host cannot run uffdd: " + "; ".join(verdict.problems), file=sys.stderr)
+        return 1
+    return 0

@@ -15,7 +15,9 @@ from typing import cast
 import structlog
 from structlog.typing import FilteringBoundLogger, Processor
 
-LEVELS = ("debug", "info", "warning", "error", "critical")
+from uffdd.config import LOG_LEVELS
+
+LEVELS = LOG_LEVELS
 
 
 def configure_logging(json: bool, level: str = "info") -> None:

@@ -31,9 +31,10 @@ from suite.report import fmt, table
 from suite.stats import Summary
 
 DAEMON_ARGS: list[str] = []
-"""Extra daemon_host.py flags for every daemon (``run.py --max-inflight``: experiments)."""
+"""Extra daemon_host.py flags for every daemon (``run.py --max-inflight``, ``--engine``:
+experiments)."""
 PAGE_SERVER_ARGS: list[str] = []
-"""Extra ``uffdd page-server`` flags (``run.py --no-urgent-thread``: experiments)."""
+"""Extra ``uffdd page-server`` flags (``run.py --engine``: experiments)."""
 PROFILE: dict[str, Path] = {}
 """``PROFILE["dir"]``, when set (``run.py --profile DIR``): py-spy records every daemon."""
 
@@ -71,7 +72,7 @@ def page_server(workdir: Path, image: BenchImage, *extra: str) -> Iterator[str]:
     ready, log = workdir / "pages.ready", workdir / "pages.log"
     ready.unlink(missing_ok=True)
     command = [
-        sys.executable, "-m", "uffdd.cli", "page-server", "--images", str(image.root),
+        sys.executable, "-m", "uffdd", "page-server", "--images", str(image.root),
         "--listen", "127.0.0.1:0", "--ready-file", str(ready), *PAGE_SERVER_ARGS, *extra,
     ]  # fmt: skip
     with running(command, log) as process:
@@ -126,11 +127,11 @@ def daemon(
     ready.unlink(missing_ok=True)
     args = ["--handover", str(handover), "--ready-file", str(ready)]
     args += ["--image-dir", str(image_dir)] if image_dir else ["--page-server", page_server]
-    if not sweep:
-        args.append("--no-sweep")
     if stages is not None:
         args += ["--stages", str(stages)]
     args += DAEMON_ARGS
+    if not sweep:
+        args += ["--engine", "sweep=off"]  # the scenario's own, after the run's
     with running(bench_script("daemon_host", *args), log, cpus) as process:
         wait_for(ready, process, log)
         with _profiled(process.pid, name):

@@ -1,4 +1,5 @@
-"""`uffdd check` through the installed console script, on this host and a degraded one."""
+"""`uffdd check` through the installed console script, on this host and a degraded one;
+`uffdd check` and `--help` without the weight of the components they do not use."""
 
 from __future__ import annotations
 
@@ -52,3 +53,41 @@ def test_without_cap_sys_ptrace_event_fork_is_missing_and_exit_is_nonzero() -> N
     assert any("EVENT_FORK" in problem for problem in report["problems"]), report["problems"]
     assert report["features"]["EVENT_FORK"] == {"granted": True, "usable_here": False}
     assert "EVENT_FORK" in stderr
+
+
+# Runs the command in-process, then reports every module it imported (stderr, last line).
+_MODULES_AFTER = """
+import json, sys
+from uffdd.cli import main
+try:
+    main(sys.argv[1:], prog_name="uffdd")
+except SystemExit:
+    pass
+sys.stderr.write("\\n" + json.dumps(sorted(sys.modules)))
+"""
+HEAVY = ("grpc", "google.protobuf", "uffdd.v1", "uffdd.daemon", "uffdd.pageserver")
+
+
+def _imported_by(*args: str) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _MODULES_AFTER, *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    modules: list[str] = json.loads(result.stderr.splitlines()[-1])
+    return set(modules)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [["--help"], ["daemon", "--help"], ["page-server", "--help"]])
+def test_help_imports_no_component(args: list[str]) -> None:
+    modules = _imported_by(*args)
+    assert "uffdd.cli" in modules
+    loaded = sorted(m for m in modules if m.startswith((*HEAVY, "_cffi_backend", "structlog")))
+    assert loaded == []
+
+
+@pytest.mark.timeout(60)
+def test_check_imports_no_grpc_or_protobuf() -> None:
+    modules = _imported_by("check", "--json")
+    assert "uffdd.check" in modules
+    assert sorted(m for m in modules if m.startswith(HEAVY)) == []

@@ -59,9 +59,9 @@ def test_restore_with_fork_remap_remove_unmap_verifies_every_byte(
     # A capped bulk lane keeps the transfer going while the workload forks, remaps and
     # drops memory, so all of it happens mid-transfer (demand faults are not capped),
     # while the installer thread (or the loop) puts background chunks in.
-    flag = "--install-thread" if install_thread else "--no-install-thread"
+    knob = f"install_thread={'on' if install_thread else 'off'}"
     with services(
-        tmp_path, images, server_args=("--bulk-rate-limit", "6M"), daemon_args=(flag,)
+        tmp_path, images, server_args=("--bulk-rate-limit", "6M"), daemon_args=("--engine", knob)
     ) as running:
         restored = start_restored(running.handover, "demo")
         assert restored.finish() == 0, restored.events

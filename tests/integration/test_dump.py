@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from uffdd.cli import dump
 from uffdd.core.addresses import ImageAddr
 from uffdd.image import dump as dump_module
-from uffdd.image.command import dump
 from uffdd.image.format import DATA_NAME, TEMP_PREFIX, ExtentKind
 from uffdd.image.procmem import process_state, read_mappings, select_mappings
 from uffdd.image.procmem import resume_process as real_resume

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from support.firecracker_support import PAGE, VMM_SCRIPT, make_memfile
 
-from uffdd.cli import COMMANDS
 from uffdd.demo.services import service, stop, uffdd_command, wait_for_path
 
 pytestmark = pytest.mark.timeout(180)
@@ -42,9 +41,7 @@ OVERLAPPING = json.dumps(
 
 
 def firecracker_command(*args: str) -> list[str]:
-    if "firecracker" in COMMANDS:
-        return uffdd_command("firecracker", *args)
-    return [sys.executable, "-m", "uffdd.daemon.doors.firecracker.command", *args]
+    return uffdd_command("firecracker", *args)
 
 
 def run_vmm(**config: Any) -> tuple[int, list[dict[str, Any]]]:

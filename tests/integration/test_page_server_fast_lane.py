@@ -51,7 +51,7 @@ from uffdd.wire.tls import ClientTls, ServerTls
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1024 * 1024
-LAUNCH = [sys.executable, "-c", "from uffdd.pageserver.command import page_server; page_server()"]
+LAUNCH = [sys.executable, "-m", "uffdd", "page-server"]
 
 
 @pytest.fixture
@@ -534,7 +534,7 @@ def test_no_fast_lane_flag(images: Images, tmp_path: Path) -> None:
     process = subprocess.Popen(
         [
             *LAUNCH, "--images", str(images.root), "--listen", f"unix:{socket_path}",
-            "--ready-file", str(ready), "--log-level", "warning", "--no-fast-lane",
+            "--ready-file", str(ready), "--log-level", "warning", "--engine", "fast_lane=off",
         ]
     )  # fmt: skip
     try:

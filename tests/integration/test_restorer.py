@@ -38,7 +38,7 @@ WAIT = 20.0
 SUMMARY = ResidentSummary(
     pages=1, bytes=2, faults=3, fault_p50_us=4.5, fault_p99_us=6.5, seconds_to_resident=7.5
 )
-CLI = "from uffdd.restore_command import restore; restore()"
+CLI = [sys.executable, "-m", "uffdd", "restore"]
 HIGH = 0x3E0000000000
 """Image addresses for --placement image: far from anything a Python process maps."""
 
@@ -148,9 +148,7 @@ async def stand_in(
 async def run_cli(*args: str) -> tuple[int, dict[str, Any] | None, str]:
     """Run ``uffdd restore`` in a child; (exit status, its JSON report or None, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI,
+        *CLI,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

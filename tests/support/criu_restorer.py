@@ -202,7 +202,7 @@ def write_dump(images: Path, tree: Tree, style: PagemapStyle = "4.x") -> None:
 
 
 def lazy_pages_command(images: Path, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "uffdd.daemon.doors.criu_command",
+    return [sys.executable, "-m", "uffdd", "lazy-pages",
             "-D", str(images), "-W", str(work), "--log-format", "json", "-v", *extra]  # fmt: skip
 
 

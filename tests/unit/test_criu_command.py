@@ -8,7 +8,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from uffdd.daemon.doors.criu_command import lazy_pages, page_server_target
+from uffdd.cli import lazy_pages, page_server_target
 
 pytestmark = pytest.mark.timeout(30)
 

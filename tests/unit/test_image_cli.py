@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from uffdd.cli import image, parse_region
+from uffdd.config import parse_size
 from uffdd.core.addresses import ImageAddr
-from uffdd.image.command import image, parse_region, parse_size
 from uffdd.image.format import DATA_NAME, ExtentKind
 from uffdd.image.reader import ImageReader
 

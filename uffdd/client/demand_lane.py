@@ -18,7 +18,7 @@ The uffds ready at once share one round trip. Measured with the sweep running: f
 p50 1.18-1.23 ms -> 0.23-0.27 ms, p99 7.1-7.4 -> 3.0-3.4 ms; the price is paid by a
 process that reads everything, whose faults now come as fast as C answers them and
 take CPU from the sweep on a small machine (2 GiB in random order: 0.45-0.50 ->
-0.27-0.37 GiB/s). ``--no-demand-lane`` is the other side of that trade.
+0.27-0.37 GiB/s). The engine knob ``demand_lane=off`` is the other side of that trade.
 
 The connection is the fast lane's urgent protocol on a socket of its own (plain TCP or
 Unix; never TLS: C does not speak it), with send and receive timeouts so a page server

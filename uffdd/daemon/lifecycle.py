@@ -165,10 +165,10 @@ class Daemon:
                 max_in_flight=_power_of_two_at_most(self.config.max_inflight_bytes),
                 urgent_deadline=self.config.fetch_deadline,
                 bulk_deadline=max(self.config.fetch_deadline, 60.0),
-                sweep=self.config.sweep,
+                sweep=self.config.engine.sweep,
             ),
-            background_installs=self.config.install_thread,
-            demand_lane=self.config.demand_lane,
+            background_installs=self.config.engine.install_thread,
+            demand_lane=self.config.engine.demand_lane,
         )
         # After the installer thread started (threads inherit it): the loop's thread
         # gets the CPU soon after a wake-up, the bulk copies keep the default slice.

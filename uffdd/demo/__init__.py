@@ -2,5 +2,5 @@
 
 The pieces: ``pattern`` says what every byte of the demo's memory must be; ``workload``
 is the program that builds that memory (the source) or restores and checks it (the
-restored process); ``command`` runs the whole migration and reports.
+restored process); ``migration`` runs the whole migration and reports.
 """

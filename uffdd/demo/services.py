@@ -24,7 +24,7 @@ class ServiceError(Exception):
 
 def uffdd_command(*args: str) -> list[str]:
     """The command line running ``uffdd ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "uffdd.cli", *args]
+    return [sys.executable, "-m", "uffdd", *args]
 
 
 def log_tail(log: Path, lines: int = 15) -> str:

@@ -3,5 +3,6 @@
 An image is a directory (``manifest.pb`` + ``pages.bin``, see ``format.py`` and
 ``proto/uffdd/v1/image.proto``); ``writer.py`` makes one atomically, ``reader.py``
 serves it zero-copy with lazily verified checksums, ``store.py`` names images by id,
-``procmem.py`` + ``dump.py`` capture a live process, ``criu/`` reads CRIU dumps.
+``procmem.py`` + ``dump.py`` capture a live process, ``raw.py`` makes one of a raw
+memory file, ``summary.py`` describes one, ``criu/`` reads CRIU dumps.
 """

@@ -32,6 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from uffdd.config import DEFAULT_BULK_NICE
 from uffdd.kernel.fdpass import close_fds, fds_in
 from uffdd.kernel.sched import default_slice
 from uffdd.log import LEVELS, configure_logging, get_logger
@@ -39,7 +40,6 @@ from uffdd.pageserver.catalog import ImageCatalog
 from uffdd.pageserver.fast_lane import Connection, FastLaneServer
 from uffdd.pageserver.service import PageService
 
-DEFAULT_NICE = 10
 MAX_INITIAL_BYTES = 64 * 1024
 """A connection whose first read held more than this stays in the main process (one
 control message carries the bytes already read; a bulk connection's first read is a
@@ -61,7 +61,7 @@ class BulkWorker:
         chunk_size: int,
         bulk_chunk_size: int,
         max_request_length: int,
-        nice: int = DEFAULT_NICE,
+        nice: int = DEFAULT_BULK_NICE,
     ) -> None:
         self._command = [
             sys.executable, "-m", "uffdd.pageserver.bulk_worker",
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, required=True)
     parser.add_argument("--bulk-chunk-size", type=int, required=True)
     parser.add_argument("--max-request-length", type=int, required=True)
-    parser.add_argument("--nice", type=int, default=DEFAULT_NICE)
+    parser.add_argument("--nice", type=int, default=DEFAULT_BULK_NICE)
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--log-level", choices=LEVELS, default="warning")
     args = parser.parse_args(argv)

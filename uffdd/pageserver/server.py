@@ -6,11 +6,20 @@ ask "is it serving?" the standard way, and reflection lets ``grpcurl list`` and
 optional TLS/mTLS) and on Unix sockets is just a list of addresses. Next to each
 listener a fast lane (fastlane_server.py) serves urgent fetches over a raw socket on
 the same event loop, with the same TLS; ListImages advertises it.
+
+``run`` is ``uffdd page-server``. Why a ready file: with ``--listen 127.0.0.1:0`` the
+kernel picks the port; tests and supervisors read the bound addresses (and the fast
+lane's) from it (JSON, written atomically once the server accepts calls), from the
+``page server listening`` log line, or wait for systemd's READY=1. SIGTERM or SIGINT
+stops accepting calls, lets in-flight calls run for the grace period, then returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, cast
@@ -20,18 +29,20 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from uffdd import systemd
+from uffdd.config import (
+    DEFAULT_BULK_CHUNK_SIZE,
+    DEFAULT_BULK_NICE,
+    DEFAULT_CHUNK_SIZE,
+    PageServerConfig,
+)
 from uffdd.core.errors import ConfigError
 from uffdd.kernel.sched import short_slice
 from uffdd.log import get_logger
-from uffdd.pageserver.bulk_worker import DEFAULT_NICE, BulkWorker
+from uffdd.pageserver.bulk_worker import BulkWorker
 from uffdd.pageserver.catalog import DEFAULT_MAX_REQUEST_LENGTH, ImageCatalog
 from uffdd.pageserver.fast_lane import FastLaneServer
-from uffdd.pageserver.service import (
-    DEFAULT_BULK_CHUNK_SIZE,
-    DEFAULT_CHUNK_SIZE,
-    SERVICE_NAME,
-    PageService,
-)
+from uffdd.pageserver.service import SERVICE_NAME, PageService
 from uffdd.wire.tls import ServerTls
 
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
@@ -86,7 +97,7 @@ class PageServer:
         bulk_rate: int | None = None,
         fast_lane: bool = True,
         bulk_worker: bool = False,
-        bulk_nice: int = DEFAULT_NICE,
+        bulk_nice: int = DEFAULT_BULK_NICE,
         urgent_thread: bool = True,
     ) -> None:
         if not listen:
@@ -197,3 +208,57 @@ class PageServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def run(config: PageServerConfig) -> None:
+    """``uffdd page-server``: serve until SIGTERM or SIGINT, then stop within the grace.
+
+    Once the server accepts calls, the ready file (if any) is written atomically and
+    systemd (if it started us) is told READY=1; ConfigError if it cannot start.
+    """
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    engine = config.engine
+    server = PageServer(
+        config.images,
+        config.listen,
+        tls=tls,
+        chunk_size=config.chunk_size,
+        bulk_chunk_size=config.bulk_chunk_size,
+        bulk_worker=engine.bulk_worker,
+        bulk_nice=engine.bulk_nice,
+        urgent_thread=engine.urgent_thread,
+        bulk_rate=config.bulk_rate,
+        fast_lane=engine.fast_lane,
+    )
+    asyncio.run(_serve(server, config.grace, config.ready_file))
+
+
+async def _serve(server: PageServer, grace: float, ready_file: Path | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    addresses = await server.start()
+    try:
+        if ready_file is not None:
+            _write_ready_file(ready_file, addresses, server.fast_lane_addresses)
+        systemd.ready(f"serving on {', '.join(addresses)}")
+        await stop.wait()
+        _log.info("signal received, shutting down")
+        systemd.stopping()
+    finally:
+        await server.stop(grace)
+
+
+def _write_ready_file(path: Path, addresses: list[str], fast_lane_addresses: list[str]) -> None:
+    """``{pid, addresses, fast_lane_addresses}`` as JSON, renamed into place whole."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    content = {
+        "pid": os.getpid(),
+        "addresses": addresses,
+        "fast_lane_addresses": fast_lane_addresses,
+    }
+    scratch.write_text(json.dumps(content) + "\n")
+    scratch.replace(path)

@@ -24,6 +24,7 @@ import grpc
 import xxhash
 from grpc import aio
 
+from uffdd.config import DEFAULT_BULK_CHUNK_SIZE, DEFAULT_CHUNK_SIZE
 from uffdd.image.format import ExtentKind
 from uffdd.log import get_logger
 from uffdd.pageserver.catalog import ImageCatalog, RequestError
@@ -34,11 +35,6 @@ from uffdd.wire import chunk_codec
 from uffdd.wire.convert import image_info_to_proto
 
 SERVICE_NAME = pages_pb2.DESCRIPTOR.services_by_name["PageService"].full_name
-DEFAULT_CHUNK_SIZE = 512 * 1024
-# The fast lane's bulk chunks: each one costs both ends a fixed amount of Python work
-# (headers, checks, the daemon's bookkeeping and one UFFDIO_COPY), so bigger ones make
-# the sweep faster; urgent chunks, and everything on gRPC, stay at the chunk size.
-DEFAULT_BULK_CHUNK_SIZE = 1024 * 1024
 DEFAULT_MAX_QUEUED_REQUESTS = 4096
 MAX_READ_LENGTH = 1024 * 1024
 BULK_YIELD_SECONDS = 0.005

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uffdd.config import LazyPagesConfig
 from uffdd.core.addresses import RunAddr
 from uffdd.core.errors import ImageError, PageServerError, PeerProtocolError
 from uffdd.core.events import ProcId
@@ -326,3 +327,28 @@ async def serve_criu_restores(
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             ((work_dir or images_dir) / LAZY_PAGES_SOCKET).unlink()
+
+
+def run_lazy_pages(config: LazyPagesConfig) -> CriuResult:
+    """``uffdd lazy-pages`` (in place of ``criu lazy-pages``): serve one ``criu restore
+    --lazy-pages`` on ``<work_dir>/lazy-pages.socket``, then return how it ended."""
+    return asyncio.run(_lazy_pages(config))
+
+
+async def _lazy_pages(config: LazyPagesConfig) -> CriuResult:
+    target = config.daemon.page_server or None
+    daemon = Daemon(config.daemon)
+    listener = bind_lazy_pages_socket(config.work_dir)
+    _log.info("listening", socket=str(config.work_dir / LAZY_PAGES_SOCKET),
+              images=str(config.images_dir), page_server=target)  # fmt: skip
+    results: list[CriuResult] = []
+
+    async def door(running: Daemon) -> None:
+        results.append(await lazy_pages_once(running, listener, config.images_dir, target))
+
+    try:
+        await daemon.run([door])
+    finally:
+        listener.close()
+        (config.work_dir / LAZY_PAGES_SOCKET).unlink(missing_ok=True)
+    return results[0] if results else CriuResult(EXIT_FAILED, "stopped before criu restore ended")

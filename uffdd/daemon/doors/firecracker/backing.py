@@ -4,35 +4,30 @@ snapshot memory file itself (made into an image once, then served like any other
 Why an image even for a raw memory file: an image records zero pages as ZERO extents
 (served with ``UFFDIO_ZEROPAGE``, no copy, no memory used) and checksums the data, and
 ``LocalImageSource`` already serves an image by ``mmap`` without a copy; building it
-is one sequential pass over the file with the same ``ImageWriter`` that
-``uffdd image from-raw`` uses. The image address of every page is its file offset,
-which is what Firecracker's ``offset`` field names. A built image is kept in a cache
-directory keyed by the file's identity (path, size, mtime, inode, page size), so a
-restart does not read the file again.
+is one sequential pass over the file (``uffdd.image.raw``, as ``uffdd image from-raw``).
+The image address of every page is its file offset, which is what Firecracker's
+``offset`` field names. A built image is kept in a cache directory keyed by the file's
+identity (path, size, mtime, inode, page size), so a restart does not read the file
+again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import ConfigError, ImageError
 from uffdd.core.firecracker import HUGE_PAGE, PAGE_SIZES, ImageRegion
 from uffdd.daemon.sources import LocalImageSource, PageSource
-from uffdd.image.format import ImageSource, stored_ranges
+from uffdd.image.format import stored_ranges
+from uffdd.image.raw import image_from_raw
 from uffdd.image.reader import ImageReader
-from uffdd.image.writer import ImageWriter
 
 if TYPE_CHECKING:
     from uffdd.daemon.lifecycle import Daemon
-
-_STEP = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,21 +115,8 @@ def image_from_memfile(memfile: Path, cache_dir: Path, page_size: int) -> Path:
     existing = cache_dir / image_id
     if existing.is_dir():
         return existing
-    source = ImageSource(kind="raw-file", host=socket.gethostname(), path=str(memfile.resolve()))
     try:
-        with (
-            open(memfile, "rb") as raw,
-            mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
-            ImageWriter(cache_dir, image_id, source=source) as writer,
-        ):
-            writer.add_region(ImageAddr(0), stat.st_size, memfile.name, page_size)
-            view = memoryview(mapped)
-            try:
-                for offset in range(0, stat.st_size, _STEP):
-                    writer.write(ImageAddr(offset), view[offset : offset + _STEP])
-            finally:
-                view.release()
-            return writer.commit()
+        return image_from_raw(memfile, cache_dir, image_id, page_size=page_size)
     except (ImageError, OSError) as exc:
         raise ConfigError(f"cannot make an image of {memfile} in {cache_dir}: {exc}") from exc
 

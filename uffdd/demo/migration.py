@@ -1,4 +1,4 @@
-"""`uffdd demo`: one command, one real post-copy migration on this host, verified.
+"""``uffdd demo``: one command, one real post-copy migration on this host, verified.
 
 Why it exists: a newcomer (and CI) should see uffdd do its whole job with nothing set
 up: a real process builds a few hundred MiB of state; ``uffdd dump`` captures it; a
@@ -18,11 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-
-import click
 
 from uffdd.demo.pattern import demo_layout
 from uffdd.demo.services import ServiceError, log_tail, service, uffdd_command, wait_for_path
@@ -39,8 +38,12 @@ class _Run:
     phases: list[dict[str, Any]] = field(default_factory=list)
 
 
-class DemoError(click.ClickException):
+class DemoError(Exception):
     """A step of the demo failed; the message says which and why."""
+
+
+def _say(text: str, err: bool = False) -> None:
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _bar(done: int, total: int, width: int = 32) -> str:
@@ -82,7 +85,7 @@ def _restore(command: list[str], run: _Run) -> int:
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
-            click.echo(f"  (workload) {line.rstrip()}")
+            _say(f"  (workload) {line.rstrip()}")
             continue
         name = event.get("event")
         run.events[name] = event
@@ -94,13 +97,13 @@ def _restore(command: list[str], run: _Run) -> int:
             run.phases.append(event)
             progress.finish()
             mark = "ok" if event["mismatches"] == 0 else f"{event['mismatches']} WRONG"
-            click.echo(
+            _say(
                 f"  {event['name']:<46} {event['pages']:>7} pages  "
                 f"{event['seconds']:7.3f} s  {mark}"
             )
         elif name == "failed":
             progress.finish()
-            click.echo(f"  restore failed: {event['reason']}")
+            _say(f"  restore failed: {event['reason']}")
     progress.finish()
     return process.wait()
 
@@ -109,74 +112,60 @@ def _report(run: _Run, dump_seconds: float, image_bytes: int) -> bool:
     done = run.events.get("done", {})
     resident = run.events.get("resident")
     first = run.events.get("first_access", {})
-    click.echo("\nreport")
-    click.echo(
-        f"  image                 {image_bytes / 2**20:.1f} MiB dumped in {dump_seconds:.2f} s"
-    )
-    click.echo(f"  handover              {run.events.get('handed_over', {}).get('seconds', '?')} s")
-    click.echo(f"  time to first access  {first.get('microseconds', '?')} us")
+    _say("\nreport")
+    _say(f"  image                 {image_bytes / 2**20:.1f} MiB dumped in {dump_seconds:.2f} s")
+    _say(f"  handover              {run.events.get('handed_over', {}).get('seconds', '?')} s")
+    _say(f"  time to first access  {first.get('microseconds', '?')} us")
     if resident is not None:
-        click.echo(f"  time to full residency {resident['seconds']:.3f} s")
-        click.echo(
+        _say(f"  time to full residency {resident['seconds']:.3f} s")
+        _say(
             f"  bytes made resident   {resident['bytes'] / 2**20:.1f} MiB "
             "(all processes of the tree)"
         )
-        click.echo(f"  demand faults         {resident['faults']}")
-        click.echo(
+        _say(f"  demand faults         {resident['faults']}")
+        _say(
             f"  fault latency         p50 <= {resident['fault_p50_us']:g} us, "
             f"p99 <= {resident['fault_p99_us']:g} us (power-of-two buckets)"
         )
     ok = bool(done.get("ok"))
     verified = done.get("verified_bytes", 0)
-    click.echo(
+    _say(
         f"  verified              {verified / 2**20:.1f} MiB read back, "
         f"{done.get('mismatches', '?')} wrong"
     )
     for where in done.get("first_wrong", []):
-        click.echo(f"    wrong: {where}")
-    click.echo(f"result: {'every byte verified' if ok else 'FAILED'}")
+        _say(f"    wrong: {where}")
+    _say(f"result: {'every byte verified' if ok else 'FAILED'}")
     return ok
 
 
-@click.command("demo")
-@click.option(
-    "--size-mib",
-    type=click.IntRange(8, 16384),
-    default=256,
-    show_default=True,
-    help="Memory the workload builds.",
-)
-@click.option("--seed", type=int, default=7, show_default=True)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Keep sockets, logs and the image here (default: a temporary dir).",
-)
-def demo(size_mib: int, seed: int, workdir: Path | None) -> None:
-    """Migrate a real process lazily through uffdd on this host and verify every byte."""
+def run_demo(
+    size_mib: int = 256, seed: int = 7, workdir: Path | None = None, engine: Sequence[str] = ()
+) -> bool:
+    """Run the whole demo in ``workdir`` (default: a temporary directory, removed after);
+    True when every byte was verified. ``engine``: ``NAME=VALUE`` knobs passed on to the
+    page server and the daemon. Raises DemoError when a step fails."""
     temporary = workdir is None
     base = Path(tempfile.mkdtemp(prefix="uffdd-demo-")) if workdir is None else workdir
     base.mkdir(parents=True, exist_ok=True)
     try:
-        ok = _run_demo(base, size_mib, seed)
+        return _run_demo(base, size_mib, seed, [a for pair in engine for a in ("--engine", pair)])
     except ServiceError as exc:
         raise DemoError(str(exc)) from exc
     finally:
         if temporary:
             shutil.rmtree(base, ignore_errors=True)
-    if not ok:
-        sys.exit(1)
 
 
-def _run_demo(base: Path, size_mib: int, seed: int) -> bool:
+def _run_demo(base: Path, size_mib: int, seed: int, engine: list[str]) -> bool:
     images, pages_sock, handover = base / "images", base / "pages.sock", base / "handover.sock"
     image_id = f"demo-{os.getpid()}"
     layout = demo_layout(size_mib)
     sizes = ["--size-mib", str(size_mib), "--seed", str(seed)]
     size = sum(r.length for r in layout) / 2**20
-    click.echo(f"uffdd demo: {size:.0f} MiB in {len(layout)} regions, workdir {base}")
+    _say(f"uffdd demo: {size:.0f} MiB in {len(layout)} regions, workdir {base}")
 
-    click.echo("1/5 source process builds its memory")
+    _say("1/5 source process builds its memory")
     source = subprocess.Popen(
         [_PYTHON, "-m", "uffdd.demo.workload", "source", *sizes],
         stdin=subprocess.PIPE,
@@ -189,7 +178,7 @@ def _run_demo(base: Path, size_mib: int, seed: int) -> bool:
         if not ready:
             raise DemoError(f"the source process exited with {source.wait()}")
         pid = json.loads(ready)["pid"]
-        click.echo(f"2/5 uffdd dump {pid}")
+        _say(f"2/5 uffdd dump {pid}")
         started = time.monotonic()
         result = dump_process(pid, images, image_id, include=("[anon]",))
         dump_seconds = time.monotonic() - started
@@ -197,9 +186,9 @@ def _run_demo(base: Path, size_mib: int, seed: int) -> bool:
         if source.stdin is not None:
             source.stdin.close()
         source.wait(30)
-    click.echo(f"    {result.read_bytes / 2**20:.1f} MiB read, image {result.path}")
+    _say(f"    {result.read_bytes / 2**20:.1f} MiB read, image {result.path}")
 
-    click.echo(f"3/5 uffdd page-server on unix:{pages_sock}")
+    _say(f"3/5 uffdd page-server on unix:{pages_sock}")
     with service(
         uffdd_command(
             "page-server",
@@ -209,19 +198,25 @@ def _run_demo(base: Path, size_mib: int, seed: int) -> bool:
             f"unix:{pages_sock}",
             "--ready-file",
             str(base / "pages.ready"),
+            *engine,
         ),
         base / "page-server.log",
     ) as server:
         wait_for_path(base / "pages.ready", "the page server", server, base / "page-server.log")
-        click.echo(f"4/5 uffdd daemon on {handover}")
+        _say(f"4/5 uffdd daemon on {handover}")
         with service(
             uffdd_command(
-                "daemon", "--handover", str(handover), "--page-server", f"unix:{pages_sock}"
+                "daemon",
+                "--handover",
+                str(handover),
+                "--page-server",
+                f"unix:{pages_sock}",
+                *engine,
             ),
             base / "daemon.log",
         ) as daemon:
             wait_for_path(handover, "the daemon", daemon, base / "daemon.log")
-            click.echo("5/5 a new process restores lazily and checks every byte")
+            _say("5/5 a new process restores lazily and checks every byte")
             run = _Run()
             code = _restore(
                 [
@@ -239,5 +234,5 @@ def _run_demo(base: Path, size_mib: int, seed: int) -> bool:
             )
     ok = _report(run, dump_seconds, result.total_bytes) and code == 0
     if not ok:
-        click.echo(f"daemon log:\n{log_tail(base / 'daemon.log')}", err=True)
+        _say(f"daemon log:\n{log_tail(base / 'daemon.log')}", err=True)
     return ok
