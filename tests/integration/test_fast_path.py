@@ -30,7 +30,8 @@ from uffdd.daemon.sources import LocalImageSource
 from uffdd.image.format import DATA_NAME, stored_ranges
 from uffdd.image.reader import ImageReader
 from uffdd.image.writer import ImageWriter
-from uffdd.kernel.uffd import FastStatus, FastTable, Feature, RegisterMode, Uffd
+from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
+from uffdd.native.fast_serve import FastStatus, FastTable
 
 pytestmark = pytest.mark.timeout(60)
 

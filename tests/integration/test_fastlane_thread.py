@@ -401,7 +401,7 @@ def test_a_server_faster_than_the_loop_holds_bounded_memory() -> None:
             sender.start()
             # the loop is busy (blocked here): the thread must stop reading, not queue 1 MB
             time.sleep(0.5)
-            assert connection.queued_bytes < 100_000 + 50_000
+            assert connection.stats.queued_bytes < 100_000 + 50_000
             assert recorder.chunks == []
 
             async def all_in() -> bool:
@@ -410,7 +410,7 @@ def test_a_server_faster_than_the_loop_holds_bounded_memory() -> None:
             await eventually(all_in, timeout=10)
             sender.join()
             assert [h[0] for h, *_ in recorder.chunks] == list(range(1, 21))
-            assert connection.queued_bytes == 0
+            assert connection.stats.queued_bytes == 0
 
     run(scenario)
 
@@ -435,9 +435,9 @@ def test_frames_from_the_loop_never_block_and_arrive_in_order(transport: str) ->
                 connection.send(frame)  # the peer reads nothing yet: these must queue
             total = sum(map(len, frames))
             await asyncio.sleep(0.1)
-            assert connection.unsent_bytes > 0  # more than the socket holds
+            assert connection.stats.unsent_bytes > 0  # more than the socket holds
             assert await receive_exactly(theirs, total) == b"".join(frames)
-            assert connection.unsent_bytes == 0
+            assert connection.stats.unsent_bytes == 0
             assert recorder.lost == []
 
     run(scenario)
@@ -498,7 +498,7 @@ def test_close_frees_frames_not_yet_sent() -> None:
             for _ in range(64):
                 connection.send(bytes(256 * 1024))  # 16 MiB the peer never reads
             await asyncio.sleep(0.1)
-            assert connection.unsent_bytes > 0
+            assert connection.stats.unsent_bytes > 0
             connection.close()  # with the writer blocked in a send to a full socket
             await receivers_gone()
             assert recorder.lost == []
