@@ -3,8 +3,9 @@
 Why cffi's API mode: ioctl request numbers and struct layouts come from the C compiler
 reading the kernel's headers (``csrc/uapi.h`` fills in what older headers lack), not
 from numbers retyped in Python, and calls release the GIL. The C itself lives in
-``csrc/*.c`` and ``csrc/uffdd.h``; what Python may call is ``csrc/ffi_api.cdef``. No
-Python file holds C.
+``csrc/*.c`` and ``csrc/uffdd.h``; what Python may call is ``csrc/ffi_api.cdef``, and the
+generated wrapper's preamble is ``csrc/ffi_module.h``. No Python file holds C
+(tests/test_architecture.py checks it).
 
 Warnings are errors (``CFLAGS``) for every file of ``csrc/`` and for cffi's generated
 wrapper (``_ffi.c``, which includes ``uffdd.h`` and calls each function of the cdef):
@@ -29,10 +30,9 @@ from cffi import FFI
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.c"))
 CDEF = CSRC / "ffi_api.cdef"
+PREAMBLE = CSRC / "ffi_module.h"
 CFLAGS = ("-Wall", "-Wextra", "-Werror", "-fvisibility=hidden")
 MODULE = "uffdd.native._ffi"
-
-_PREAMBLE = '#include "uffdd.h"\n'
 
 
 def compiler() -> list[str]:
@@ -63,7 +63,7 @@ def make_builder() -> FFI:
     builder.cdef(CDEF.read_text())
     builder.set_source(
         MODULE,
-        _PREAMBLE,
+        PREAMBLE.read_text(),
         sources=[str(path) for path in SOURCES],
         include_dirs=[str(CSRC)],
         extra_compile_args=list(CFLAGS),
