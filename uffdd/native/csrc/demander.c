@@ -439,12 +439,20 @@ static void *demander_main(void *arg)
     return NULL;
 }
 
+/* The slot is free again, its ranges gone. */
+static void demand_clear(struct demand_proc *p)
+{
+    p->fd = -1;
+    free(p->ranges);
+    free(p->zeros);
+    p->ranges = NULL;
+    p->zeros = NULL;
+}
+
 static void demander_release(struct uffdd_demander *d)
 {
-    for (size_t i = 0; i < d->nprocs; i++) {
-        free(d->procs[i].ranges);
-        free(d->procs[i].zeros);
-    }
+    for (size_t i = 0; d->procs && i < d->nprocs; i++)
+        demand_clear(&d->procs[i]);
     free(d->procs);
     free(d->buf);
     free(d->batches);
@@ -557,11 +565,7 @@ int uffdd_demander_add(struct uffdd_demander *d, int fd, uint64_t token, const c
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = slot};
         if (epoll_ctl(d->t.epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
             rc = -errno;
-            p->fd = -1;
-            free(p->ranges);
-            free(p->zeros);
-            p->ranges = NULL;
-            p->zeros = NULL;
+            demand_clear(p);
         }
     }
     pthread_mutex_unlock(&d->t.lock);
@@ -598,11 +602,7 @@ void uffdd_demander_remove(struct uffdd_demander *d, int slot)
         pthread_cond_wait(&d->idle, &d->t.lock);
     if (p->fd >= 0 && !p->paused)
         epoll_ctl(d->t.epfd, EPOLL_CTL_DEL, p->fd, NULL);
-    p->fd = -1;
-    free(p->ranges);
-    free(p->zeros);
-    p->ranges = NULL;
-    p->zeros = NULL;
+    demand_clear(p);
     pthread_mutex_unlock(&d->t.lock);
 }
 

@@ -4,22 +4,6 @@
    looks up, it never derives a range itself. */
 #include "uffdd.h"
 
-const struct uffdd_fast_range *range_find(const struct uffdd_fast_range *ranges, size_t n,
-                                          uint64_t addr)
-{
-    size_t lo = 0, hi = n; /* the first range with run_start > addr */
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (ranges[mid].run_start <= addr)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    if (lo == 0 || addr >= ranges[lo - 1].run_end)
-        return NULL;
-    return &ranges[lo - 1];
-}
-
 size_t range_after(const struct uffdd_fast_range *ranges, size_t n, uint64_t addr)
 {
     size_t lo = 0, hi = n;
@@ -31,6 +15,13 @@ size_t range_after(const struct uffdd_fast_range *ranges, size_t n, uint64_t add
             hi = mid;
     }
     return lo;
+}
+
+const struct uffdd_fast_range *range_find(const struct uffdd_fast_range *ranges, size_t n,
+                                          uint64_t addr)
+{
+    size_t i = range_after(ranges, n, addr); /* disjoint: the only one that can hold it */
+    return i < n && ranges[i].run_start <= addr ? &ranges[i] : NULL;
 }
 
 void range_window(const struct uffdd_fast_range *r, uint64_t page, uint64_t around,
