@@ -71,8 +71,8 @@ class InstallerStats:
     busy: bool
     """A job is in progress."""
     waiting_for_reader: bool
-    """Its next piece waits for the uffd lock, which a reader holds (or is about to be
-    let go): no piece runs during a read."""
+    """The thread is taking the uffd lock for its next piece: while a reader holds the
+    lock, that piece waits (no piece runs during a read)."""
 
 
 class Installer:

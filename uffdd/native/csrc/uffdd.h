@@ -87,7 +87,8 @@ struct uffdd_installer_stats {
     size_t untaken;         /* completions waiting for the loop */
     size_t watched;         /* uffds in the fence table */
     int busy;               /* a job is in progress */
-    int waiting_for_reader; /* its next piece waits for a reader to let go of the uffds */
+    int waiting_for_reader; /* taking uffd_lock for its next piece (it waits while a
+                               reader holds it) */
 };
 
 struct uffdd_installer;
