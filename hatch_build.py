@@ -1,9 +1,9 @@
 """The one local build hook: generated code is built, never committed.
 
 Two things in uffdd are produced at build time rather than written by hand: the cffi
-extension over <linux/userfaultfd.h> (compiled against this machine's headers, with the
-newer UAPI filled in by ``uffdd/native/build.py``) and the protobuf/gRPC modules
-generated from ``proto/``. Both land inside the source tree (so editable installs work)
+extension ``uffdd.native._ffi`` (the C of ``uffdd/native/csrc/``, compiled against this
+machine's kernel and xxHash headers by ``uffdd/native/build.py``) and the protobuf/gRPC
+modules generated from ``proto/``. Both land inside the source tree (so editable installs work)
 and are declared as wheel artifacts (so ``pip install .`` ships them even though
 ``.gitignore`` hides them from version control).
 """
@@ -79,7 +79,7 @@ def compile_ffi(root: Path) -> Path:
     for stale in target_dir.glob("_ffi*.so"):
         stale.unlink()
     with tempfile.TemporaryDirectory(prefix="uffdd-ffi-") as scratch:
-        built = Path(module.ffibuilder.compile(tmpdir=scratch, verbose=False))
+        built = Path(module.make_builder().compile(tmpdir=scratch, verbose=False))
         destination = target_dir / built.name
         shutil.copy2(built, destination)
     return destination

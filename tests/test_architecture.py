@@ -1,8 +1,10 @@
-"""The house's shape, enforced by the suite: import layers and no circles.
+"""The house's shape, enforced by the suite: import layers, no circles, no C in Python.
 
 Why tests: docs/architecture.md draws the layers (core at the bottom, the CLI at the
 top) and says which package may know what; these tests make that drawing true of the
-code, so a back-arrow or a circle fails the same run a behaviour regression does.
+code, so a back-arrow or a circle fails the same run a behaviour regression does. The
+C lives in real files (``uffdd/native/csrc/``, compiled with warnings as errors and
+tested under sanitizers); a Python string of C would escape both.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "uffdd"
 GENERATED = PACKAGE / "v1"
+C_MARKERS = ("#include", "#define ", "#ifndef ", "#pragma ", "static int ", "static void ")
+"""What C source has and Python code does not."""
 
 
 def _contracts() -> list[dict[str, object]]:
@@ -50,3 +54,14 @@ def test_every_part_of_the_package_sits_in_a_layer() -> None:
     }
     assert parts - placed == set()
     assert placed - parts == set()
+
+
+def test_no_python_file_holds_c_source() -> None:
+    holding = {
+        str(path.relative_to(ROOT)): [marker for marker in C_MARKERS if marker in text]
+        for path in PACKAGE.rglob("*.py")
+        if GENERATED not in path.parents
+        for text in [path.read_text()]
+    }
+    assert {path: found for path, found in holding.items() if found} == {}
+    assert (PACKAGE / "native" / "csrc" / "uffdd.h").exists()

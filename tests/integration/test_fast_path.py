@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from page_server_support import eventually
 from support.workload import Workload, WorkloadPool, fault, remove, wait_readable
 
 from uffdd.core.addresses import ImageAddr, RunAddr
@@ -30,7 +31,8 @@ from uffdd.daemon.sources import LocalImageSource
 from uffdd.image.format import DATA_NAME, stored_ranges
 from uffdd.image.reader import ImageReader
 from uffdd.image.writer import ImageWriter
-from uffdd.kernel.uffd import FastStatus, FastTable, Feature, RegisterMode, Uffd
+from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
+from uffdd.native.fast_serve import FastStatus, FastTable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -240,11 +242,11 @@ def test_a_corrupt_chunk_is_never_installed_and_the_process_is_killed(tmp_path: 
         data.write(bytes([byte[0] ^ 0xFF]))
 
     async def body(h: Harness) -> None:
-        # let the background verification run over the whole image first
-        for _ in range(100):
-            if sum(h.reader.verified) == h.reader.chunk_count - 1:
-                break
-            await asyncio.sleep(0.01)
+        # the background verification has run over the whole image first
+        async def all_but_one_verified() -> bool:
+            return sum(h.reader.verified) == h.reader.chunk_count - 1
+
+        await eventually(all_but_one_verified)
         assert h.reader.verified[(HALF * P + 2 * P) // CHUNK] == 0
         assert await h.read(h.workload, h.addr(40), 8 * P) == expected(40, 8)
         h.workload.start_read(h.addr(2), P)

@@ -3,19 +3,22 @@
 What the executor relies on: a job installs exactly its bytes and reports like
 UFFDIO_COPY; no piece runs while ``reading()`` is held; a fenced uffd's queued jobs end
 with nothing installed and its running job stops between pieces with the bytes done
-reported; a full queue refuses; an errno no handler expects comes back as an error.
-Presence is checked in /proc/PID/pagemap, and every installed byte in the child.
+reported; any number of watched uffds can be fenced at once; a full queue refuses; an
+errno no handler expects comes back as an error. Presence is checked in
+/proc/PID/pagemap, and every installed byte in the child. Completions are waited for on
+the installer's eventfd, the thread's progress on its counters (``stats()``).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import time
 from collections.abc import Iterator
 
 import pytest
-from support.threads import wait_thread_count, wait_threads_gone
+from support.threads import wait_thread_count, wait_threads_gone, wait_until
 from support.workload import PAGE, Workload, WorkloadPool, fault, pattern, wait_events
 
 from uffdd.core.outcomes import OpResult, Outcome
@@ -37,9 +40,11 @@ def target(workloads: WorkloadPool) -> Iterator[tuple[Workload, Uffd]]:
 
 
 @pytest.fixture
-def installer() -> Iterator[Installer]:
+def installer(target: tuple[Workload, Uffd]) -> Iterator[Installer]:
+    """An installer whose fence table has a row for the target's uffd."""
     running = Installer(capacity=8, piece=PIECE)
     try:
+        running.watch(target[1])
         yield running
     finally:
         running.close()
@@ -67,13 +72,21 @@ def _memory(child: Workload, start: int, length: int) -> bytes:
 
 
 def _wait_all(installer: Installer, count: int, timeout: float = 10.0) -> list[Completed]:
+    """The next ``count`` completions, each waited for on the installer's eventfd."""
     taken: list[Completed] = []
     deadline = time.monotonic() + timeout
     while len(taken) < count:
-        assert time.monotonic() < deadline, f"only {len(taken)} of {count} jobs ended"
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(taken)} of {count} jobs ended"
+        select.select([installer.fd], [], [], left)
         taken.extend(installer.take())
-        time.sleep(0.001)
     return taken
+
+
+def _started(installer: Installer, pieces: int = 0) -> None:
+    """Until the thread has made more than ``pieces`` pieces (the job in progress has
+    made its first one)."""
+    wait_until(lambda: installer.stats().pieces > pieces, "the job's first piece")
 
 
 def _one_result(installer: Installer) -> OpResult | None:
@@ -131,10 +144,14 @@ def test_no_piece_runs_while_a_read_holds_the_installer(
     data = _data(32)
     with installer.reading():
         assert installer.submit(uffd, base, data, dontwake=True) is not None
-        time.sleep(0.1)
+        # the thread has the job and its first piece waits for the lock this read holds
+        wait_until(lambda: installer.stats().waiting_for_reader, "the piece waiting")
+        stats = installer.stats()
+        assert (stats.busy, stats.pieces, stats.queued) == (True, 0, 0)
         assert installer.take() == []
         assert _present(child, base, 32 * PAGE) == []
     _expect_installed(installer, child, base, data)
+    assert installer.stats().pieces == 2  # 32 pages in pieces of 16
 
 
 def test_a_fence_ends_queued_jobs_with_nothing_installed(
@@ -171,10 +188,9 @@ def test_a_fence_stops_a_running_job_between_pieces(
     # an attempt shows nothing about the fence, so it is made again on a fresh region.
     for _ in range(5):
         base = _region(child, uffd, pages)
+        pieces = installer.stats().pieces
         assert installer.submit(uffd, base, data, dontwake=True) is not None
-        deadline = time.monotonic() + 10
-        while not _present(child, base, PIECE):  # (the first piece: a quick look)
-            assert time.monotonic() < deadline, "the job never started"
+        _started(installer, pieces)
         installer.fence(uffd)
         installer.quiesce(uffd)
         (done,) = _wait_all(installer, 1)
@@ -191,6 +207,59 @@ def test_a_fence_stops_a_running_job_between_pieces(
     # Exactly the bytes reported went in, and nothing after them.
     assert _present(child, base, pages * PAGE) == [(base, copied)]
     assert _memory(child, base, copied) == data[:copied]
+
+
+def test_any_number_of_watched_uffds_can_be_fenced_at_once() -> None:
+    # Each fd is a uffd of this process: a fenced job ends before its first ioctl, so
+    # none needs registered memory. (The table once had room for 16 fences.)
+    uffds = [Uffd.create() for _ in range(40)]
+    installer = Installer(capacity=64, piece=PIECE)
+    try:
+        for uffd in uffds:
+            uffd.api()
+            installer.watch(uffd)
+        assert installer.stats().watched == len(uffds)
+        data = _data(1)
+        with installer.reading() as fence:
+            jobs = [installer.submit(uffd, 0x10000, data, dontwake=True) for uffd in uffds]
+            for uffd in uffds:
+                fence(uffd)
+        for uffd in uffds:
+            installer.quiesce(uffd)
+        taken = _wait_all(installer, len(uffds))
+        assert sorted(taken, key=lambda c: c.job) == [
+            Completed(job, OpResult(Outcome.RETRY, 0)) for job in jobs if job is not None
+        ]
+        assert installer.stats().pieces == 0
+        for uffd in uffds:
+            installer.unwatch(uffd)
+        assert installer.stats().watched == 0
+    finally:
+        installer.close()
+        for uffd in uffds:
+            uffd.close()
+
+
+def test_unwatch_drops_a_fence_with_the_row(
+    target: tuple[Workload, Uffd], installer: Installer
+) -> None:
+    child, uffd = target
+    base = _region(child, uffd, 16)
+    installer.fence(uffd)
+    installer.quiesce(uffd)
+    installer.unwatch(uffd)  # released while fenced: its number may name a new uffd
+    installer.watch(uffd)
+    data = _data(16)
+    assert installer.submit(uffd, base, data, dontwake=True) is not None
+    _expect_installed(installer, child, base, data)
+
+
+def test_a_negative_fd_is_refused_before_anything_is_read(installer: Installer) -> None:
+    class NoFd:
+        fd = -1
+
+    with pytest.raises(OSError, match="cannot watch uffd -1"):
+        installer.watch(NoFd())
 
 
 def test_a_fault_moves_its_queued_job_first_and_the_job_wakes_it(
@@ -308,9 +377,7 @@ def test_close_stops_a_running_job_between_pieces(workloads: WorkloadPool) -> No
             installer = Installer(capacity=8, piece=PIECE)
             base = _region(child, uffd, length // PAGE)
             installer.submit(uffd, base, data, dontwake=True)
-            deadline = time.monotonic() + 10
-            while not _present(child, base, PIECE):  # (the first piece: a quick look)
-                assert time.monotonic() < deadline, "the job never started"
+            _started(installer)
             installer.close()  # returns after the piece in progress, not the whole job
             ((start, copied),) = _present(child, base, length)
             if copied < length:

@@ -5,6 +5,8 @@ frames by hand. The thread must send exactly the frames the loop would (same chu
 same bytes, same checksums), serve a connection without the loop while it can, and
 give the connection back, before answering a byte of it, for everything it does not
 serve (unknown images, refusals, corrupt data, bulk frames, garbage, truncated frames).
+What the thread is doing (connections held, one waiting for its peer to read) is waited
+for on its counters (``UrgentAnswerer.stats``), never by sleeping.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from uffdd.image.format import DATA_NAME, ExtentKind
 from uffdd.image.reader import ImageReader
 from uffdd.image.writer import ImageWriter
 from uffdd.pageserver.server import PageServer
+from uffdd.pageserver.urgent import UrgentAnswerer
 from uffdd.wire import fast_lane as wire
 
 pytestmark = pytest.mark.timeout(60)
@@ -100,6 +103,23 @@ def on_the_loop(server: PageServer) -> int:
     """Fast-lane connections the event loop serves (the thread's are not among them)."""
     assert server.fast_lane is not None
     return len(server.fast_lane.connections)
+
+
+def the_thread(server: PageServer) -> UrgentAnswerer:
+    """The server's urgent answerer."""
+    assert server.fast_lane is not None
+    answerer = server.fast_lane.urgent_answerer
+    assert answerer is not None
+    return answerer
+
+
+async def waiting_for_output(server: PageServer, count: int) -> None:
+    """Until ``count`` of the thread's connections wait for their peers to read."""
+
+    async def waiting() -> bool:
+        return the_thread(server).stats.waiting_for_output == count
+
+    await eventually(waiting)
 
 
 def check_bytes(images: Images, image_id: str, frames: dict[int, list[Frame]]) -> None:
@@ -265,12 +285,13 @@ def test_a_peer_that_does_not_read_holds_only_itself(images: Images) -> None:
             connect(opened(server, "mixed", "small")) as (_, stalled),
         ):
             stalled.write(flood)  # 3 GiB asked for, nothing read
-            await asyncio.sleep(0.5)
+            await waiting_for_output(server, 1)  # the thread stopped writing to it
             for _ in range(3):  # others are answered, by the thread, promptly
                 async with connect(server) as (reader, writer):
                     writer.write(frame(1, "small", 0x1000, PAGE))
                     check_bytes(images, "small", await answers(reader, 1))
             assert on_the_loop(server) == 0  # the stalled one too: the thread holds it
+            assert the_thread(server).stats.waiting_for_output == 1
             async with PageClient(server.addresses[0]) as client:  # and gRPC is served
                 data = await asyncio.wait_for(
                     client.fetch("small", ImageAddr(0x2000), PAGE).read_all(), 5
@@ -315,10 +336,14 @@ def test_stopping_answers_what_was_accepted_and_leaves_nothing_behind(tmp_path: 
                 # "big" is not open yet: the loop answers first, then gives it back
                 writer.write(frame(2, "big", 0x10000000, PAGE))
                 assert (await answers(reader, 1))[2][0][5] == content[:PAGE]
-                await asyncio.sleep(0.1)
+
+                async def given_back() -> bool:
+                    return the_thread(server).connections == 1
+
+                await eventually(given_back)
                 assert on_the_loop(server) == 1  # only the "nope" one
                 writer.write(frame(1, "big", 0x10000000, size))
-                await asyncio.sleep(0.3)  # the thread fills the socket, then waits
+                await waiting_for_output(server, 1)  # the thread fills the socket, and waits
                 stopping = asyncio.ensure_future(server.stop(10))
                 received = bytearray()
                 while True:

@@ -1,4 +1,5 @@
-"""This process's C threads by name, for checks that a thread started or ended.
+"""This process's C threads: by name, for checks that a thread started or ended, and
+waits for the state a thread reports (its counters).
 
 pthreads started by the cffi module are not in ``threading.enumerate()``; their names
 are in ``/proc/self/task/*/comm``. A joined thread can still be listed for a moment:
@@ -11,6 +12,16 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Until ``condition()`` holds (a C thread's reported state, looked at every
+    millisecond); AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not seen in {timeout} s"
+        time.sleep(0.001)
 
 
 def named_threads(name: str) -> list[str]:
@@ -26,10 +37,7 @@ def named_threads(name: str) -> list[str]:
 def wait_thread_count(name: str, count: int, timeout: float = 5.0) -> None:
     """Until exactly ``count`` threads called ``name`` are listed (a new thread names
     itself when it starts); AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while len(found := named_threads(name)) != count:
-        assert time.monotonic() < deadline, f"{count} {name} threads expected: {found}"
-        time.sleep(0.001)
+    wait_until(lambda: len(named_threads(name)) == count, f"{count} {name} threads", timeout)
 
 
 def wait_threads_gone(name: str, timeout: float = 5.0) -> None:

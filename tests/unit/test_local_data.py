@@ -17,7 +17,7 @@ from uffdd.daemon.sources import LocalImageSource, local_data_of
 from uffdd.image.format import DATA_NAME
 from uffdd.image.reader import ImageReader
 from uffdd.image.writer import ImageWriter
-from uffdd.kernel.uffd import FastTable
+from uffdd.native.fast_serve import FastTable
 
 P = 4096
 CHUNK = 4 * P

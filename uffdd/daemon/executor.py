@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uffdd.client.demand_lane import DemandLane, DemandReport, DemandThread
+from uffdd.client.demand_lane import DemandLane, DemandThread
 from uffdd.client.page_client import Chunk
 from uffdd.core.actions import (
     Action,
@@ -84,8 +84,10 @@ from uffdd.core.stats import LatencyHistogram, ProcessSummary
 from uffdd.core.tracker import Tracker
 from uffdd.core.wire import decode_messages
 from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, demand_lane_of, local_data_of
-from uffdd.kernel.uffd import FastStatus, FastTable, Uffd
+from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
+from uffdd.native.demander import DemandReport
+from uffdd.native.fast_serve import FastStatus, FastTable
 from uffdd.native.installer import Installer
 from uffdd.wire.convert import Priority
 
@@ -206,8 +208,14 @@ class Executor:
         local = local_data_of(source)
         if local is not None and local.image_id == image_id:
             tree.local = local
+        try:
+            self._watch(root, uffd, tree)
+        except OSError as exc:  # nothing was read: it cannot be served, so it is killed
+            _kill_tree(pid, pidfd)
+            failure = f"{root}: cannot watch its uffd: {exc}"
+            on_done(TreeOutcome(root, failure, False, (), 0, None, None, 0, seconds=0.0))
+            return
         self._trees[root] = tree
-        self._watch(root, uffd, tree)
         if pidfd >= 0:
             self._loop.add_reader(pidfd, self._root_exited, root)
         self._run(
@@ -243,6 +251,10 @@ class Executor:
     # -- reading uffds -----------------------------------------------------------------
 
     def _watch(self, proc: ProcId, uffd: Uffd, tree: _Tree) -> None:
+        """Read ``proc``'s uffd from now on. OSError (out of memory for its row in the
+        fence table) before anything changed."""
+        if self._installer is not None:
+            self._installer.watch(uffd)
         self._uffds[proc] = uffd
         self._tree_of[proc] = tree
         tree.members.add(proc)
@@ -360,7 +372,7 @@ class Executor:
             return thread
         assert self._installer is not None
         try:
-            thread = DemandThread(lane, self.tracker.policy.fault_around, self._installer.handle)
+            thread = DemandThread(lane, self.tracker.policy.fault_around, self._installer)
         except OSError as exc:
             _log.warning("no demand thread", error=str(exc))
             lane.close()
@@ -387,7 +399,7 @@ class Executor:
             proc = self._tokens.get(report.token)
             if proc is None or self._owned.get(proc, (None,))[0] is not thread:
                 _close_fork_fds(report)  # the process was released meanwhile
-            elif report.layout or report.read_error or report.fence_failed:
+            elif report.layout or report.read_error:
                 self._hand_plain(proc, plain.pop(proc, []))
                 self._hand_special(proc, report)
             else:
@@ -410,10 +422,10 @@ class Executor:
         if self._owned.get(proc) is None:
             _close_fork_fds(report)  # released by the reports before
             return
-        if report.read_error or report.fence_failed:
-            what = "cannot fence" if report.fence_failed else f"errno {report.read_error}"
+        if report.read_error:
             _close_fork_fds(report)
-            self._run(self.tracker.kill_tree(proc, f"uffd read failed: {what}", report.done_at))
+            reason = f"uffd read failed: errno {report.read_error}"
+            self._run(self.tracker.kill_tree(proc, reason, report.done_at))
             return
         events = _report_events(proc, report)
         self._run(self._fenced_batch(proc, self._uffds[proc], events, report.done_at))
@@ -666,7 +678,13 @@ class Executor:
             uffd.close()
             return
         _log.info("following fork", parent=action.parent, child=action.child)
-        self._watch(action.child, uffd, tree)
+        try:
+            self._watch(action.child, uffd, tree)
+        except OSError as exc:  # nothing of the child was read: the tree is killed
+            uffd.close()
+            reason = f"cannot watch a fork child's uffd: {exc}"
+            self._run(self.tracker.kill_tree(action.parent, reason, time.monotonic()))
+            return
         self._hand_to_demander(action.child)
 
     def _release(self, action: Release) -> None:
@@ -686,6 +704,7 @@ class Executor:
                 self._installer.fence(uffd)
                 self._installer.quiesce(uffd)
                 self._installer.unfence(uffd)
+                self._installer.unwatch(uffd)
             uffd.close()
         self._tree_of.pop(action.proc, None)
         if tree is None:

@@ -8,8 +8,9 @@ drain events first, the layout changed, the process is gone) come back as an
 else raises :class:`~uffdd.core.errors.UffdOpError`. Calls go through the cffi API-mode
 module (request numbers and struct layouts from the C headers, the GIL released during
 the ioctl) and page data is passed with ``ffi.from_buffer``: no second copy in Python.
-:meth:`Uffd.fast_serve` runs a whole read-and-answer loop in C over a :class:`FastTable`
-(local, verified image data), for the faults whose answer needs no decision.
+:meth:`Uffd.fast_serve` runs a whole read-and-answer loop in C over a ``FastTable``
+(local, verified image data; ``native/fast_serve.py``), for the faults whose answer
+needs no decision.
 
 Kernel behaviour worth knowing (seen on 6.18; see also shared/PROTOCOLS.md):
 
@@ -39,11 +40,9 @@ Kernel behaviour worth knowing (seen on 6.18; see also shared/PROTOCOLS.md):
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,6 +51,7 @@ from uffdd.core.events import UffdEvent
 from uffdd.core.outcomes import OpResult, Outcome, op_result
 from uffdd.core.wire import MSG_SIZE, decode_messages
 from uffdd.native._ffi import ffi, lib
+from uffdd.native.fast_serve import FastResult, FastTable, fast_serve
 
 if TYPE_CHECKING:
     from typing import Self
@@ -61,9 +61,6 @@ if TYPE_CHECKING:
 __all__ = [
     "NO_FEATURES",
     "ApiInfo",
-    "FastResult",
-    "FastStatus",
-    "FastTable",
     "FaultCounts",
     "Feature",
     "Ioctl",
@@ -72,7 +69,6 @@ __all__ = [
     "RegisterMode",
     "Uffd",
     "op_result",
-    "range_array",
 ]
 
 
@@ -147,102 +143,6 @@ class FaultCounts:
     """Threads blocked in a fault, read or not (they leave once woken)."""
 
 
-class FastStatus(enum.Enum):
-    """Why :meth:`Uffd.fast_serve` returned."""
-
-    DRAINED = 0
-    """The fd is empty; every message read was answered in C."""
-    SLOW = 1
-    """A message needs the slow path: it and the rest of its read are in ``rest``;
-    more may be queued (read them on the slow path too, in order)."""
-    FULL = 2
-    """No room for more installs: call again."""
-
-
-@dataclass(frozen=True, slots=True)
-class FastResult:
-    """What one :meth:`Uffd.fast_serve` call did."""
-
-    status: FastStatus
-    installs: tuple[tuple[int, int], ...]
-    """(run-time address, length) ranges filled with local data (and woken)."""
-    faults: int
-    """Faults answered in C (by an install or, for a page found present, a wake)."""
-    rest: bytes
-    """Raw uffd_msg records for the slow path (decode with ``wire.decode_messages``)."""
-    error: int = 0
-    """The errno of a failed read() (the installs before it still count)."""
-
-
-_FAST_DONE_CAP = 4 * lib.UFFDD_FAST_BATCH
-
-
-class FastTable:
-    """Where :meth:`Uffd.fast_serve` may answer faults with local data, in C's layout.
-
-    ``ranges``: (run-time address, length, offset in ``data``), page-aligned, in any
-    order but not overlapping. ``verified`` holds one byte per ``chunk_size`` chunk of
-    ``data`` (non-zero: its checksum matched); C never installs from an unverified
-    chunk, and reads the bytearray live, so chunks verified later are served at once.
-    Holds exports of both buffers until :meth:`close`.
-    """
-
-    __slots__ = ("_around", "_count", "_data", "_done", "_out", "_ranges", "_rest", "_shift",
-                 "_verified", "_verified_len")  # fmt: skip
-
-    def __init__(
-        self,
-        ranges: Iterable[tuple[int, int, int]],
-        data: Buffer,
-        verified: bytearray,
-        chunk_size: int,
-        around: int,
-    ) -> None:
-        for name, size in (("chunk_size", chunk_size), ("around", around)):
-            if size < _PAGE or size & (size - 1):
-                raise ValueError(f"{name} {size} is not a power of two of at least a page")
-        self._data = ffi.from_buffer(data)
-        self._ranges, self._count = range_array(ranges, offset_limit=len(self._data))
-        self._verified: Any = ffi.from_buffer(verified) if verified else ffi.new("uint8_t[1]")
-        self._verified_len = len(verified)
-        self._shift = chunk_size.bit_length() - 1
-        self._around = around
-        self._rest: Any = ffi.new("char[]", lib.UFFDD_FAST_BATCH * MSG_SIZE)
-        self._done: Any = ffi.new("struct uffdd_fast_done[]", _FAST_DONE_CAP)
-        self._out: Any = ffi.new("struct uffdd_fast_out *")
-
-    def __len__(self) -> int:
-        return self._count
-
-    def close(self) -> None:
-        """Release the buffer exports (the image's mmap can then be closed)."""
-        for export in (self._data, self._verified):
-            with contextlib.suppress(TypeError, ValueError):
-                ffi.release(export)
-
-
-def range_array(
-    ranges: Iterable[tuple[int, int, int]], *, offset_limit: int | None = None
-) -> tuple[Any, int]:
-    """(run-time address, length, offset) rows as C's sorted ``uffdd_fast_range``
-    array, and its length; ValueError for a row that is not page-aligned, overlaps
-    another, or (with ``offset_limit``) reaches past that many bytes of data."""
-    rows = sorted(r for r in ranges if r[1] > 0)
-    previous_end = 0
-    for run, length, offset in rows:
-        past = offset_limit is not None and offset + length > offset_limit
-        if run % _PAGE or length % _PAGE or offset < 0 or past:
-            raise ValueError(f"fast range {run:#x}+{length:#x}@{offset:#x} is not usable")
-        if run < previous_end:
-            raise ValueError(f"fast range {run:#x} overlaps the one before")
-        previous_end = run + length
-    array: Any = ffi.new("struct uffdd_fast_range[]", max(len(rows), 1))
-    for index, (run, length, offset) in enumerate(rows):
-        array[index] = (run, run + length, offset)
-    return array, len(rows)
-
-
-_PAGE = 4096
 _CREATE_METHODS = ("syscall", "device")
 _INTERNAL_FEATURE_BITS = 1 << 31  # UFFD_FEATURE_INITIALIZED, kernel-internal
 _DEVICE = "/dev/userfaultfd"
@@ -602,25 +502,9 @@ class Uffd:
             raise UffdOpError("read", exc.errno or 0) from exc
 
     def fast_serve(self, table: FastTable) -> FastResult:
-        """Answer queued faults on ``table``'s pages in C (the GIL released meanwhile).
-
-        Messages are taken in order; the first one C cannot answer (another event, a
-        fault outside the table or on unverified data, an ioctl error other than
-        EEXIST) ends the fast path for this call: it and every later message of its
-        read come back raw in ``rest``, and more may be queued behind them.
-        """
-        t = table
-        rc = lib.uffdd_fast_serve(
-            self.fd, t._ranges, t._count, t._data, t._verified, t._verified_len, t._shift,
-            t._around, t._rest, lib.UFFDD_FAST_BATCH, t._done, _FAST_DONE_CAP, t._out,
-        )  # fmt: skip
-        out = t._out
-        done = t._done
-        installs = tuple((int(done[i].run), int(done[i].len)) for i in range(out.ndone))
-        rest = bytes(ffi.buffer(t._rest, out.nrest * MSG_SIZE)) if out.nrest else b""
-        if rc < 0:
-            return FastResult(FastStatus.DRAINED, installs, int(out.nfaults), rest, -rc)
-        return FastResult(FastStatus(rc), installs, int(out.nfaults), rest)
+        """Answer queued faults on ``table``'s pages in C (the GIL released meanwhile):
+        ``native.fast_serve.fast_serve`` on this fd, which says what comes back."""
+        return fast_serve(self.fd, table)
 
     def read_events(self, max_messages: int = 64) -> list[UffdEvent]:
         """Read and decode pending messages; a Fork's ``child_fd`` belongs to the caller."""

@@ -1,16 +1,21 @@
-"""Bulk UFFDIO_COPY on a thread of its own, fenced against the loop's reads of each uffd.
+"""The installer thread's owner: bulk UFFDIO_COPY on a pthread of its own, fenced against
+every read of each uffd.
 
-Why: a large copy holds the daemon's one asyncio loop for as long as the kernel takes
-to fill the pages (0.3 ms to several ms per MiB on this VM), and every demand fault
-read meanwhile waits behind it. The installer is a pthread in the cffi module that
-runs queued copies in pieces, without the GIL, while the loop reads faults and sockets.
+Why: a large copy holds the thread that issues it for as long as the kernel takes to
+fill the pages (milliseconds per MiB), and every demand fault read meanwhile waits
+behind it. The installer (``uffdd-install``, ``csrc/installer.c``) runs queued copies in
+pieces, without the GIL, while the loop reads faults and sockets. This owner takes fds,
+addresses and buffers; it knows nothing of processes or images.
 
-The loop's side of the bargain (the executor keeps it): read a uffd only inside
-:meth:`Installer.reading`, and when a read returns a layout event (REMOVE, UNMAP,
-REMAP, FORK), fence that uffd before leaving the block, :meth:`quiesce` it, feed the
-completions to the core, and only then hand the core the event and :meth:`unfence`.
-No piece of a fenced uffd starts, and no piece runs during a read, so every byte the
-thread installs landed before the event was read, as it would have on the loop.
+The readers' side of the bargain (the executor keeps it, the demand thread keeps it in
+C): :meth:`Installer.watch` a uffd before its first read and :meth:`unwatch` it when it
+is released; read it only inside :meth:`Installer.reading`, and when a read returns a
+layout event (REMOVE, UNMAP, REMAP, FORK), fence that uffd before leaving the block,
+:meth:`quiesce` it, feed the completions to the core, and only then hand the core the
+event and :meth:`unfence`. No piece of a fenced uffd starts, and no piece runs during a
+read, so every byte the thread installs landed before the event was read, as it would
+have on the loop. A watched uffd has its row in the fence table, so a fence cannot
+fail. docs/architecture.md has the whole set of threads, locks and fences.
 
 Completions are collected by :meth:`take` when :attr:`fd` (an eventfd) is readable.
 A job cut short by a fence ends like a copy the kernel interrupted: EAGAIN with the
@@ -51,6 +56,25 @@ class Completed:
     error: UffdOpError | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class InstallerStats:
+    """What the installer thread is doing, read under its lock."""
+
+    pieces: int
+    """UFFDIO_COPY calls made so far."""
+    queued: int
+    """Jobs waiting for the thread."""
+    untaken: int
+    """Completions waiting for :meth:`Installer.take`."""
+    watched: int
+    """Uffds with a row in the fence table."""
+    busy: bool
+    """A job is in progress."""
+    waiting_for_reader: bool
+    """The thread is taking the uffd lock for its next piece: while a reader holds the
+    lock, that piece waits (no piece runs during a read)."""
+
+
 class Installer:
     """A started installer thread; stop it with :meth:`close`.
 
@@ -74,6 +98,7 @@ class Installer:
         """Job id -> (the buffer export the thread reads, destination, length)."""
         self._next = 0
         self._out: Any = ffi.new("struct uffdd_install_done[]", _TAKE_BATCH)
+        self._watched: set[int] = set()
 
     @property
     def handle(self) -> Any:
@@ -89,6 +114,19 @@ class Installer:
     def pending(self) -> int:
         """Jobs submitted and not yet taken."""
         return len(self._jobs)
+
+    def watch(self, uffd: Uffd) -> None:
+        """``uffd`` will be read: give it its row in the fence table, before its first
+        read. OSError (ENOMEM) when there is no room, with nothing read yet."""
+        err = lib.uffdd_installer_watch(self._handle, uffd.fd)
+        if err:
+            raise OSError(err, f"cannot watch uffd {uffd.fd}: {os.strerror(err)}")
+        self._watched.add(uffd.fd)
+
+    def unwatch(self, uffd: Uffd) -> None:
+        """``uffd`` is released and no job of it is left (:meth:`quiesce`): its row goes."""
+        lib.uffdd_installer_unwatch(self._handle, uffd.fd)
+        self._watched.discard(uffd.fd)
 
     def submit(self, uffd: Uffd, dst: int, data: Buffer, *, dontwake: bool) -> int | None:
         """Queue UFFDIO_COPY of ``data`` to ``dst``; the job id, or None when full.
@@ -126,8 +164,8 @@ class Installer:
     def reading(self) -> Iterator[Callable[[Uffd], None]]:
         """Hold off every piece while the block reads uffds; it gets ``fence(uffd)``.
 
-        Do nothing in the block but read (and fence): :meth:`quiesce` or a
-        :meth:`fence` of its own inside it would wait for itself.
+        Do nothing in the block but read (and fence): :meth:`quiesce`, :meth:`fence`,
+        :meth:`watch` or :meth:`unwatch` inside it would wait for itself.
         """
         lib.uffdd_installer_hold(self._handle)
         try:
@@ -136,11 +174,11 @@ class Installer:
             lib.uffdd_installer_unhold(self._handle)
 
     def _fence_held(self, uffd: Uffd) -> None:
-        if lib.uffdd_installer_fence_held(self._handle, uffd.fd):
-            raise RuntimeError("too many uffds fenced at once")
+        assert uffd.fd in self._watched, f"uffd {uffd.fd} is read without being watched"
+        lib.uffdd_installer_fence_held(self._handle, uffd.fd)
 
     def fence(self, uffd: Uffd) -> None:
-        """No piece for ``uffd`` starts from now until :meth:`unfence`."""
+        """No piece for the watched ``uffd`` starts from now until :meth:`unfence`."""
         with self.reading() as fence:
             fence(uffd)
 
@@ -161,6 +199,19 @@ class Installer:
         job of ``uffd`` covers it (any more)."""
         return lib.uffdd_installer_expedite(self._handle, uffd.fd, address) != 0
 
+    def stats(self) -> InstallerStats:
+        """The thread's counters and state now."""
+        out: Any = ffi.new("struct uffdd_installer_stats *")
+        lib.uffdd_installer_stats(self._handle, out)
+        return InstallerStats(
+            pieces=int(out.pieces),
+            queued=int(out.queued),
+            untaken=int(out.untaken),
+            watched=int(out.watched),
+            busy=bool(out.busy),
+            waiting_for_reader=bool(out.waiting_for_reader),
+        )
+
     def close(self) -> None:
         """Stop the thread (after the piece in progress) and drop unfinished jobs."""
         if self._handle is None:
@@ -168,6 +219,7 @@ class Installer:
         lib.uffdd_installer_free(self._handle)  # joins the thread: no piece runs after
         self._handle = None
         self._jobs.clear()
+        self._watched.clear()
 
     def __del__(self) -> None:
         # The thread reads the jobs' buffers: it must stop before they can be freed.

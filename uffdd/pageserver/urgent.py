@@ -1,20 +1,22 @@
-"""Urgent fast-lane requests answered by a pthread: the loop's side of ``uffdd_answerer_*``.
+"""Urgent fast-lane requests answered by a pthread: the page server's side of the answerer.
 
-Why: the page server's event loop spent ~70 us of Python on each urgent request, and
-its wake-up on top; a demand fault waits for both, and during a restore they took CPU
-the sweep needed (bench/README.md, session 8). The thread ``uffdd-urgent`` (the C
-comment in ``native/build.py`` says how) answers a plain urgent connection from
-its first request on, from the images' mmaps, with the chunks the loop would send.
+Why: the page server's event loop spent tens of microseconds of Python on each urgent
+request, and its wake-up on top; a demand fault waits for both, and during a restore
+they took CPU the sweep needed. The thread ``uffdd-urgent`` (``native/answerer.py``, C in
+``csrc/answerer.c``) answers a plain urgent connection from its first request on, from
+the images' mmaps, with the chunks the loop would send.
 
 This side decides what the thread may serve and takes back what it will not:
 
 * every image the catalog opens is registered with its extents, its checksums and the
   reader's ``verified`` bytes (shared, so a chunk is hashed once whichever side serves
-  it); the buffers stay referenced here until the thread is gone. An image whose format
-  stores no checksums (a CRIU pages file) is not registered;
+  it); the answerer keeps the buffers referenced until the thread is gone. An image
+  whose format stores no checksums (a CRIU pages file) is not registered;
 * a connection the thread declines (an unknown image, a request to refuse, corrupt
   data, a bulk frame, garbage) comes back with its unparsed bytes and is served by the
   loop's ``Connection`` from then on, so every refusal keeps its one implementation.
+
+docs/architecture.md has the threads and the hand-offs between them.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import asyncio
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from uffdd.image.format import ExtentKind
 from uffdd.image.reader import ImageReader
 from uffdd.log import get_logger
-from uffdd.native._ffi import ffi, lib
-from uffdd.native.checksum import XXH3_64BITS
+from uffdd.native import answerer
+from uffdd.native.answerer import Answerer, AnswererStats, Extent
 from uffdd.pageserver.catalog import ImageCatalog
 from uffdd.wire import fast_lane as wire
 
@@ -38,7 +39,6 @@ MAX_CONNECTIONS = 1024
 MAX_INITIAL_BYTES = 256 * 1024
 """A connection whose first read held more stays on the loop (asyncio reads at most
 this much at once)."""
-_TAKE = 64
 
 _log = get_logger("uffdd.pageserver.urgent")
 
@@ -59,51 +59,49 @@ class UrgentAnswerer:
         hand_back: HandBack,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
-        handle = lib.uffdd_answerer_new(
-            XXH3_64BITS, chunk_size, catalog.max_request_length, max_connections
+        self._answerer: Answerer | None = Answerer(
+            chunk_size=chunk_size,
+            max_length=catalog.max_request_length,
+            max_connections=max_connections,
         )
-        if handle == ffi.NULL:
-            errno = ffi.errno
-            raise OSError(errno, f"cannot start the urgent answerer: {os.strerror(errno)}")
-        self._handle: Any = handle
         self._hand_back = hand_back
-        self._kept: dict[str, tuple[Any, ...]] = {}  # buffers the thread reads, by image
+        self._images: set[str] = set()
+        self._readers: list[ImageReader] = []
         self._next_token = 1
-        self._efd: int = lib.uffdd_answerer_efd(handle)
+        self._efd = self._answerer.fd
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._efd, self._take)
         catalog.watch(self.register)
 
     def register(self, reader: ImageReader) -> None:
         """Let the thread serve ``reader``'s image (once; not without checksums)."""
-        if self._handle is None or reader.image_id in self._kept:
+        if self._answerer is None or reader.image_id in self._images:
             return
         checksums = reader.chunk_checksums
         chunk = reader.chunk_size
         if reader.closed or len(checksums) != -(-reader.data_size // chunk):
             _log.debug("urgent answerer: image left to the loop", image_id=reader.image_id)
             return
-        extents = reader.all_extents()
-        table = ffi.new("struct uffdd_ans_extent[]", max(len(extents), 1))
+        extents = []
         regions = iter(reader.regions)
         region = next(regions, None)
-        for row, extent in zip(table, extents, strict=False):
+        for extent in reader.all_extents():
             while region is not None and extent.start >= region.end:
                 region = next(regions, None)
-            row.start = extent.start
-            row.end = extent.end
-            row.data_offset = extent.data_offset
-            row.page_size = region.page_size if region is not None else reader.page_size
-            row.kind = lib.UFFDD_ANS_ZERO if extent.kind is ExtentKind.ZERO else 0
-        image_id = reader.image_id.encode()
-        data = ffi.from_buffer("char[]", reader.data_buffer())
-        verified = ffi.from_buffer("uint8_t[]", reader.verified, require_writable=True)
-        sums = ffi.new("uint64_t[]", checksums) if checksums else ffi.NULL
-        err = lib.uffdd_answerer_image(
-            self._handle, image_id, len(image_id), reader.page_size, chunk, data,
-            reader.data_size, verified, sums, len(checksums), reader.data_fileno(),
-            table, len(extents),
-        )  # fmt: skip
+            page_size = region.page_size if region is not None else reader.page_size
+            zero = extent.kind is ExtentKind.ZERO
+            extents.append(Extent(extent.start, extent.end, extent.data_offset, page_size, zero))
+        err = self._answerer.add_image(
+            reader.image_id.encode(),
+            page_size=reader.page_size,
+            chunk_size=chunk,
+            data=reader.data_buffer(),
+            data_size=reader.data_size,
+            verified=reader.verified,
+            checksums=checksums,
+            data_fd=reader.data_fileno(),
+            extents=extents,
+        )
         if err:
             _log.warning(
                 "urgent answerer: image left to the loop",
@@ -111,41 +109,39 @@ class UrgentAnswerer:
                 error=os.strerror(err),
             )
             return
-        self._kept[reader.image_id] = (reader, data, verified, sums)
+        self._images.add(reader.image_id)
+        self._readers.append(reader)  # its mmap and file stay open while the thread runs
 
     def knows(self, image_id: str) -> bool:
         """Whether the thread serves ``image_id``."""
-        return image_id in self._kept
+        return image_id in self._images
 
     def take(self, fd: int, initial: bytes) -> bool:
         """Answer the connection on ``fd`` (a copy of it: the caller closes its own);
         ``initial``: what was read of it already. False: the caller keeps serving it."""
-        if self._handle is None or len(initial) > MAX_INITIAL_BYTES:
+        if self._answerer is None or len(initial) > MAX_INITIAL_BYTES:
             return False
         copy = os.dup(fd)
         token = self._next_token
         self._next_token += 1
-        err = lib.uffdd_answerer_add(self._handle, copy, token, initial, len(initial))
-        if err:
+        if self._answerer.add(copy, token, initial):
             os.close(copy)
             return False
         return True
 
     def _take(self) -> None:
-        out = ffi.new("struct uffdd_handback[]", _TAKE)
-        count = lib.uffdd_answerer_take(self._handle, out, _TAKE)
-        for back in out[0:count]:
-            initial = bytes(ffi.buffer(back.bytes, back.len)) if back.len else b""
-            lib.uffdd_free(back.bytes)
-            unknown = _first_image_id(initial) if back.reason == lib.UFFDD_HB_UNKNOWN else None
+        if self._answerer is None:
+            return
+        for back in self._answerer.take():
+            unknown = _first_image_id(back.initial) if back.reason == answerer.UNKNOWN else None
             _log.debug(
                 "urgent answerer: connection back to the loop",
-                reason="full" if back.reason == lib.UFFDD_HB_FULL else "declined",
+                reason="full" if back.reason == answerer.FULL else "declined",
                 unknown_image=unknown,
             )
             sock = socket.socket(fileno=back.fd)
             try:
-                self._hand_back(sock, initial, unknown)
+                self._hand_back(sock, back.initial, unknown)
             except OSError as exc:
                 _log.warning("urgent answerer: could not hand a connection back", error=str(exc))
                 sock.close()
@@ -153,24 +149,32 @@ class UrgentAnswerer:
     @property
     def connections(self) -> int:
         """Connections the thread holds now."""
-        return 0 if self._handle is None else int(lib.uffdd_answerer_live(self._handle))
+        return 0 if self._answerer is None else self.stats.live
+
+    @property
+    def stats(self) -> AnswererStats:
+        """The thread's counters and state (ValueError once closed)."""
+        if self._answerer is None:
+            raise ValueError("the urgent answerer is closed")
+        return self._answerer.stats()
 
     def drain(self) -> int:
         """Answer what was accepted, read nothing new, close each connection when done;
         returns how many are still open (call again until 0, or close)."""
-        if self._handle is None:
+        if self._answerer is None:
             return 0
-        return int(lib.uffdd_answerer_drain(self._handle))
+        return self._answerer.drain()
 
     def close(self) -> None:
         """Stop the thread and close what it still held."""
-        if self._handle is None:
+        if self._answerer is None:
             return
         self._take()  # connections given back before the end are still served
         self._loop.remove_reader(self._efd)
-        handle, self._handle = self._handle, None
-        lib.uffdd_answerer_free(handle)
-        self._kept.clear()
+        running, self._answerer = self._answerer, None
+        running.close()
+        self._images.clear()
+        self._readers.clear()
 
 
 def _first_image_id(frames: bytes) -> str | None:

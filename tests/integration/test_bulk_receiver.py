@@ -3,7 +3,9 @@
 Real sockets throughout: a real page server on 127.0.0.1 and on a Unix socket for the
 bytes, small hand-written fast lanes for a lying or dying server, and socket pairs for
 the connection's own rules (frames from the loop never block it, one chunk per loop
-turn, close ends the thread and closes the socket).
+turn, close ends the thread and closes the socket). What the threads are doing (frames
+read, the queue full, a frame half in, the writer in a send) is waited for on their
+counters (``ThreadedConnection.stats``), never by sleeping.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import os
 import socket
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from page_server_support import (
     serving,
 )
 from support.fds import open_fds
-from support.threads import named_threads, wait_threads_gone
+from support.threads import named_threads, wait_threads_gone, wait_until
 
 from uffdd.client.bulk_receiver import ThreadedConnection
 from uffdd.client.fast_lane import FastLane
@@ -347,7 +348,7 @@ async def connection_pair(
 
 async def turns_of_burst(frames: list[bytes]) -> list[int]:
     """Send ``frames`` at once while the loop is blocked; the loop turn each arrived in."""
-    async with connection_pair() as (_, theirs, recorder):
+    async with connection_pair() as (connection, theirs, recorder):
         stop = False
 
         def tick() -> None:
@@ -357,7 +358,7 @@ async def turns_of_burst(frames: list[bytes]) -> list[int]:
 
         theirs.sendall(b"".join(frames))
         # the loop is busy (blocked here) while the thread takes in the whole burst
-        time.sleep(0.3)
+        wait_until(lambda: connection.stats.frames_read == len(frames), "the whole burst")
         assert recorder.chunks == []
         tick()
 
@@ -400,8 +401,10 @@ def test_a_server_faster_than_the_loop_holds_bounded_memory() -> None:
             sender = threading.Thread(target=theirs.sendall, args=(b"".join(frames),))
             sender.start()
             # the loop is busy (blocked here): the thread must stop reading, not queue 1 MB
-            time.sleep(0.5)
-            assert connection.queued_bytes < 100_000 + 50_000
+            wait_until(lambda: connection.stats.full, "the reader stopped, its queue full")
+            stats = connection.stats
+            assert stats.queued_bytes < 100_000 + 50_000
+            assert stats.frames_read < len(frames)
             assert recorder.chunks == []
 
             async def all_in() -> bool:
@@ -410,7 +413,7 @@ def test_a_server_faster_than_the_loop_holds_bounded_memory() -> None:
             await eventually(all_in, timeout=10)
             sender.join()
             assert [h[0] for h, *_ in recorder.chunks] == list(range(1, 21))
-            assert connection.queued_bytes == 0
+            assert connection.stats.queued_bytes == 0
 
     run(scenario)
 
@@ -434,10 +437,10 @@ def test_frames_from_the_loop_never_block_and_arrive_in_order(transport: str) ->
             for frame in frames:
                 connection.send(frame)  # the peer reads nothing yet: these must queue
             total = sum(map(len, frames))
-            await asyncio.sleep(0.1)
-            assert connection.unsent_bytes > 0  # more than the socket holds
+            wait_until(lambda: connection.stats.sending, "the writer in a send")
+            assert connection.stats.unsent_bytes > 0  # more than the socket holds
             assert await receive_exactly(theirs, total) == b"".join(frames)
-            assert connection.unsent_bytes == 0
+            assert connection.stats.unsent_bytes == 0
             assert recorder.lost == []
 
     run(scenario)
@@ -452,7 +455,8 @@ def test_frames_from_the_loop_go_out_while_a_chunk_is_half_in(transport: str) ->
         async with connection_pair(transport=transport) as (connection, theirs, recorder):
             theirs.setblocking(False)
             theirs.send(frame[: len(frame) // 2])
-            await asyncio.sleep(0.1)  # the thread has read half of the body, and waits
+            # the thread has the header, and waits in its read of the body
+            wait_until(lambda: connection.stats.in_frame, "a frame half in")
             for k in range(3):
                 request = bytes([k]) * 100
                 connection.send(request)
@@ -497,8 +501,8 @@ def test_close_frees_frames_not_yet_sent() -> None:
         async with connection_pair(transport="tcp") as (connection, _theirs, recorder):
             for _ in range(64):
                 connection.send(bytes(256 * 1024))  # 16 MiB the peer never reads
-            await asyncio.sleep(0.1)
-            assert connection.unsent_bytes > 0
+            wait_until(lambda: connection.stats.sending, "the writer in a send")
+            assert connection.stats.unsent_bytes > 0
             connection.close()  # with the writer blocked in a send to a full socket
             await receivers_gone()
             assert recorder.lost == []
@@ -524,14 +528,18 @@ def test_close_ends_the_thread_and_closes_the_socket() -> None:
 
 def test_garbage_on_the_pair_is_reported_once_and_ends_the_thread() -> None:
     async def scenario() -> None:
-        async with connection_pair() as (_, theirs, recorder):
+        async with connection_pair() as (connection, theirs, recorder):
             theirs.sendall(wire.RESPONSE.pack(1, 0x1000, 2 << 20, 0, 0, 0, 0))  # > max
 
             async def lost() -> bool:
                 return bool(recorder.lost)
 
             await eventually(lost, timeout=10)
-            await asyncio.sleep(0.05)
+            # closed by the loss: its reader is off the loop and its threads joined, so
+            # nothing is left to report a second time
+            assert connection.closed
+            with pytest.raises(ValueError, match="closed"):
+                connection.stats  # noqa: B018
             assert len(recorder.lost) == 1
             assert isinstance(recorder.lost[0], PageServerDataError)
             assert "garbage" in str(recorder.lost[0])

@@ -1,0 +1,132 @@
+/* The local fast serve: faults on pages whose data is local and verified, answered in C.
+
+   Why: when a restore's image is on this host (an mmap), a fault needs no decision of
+   the core, only a lookup and a UFFDIO_COPY. uffdd_fast_serve reads a uffd on the
+   loop's thread, with the GIL released, answers every fault whose page lies in the
+   core's table and whose checksum chunk is verified (its fault-around window when all
+   of that is verified too), and hands every other message, raw and in order, back to
+   the Python core: policy never moves into C. */
+#include "uffdd.h"
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+struct fast_ctx {
+    int fd;
+    const struct uffdd_fast_range *ranges;
+    size_t nranges;
+    const char *data;
+    const uint8_t *verified;
+    size_t nverified;
+    unsigned chunk_shift;
+    uint64_t around;
+    struct uffdd_fast_done *done;
+    struct uffdd_fast_out *out;
+};
+
+/* Every checksum chunk holding the data of [start, end) has been verified. */
+static int fast_verified(const struct fast_ctx *c, const struct uffdd_fast_range *r,
+                         uint64_t start, uint64_t end)
+{
+    uint64_t first = (r->data_offset + (start - r->run_start)) >> c->chunk_shift;
+    uint64_t last = (r->data_offset + (end - 1 - r->run_start)) >> c->chunk_shift;
+    for (uint64_t chunk = first; chunk <= last; chunk++)
+        if (chunk >= c->nverified || !c->verified[chunk])
+            return 0;
+    return 1;
+}
+
+/* UFFDIO_COPY [start, end): 0, or the errno; *copied: the bytes installed (woken). */
+static int fast_copy(const struct fast_ctx *c, const struct uffdd_fast_range *r, uint64_t start,
+                     uint64_t end, uint64_t index, uint64_t *copied)
+{
+    struct uffdio_copy arg;
+    arg.dst = start;
+    arg.src = (uint64_t)(uintptr_t)(c->data + r->data_offset + (start - r->run_start));
+    arg.len = end - start;
+    arg.mode = 0;
+    arg.copy = 0;
+    int err = ioctl(c->fd, UFFDIO_COPY, &arg) == 0 ? 0 : errno;
+    *copied = err == 0 ? end - start : (arg.copy > 0 ? (uint64_t)arg.copy : 0);
+    if (*copied) {
+        struct uffdd_fast_done *d = &c->done[c->out->ndone++];
+        d->run = start;
+        d->len = *copied;
+        d->msg_index = index;
+    }
+    return err;
+}
+
+/* Serve one message; 0 when answered here, 1 when it is the slow path's. */
+static int fast_one(const struct fast_ctx *c, const struct uffd_msg *msg, uint64_t index)
+{
+    if (msg->event != UFFD_EVENT_PAGEFAULT)
+        return 1;
+    if (msg->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR))
+        return 1;
+    uint64_t page = msg->arg.pagefault.address & ~(UFFDD_PAGE - 1);
+    const struct uffdd_fast_range *r = range_find(c->ranges, c->nranges, page);
+    if (r == NULL || !fast_verified(c, r, page, page + UFFDD_PAGE))
+        return 1;
+    uint64_t start, end, copied = 0;
+    range_window(r, page, c->around, &start, &end);
+    if (end - start > UFFDD_PAGE && fast_verified(c, r, start, end)) {
+        int err = fast_copy(c, r, start, end, index, &copied);
+        if (err == 0 || page < start + copied)
+            goto served;
+        if (err != EEXIST && err != EAGAIN)
+            return 1;
+        /* EEXIST, or EAGAIN part way (a present page in the window, or an event
+           pending): the faulting page alone says which. */
+    }
+    int err = fast_copy(c, r, page, page + UFFDD_PAGE, index, &copied);
+    if (err == EEXIST) {
+        struct uffdio_range range = {page, UFFDD_PAGE};
+        if (ioctl(c->fd, UFFDIO_WAKE, &range) != 0)
+            return 1;
+    } else if (err != 0) {
+        return 1;
+    }
+served:
+    c->out->nfaults++;
+    return 0;
+}
+
+/* Read and serve faults until the fd is empty (0), a message needs the slow path (1:
+   it and the rest of its read are in rest; more may be queued), or done has no room
+   for another read (2: call again). -errno when read() fails. */
+int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nranges,
+                     const char *data, const uint8_t *verified, size_t nverified,
+                     unsigned chunk_shift, uint64_t around, char *rest, size_t rest_cap,
+                     struct uffdd_fast_done *done, size_t done_cap, struct uffdd_fast_out *out)
+{
+    struct fast_ctx c = {fd,          ranges, nranges, data, verified, nverified,
+                         chunk_shift, around, done,    out};
+    struct uffd_msg msgs[UFFDD_FAST_BATCH];
+    out->nread = out->nrest = out->ndone = out->nfaults = 0;
+    if (rest_cap < UFFDD_FAST_BATCH || around < UFFDD_PAGE || (around & (around - 1)))
+        return -EINVAL;
+    for (;;) {
+        if (done_cap - out->ndone < 2 * UFFDD_FAST_BATCH)
+            return 2;
+        ssize_t n = read(fd, msgs, sizeof(msgs));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN ? 0 : -errno;
+        }
+        size_t count = (size_t)n / sizeof(struct uffd_msg);
+        if (count == 0)
+            return 0;
+        for (size_t i = 0; i < count; i++) {
+            if (fast_one(&c, &msgs[i], out->nread + i)) {
+                memcpy(rest, &msgs[i], (count - i) * sizeof(struct uffd_msg));
+                out->nrest = count - i;
+                out->nread += count;
+                return 1;
+            }
+        }
+        out->nread += count;
+    }
+}
