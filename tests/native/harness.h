@@ -150,6 +150,13 @@ static inline int copy_in(int uffd, uint64_t dst, const char *src, size_t len)
     return uffd_ioctl(uffd, UFFDIO_COPY, &c);
 }
 
+/* UFFDIO_ZEROPAGE of ``len`` bytes at ``dst`` (waking): the errno, or 0. */
+static inline int zero_in(int uffd, uint64_t dst, size_t len)
+{
+    struct uffdio_zeropage z = {{dst, len}, 0, 0};
+    return uffd_ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+}
+
 /* Whether the page at ``at`` of this process is present (mincore). */
 static inline int present(const void *at)
 {

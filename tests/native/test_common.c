@@ -164,9 +164,37 @@ static void test_ranges_are_found_by_bisection_and_windows_clipped(void)
     CHECK_EQ(end, 0x28000);
 }
 
+static void test_reserved_room_takes_pushes_without_growing(void)
+{
+    struct epoll_thread t;
+    CHECK_EQ(epoll_thread_open(&t, sizeof(uint64_t), 2), 0);
+    pthread_mutex_lock(&t.lock);
+    CHECK_EQ(epoll_thread_reserve_locked(&t, 2), 0); /* there already */
+    CHECK_EQ(t.cap, 2);
+    CHECK_EQ(epoll_thread_reserve_locked(&t, 5), 0);
+    CHECK(t.cap >= 5);
+    void *items = t.items;
+    size_t cap = t.cap;
+    for (uint64_t i = 0; i < 5; i++)
+        CHECK_EQ(epoll_thread_push_locked(&t, &i), 0);
+    CHECK(t.items == items); /* the reserved room, not a new allocation */
+    CHECK_EQ(t.cap, cap);
+    CHECK_EQ(epoll_thread_reserve_locked(&t, cap - 5), 0);
+    CHECK_EQ(t.cap, cap);
+    CHECK_EQ(epoll_thread_reserve_locked(&t, cap - 5 + 1), 0); /* one more: it grows */
+    CHECK(t.cap > cap);
+    pthread_mutex_unlock(&t.lock);
+    uint64_t out[5];
+    CHECK_EQ(epoll_thread_take(&t, out, 5), 5);
+    for (uint64_t i = 0; i < 5; i++)
+        CHECK_EQ(out[i], i);
+    epoll_thread_release(&t);
+}
+
 int main(void)
 {
     test_begin();
+    test_reserved_room_takes_pushes_without_growing();
     test_the_eventfd_queue_hands_items_in_order_and_stays_readable_while_any_wait();
     test_the_epoll_skeleton_queues_what_its_thread_pushes_and_ends_cleanly();
     test_a_started_thread_has_every_signal_blocked_and_its_creator_none_more();

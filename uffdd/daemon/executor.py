@@ -35,8 +35,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import errno
-import functools
 import os
 import signal
 import time
@@ -451,17 +449,9 @@ class Executor:
             self._forget_owner(proc)
             uffd = self._uffds[proc]
             self._loop.add_reader(uffd.fd, self._readable, proc)
-            if error == errno.ENOMEM:
-                # A report may have been lost: wake every thread of the process, so a
-                # fault read into it is raised again (a present page is not touched).
-                self._wake_all(proc, uffd)
         self._loop.remove_reader(thread.fd)
         self._demanders.pop(id(thread.lane), None)
         thread.close()
-
-    def _wake_all(self, proc: ProcId, uffd: Uffd) -> None:
-        for piece in self.tracker.process(proc).map:
-            self._guard(proc, "wake", functools.partial(uffd.wake, piece.run, piece.length))
 
     def _forget_owner(self, proc: ProcId) -> None:
         """The demand thread no longer reads ``proc``'s uffd (the caller removed it)."""

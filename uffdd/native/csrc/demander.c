@@ -70,7 +70,8 @@ struct uffdd_demander {
     pthread_cond_t idle;   /* to the loop: busy changed */
     struct demand_proc *procs;
     size_t nprocs;
-    int broken; /* the connection failed: serve nothing (the thread's own) */
+    int broken;  /* the connection failed: serve nothing (the thread's own) */
+    int starved; /* a round found no memory: the loop was told (LANE, ENOMEM) */
     int sock;
     uint64_t around, next_id;
     struct uffdd_installer *installer; /* may be NULL */
@@ -276,25 +277,38 @@ static int demand_serve(struct uffdd_demander *d, struct demand_batch *batches, 
 }
 
 /* Queue a report for the loop; takes its buffers. It never waits for the loop (the
-   loop may be waiting for this thread in resume or remove): the queue grows instead,
-   bounded by what the processes can have outstanding (a thread faults once until it is
-   woken; answered faults come back as more faults only as fast as C answers). A report
-   that finds no memory ends the thread's service: the loop is told (LANE). */
+   loop may be waiting for this thread in resume or remove) and never fails: every
+   round reserves a report for each uffd it reads before it reads one, and the queue
+   always keeps room for one more (demander_main), so nothing read from a uffd is lost
+   for want of memory. The queue is bounded by what the processes can have outstanding
+   (a thread faults once until it is woken; answered faults come back as more faults
+   only as fast as C answers). */
+static void demand_pause(struct uffdd_demander *d, struct demand_proc *p);
+
 static void demand_report(struct uffdd_demander *d, struct uffdd_demand_report *r)
 {
     pthread_mutex_lock(&d->t.lock);
-    if (epoll_thread_push_locked(&d->t, r) != 0) {
-        /* keep the ones queued (the queue is full, so there is a last one): drop this
-           one's buffers, and mark the last one */
-        struct uffdd_demand_report *tail =
-            (struct uffdd_demand_report *)d->t.items + (d->t.nitems - 1);
+    int err = epoll_thread_push_locked(&d->t, r);
+    pthread_mutex_unlock(&d->t.lock);
+    (void)err; /* cannot fail: the room was reserved (demander_main) */
+}
+
+/* No memory for a round: read none of its uffds (their messages stay in the kernel,
+   for the loop), take them out of the epoll set, and tell the loop once that this
+   thread's service ended (LANE, ENOMEM), in the report room always kept free. */
+static void demand_starve(struct uffdd_demander *d, struct demand_batch *batches, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        demand_pause(d, batches[k].p);
+    pthread_mutex_lock(&d->t.lock);
+    if (!d->starved) {
+        struct uffdd_demand_report r = {.flags = UFFDD_DR_LANE, .err = ENOMEM,
+                                        .read_at = monotonic_now()};
+        r.done_at = r.read_at;
+        d->starved = 1;
         d->broken = 1;
-        tail->flags |= UFFDD_DR_LANE;
-        tail->err = ENOMEM;
-        pthread_mutex_unlock(&d->t.lock);
-        free(r->installs);
-        free(r->msgs);
-        return;
+        int err = epoll_thread_push_locked(&d->t, &r);
+        (void)err; /* the room kept free (demander_main) */
     }
     pthread_mutex_unlock(&d->t.lock);
 }
@@ -311,10 +325,20 @@ static void demand_pause(struct uffdd_demander *d, struct demand_proc *p)
 
 /* Read one ready uffd into its batch, under uffd_lock. 0 when there is something for
    the round (faults, or a layout event: fenced, paused, reported with the round), 1
-   when there is nothing (EAGAIN), -1 when the read failed (reported, paused). */
+   when there is nothing (EAGAIN), -1 when the read failed (reported, paused), -2 when
+   there is no memory for what a read may bring (nothing read). */
 static int demand_read(struct uffdd_demander *d, struct demand_batch *b)
 {
     struct demand_proc *p = b->p;
+    /* the report's buffers before the read: a read's messages are the kernel's only
+       copy of those events */
+    struct uffdd_fast_done *installs = malloc(DEMAND_DONE * sizeof *installs);
+    char *msgs = malloc(sizeof b->msgs);
+    if (!installs || !msgs) {
+        free(installs);
+        free(msgs);
+        return -2;
+    }
     if (d->installer)
         uffdd_installer_hold(d->installer);
     ssize_t n = read(p->fd, b->msgs, sizeof b->msgs);
@@ -322,30 +346,26 @@ static int demand_read(struct uffdd_demander *d, struct demand_batch *b)
     b->r = (struct uffdd_demand_report){.token = p->token, .read_at = monotonic_now()};
     b->count = n > 0 ? (size_t)n / sizeof b->msgs[0] : 0;
     b->ndone = 0;
-    b->layout = 0;
-    for (size_t i = 0; i < b->count; i++)
-        b->layout |= b->msgs[i].event != UFFD_EVENT_PAGEFAULT;
+    b->layout = uffd_msgs_hold_layout(b->msgs, b->count);
     if (b->layout && d->installer)
         uffdd_installer_fence_held(d->installer, p->fd);
     if (d->installer)
         uffdd_installer_unhold(d->installer);
-    if (n < 0 && (err == EAGAIN || err == EINTR))
-        return 1;
-    b->r.installs = n > 0 ? malloc(DEMAND_DONE * sizeof *b->r.installs) : NULL;
-    b->r.msgs = n > 0 ? malloc(b->count * sizeof b->msgs[0]) : NULL;
-    if (n <= 0 || !b->r.installs || !b->r.msgs) {
+    if (n <= 0) {
+        free(installs);
+        free(msgs);
+        if (n < 0 && (err == EAGAIN || err == EINTR))
+            return 1;
         /* nothing more is read from this fd: the loop ends its process */
         b->r.flags |= UFFDD_DR_ERROR;
-        b->r.err = n < 0 ? err : (n == 0 ? EIO : ENOMEM);
-        free(b->r.installs);
-        free(b->r.msgs);
-        b->r.installs = NULL;
-        b->r.msgs = NULL;
+        b->r.err = n < 0 ? err : EIO;
         b->r.done_at = b->r.read_at;
         demand_pause(d, p);
         demand_report(d, &b->r);
         return -1;
     }
+    b->r.installs = installs;
+    b->r.msgs = msgs;
     if (b->layout)
         demand_pause(d, p);
     return 0;
@@ -410,12 +430,27 @@ static void *demander_main(void *arg)
             p->busy = 1;
             d->batches[nb++].p = p;
         }
+        /* a report for each uffd read, and one more kept free (demand_starve) */
+        int room = epoll_thread_reserve_locked(&d->t, nb + 1) == 0;
+        if (room)
+            d->starved = 0;
         pthread_mutex_unlock(&d->t.lock);
+        if (!room) {
+            demand_starve(d, d->batches, nb);
+            demand_unbusy(d, d->batches, nb);
+            continue;
+        }
         /* read them all, then one round trip for all their faults */
         size_t kept = 0;
         for (size_t k = 0; k < nb; k++) {
             struct demand_batch *b = &d->batches[k];
-            if (demand_read(d, b) == 0) {
+            int rc = demand_read(d, b);
+            if (rc == -2) {
+                demand_starve(d, b, nb - k);
+                demand_unbusy(d, b, nb - k);
+                break;
+            }
+            if (rc == 0) {
                 if (kept != k)
                     d->batches[kept] = *b;
                 kept++;

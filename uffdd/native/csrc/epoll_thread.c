@@ -61,16 +61,25 @@ int epoll_thread_wait(struct epoll_thread *t, struct epoll_event *evs, int max, 
     return kept;
 }
 
+int epoll_thread_reserve_locked(struct epoll_thread *t, size_t n)
+{
+    if (t->cap - t->nitems >= n)
+        return 0;
+    size_t cap = t->cap;
+    while (cap - t->nitems < n)
+        cap *= 2;
+    void *grown = realloc(t->items, cap * t->size);
+    if (!grown)
+        return ENOMEM;
+    t->items = grown;
+    t->cap = cap;
+    return 0;
+}
+
 int epoll_thread_push_locked(struct epoll_thread *t, const void *item)
 {
-    if (t->nitems == t->cap) {
-        size_t cap = 2 * t->cap;
-        void *grown = realloc(t->items, cap * t->size);
-        if (!grown)
-            return ENOMEM;
-        t->items = grown;
-        t->cap = cap;
-    }
+    if (t->nitems == t->cap && epoll_thread_reserve_locked(t, 1) != 0)
+        return ENOMEM;
     memcpy((char *)t->items + t->nitems * t->size, item, t->size);
     if (++t->nitems == 1)
         efd_post(t->out_efd);

@@ -5,7 +5,8 @@
    loop's thread, with the GIL released, answers every fault whose page lies in the
    core's table and whose checksum chunk is verified (its fault-around window when all
    of that is verified too), and hands every other message, raw and in order, back to
-   the Python core: policy never moves into C. */
+   the Python core: policy never moves into C. A read that holds a layout event goes
+   back whole, its faults unanswered (uffd_msgs_hold_layout). */
 #include "uffdd.h"
 
 #include <errno.h>
@@ -119,6 +120,12 @@ int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nrang
         size_t count = (size_t)n / sizeof(struct uffd_msg);
         if (count == 0)
             return 0;
+        if (uffd_msgs_hold_layout(msgs, count)) { /* all of it is the core's (uffdd.h) */
+            memcpy(rest, msgs, count * sizeof(struct uffd_msg));
+            out->nrest = count;
+            out->nread += count;
+            return 1;
+        }
         for (size_t i = 0; i < count; i++) {
             if (fast_one(&c, &msgs[i], out->nread + i)) {
                 memcpy(rest, &msgs[i], (count - i) * sizeof(struct uffd_msg));

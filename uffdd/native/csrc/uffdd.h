@@ -37,6 +37,12 @@ int uffd_ioctl(int fd, unsigned long request, void *arg);
 int uffd_create(int flags);
 /* USERFAULTFD_IOC_NEW on an open /dev/userfaultfd: the fd, or -errno. */
 int uffd_create_from_device(int dev_fd, int flags);
+/* 1 when a read's ``n`` messages hold a layout event (FORK, REMAP, REMOVE, UNMAP): then
+   no fault of that read is answered in C. Its copy would run after the event was read,
+   and once the kernel has zapped a removed range (it does so after the read), a copy
+   that lands would put snapshot data where zeros are right. The core answers them,
+   after the event (docs/architecture.md, "Fences"). */
+int uffd_msgs_hold_layout(const struct uffd_msg *msgs, size_t n);
 
 /* -- the checksum every chunk carries: xxHash's XXH3-64 (checksum.c) ---------------- */
 
@@ -343,6 +349,8 @@ int epoll_thread_start(struct epoll_thread *t, void *(*main)(void *), void *arg)
    0 on EINTR, -1 on an error. */
 int epoll_thread_wait(struct epoll_thread *t, struct epoll_event *evs, int max, int timeout,
                       int *control);
+/* With ``lock`` held: room for ``n`` more items without growing. 0, or ENOMEM. */
+int epoll_thread_reserve_locked(struct epoll_thread *t, size_t n);
 /* With ``lock`` held: queue ``item`` for the loop (the queue grows). 0, or ENOMEM. */
 int epoll_thread_push_locked(struct epoll_thread *t, const void *item);
 /* The loop's side: up to ``n`` items to ``out``; the number. */
