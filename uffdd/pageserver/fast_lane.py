@@ -491,7 +491,13 @@ class FastLaneServer:
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._connect(sock, initial, unknown_image))
         self._adopting.add(task)
-        task.add_done_callback(self._adopting.discard)
+
+        def adopted(task: asyncio.Task[None]) -> None:
+            self._adopting.discard(task)
+            if task.cancelled():
+                sock.close()  # the server stopped first (perhaps before the task ran)
+
+        task.add_done_callback(adopted)
 
     async def _connect(
         self, sock: socket.socket, initial: bytes, unknown_image: str | None
@@ -536,8 +542,11 @@ class FastLaneServer:
         if answerer is not None:
             answerer.close()
             self.urgent_answerer = None
-        for task in list(self._adopting):
+        adopting = list(self._adopting)
+        for task in adopting:
             task.cancel()
+        if adopting:
+            await asyncio.wait(adopting)  # each closes its socket
         for connection in list(self.connections):
             connection.shut()
         for server in self._servers:
