@@ -100,6 +100,18 @@ class FastLane:
                 )
         return False
 
+    async def connect(self) -> str | None:
+        """Connect now, when due, and wait until the attempt has ended; returns the
+        address connected, or None: this lane's requests take gRPC (the server has no
+        fast lane, none is reachable, or the lane waits ``RETRY_SECONDS`` after a
+        failure). For callers that want the lane before their first request (a warm-up,
+        a benchmark, a test) instead of finding it on the way."""
+        self.usable()
+        task = self._task
+        if task is not None:
+            await asyncio.wait([task])
+        return self.address
+
     @staticmethod
     def carries(image_id: str, length: int) -> bool:
         """Whether the request fits the fast lane's frame (else it takes gRPC)."""

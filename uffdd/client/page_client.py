@@ -356,6 +356,18 @@ class PageClient:
         """The fast lane bulk requests take now (None: they take gRPC)."""
         return None if self._fast_bulk is None else self._fast_bulk.address
 
+    async def connect_fast_lanes(self) -> tuple[str | None, str | None]:
+        """Find and connect the fast lanes now rather than on the first requests, and
+        wait until both attempts have ended. Returns the (urgent, bulk) addresses
+        connected; None where that lane's requests take gRPC (disabled, none
+        advertised, unreachable)."""
+        for fast in (self._fast, self._fast_bulk):
+            if fast is not None:
+                fast.usable()  # both attempts run at once
+        urgent = None if self._fast is None else await self._fast.connect()
+        bulk = None if self._fast_bulk is None else await self._fast_bulk.connect()
+        return urgent, bulk
+
     def _new_channel(self) -> aio.Channel:
         options: list[tuple[str, str | int]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),

@@ -41,6 +41,9 @@ DoneCallback = Callable[[PageServerError | None], None]
 class Lane(Protocol):
     """What a request needs of the lane that carries it."""
 
+    outstanding: dict[int, Request]
+    """Requests sent to the server and not finished, by request id."""
+
     def finish(
         self,
         request: Request,
@@ -89,6 +92,12 @@ class Request:
     def lane(self) -> Lane:
         """The lane carrying this request (the fast lane or a gRPC lane)."""
         return self._lane
+
+    @property
+    def sent(self) -> bool:
+        """Out to the server and not finished (False: still queued in the client, e.g.
+        waiting for bulk window credit, or done)."""
+        return self.request_id in self._lane.outstanding
 
     def cancel(self) -> None:
         """Stop the request: no further callbacks; the server is told to stop."""
