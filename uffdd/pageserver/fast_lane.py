@@ -210,8 +210,26 @@ class Connection(asyncio.Protocol):
     # -- requests ----------------------------------------------------------------------
 
     @property
-    def _queued(self) -> int:
+    def queued(self) -> int:
+        """Requests parsed and not yet answered (refusals included): at most MAX_QUEUED."""
         return len(self._errors) + len(self._urgent) + len(self._bulk)
+
+    @property
+    def backpressure(self) -> str | None:
+        """Why this connection reads no requests now, or None while it reads them:
+        "client not reading" (its answers fill the socket and the write buffer),
+        "queue full" (MAX_QUEUED requests wait to be answered), "draining" (the server
+        is stopping), "closed". For status reports, and for tests that must know a
+        connection is held back."""
+        if self._closing:
+            return "closed"
+        if self._draining:
+            return "draining"
+        if self._paused:
+            return "client not reading"
+        if self.queued >= MAX_QUEUED:
+            return "queue full"
+        return None
 
     def _run(self) -> None:
         """Parse what was received, answer urgent work until done or the transport is
@@ -230,7 +248,7 @@ class Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self._transport is None or self._closing:
             return
-        want = not (self._paused or self._draining) and self._queued < MAX_QUEUED
+        want = not (self._paused or self._draining) and self.queued < MAX_QUEUED
         if want != self._reading:
             self._reading = want
             if want:
@@ -241,7 +259,7 @@ class Connection(asyncio.Protocol):
     def _parse(self) -> None:
         buffer = self._buffer
         position = 0
-        while self._queued < MAX_QUEUED and len(buffer) - position >= wire.REQUEST.size:
+        while self.queued < MAX_QUEUED and len(buffer) - position >= wire.REQUEST.size:
             magic, request_id, address, length, id_length = wire.REQUEST.unpack_from(
                 buffer, position
             )
