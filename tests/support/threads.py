@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
+
+from support.waiting import wait_until
 
 
 def named_threads(name: str) -> list[str]:
@@ -26,10 +27,12 @@ def named_threads(name: str) -> list[str]:
 def wait_thread_count(name: str, count: int, timeout: float = 5.0) -> None:
     """Until exactly ``count`` threads called ``name`` are listed (a new thread names
     itself when it starts); AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while len(found := named_threads(name)) != count:
-        assert time.monotonic() < deadline, f"{count} {name} threads expected: {found}"
-        time.sleep(0.001)
+    wait_until(
+        lambda: len(named_threads(name)) == count,
+        lambda: f"{count} {name} threads expected: {named_threads(name)}",
+        timeout,
+        interval=0.001,
+    )
 
 
 def wait_threads_gone(name: str, timeout: float = 5.0) -> None:
