@@ -10,7 +10,7 @@ on, as a view into the received message (no copy). Every request ends: with data
 with a PageServerError from the server, at its deadline, or when the stream breaks
 (PageServerUnavailable for everything outstanding; the next request reconnects).
 
-When the server advertises a fast lane (a raw socket, see fastlane_client.py), requests
+When the server advertises a fast lane (a raw socket, see fast_lane.py), requests
 take it instead of the gRPC lanes (urgent and bulk each on its own connection): same
 requests, same checks (request.py), a fraction of the round trip and of the CPU per
 byte. The gRPC lanes stay the fallback.

@@ -1,6 +1,6 @@
 """A submitted page fetch and the checks every chunk of it passes, whatever the lane.
 
-Why apart from client.py: the gRPC lanes and the fast lane (fastlane_client.py) carry
+Why apart from page_client.py: the gRPC lanes and the fast lane (fast_lane.py) carry
 the same requests and must accept exactly the same chunks (request, address, length,
 order, last flag, xxh3-64) and map the server's errors to the same exceptions; the
 rules live here once, and each lane only moves bytes.

@@ -6,11 +6,11 @@ handing over to the event loop, a Python object per message); and the background
 transfer's cost per byte, on both ends, is what bounds residency on a small machine.
 The fast lane answers the same requests with the same checks (ImageCatalog.resolve)
 and the same chunks (chunking.RangeCursor), written from the image's mmap with fixed
-binary headers (fastlane_wire), on the page server's own event loop, urgent ahead of
+binary headers (wire/fast_lane.py), on the page server's own event loop, urgent ahead of
 bulk. gRPC stays the API; this is an optional shortcut a client finds through
 ListImages. Where a connection goes is decided by its first frame: a bulk fetch to the
 bulk worker process (bulk_worker.py), an urgent one to the C answerer thread
-(urgent_answerer.py), each of which may give it back; TLS connections stay here.
+(urgent.py), each of which may give it back; TLS connections stay here.
 
 Memory is bounded: a frame's image id is at most 1 KiB, at most MAX_QUEUED requests
 are parsed ahead, and nothing more is read while the transport's write buffer is above
@@ -127,9 +127,9 @@ class Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         elif sock is not None and sock.family == socket.AF_UNIX:
-            # A Unix socket's send buffer stays at net.core.wmem_default (208 KiB
-            # here), where TCP autotunes to megabytes: a chunk took several writes and
-            # wake-ups. The kernel caps the request at net.core.wmem_max.
+            # A Unix socket's send buffer stays at net.core.wmem_default (a few
+            # hundred KiB), where TCP autotunes to megabytes: a chunk would take several
+            # writes and wake-ups. The kernel caps the request at net.core.wmem_max.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
         high = 2 * self._service.bulk_chunk_size
         transport.set_write_buffer_limits(high=high, low=high // 4)
@@ -501,7 +501,7 @@ class FastLaneServer:
             self.urgent_answerer = UrgentAnswerer(
                 self.service.catalog, chunk_size=self.service.chunk_size, hand_back=self._adopt
             )
-        except OSError as exc:  # the loop answers urgent requests itself, as before
+        except OSError as exc:  # then the loop answers urgent requests itself
             _log.warning("no urgent answerer thread", error=str(exc))
 
     def _adopt(self, sock: socket.socket, initial: bytes, unknown_image: str | None) -> None:
