@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from support.waiting import until
+
 from uffdd.client.fast_lane import FastLane
 from uffdd.client.page_client import PageClient, Request
 from uffdd.core.addresses import ImageAddr
@@ -124,12 +126,11 @@ async def serving(
         await server.stop(0)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, *, what: str = "the condition"
+) -> None:
+    """Until ``check()`` holds, for states nobody announces (support/waiting.py)."""
+    await until(check, what, timeout)
 
 
 LANES = ["grpc", "fast"]
@@ -142,15 +143,12 @@ async def page_client(
     server: PageServer, lanes: str, image_id: str, **options: Any
 ) -> AsyncIterator[PageClient]:
     """A PageClient of ``server`` whose requests all ride ``lanes`` (see LANES): for
-    "fast", it returns once both fast lanes are connected (``image_id`` starts that)."""
+    "fast", it returns once both fast lanes are connected."""
     async with PageClient(server.addresses[0], fast_lane=lanes == "fast", **options) as client:
         if lanes == "fast":
             await client.image_info(image_id)
-
-            async def connected() -> bool:
-                return None not in (client.fast_lane_address, client.fast_bulk_lane_address)
-
-            await eventually(connected)
+            lanes_connected = await client.connect_fast_lanes()
+            assert None not in lanes_connected, lanes_connected
         yield client
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,11 @@ import pytest
 from support.criu_restorer import TIMEOUT, Restorer, Tree, task_spec, write_dump
 
 from uffdd.config import DaemonConfig
-from uffdd.daemon.doors.criu import LAZY_PAGES_SOCKET, serve_criu_restores
+from uffdd.daemon.doors.criu import (
+    LAZY_PAGES_SOCKET,
+    bind_lazy_pages_socket,
+    serve_criu_restores,
+)
 from uffdd.daemon.lifecycle import Daemon
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,17 +33,14 @@ def _specs() -> list[dict[str, Any]]:
 
 
 def _connect(work: Path) -> Restorer:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(work / LAZY_PAGES_SOCKET))
-            return Restorer(sock)
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    """criu restore's connection (the door's socket is listening before the daemon runs)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(work / LAZY_PAGES_SOCKET))
+    except BaseException:
+        sock.close()
+        raise
+    return Restorer(sock)
 
 
 def _restore(tree: Tree, work: Path) -> list[dict[str, Any]]:
@@ -70,9 +70,14 @@ def test_two_criu_restores_through_one_daemon(tmp_path: Path) -> None:
 
         async def main() -> list[dict[str, Any]]:
             daemon = Daemon(DaemonConfig(handover=str(tmp_path / "unused.sock")))
+            # bound before the daemon runs: each restorer may connect at once
+            door_a = bind_lazy_pages_socket(tmp_path / "a")
+            door_b = bind_lazy_pages_socket(tmp_path / "work-b")
             doors = [
-                lambda d: serve_criu_restores(d, tmp_path / "a"),
-                lambda d: serve_criu_restores(d, tmp_path / "b", tmp_path / "work-b"),
+                lambda d: serve_criu_restores(d, tmp_path / "a", listener=door_a),
+                lambda d: serve_criu_restores(
+                    d, tmp_path / "b", tmp_path / "work-b", listener=door_b
+                ),
             ]
             running = asyncio.create_task(daemon.run(doors))
             try:

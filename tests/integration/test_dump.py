@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,25 +80,21 @@ class Child:
         self.process.stdin.flush()
         return self.process.stdout.readline() == "pong\n"
 
-    def running(self) -> bool:
-        """True once the child is no longer in the stopped state (SIGCONT delivered)."""
-        deadline = time.monotonic() + 5
-        while process_state(self.pid) in "Tt":
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+    def continued(self) -> bool:
+        """Whether the child, once stopped, was resumed by a SIGCONT since (waitpid's
+        WCONTINUED report, set when the signal is sent; read without waiting)."""
+        pid, status = os.waitpid(self.pid, os.WCONTINUED | os.WNOHANG)
+        return pid == self.pid and os.WIFCONTINUED(status)
 
     def read_memory(self, start: int, length: int) -> bytes:
         with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
             return os.pread(mem.fileno(), length, start)
 
     def stop(self) -> None:
+        """SIGSTOP, and wait until the child has stopped (waitpid's WUNTRACED report)."""
         os.kill(self.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 10
-        while process_state(self.pid) not in "Tt":
-            assert time.monotonic() < deadline, "child did not stop"
-            time.sleep(0.005)
+        _, status = os.waitpid(self.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"the child did not stop: status {status:#x}"
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
@@ -165,7 +160,7 @@ def test_dump_captures_every_page_exactly(
     assert code == 0, err
     assert out.strip() == str(tmp_path / "kid")
     assert "dumped" in err
-    assert child.running(), "the child was not resumed after the dump"
+    assert child.continued(), "the child was not resumed after the dump"
     assert child.ping(), "the child does not run after the dump"
 
     a, b, c = (child.addresses[name] for name in "abc")

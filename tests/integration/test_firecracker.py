@@ -29,6 +29,7 @@ from support.firecracker_support import (
     uffd_count,
     vmm,
 )
+from support.waiting import until
 
 from uffdd.daemon.doors.firecracker.backing import LocalImage, image_from_memfile
 from uffdd.daemon.doors.firecracker.listener import FirecrackerPolicy
@@ -57,13 +58,10 @@ def run(tmp_path: Path, scenario: Callable[[Path, LocalImage], Coroutine[Any, An
         backing.close()
 
 
-async def settle(predicate: Callable[[], bool]) -> None:
-    """Wait (bounded) until the daemon side reaches a state; never a timing assertion."""
-    for _ in range(3000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the daemon never got there")
+async def uffds_closed() -> None:
+    """Until the daemon closed its copies of the uffds (they are in this process's fd
+    table; it closes them once it sees the VMM exit, which nothing announces)."""
+    await until(lambda: uffd_count() == 0, lambda: f"{uffd_count()} uffd(s) still open")
 
 
 def test_every_byte_and_balloon_pages_read_zeros(tmp_path: Path) -> None:
@@ -99,7 +97,7 @@ def test_every_byte_and_balloon_pages_read_zeros(tmp_path: Path) -> None:
             await machine.step("unregistered")  # the handler let go after full residency
             await machine.step("verified")  # old and new balloon pages still read zeros
             assert await machine.wait() == 0
-            await settle(lambda: uffd_count() == 0)  # the VMM exited: its uffd is closed
+            await uffds_closed()  # the VMM exited: its uffd is closed
 
     run(tmp_path, scenario)
 
@@ -186,7 +184,7 @@ def test_refused_vmm_is_killed_and_others_are_served(
             async with vmm(**config) as bad:
                 # It touches guest memory next: it would block for ever if left alive.
                 assert await bad.wait() == -signal.SIGKILL
-            await settle(lambda: uffd_count() == 0)
+            await uffds_closed()
             async with vmm(socket=str(sock), memfile=str(memfile), sets=[SET]) as good:
                 await good.step("verified")
                 assert await good.wait() == 0
@@ -286,9 +284,9 @@ def test_vmm_exit_mid_transfer_releases_everything(tmp_path: Path) -> None:
                 socket=str(sock), memfile=str(memfile), sets=[SET], touch=False
             ) as machine:
                 await machine.step("sent")
-                await settle(lambda: bool(gated.held))  # being served, nothing delivered
+                await gated.requested.wait()  # being served, nothing delivered
                 assert await machine.wait() == 0  # it exits without ever faulting
-            await settle(lambda: uffd_count() == 0)
+            await uffds_closed()
             gated.open()
             async with vmm(socket=str(sock), memfile=str(memfile), sets=[SET]) as good:
                 await good.step("verified")

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from support.fds import open_fds
+from support.waiting import until
 
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
 from uffdd.core.errors import ConfigError
@@ -125,12 +126,14 @@ print(json.dumps({"reply": sock.recv(65536).hex()}))
 
 
 async def assert_fds(expected: set[str]) -> None:
-    """The fd count returns to ``expected`` (asyncio closes transports a few ticks late)."""
-    for _ in range(100):
-        if open_fds() == expected:
-            return
-        await asyncio.sleep(0.01)
-    assert open_fds() == expected
+    """This process's fds come back to ``expected`` (asyncio closes a finished child's
+    pipes a few loop turns after it is reaped)."""
+
+    def differences() -> str:
+        now = open_fds()
+        return f"fds open: {sorted(now - expected)}, closed: {sorted(expected - now)}"
+
+    await until(lambda: open_fds() == expected, differences)
 
 
 @dataclass
@@ -635,13 +638,16 @@ def test_busy_listener_refuses_new_connections(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with running(tmp_path, policy=policy) as daemon:
+            before = open_fds()
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as squatter:
                 squatter.connect(str(daemon.path))
-                await asyncio.sleep(0.1)  # accepted; its handshake waits
+                # accepted (its end on the listener's side is open): its handshake waits
+                await until(lambda: len(open_fds()) == len(before) + 2, "the squatter accepted")
                 replies = await asyncio.to_thread(exchange, daemon.path, b"", None)
             assert replies == [
                 Error(ErrorCode.REFUSED, "too many handovers in progress; retry later")
             ]
+            await assert_fds(before)  # the squatter's hang-up ended its handshake
             await good_handover(daemon)
 
     asyncio.run(scenario())
@@ -776,8 +782,12 @@ def test_cancelling_the_loop_releases_handshakes_in_flight(tmp_path: Path) -> No
         try:
             for peer in peers:
                 peer.connect(str(tmp_path / "handover.sock"))
-            await asyncio.sleep(0.2)  # accepted, each waiting for its request
-            assert len(open_fds()) >= len(before) + 1 + 2 * len(peers)
+            # accepted (the listener, each peer and its accepted end), each waiting for
+            # its request
+            await until(
+                lambda: len(open_fds()) >= len(before) + 1 + 2 * len(peers),
+                "every peer accepted",
+            )
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -25,6 +25,7 @@ from page_server_support import (
     run,
     serving,
 )
+from support.waiting import until
 
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import PageServerNotFound, PageServerUnavailable
@@ -91,11 +92,9 @@ def test_a_dead_worker_fails_its_requests_then_bulk_is_served_here(images: Image
                 with pytest.raises(PageServerUnavailable, match="bulk fast lane lost"):
                     async for _ in stream:
                         pass
-            # the main process notices and keeps bulk connections from now on
-            for _ in range(100):
-                if not worker._ready:
-                    break
-                await asyncio.sleep(0.02)
+            # the main process notices (the worker's end of their socket pair closed) and
+            # keeps bulk connections from now on
+            await until(lambda: not worker._ready, "the main process saw the worker gone")
             async with page_client(server, "fast", "mixed") as client:
                 data = await client.fetch(
                     "mixed", ImageAddr(region.start), len(region.content), Priority.BULK

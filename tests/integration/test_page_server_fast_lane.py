@@ -17,16 +17,15 @@ import ssl
 import struct
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from page_server_support import (
     PAGE,
     Images,
     assert_rides,
-    eventually,
     flip_byte,
     grpc_with_fake_fast_lane,
     make_certs,
@@ -36,11 +35,13 @@ from page_server_support import (
     run,
     serving,
 )
+from support.waiting import until
 
 from uffdd.client.fast_lane import FastLane, candidates
 from uffdd.client.page_client import Chunk, PageClient
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import PageServerError, PageServerUnavailable
+from uffdd.demo.services import wait_for_path
 from uffdd.image.format import DATA_NAME
 from uffdd.pageserver.fast_lane import MAX_QUEUED
 from uffdd.pageserver.server import PageServer
@@ -63,15 +64,10 @@ def images(tmp_path: Path) -> Images:
 
 
 async def on_fast_lane(client: PageClient) -> str:
-    """Wait until ``client`` found and connected the server's fast lane."""
-    await client.image_info("small")  # starts the discovery
-
-    async def connected() -> bool:
-        return client.fast_lane_address is not None
-
-    await eventually(connected, timeout=10)
-    assert client.fast_lane_address is not None
-    return client.fast_lane_address
+    """Have ``client`` find and connect the server's fast lanes; the urgent one's address."""
+    urgent, _ = await client.connect_fast_lanes()
+    assert urgent is not None, "the urgent fast lane did not connect"
+    return urgent
 
 
 async def fetch_fast(client: PageClient, image_id: str, address: int, length: int) -> bytes:
@@ -434,23 +430,26 @@ def test_garbage_from_the_server_is_a_data_error_then_grpc(images: Images) -> No
 
 
 def test_deadline_and_late_chunks(images: Images) -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async for _, request_id, address, length in read_requests(reader):
-            await asyncio.sleep(0.5)
-            writer.write(wire.encode_zero(request_id, address, length, last=True))
-
     async def scenario() -> None:
+        expired = asyncio.Event()
+
+        async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            """Answers, in order, only once the first request has missed its deadline."""
+            async for _, request_id, address, length in read_requests(reader):
+                await expired.wait()
+                writer.write(wire.encode_zero(request_id, address, length, last=True))
+
         async with (
-            grpc_with_fake_fast_lane(images, slow) as server,
+            grpc_with_fake_fast_lane(images, late) as server,
             PageClient(server.addresses[0]) as client,
         ):
             await on_fast_lane(client)
-            started = asyncio.get_running_loop().time()
-            late = client.fetch("small", ImageAddr(0x1000), PAGE, deadline=0.2)
+            first = client.fetch("small", ImageAddr(0x1000), PAGE, deadline=0.2)
             with pytest.raises(PageServerUnavailable, match="deadline"):
-                await late.read_all()
-            assert asyncio.get_running_loop().time() - started < 0.45
-            # the late answer to the expired request is dropped; the next one is served
+                await first.read_all()  # nothing was answered yet: the deadline ended it
+            expired.set()
+            # the late answer to the expired request comes first and is dropped; the
+            # next one is served
             data = await fetch_fast(client, "small", 0x1000, 2 * PAGE)
             assert data == bytes(2 * PAGE)
             assert client.fast_lane_address is not None
@@ -490,75 +489,70 @@ def test_cancelled_request_gets_no_callbacks_and_the_lane_goes_on(images: Images
     run(scenario)
 
 
-def test_page_server_process_killed_mid_request(images: Images, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def page_server_process(
+    images: Images, tmp_path: Path, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    """A ``uffdd page-server`` process and its ready file's content, once it wrote it
+    (its output goes to a log, shown if it does not come up); killed and reaped after."""
     ready = tmp_path / "ready.json"
-    process = subprocess.Popen(
-        [
-            *LAUNCH, "--images", str(images.root), "--listen", "127.0.0.1:0",
-            "--ready-file", str(ready), "--log-level", "warning",
-        ]
-    )  # fmt: skip
+    log = tmp_path / "page-server.log"
+    command = [
+        *LAUNCH, "--images", str(images.root), "--ready-file", str(ready),
+        "--log-level", "warning", *args,
+    ]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=sink)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert process.poll() is None, "page server exited"
-            assert time.monotonic() < deadline, "page server did not start"
-            time.sleep(0.02)
-        info = json.loads(ready.read_text())
-        assert len(info["fast_lane_addresses"]) == 1
-
-        async def scenario() -> None:
-            async with PageClient(info["addresses"][0], deadline=20) as client:
-                assert await on_fast_lane(client) == info["fast_lane_addresses"][0]
-                process.send_signal(signal.SIGSTOP)  # the request is surely outstanding
-                stream = client.fetch("mixed", ImageAddr(0x400000), 256 * PAGE)
-                await asyncio.sleep(0.1)
-                process.kill()
-                started = asyncio.get_running_loop().time()
-                with pytest.raises(PageServerUnavailable):
-                    await stream.read_all()
-                # gRPC is gone too: the next request fails as well, and fast
-                with pytest.raises(PageServerUnavailable):
-                    await client.fetch("small", ImageAddr(0x1000), PAGE).read_all()
-                assert asyncio.get_running_loop().time() - started < 10
-
-        run(scenario)
+        wait_for_path(ready, "the page server", process, log)
+        yield process, json.loads(ready.read_text())
     finally:
         process.kill()
         process.wait(timeout=10)
 
 
-def test_no_fast_lane_flag(images: Images, tmp_path: Path) -> None:
-    ready = tmp_path / "ready.json"
+def test_page_server_process_killed_mid_request(images: Images, tmp_path: Path) -> None:
+    with page_server_process(images, tmp_path, "--listen", "127.0.0.1:0") as (process, info):
+        assert len(info["fast_lane_addresses"]) == 1
+
+        async def scenario() -> None:
+            # No deadline: whatever ends these requests is the server's death.
+            async with PageClient(info["addresses"][0], deadline=None) as client:
+                assert await on_fast_lane(client) == info["fast_lane_addresses"][0]
+                process.send_signal(signal.SIGSTOP)  # it cannot answer: the request waits
+                stream = client.fetch("mixed", ImageAddr(0x400000), 256 * PAGE)
+                request = stream.request
+                assert request is not None
+                assert isinstance(request.lane, FastLane)
+                assert request.sent  # on the wire, unanswered
+                process.kill()
+                with pytest.raises(PageServerUnavailable, match="fast lane lost"):
+                    await stream.read_all()
+                # gRPC is gone too: the next request fails as well
+                with pytest.raises(PageServerUnavailable):
+                    await client.fetch("small", ImageAddr(0x1000), PAGE).read_all()
+
+        run(scenario)
+
+
+def test_no_fast_lane_engine_knob(images: Images, tmp_path: Path) -> None:
     socket_path = tmp_path / "run" / "pages.sock"
-    process = subprocess.Popen(
-        [
-            *LAUNCH, "--images", str(images.root), "--listen", f"unix:{socket_path}",
-            "--ready-file", str(ready), "--log-level", "warning", "--engine", "fast_lane=off",
-        ]
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert process.poll() is None, "page server exited"
-            assert time.monotonic() < deadline, "page server did not start"
-            time.sleep(0.02)
-        info = json.loads(ready.read_text())
+    listen = f"unix:{socket_path}"
+    engine = ("--engine", "fast_lane=off")
+    with page_server_process(images, tmp_path, "--listen", listen, *engine) as (_, info):
         assert info["fast_lane_addresses"] == []
 
         async def scenario() -> None:
             async with PageClient(info["addresses"][0]) as client:
-                await client.image_info("small")
-                await asyncio.sleep(0.2)
-                assert client.fast_lane_address is None
-                data = await client.fetch("small", ImageAddr(0x1000), PAGE).read_all()
-                assert bytes(data) == images.expected("small", 0x1000, PAGE)
+                # the discovery ends with no lane to connect
+                assert await client.connect_fast_lanes() == (None, None)
+                stream = client.fetch("small", ImageAddr(0x1000), PAGE)
+                assert stream.request is not None
+                assert not isinstance(stream.request.lane, FastLane)
+                assert bytes(await stream.read_all()) == images.expected("small", 0x1000, PAGE)
 
         run(scenario)
         assert not Path(f"{socket_path}{wire.UNIX_SUFFIX}").exists()
-    finally:
-        process.kill()
-        process.wait(timeout=10)
 
 
 # -- TLS ----------------------------------------------------------------------------------
@@ -625,19 +619,25 @@ def test_a_client_that_does_not_read_holds_bounded_memory(images: Images, bulk: 
 
     async def scenario() -> None:
         async with serving(images.root, chunk_size=64 * 1024) as server:
-            assert server.fast_lane is not None
+            lane = server.fast_lane
+            assert lane is not None
             host, port = server.fast_lane_addresses[0].rsplit(":", 1)
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(frames)  # 3 GiB asked for, nothing read
-            await asyncio.sleep(0.5)
-            for connection in server.fast_lane.connections:
-                assert connection._queued <= MAX_QUEUED
-                assert connection._paused
-            # everyone else is still served, promptly
+
+            def held_back() -> bool:
+                return any(c.backpressure == "client not reading" for c in lane.connections)
+
+            await until(held_back, "the server stops reading a client that reads nothing")
+            (stalled,) = lane.connections
+            assert stalled.queued <= MAX_QUEUED
+            # everyone else is still served, while that connection stays held back
             async with PageClient(server.addresses[0]) as client:
                 await on_fast_lane(client)
-                data = await asyncio.wait_for(fetch_fast(client, "small", 0x1000, PAGE), 5)
+                data = await fetch_fast(client, "small", 0x1000, PAGE)
                 assert data == images.expected("small", 0x1000, PAGE)
+            assert stalled.backpressure == "client not reading"
+            assert stalled.queued <= MAX_QUEUED
             writer.close()
             del reader
 

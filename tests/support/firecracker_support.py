@@ -128,11 +128,11 @@ async def firecracker_daemon(
     )
     daemon = Daemon(config)
     listening = FirecrackerSocket.bind(socket_path)
+    # Bound before the daemon runs: a VMM may connect at once (the backlog holds it).
     task = asyncio.get_running_loop().create_task(
         daemon.run([firecracker_door(listening, backing, policy)])
     )
     try:
-        await asyncio.sleep(0)
         yield daemon
     finally:
         daemon.stop()
@@ -162,6 +162,8 @@ class GatedBacking:
         self.inner = inner
         self.is_open = False
         self.held: list[tuple[_HeldFetch, Callable[[], FetchHandle]]] = []
+        self.requested = asyncio.Event()
+        """Set once the daemon asked for background data (held here until open)."""
 
     async def layout(self, daemon: Daemon) -> Layout:
         layout = await self.inner.layout(daemon)
@@ -209,4 +211,5 @@ class _GatedSource:
             return submit()
         handle = _HeldFetch()
         self.gate.held.append((handle, submit))
+        self.gate.requested.set()
         return handle

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import array
 import ctypes
+import fcntl
 import json
 import mmap
 import os
 import socket
+import struct
 import sys
+import termios
 import time
 from typing import Any
 
@@ -41,6 +44,8 @@ from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
 MAP_HUGETLB = 0x40000
 MADV_DONTNEED = 4
 HUGE = 2 << 20
+WAIT = 60.0
+"""Seconds the handler may take for a step this process can only watch for: a hang guard."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -70,6 +75,16 @@ def map_region(size: int, page_size: int) -> int:
 def drop(address: int, length: int) -> None:
     if _libc.madvise(address, length, MADV_DONTNEED) != 0:
         raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
+
+
+def wait_read_by_peer(conn: socket.socket) -> None:
+    """Until the peer has read everything sent on ``conn`` (SIOCOUTQ: what is queued
+    and unread at the other end). The kernel announces this to nobody, so look."""
+    deadline = time.monotonic() + WAIT
+    while struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, bytes(4)))[0]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the handler never read the region list")
+        time.sleep(0.001)
 
 
 def registered(address: int) -> bool:
@@ -125,7 +140,7 @@ def main() -> None:
             conn.sendmsg([payload.encode()], rights)
         elif send == "late_fd":
             conn.sendmsg([payload.encode()])
-            time.sleep(0.05)
+            wait_read_by_peer(conn)  # the handler has the payload and no fd yet
             conn.sendmsg([b"\0"], rights)  # SCM_RIGHTS needs at least one data byte
         else:
             conn.sendmsg([payload.encode()])
@@ -152,7 +167,9 @@ def main() -> None:
     say(step="ballooned", ranges=len(dropped))
     verify(mapped, dropped, snapshot)
     if config.get("resident_balloon") is not None:
-        deadline = time.monotonic() + 60
+        # Firecracker's protocol has no reply: that the handler let go (unregistered
+        # the memory once it is resident) is seen only in this process's own mappings.
+        deadline = time.monotonic() + WAIT
         for maps in mapped:
             for address, _ in maps:
                 while registered(address):

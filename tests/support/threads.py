@@ -11,17 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
-from collections.abc import Callable
 
+from support.waiting import wait_until
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Until ``condition()`` holds (a C thread's reported state, looked at every
-    millisecond); AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not seen in {timeout} s"
-        time.sleep(0.001)
+__all__ = ["named_threads", "wait_thread_count", "wait_threads_gone", "wait_until"]
 
 
 def named_threads(name: str) -> list[str]:
@@ -37,7 +30,12 @@ def named_threads(name: str) -> list[str]:
 def wait_thread_count(name: str, count: int, timeout: float = 5.0) -> None:
     """Until exactly ``count`` threads called ``name`` are listed (a new thread names
     itself when it starts); AssertionError after ``timeout``."""
-    wait_until(lambda: len(named_threads(name)) == count, f"{count} {name} threads", timeout)
+    wait_until(
+        lambda: len(named_threads(name)) == count,
+        lambda: f"{count} {name} threads expected: {named_threads(name)}",
+        timeout,
+        interval=0.001,
+    )
 
 
 def wait_threads_gone(name: str, timeout: float = 5.0) -> None:

@@ -1,7 +1,7 @@
 """The client's fast lanes: page requests over the page server's raw socket.
 
 Why: a demand fault waits for one urgent round trip, and a raw socket round trip is
-several times cheaper than a grpc.aio one (see fastlane_server.py); bulk data through
+several times cheaper than a grpc.aio one (see pageserver/fast_lane.py); bulk data through
 the raw socket costs the daemon's one event loop a fraction of what grpc.aio's receive
 path does, and that loop also answers every fault. A PageClient keeps two fast lanes,
 urgent and bulk, each its own connection, so urgent bytes never queue behind bulk
@@ -99,6 +99,18 @@ class FastLane:
                     self._connect(), name=f"uffdd-fast-lane-{self.name}-connect"
                 )
         return False
+
+    async def connect(self) -> str | None:
+        """Connect now, when due, and wait until the attempt has ended; returns the
+        address connected, or None: this lane's requests take gRPC (the server has no
+        fast lane, none is reachable, or the lane waits ``RETRY_SECONDS`` after a
+        failure). For callers that want the lane before their first request (a warm-up,
+        a benchmark, a test) instead of finding it on the way."""
+        self.usable()
+        task = self._task
+        if task is not None:
+            await asyncio.wait([task])
+        return self.address
 
     @staticmethod
     def carries(image_id: str, length: int) -> bool:
@@ -221,7 +233,7 @@ class FastLane:
         loop = asyncio.get_running_loop()
         context = None if self.tls is None else self.tls.ssl_context()
         if context is None and self.window is not None:
-            # plain bulk lane: read by a thread of its own (fastlane_thread explains)
+            # plain bulk lane: read by a thread of its own (bulk_receiver.py explains)
             sock = await bulk_receiver.connect(address, loop)
             return ThreadedConnection(
                 sock,

@@ -10,7 +10,7 @@ on, as a view into the received message (no copy). Every request ends: with data
 with a PageServerError from the server, at its deadline, or when the stream breaks
 (PageServerUnavailable for everything outstanding; the next request reconnects).
 
-When the server advertises a fast lane (a raw socket, see fastlane_client.py), requests
+When the server advertises a fast lane (a raw socket, see fast_lane.py), requests
 take it instead of the gRPC lanes (urgent and bulk each on its own connection): same
 requests, same checks (request.py), a fraction of the round trip and of the CPU per
 byte. The gRPC lanes stay the fallback.
@@ -355,6 +355,18 @@ class PageClient:
     def fast_bulk_lane_address(self) -> str | None:
         """The fast lane bulk requests take now (None: they take gRPC)."""
         return None if self._fast_bulk is None else self._fast_bulk.address
+
+    async def connect_fast_lanes(self) -> tuple[str | None, str | None]:
+        """Find and connect the fast lanes now rather than on the first requests, and
+        wait until both attempts have ended. Returns the (urgent, bulk) addresses
+        connected; None where that lane's requests take gRPC (disabled, none
+        advertised, unreachable)."""
+        for fast in (self._fast, self._fast_bulk):
+            if fast is not None:
+                fast.usable()  # both attempts run at once
+        urgent = None if self._fast is None else await self._fast.connect()
+        bulk = None if self._fast_bulk is None else await self._fast_bulk.connect()
+        return urgent, bulk
 
     def _new_channel(self) -> aio.Channel:
         options: list[tuple[str, str | int]] = [

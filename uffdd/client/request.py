@@ -1,6 +1,6 @@
 """A submitted page fetch and the checks every chunk of it passes, whatever the lane.
 
-Why apart from client.py: the gRPC lanes and the fast lane (fastlane_client.py) carry
+Why apart from page_client.py: the gRPC lanes and the fast lane (fast_lane.py) carry
 the same requests and must accept exactly the same chunks (request, address, length,
 order, last flag, xxh3-64) and map the server's errors to the same exceptions; the
 rules live here once, and each lane only moves bytes.
@@ -40,6 +40,9 @@ DoneCallback = Callable[[PageServerError | None], None]
 
 class Lane(Protocol):
     """What a request needs of the lane that carries it."""
+
+    outstanding: dict[int, Request]
+    """Requests sent to the server and not finished, by request id."""
 
     def finish(
         self,
@@ -89,6 +92,12 @@ class Request:
     def lane(self) -> Lane:
         """The lane carrying this request (the fast lane or a gRPC lane)."""
         return self._lane
+
+    @property
+    def sent(self) -> bool:
+        """Out to the server and not finished (False: still queued in the client, e.g.
+        waiting for bulk window credit, or done)."""
+        return self.request_id in self._lane.outstanding
 
     def cancel(self) -> None:
         """Stop the request: no further callbacks; the server is told to stop."""

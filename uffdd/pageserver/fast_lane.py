@@ -6,11 +6,11 @@ handing over to the event loop, a Python object per message); and the background
 transfer's cost per byte, on both ends, is what bounds residency on a small machine.
 The fast lane answers the same requests with the same checks (ImageCatalog.resolve)
 and the same chunks (chunking.RangeCursor), written from the image's mmap with fixed
-binary headers (fastlane_wire), on the page server's own event loop, urgent ahead of
+binary headers (wire/fast_lane.py), on the page server's own event loop, urgent ahead of
 bulk. gRPC stays the API; this is an optional shortcut a client finds through
 ListImages. Where a connection goes is decided by its first frame: a bulk fetch to the
 bulk worker process (bulk_worker.py), an urgent one to the C answerer thread
-(urgent_answerer.py), each of which may give it back; TLS connections stay here.
+(urgent.py), each of which may give it back; TLS connections stay here.
 
 Memory is bounded: a frame's image id is at most 1 KiB, at most MAX_QUEUED requests
 are parsed ahead, and nothing more is read while the transport's write buffer is above
@@ -127,9 +127,9 @@ class Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         elif sock is not None and sock.family == socket.AF_UNIX:
-            # A Unix socket's send buffer stays at net.core.wmem_default (208 KiB
-            # here), where TCP autotunes to megabytes: a chunk took several writes and
-            # wake-ups. The kernel caps the request at net.core.wmem_max.
+            # A Unix socket's send buffer stays at net.core.wmem_default (a few
+            # hundred KiB), where TCP autotunes to megabytes: a chunk would take several
+            # writes and wake-ups. The kernel caps the request at net.core.wmem_max.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
         high = 2 * self._service.bulk_chunk_size
         transport.set_write_buffer_limits(high=high, low=high // 4)
@@ -210,8 +210,26 @@ class Connection(asyncio.Protocol):
     # -- requests ----------------------------------------------------------------------
 
     @property
-    def _queued(self) -> int:
+    def queued(self) -> int:
+        """Requests parsed and not yet answered (refusals included): at most MAX_QUEUED."""
         return len(self._errors) + len(self._urgent) + len(self._bulk)
+
+    @property
+    def backpressure(self) -> str | None:
+        """Why this connection reads no requests now, or None while it reads them:
+        "client not reading" (its answers fill the socket and the write buffer),
+        "queue full" (MAX_QUEUED requests wait to be answered), "draining" (the server
+        is stopping), "closed". For status reports, and for tests that must know a
+        connection is held back."""
+        if self._closing:
+            return "closed"
+        if self._draining:
+            return "draining"
+        if self._paused:
+            return "client not reading"
+        if self.queued >= MAX_QUEUED:
+            return "queue full"
+        return None
 
     def _run(self) -> None:
         """Parse what was received, answer urgent work until done or the transport is
@@ -230,7 +248,7 @@ class Connection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self._transport is None or self._closing:
             return
-        want = not (self._paused or self._draining) and self._queued < MAX_QUEUED
+        want = not (self._paused or self._draining) and self.queued < MAX_QUEUED
         if want != self._reading:
             self._reading = want
             if want:
@@ -241,7 +259,7 @@ class Connection(asyncio.Protocol):
     def _parse(self) -> None:
         buffer = self._buffer
         position = 0
-        while self._queued < MAX_QUEUED and len(buffer) - position >= wire.REQUEST.size:
+        while self.queued < MAX_QUEUED and len(buffer) - position >= wire.REQUEST.size:
             magic, request_id, address, length, id_length = wire.REQUEST.unpack_from(
                 buffer, position
             )
@@ -483,7 +501,7 @@ class FastLaneServer:
             self.urgent_answerer = UrgentAnswerer(
                 self.service.catalog, chunk_size=self.service.chunk_size, hand_back=self._adopt
             )
-        except OSError as exc:  # the loop answers urgent requests itself, as before
+        except OSError as exc:  # then the loop answers urgent requests itself
             _log.warning("no urgent answerer thread", error=str(exc))
 
     def _adopt(self, sock: socket.socket, initial: bytes, unknown_image: str | None) -> None:
@@ -491,7 +509,13 @@ class FastLaneServer:
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._connect(sock, initial, unknown_image))
         self._adopting.add(task)
-        task.add_done_callback(self._adopting.discard)
+
+        def adopted(task: asyncio.Task[None]) -> None:
+            self._adopting.discard(task)
+            if task.cancelled():
+                sock.close()  # the server stopped first (perhaps before the task ran)
+
+        task.add_done_callback(adopted)
 
     async def _connect(
         self, sock: socket.socket, initial: bytes, unknown_image: str | None
@@ -536,8 +560,11 @@ class FastLaneServer:
         if answerer is not None:
             answerer.close()
             self.urgent_answerer = None
-        for task in list(self._adopting):
+        adopting = list(self._adopting)
+        for task in adopting:
             task.cancel()
+        if adopting:
+            await asyncio.wait(adopting)  # each closes its socket
         for connection in list(self.connections):
             connection.shut()
         for server in self._servers:

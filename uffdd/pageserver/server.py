@@ -4,7 +4,7 @@ Why these extras: health lets systemd, load balancers and the daemon's start-up 
 ask "is it serving?" the standard way, and reflection lets ``grpcurl list`` and
 ``grpcurl describe`` work without the .proto files at hand. Listening on TCP (with
 optional TLS/mTLS) and on Unix sockets is just a list of addresses. Next to each
-listener a fast lane (fastlane_server.py) serves urgent fetches over a raw socket on
+listener a fast lane (fast_lane.py) serves urgent fetches over a raw socket on
 the same event loop, with the same TLS; ListImages advertises it.
 
 ``run`` is ``uffdd page-server``. Why a ready file: with ``--listen 127.0.0.1:0`` the

@@ -308,11 +308,21 @@ async def lazy_pages_once(
 
 
 async def serve_criu_restores(
-    daemon: Daemon, images_dir: Path, work_dir: Path | None = None, page_server: str | None = None
+    daemon: Daemon,
+    images_dir: Path,
+    work_dir: Path | None = None,
+    page_server: str | None = None,
+    *,
+    listener: socket.socket | None = None,
 ) -> None:
     """A daemon front door: every connection on ``<work_dir>/lazy-pages.socket`` is one
-    CRIU restore of the dump in ``images_dir`` (served side by side, each to residency)."""
-    listener = bind_lazy_pages_socket(work_dir or images_dir)
+    CRIU restore of the dump in ``images_dir`` (served side by side, each to residency).
+
+    ``listener``: that socket bound beforehand (``bind_lazy_pages_socket``), so it
+    exists before the daemon runs (``criu restore`` may connect at once, and a bind error
+    shows at start-up); it belongs to this door from the call on. None: bound here."""
+    if listener is None:
+        listener = bind_lazy_pages_socket(work_dir or images_dir)
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[CriuResult]] = set()
     try:

@@ -189,7 +189,7 @@ class _Server:
             task.cancel()
         if self.connections:
             await asyncio.gather(*self.connections, return_exceptions=True)
-        # Sessions still served by the daemon end with it; resident watches end here.
+        # Restores still served by the daemon end with it; resident watches end here.
         for restore in list(self.restores):
             if restore.resident:
                 restore.close_now()
