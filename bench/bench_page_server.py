@@ -63,6 +63,7 @@ from pathlib import Path
 import xxhash
 
 from uffdd.client.page_client import Chunk, PageClient
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import PageServerError
 from uffdd.image.format import DATA_NAME
@@ -71,7 +72,6 @@ from uffdd.kernel.memory import keep_freed_memory
 from uffdd.kernel.sched import short_slice
 from uffdd.v1 import pages_pb2
 from uffdd.wire import chunk_codec
-from uffdd.wire.convert import Priority
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

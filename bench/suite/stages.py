@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from uffdd.client.page_client import Chunk, ChunkCallback, DoneCallback
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.tracker import Tracker
 from uffdd.daemon.sources import FetchHandle, PageSource
 from uffdd.kernel.uffd import Uffd
-from uffdd.wire.convert import Priority
 
 SAMPLES: dict[str, list[float]] = {}
 """Stage name -> durations in microseconds."""

@@ -24,9 +24,9 @@ from click.testing import CliRunner
 
 from uffdd.cli import page_server
 from uffdd.client.page_client import PageClient
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.image.writer import ImageWriter
-from uffdd.wire.convert import Priority
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -39,6 +39,7 @@ from support.threads import named_threads, wait_threads_gone, wait_until
 from uffdd.client.bulk_receiver import ThreadedConnection
 from uffdd.client.fast_lane import FastLane
 from uffdd.client.page_client import Chunk, PageClient
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import (
     PageServerDataError,
@@ -48,7 +49,6 @@ from uffdd.core.errors import (
 )
 from uffdd.native._ffi import lib
 from uffdd.wire import fast_lane as wire
-from uffdd.wire.convert import Priority
 from uffdd.wire.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)

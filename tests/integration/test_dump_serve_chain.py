@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from uffdd.client.page_client import PageClient
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr
 from uffdd.demo.pattern import PageKind, demo_layout
 from uffdd.demo.services import service, uffdd_command, wait_for_path
 from uffdd.image.format import ExtentKind
-from uffdd.wire.convert import Priority
 
 SIZE_MIB = 16
 

@@ -30,12 +30,12 @@ from page_server_support import (
 )
 
 from uffdd.client.page_client import Chunk, PageClient
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import PageServerDataError, PageServerError, PageServerNotFound
 from uffdd.image.format import DATA_NAME, ExtentKind
 from uffdd.pageserver.ratelimit import TokenBucket
 from uffdd.v1 import pages_pb2, pages_pb2_grpc
-from uffdd.wire.convert import Priority
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -27,12 +27,12 @@ from page_server_support import (
 )
 from support.waiting import until
 
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import PageServerNotFound, PageServerUnavailable
 from uffdd.pageserver.bulk_worker import BulkWorker
 from uffdd.pageserver.server import PageServer
 from uffdd.wire import fast_lane as wire
-from uffdd.wire.convert import Priority
 from uffdd.wire.tls import ServerTls
 
 pytestmark = pytest.mark.timeout(60)

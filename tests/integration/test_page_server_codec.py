@@ -7,8 +7,10 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
+from uffdd.core.actions import Priority
 from uffdd.v1 import pages_pb2
 from uffdd.wire import chunk_codec
+from uffdd.wire.convert import priority_to_proto
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 
@@ -95,3 +97,11 @@ def test_decoded_data_is_a_view_not_a_copy() -> None:
 def test_malformed_chunks_raise_value_error(garbage: bytes) -> None:
     with pytest.raises(ValueError, match="PageChunk"):
         chunk_codec.decode_chunk(garbage)
+
+
+def test_the_cores_priorities_are_the_wires_numbers() -> None:
+    assert [priority_to_proto(p) for p in Priority] == [
+        pages_pb2.PRIORITY_URGENT,
+        pages_pb2.PRIORITY_BULK,
+    ]
+    assert pages_pb2.Priority.Name(priority_to_proto(Priority.BULK)) == "PRIORITY_BULK"

@@ -29,11 +29,11 @@ from page_server_support import (
 from support.waiting import until
 
 from uffdd.client.page_client import PageClient
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import PageServerDataError, PageServerError, PageServerUnavailable
 from uffdd.v1 import pages_pb2
 from uffdd.wire import chunk_codec
-from uffdd.wire.convert import Priority
 from uffdd.wire.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)

@@ -39,6 +39,7 @@ from support.waiting import until
 
 from uffdd.client.fast_lane import FastLane, candidates
 from uffdd.client.page_client import Chunk, PageClient
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import PageServerError, PageServerUnavailable
 from uffdd.demo.services import wait_for_path
@@ -46,7 +47,6 @@ from uffdd.image.format import DATA_NAME
 from uffdd.pageserver.fast_lane import MAX_QUEUED
 from uffdd.pageserver.server import PageServer
 from uffdd.wire import fast_lane as wire
-from uffdd.wire.convert import Priority
 from uffdd.wire.tls import ClientTls, ServerTls
 
 pytestmark = pytest.mark.timeout(60)

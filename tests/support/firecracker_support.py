@@ -20,13 +20,13 @@ from typing import Any
 from support.fds import open_fds
 from uffdd.client.page_client import ChunkCallback, DoneCallback
 from uffdd.config import DaemonConfig
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.daemon.doors.firecracker.backing import Backing, Layout, LocalImage
 from uffdd.daemon.doors.firecracker.endpoint import FirecrackerSocket
 from uffdd.daemon.doors.firecracker.listener import FirecrackerPolicy, firecracker_door
 from uffdd.daemon.lifecycle import Daemon
 from uffdd.daemon.sources import FetchHandle, PageSource
-from uffdd.wire.convert import Priority
 
 VMM_SCRIPT = Path(__file__).with_name("firecracker_vmm.py")
 PAGE = 4096

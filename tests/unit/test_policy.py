@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uffdd.core.actions import Copy, Fetch, Lane
+from uffdd.core.actions import Copy, Fetch, Priority
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import InstallOutcome, InstallResult, PageFault, PagesArrived, ProcId
 from uffdd.core.policy import KiB, MiB, Policy
@@ -67,7 +67,7 @@ def test_the_sweep_goes_up_in_image_order_within_the_in_flight_bound() -> None:
     policy = Policy(bulk_min=4 * P, bulk_max=16 * P, max_in_flight=32 * P)
     tracker, fetches = _sweep(policy, 256)
     assert [(f.image_addr // P, f.length // P) for f in fetches] == [(0, 4), (4, 8), (12, 16)]
-    assert all(f.lane is Lane.BULK for f in fetches)
+    assert all(f.priority is Priority.BULK for f in fetches)
     # 28 pages in flight, chunk now 16: installing 4 pages is not room enough
     assert _install(tracker, fetches[0], 1.0) == []
     # installing 8 more is: the sweep goes on where it stopped
@@ -90,7 +90,7 @@ def test_a_fault_leaves_the_bulk_chunk_alone() -> None:
     assert [f.length // P for f in fetches] == [4, 8, 16, 16, 16]
     [urgent] = tracker.handle_uffd(R, [PageFault(RunAddr(0x10000 + 200 * P))], 1.0)
     assert isinstance(urgent, Fetch)
-    assert urgent.lane is Lane.URGENT
+    assert urgent.priority is Priority.URGENT
     # the urgent fetch goes beyond the budget (60 + 16 of 64 pages in flight)
     assert tracker.process(R).inflight.total == 76 * P
     assert _install(tracker, fetches[0], 1.1) == []

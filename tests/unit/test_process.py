@@ -18,7 +18,7 @@ from uffdd.core.actions import (
     Copy,
     Fetch,
     Kill,
-    Lane,
+    Priority,
     Release,
     Wake,
     ZeroFill,
@@ -133,7 +133,7 @@ def test_a_fault_on_data_fetches_the_aligned_window_urgently() -> None:
     tracker, _ = make()
     [fetch] = tracker.handle_uffd(R, [PageFault(run(5))], 1.0)
     assert isinstance(fetch, Fetch)
-    assert (fetch.image_addr, fetch.length, fetch.lane) == (img(4), 4 * P, Lane.URGENT)
+    assert (fetch.image_addr, fetch.length, fetch.priority) == (img(4), 4 * P, Priority.URGENT)
 
 
 def test_fault_around_is_clipped_to_what_is_still_missing() -> None:
@@ -366,9 +366,9 @@ def test_exit_cancels_what_only_it_waited_for() -> None:
 def test_release_comes_only_when_nothing_is_missing() -> None:
     tracker, actions = make(data_pages=range(8), handed_over=True)
     fetches = only(actions, Fetch)
-    assert [(f.image_addr, f.length, f.lane) for f in fetches] == [
-        (img(0), 4 * P, Lane.BULK),
-        (img(4), 4 * P, Lane.BULK),
+    assert [(f.image_addr, f.length, f.priority) for f in fetches] == [
+        (img(0), 4 * P, Priority.BULK),
+        (img(4), 4 * P, Priority.BULK),
     ]
     [first] = tracker.handle(PagesArrived(fetches[0].request_id, img(0), 4 * P, "a"), 1.0)
     assert isinstance(first, Copy)
@@ -503,19 +503,19 @@ def test_without_the_sweep_only_faults_fetch_and_nothing_is_released() -> None:
     assert only(actions, Fetch) == []
     [fetch] = tracker.handle_uffd(R, [PageFault(run(5))], 1.0)
     assert isinstance(fetch, Fetch)
-    assert fetch.lane is Lane.URGENT
+    assert fetch.priority is Priority.URGENT
     # The same process with the sweep on streams the rest at once.
     _, swept = make(handed_over=True)
-    assert [f.lane for f in only(swept, Fetch)] == [Lane.BULK] * len(only(swept, Fetch))
+    assert [f.priority for f in only(swept, Fetch)] == [Priority.BULK] * len(only(swept, Fetch))
     assert only(swept, Fetch)
 
 
 def test_a_fault_on_a_page_only_the_sweep_asked_for_asks_again_urgently() -> None:
     tracker, actions = make(handed_over=True)
     [bulk] = [f for f in only(actions, Fetch) if f.image_addr <= img(5) < f.image_addr + f.length]
-    assert bulk.lane is Lane.BULK
+    assert bulk.priority is Priority.BULK
     [urgent] = only(tracker.handle_uffd(R, [PageFault(run(5))], 1.0), Fetch)
-    assert (urgent.lane, urgent.image_addr, urgent.length) == (Lane.URGENT, img(4), 4 * P)
+    assert (urgent.priority, urgent.image_addr, urgent.length) == (Priority.URGENT, img(4), 4 * P)
     # A second fault there waits for that urgent request: no third fetch.
     assert only(tracker.handle_uffd(R, [PageFault(run(6))], 1.0), Fetch) == []
     # The urgent answer installs the pages; the bulk answer then skips them.
@@ -538,7 +538,7 @@ def test_the_sweep_reaches_across_zero_gaps_but_only_missing_pages_go_in_flight(
     wide = Policy(fault_around=4 * P, bulk_min=16 * P, bulk_max=16 * P, max_in_flight=32 * P)
     tracker, actions = make(data_pages=[0, 4, 8, 12], handed_over=True, policy=wide)
     [bulk] = only(actions, Fetch)
-    assert (bulk.lane, bulk.image_addr, bulk.length) == (Lane.BULK, img(0), 13 * P)
+    assert (bulk.priority, bulk.image_addr, bulk.length) == (Priority.BULK, img(0), 13 * P)
     core = tracker.process(R)
     assert core.inflight.total == 4 * P
     # Zero runs in the answer install nothing; the data pages do.
@@ -571,9 +571,9 @@ def test_a_fork_child_takes_its_parents_sweep_instead_of_fetching_again() -> Non
     child = ProcId("r.1")
     fetches = only(tracker.handle(HandoverComplete(R), 1.1), Fetch)
     # one sweep for the tree: the child holds its own while the parent sweeps
-    assert [(f.proc, f.lane, f.image_addr, f.length) for f in fetches] == [
-        (R, Lane.BULK, img(0), 4 * P),
-        (R, Lane.BULK, img(4), 4 * P),
+    assert [(f.proc, f.priority, f.image_addr, f.length) for f in fetches] == [
+        (R, Priority.BULK, img(0), 4 * P),
+        (R, Priority.BULK, img(4), 4 * P),
     ]
     fetch = fetches[0]
     copies = only(tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.2), Copy)

@@ -56,7 +56,7 @@ from uffdd.core.actions import (
     Copy,
     Fetch,
     Kill,
-    Lane,
+    Priority,
     Release,
     Wake,
     ZeroFill,
@@ -161,7 +161,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.waiting: dict[int, set[ProcId]] = {}
         self.undelivered: dict[int, set[int]] = {}
         self.issued: dict[int, tuple[int, int]] = {}
-        self.lanes: dict[int, Lane] = {}
+        self.lanes: dict[int, Priority] = {}
         self.handed_over = False
         # the fast path's table of each process: (layout generation, run ranges)
         self.tables: dict[ProcId, tuple[int, list[tuple[int, int, int]]]] = {}
@@ -318,15 +318,15 @@ class CoreMachine(RuleBasedStateMachine):
         # background sweep (bulk) has asked for
         for request_id, waiting in self.waiting.items():
             if action.proc in waiting and request_id in self.outstanding:
-                if action.lane is Lane.URGENT and self.lanes[request_id] is Lane.BULK:
+                if action.priority is Priority.URGENT and self.lanes[request_id] is Priority.BULK:
                     continue
                 left = self.undelivered[request_id]
                 assert not any(lo <= page < hi for page in left), (
                     f"{action.proc} fetches {lo:#x}..{hi:#x} twice on "
-                    f"{action.lane.name} (request {request_id}: {self.lanes[request_id].name})"
+                    f"{action.priority.name} (request {request_id}: {self.lanes[request_id].name})"
                 )
         self.outstanding[action.request_id] = (lo, hi)
-        self.lanes[action.request_id] = action.lane
+        self.lanes[action.request_id] = action.priority
         self.issued[action.request_id] = (lo, hi)
         self.waiting[action.request_id] = {action.proc}
         self.undelivered[action.request_id] = set(range(lo, hi, P))

@@ -44,14 +44,15 @@ __all__ = [
 from uffdd.client.demand_lane import DemandConnector, DemandLane
 from uffdd.client.fast_lane import FastLane
 from uffdd.client.request import Chunk, ChunkCallback, DoneCallback, Request
+from uffdd.core.actions import Priority
 from uffdd.log import get_logger
 from uffdd.v1 import pages_pb2
 from uffdd.wire import chunk_codec
 from uffdd.wire.convert import (
     ImageInfo,
-    Priority,
     error_for_status,
     image_info_from_proto,
+    priority_to_proto,
 )
 from uffdd.wire.tls import ClientTls
 
@@ -126,7 +127,7 @@ class FetchStream:
         return out
 
 
-class _Lane:
+class _GrpcLane:
     """One stream (and its own channel) of a PageClient: the urgent or the bulk lane."""
 
     def __init__(self, client: PageClient, name: str, window: int | None) -> None:
@@ -217,7 +218,7 @@ class _Lane:
                 image_id=request.image_id,
                 image_address=request.address,
                 length=request.length,
-                priority=request.priority.value,
+                priority=priority_to_proto(request.priority),
             )
         )
 
@@ -324,8 +325,8 @@ class PageClient:
         self.tls = tls
         self.deadline = deadline
         self._ids = itertools.count(1)
-        self._bulk = _Lane(self, "bulk", window_bytes)
-        self._urgent = _Lane(self, "urgent", None) if lanes == 2 else self._bulk
+        self._bulk = _GrpcLane(self, "bulk", window_bytes)
+        self._urgent = _GrpcLane(self, "urgent", None) if lanes == 2 else self._bulk
         if lanes == 2:
             self._bulk.yields = True
         self._unary = self._urgent.channel
@@ -500,7 +501,7 @@ class PageClient:
         auto_release: bool,
     ) -> Request:
         urgent = priority == Priority.URGENT
-        lane: _Lane | FastLane = self._urgent if urgent else self._bulk
+        lane: _GrpcLane | FastLane = self._urgent if urgent else self._bulk
         fast = self._fast if urgent else self._fast_bulk
         if fast is not None and fast.usable() and fast.carries(image_id, length):
             lane = fast

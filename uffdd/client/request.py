@@ -15,11 +15,12 @@ from typing import Protocol
 
 import xxhash
 
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import PageServerDataError, PageServerError, PageServerUnavailable
 from uffdd.log import get_logger
 from uffdd.wire.chunk_codec import WireChunk
-from uffdd.wire.convert import Priority, error_for_status, status_code
+from uffdd.wire.convert import error_for_status, status_code
 
 _log = get_logger("uffdd.client.page_client")
 
@@ -39,7 +40,9 @@ DoneCallback = Callable[[PageServerError | None], None]
 
 
 class Lane(Protocol):
-    """What a request needs of the lane that carries it."""
+    """What a request needs of the lane that carries it: one connection carrying
+    requests of one priority (``page_client._GrpcLane``, a gRPC stream; ``FastLane``, a
+    raw socket). The priority itself is the core's ``Priority``."""
 
     outstanding: dict[int, Request]
     """Requests sent to the server and not finished, by request id."""

@@ -27,11 +27,13 @@ from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
 from uffdd.core.events import ProcId
 
 
-class Lane(enum.Enum):
-    """Which queue a fetch travels on: demand faults never wait behind bulk transfer."""
+class Priority(enum.IntEnum):
+    """Which queue a fetch travels on: demand faults (URGENT) never wait behind the
+    background sweep (BULK). The numbers are the wire's (``pages.proto``'s
+    ``Priority``; ``wire/convert.py`` checks they agree)."""
 
-    URGENT = "urgent"
-    BULK = "bulk"
+    URGENT = 1
+    BULK = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,7 @@ class Fetch:
     image_id: str
     image_addr: ImageAddr
     length: int
-    lane: Lane
+    priority: Priority
     proc: ProcId
 
 

@@ -34,7 +34,17 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from uffdd.core.actions import Action, AdoptChild, Copy, Fetch, Kill, Lane, Release, Wake, ZeroFill
+from uffdd.core.actions import (
+    Action,
+    AdoptChild,
+    Copy,
+    Fetch,
+    Kill,
+    Priority,
+    Release,
+    Wake,
+    ZeroFill,
+)
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr, page_floor
 from uffdd.core.events import (
     EventsDrained,
@@ -405,7 +415,7 @@ class LazyProcess:
             lo, hi = self.policy.fault_window(
                 image, piece.page_size, piece.image, piece.image_end, self.missing
             )
-            self._fetch(lo, hi, Lane.URGENT, out)
+            self._fetch(lo, hi, Priority.URGENT, out)
         elif image in (bulk_only := self._bulk_only()):
             # Only the background sweep asked for it, and a bulk answer may sit behind
             # megabytes of queued data: ask again on the urgent lane (never for pages an
@@ -414,7 +424,7 @@ class LazyProcess:
             lo, hi = self.policy.fault_window(
                 image, piece.page_size, piece.image, piece.image_end, bulk_only
             )
-            self._request(lo, hi, Lane.URGENT, out)
+            self._request(lo, hi, Priority.URGENT, out)
         elif image in self.inflight or image in self.installing:
             pass  # the pending copy wakes it; a duplicate fault never fetches twice
         else:
@@ -450,20 +460,22 @@ class LazyProcess:
 
     # -- fetching ----------------------------------------------------------------------
 
-    def _fetch(self, start: int, end: int, lane: Lane, out: list[Action]) -> None:
+    def _fetch(self, start: int, end: int, priority: Priority, out: list[Action]) -> None:
         self.missing.discard(start, end)
         self.inflight.add(start, end)
-        self._request(start, end, lane, out)
+        self._request(start, end, priority, out)
 
-    def _request(self, start: int, end: int, lane: Lane, out: list[Action]) -> None:
+    def _request(self, start: int, end: int, priority: Priority, out: list[Action]) -> None:
         request_id = self._ids()
         self.requests[request_id] = (ImageAddr(start), end)
         bisect.insort(self._by_start, (start, request_id))
         self._longest = max(self._longest, end - start)
-        if lane is Lane.URGENT:
+        if priority is Priority.URGENT:
             self._urgent.add(request_id)
         self.stats.fetched += end - start
-        out.append(Fetch(request_id, self.image_id, ImageAddr(start), end - start, lane, self.proc))
+        out.append(
+            Fetch(request_id, self.image_id, ImageAddr(start), end - start, priority, self.proc)
+        )
 
     def _bulk_only(self) -> RangeSet[ImageAddr]:
         """Pages in flight that no outstanding urgent request covers."""
@@ -504,7 +516,7 @@ class LazyProcess:
             for start, end in parts:
                 self.missing.discard(start, end)
                 self.inflight.add(start, end)
-            self._request(window[0], parts[-1][1], Lane.BULK, out)
+            self._request(window[0], parts[-1][1], Priority.BULK, out)
             self._chunk = self.policy.next_chunk(self._chunk)
         self._maybe_release(now, out)
 

@@ -22,7 +22,7 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from uffdd.core.actions import Action, AdoptChild, CancelFetch, Fetch, Lane
+from uffdd.core.actions import Action, AdoptChild, CancelFetch, Fetch, Priority
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr
 from uffdd.core.events import (
     EventsDrained,
@@ -49,7 +49,7 @@ class _Request:
     image_id: str
     start: ImageAddr
     end: int
-    lane: Lane
+    priority: Priority
     deadline: float
     tree: ProcId
     waiting: set[ProcId] = field(default_factory=set)
@@ -241,14 +241,14 @@ class Tracker:
             if isinstance(action, Fetch):
                 deadline = now + (
                     self.policy.urgent_deadline
-                    if action.lane is Lane.URGENT
+                    if action.priority is Priority.URGENT
                     else self.policy.bulk_deadline
                 )
                 self._requests[action.request_id] = _Request(
                     action.image_id,
                     action.image_addr,
                     action.image_addr + action.length,
-                    action.lane,
+                    action.priority,
                     deadline,
                     self._root[process.proc],
                     {process.proc},

@@ -52,7 +52,7 @@ from uffdd.core.actions import (
     Copy,
     Fetch,
     Kill,
-    Lane,
+    Priority,
     Release,
     Wake,
     ZeroFill,
@@ -87,7 +87,6 @@ from uffdd.log import get_logger
 from uffdd.native.demander import DemandReport
 from uffdd.native.fast_serve import FastStatus, FastTable
 from uffdd.native.installer import Installer
-from uffdd.wire.convert import Priority
 
 _log = get_logger("uffdd.daemon.executor")
 
@@ -95,7 +94,6 @@ _READ_BATCH = 64
 _BACKGROUND_MIN = 128 * 1024
 """Bulk copies this large go to the installer thread; smaller ones cost less than the
 hand-off (a completion wakes the loop across CPUs, ~70 us here)."""
-_PRIORITY = {Lane.URGENT: Priority.URGENT, Lane.BULK: Priority.BULK}
 _TICK_MIN_DELAY = 0.001
 _TICK_SLACK = 0.001
 """A timer armed within this of the core's next wakeup is kept: a Tick up to 1 ms early
@@ -153,8 +151,8 @@ class Executor:
     ) -> None:
         self.tracker = Tracker(policy)
         self._deadlines = {
-            Lane.URGENT: self.tracker.policy.urgent_deadline,
-            Lane.BULK: self.tracker.policy.bulk_deadline,
+            Priority.URGENT: self.tracker.policy.urgent_deadline,
+            Priority.BULK: self.tracker.policy.bulk_deadline,
         }
         self._loop = asyncio.get_running_loop()
         self._uffds: dict[ProcId, Uffd] = {}
@@ -650,13 +648,13 @@ class Executor:
             action.image_id,
             action.image_addr,
             action.length,
-            _PRIORITY[action.lane],
+            action.priority,
             on_chunk=on_chunk,
             on_done=on_done,
             # Each lane has its own deadline: a bulk request may wait in the client
             # behind megabytes of others (a sparse image makes thousands of small
             # ones); only a demand fault must be answered within the short one.
-            deadline=self._deadlines[action.lane],
+            deadline=self._deadlines[action.priority],
         )
 
     # -- process life cycle ------------------------------------------------------------

@@ -24,11 +24,11 @@ from typing import Protocol
 
 from uffdd.client.demand_lane import DemandLane
 from uffdd.client.request import Chunk, ChunkCallback, DoneCallback
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import ImageError, PageServerDataError, PageServerError, PageServerNotFound
 from uffdd.image.format import ExtentKind
 from uffdd.image.reader import ImageRangeError, ImageReader
-from uffdd.wire.convert import Priority
 
 LOCAL_CHUNK = 4 << 20
 """Largest chunk a local source hands on at once (keeps one install's work bounded)."""

@@ -7,11 +7,11 @@ here means a field added to pages.proto is handled once, and both sides agree.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import grpc
 
+from uffdd.core.actions import Priority
 from uffdd.core.addresses import ImageAddr
 from uffdd.core.errors import (
     PageServerDataError,
@@ -24,11 +24,9 @@ from uffdd.image.reader import ImageReader
 from uffdd.v1 import pages_pb2
 
 
-class Priority(enum.IntEnum):
-    """A request's lane: demand faults are URGENT, the background sweep BULK."""
-
-    URGENT = pages_pb2.PRIORITY_URGENT
-    BULK = pages_pb2.PRIORITY_BULK
+def priority_to_proto(priority: Priority) -> pages_pb2.Priority.ValueType:
+    """The wire's number for ``priority``: the core's numbers are ``pages.proto``'s."""
+    return pages_pb2.Priority.ValueType(priority.value)
 
 
 @dataclass(frozen=True, slots=True)
