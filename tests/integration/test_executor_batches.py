@@ -24,7 +24,7 @@ def test_a_fork_nobody_adopts_has_its_uffd_closed() -> None:
         executor = Executor()
         try:
             child_fd = os.eventfd(0)  # stands in for the child's uffd
-            actions = executor._hand_batch(ProcId("ended"), [Fork(child_fd)], 0.0)
+            actions = executor.hand_batch(ProcId("ended"), [Fork(child_fd)], 0.0)
             assert actions == []
             with pytest.raises(OSError, match="Bad file descriptor"):
                 os.fstat(child_fd)

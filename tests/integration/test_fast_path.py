@@ -23,7 +23,7 @@ from support.workload import Workload, WorkloadPool, fault, remove, wait_readabl
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import ProcId
 from uffdd.core.outcomes import Outcome
-from uffdd.core.policy import Policy
+from uffdd.core.policy import FaultPlan, Policy
 from uffdd.core.process import LazyProcess, LazyRegion
 from uffdd.core.wire import decode_messages
 from uffdd.daemon.executor import Executor, TreeOutcome
@@ -268,7 +268,7 @@ def test_fast_serve_hands_what_it_cannot_answer_back_raw_and_in_order(tmp_path: 
             raw = workload.mmap(24 * P)
             base = -(-raw // (8 * P)) * (8 * P)  # fault-around windows aligned to base
             uffd.register(base, 16 * P, RegisterMode.MISSING)
-            table = FastTable([(base, 16 * P, 0)], data, verified, 4 * P, 8 * P)
+            table = FastTable([(base, 16 * P, 0)], data, verified, 4 * P, FaultPlan(8 * P, False))
             try:
                 # unverified data: the fault comes back for the slow path, untouched
                 workload.start_read(base + 5 * P)

@@ -141,7 +141,7 @@ static void test_socket_read_reads_exactly_and_tells_eof_from_an_error(void)
     CHECK_EQ(socket_read(fds[0], buf, 1), -EBADF);
 }
 
-static void test_ranges_are_found_by_bisection_and_windows_clipped(void)
+static void test_ranges_are_found_by_bisection_and_plans_clip_to_them(void)
 {
     const struct uffdd_fast_range table[] = {
         {0x10000, 0x14000, 0}, {0x20000, 0x40000, 0x4000}, {0x40000, 0x41000, 0x24000}};
@@ -155,13 +155,22 @@ static void test_ranges_are_found_by_bisection_and_windows_clipped(void)
     CHECK_EQ(range_after(table, 3, 0), 0);
     CHECK_EQ(range_after(table, 3, 0x14000), 1);
     CHECK_EQ(range_after(table, 3, 0x41000), 3);
-    uint64_t start, end;
-    range_window(&table[0], 0x11000, 0x10000, &start, &end); /* the block 0x10000-0x20000 */
-    CHECK_EQ(start, 0x10000);
-    CHECK_EQ(end, 0x14000);
-    range_window(&table[1], 0x25000, 0x4000, &start, &end);
-    CHECK_EQ(start, 0x24000);
-    CHECK_EQ(end, 0x28000);
+    /* the plan's block clipped to the row (tests/native/test_plan.py holds every case
+       to the core's plan_fault) */
+    struct uffdd_plan plan = {0x10000, 0};
+    struct uffdd_span s[4];
+    CHECK_EQ(uffdd_plan_fault(&plan, table, 3, NULL, 0, 0x11000, s, 4), 1);
+    CHECK_EQ(s[0].start, 0x10000); /* the block 0x10000-0x20000 */
+    CHECK_EQ(s[0].end, 0x14000);
+    CHECK_EQ(s[0].row, 0);
+    plan.block = 0x4000;
+    CHECK_EQ(uffdd_plan_fault(&plan, table, 3, NULL, 0, 0x25000, s, 4), 1);
+    CHECK_EQ(s[0].start, 0x24000);
+    CHECK_EQ(s[0].end, 0x28000);
+    CHECK_EQ(uffdd_plan_fault(&plan, table, 3, NULL, 0, 0x15000, s, 4), 0);
+    CHECK(plan_valid(&plan));
+    plan.block = 0x3000;
+    CHECK(!plan_valid(&plan));
 }
 
 static void test_reserved_room_takes_pushes_without_growing(void)
@@ -199,6 +208,6 @@ int main(void)
     test_the_epoll_skeleton_queues_what_its_thread_pushes_and_ends_cleanly();
     test_a_started_thread_has_every_signal_blocked_and_its_creator_none_more();
     test_socket_read_reads_exactly_and_tells_eof_from_an_error();
-    test_ranges_are_found_by_bisection_and_windows_clipped();
+    test_ranges_are_found_by_bisection_and_plans_clip_to_them();
     return 0;
 }

@@ -112,7 +112,8 @@ int main(void)
     stream_pair(fds);
     pthread_t server;
     CHECK_EQ(pthread_create(&server, NULL, server_main, &fds[1]), 0);
-    struct uffdd_demander *d = uffdd_demander_new(fds[0], AROUND, 4, in);
+    struct uffdd_plan plan = {AROUND, 1};
+    struct uffdd_demander *d = uffdd_demander_new(fds[0], &plan, 4, in);
     CHECK(d != NULL);
     /* pages 0-31 are image data, 32-47 known zeros, 48-63 neither (the loop's) */
     struct uffdd_fast_range data = {addr(&r, 0), addr(&r, 32), IMAGE_BASE};

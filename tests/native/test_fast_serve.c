@@ -8,6 +8,8 @@
 #define CHUNK_SHIFT 14 /* 4-page checksum chunks */
 #define AROUND (8 * P)
 
+static const struct uffdd_plan PLAN = {AROUND, 0};
+
 struct served {
     int rc;
     struct uffdd_fast_out out;
@@ -25,7 +27,7 @@ static void serve(struct served *s)
     struct uffdd_fast_range range = {base, base + PAGES * P, 0};
     CHECK(readable(r.uffd, 10000));
     s->rc = uffdd_fast_serve(r.uffd, &range, 1, data, verified, sizeof verified, CHUNK_SHIFT,
-                             AROUND, (char *)s->rest, UFFDD_FAST_BATCH, s->done,
+                             &PLAN, (char *)s->rest, UFFDD_FAST_BATCH, s->done,
                              4 * UFFDD_FAST_BATCH, &s->out);
 }
 
@@ -194,13 +196,20 @@ int main(void)
     /* nothing queued: drained */
     struct uffdd_fast_range range = {base, base + PAGES * P, 0};
     s.rc = uffdd_fast_serve(r.uffd, &range, 1, data, verified, sizeof verified, CHUNK_SHIFT,
-                            AROUND, (char *)s.rest, UFFDD_FAST_BATCH, s.done,
+                            &PLAN, (char *)s.rest, UFFDD_FAST_BATCH, s.done,
                             4 * UFFDD_FAST_BATCH, &s.out);
     CHECK_EQ(s.rc, 0);
     CHECK_EQ(s.out.nread, 0);
-    /* a window that is no power of two is refused */
+    /* a block that is no power of two is refused, and so is a whole-block plan (for
+       answers that cost a round trip, not this one's) */
+    const struct uffdd_plan whole = {AROUND, 1};
     s.rc = uffdd_fast_serve(r.uffd, &range, 1, data, verified, sizeof verified, CHUNK_SHIFT,
-                            3 * P, (char *)s.rest, UFFDD_FAST_BATCH, s.done,
+                            &whole, (char *)s.rest, UFFDD_FAST_BATCH, s.done,
+                            4 * UFFDD_FAST_BATCH, &s.out);
+    CHECK_EQ(s.rc, -EINVAL);
+    const struct uffdd_plan odd = {3 * P, 0};
+    s.rc = uffdd_fast_serve(r.uffd, &range, 1, data, verified, sizeof verified, CHUNK_SHIFT,
+                            &odd, (char *)s.rest, UFFDD_FAST_BATCH, s.done,
                             4 * UFFDD_FAST_BATCH, &s.out);
     CHECK_EQ(s.rc, -EINVAL);
     region_free(&r);

@@ -1,4 +1,4 @@
-"""The core's side of the C fast path: ``fast_ranges``, ``layout_generation``, ``FastServed``.
+"""The core's side of answering faults in C: ``fast_ranges``, ``Delegate``, ``FastServed``.
 
 Why separate from test_process.py: these rules are the contract between the core and a
 shell that answers faults itself; each is pinned here with exact expectations (the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from support.core_pages import POLICY, P, R, img, run
 
-from uffdd.core.actions import CancelFetch, Copy, Fetch, Release
+from uffdd.core.actions import Action, CancelFetch, Copy, Delegate, Fetch, Release
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import (
     EventsDrained,
@@ -22,6 +22,7 @@ from uffdd.core.events import (
     ProcId,
     Remap,
     Remove,
+    UffdEvent,
     Unmap,
 )
 from uffdd.core.process import LazyRegion
@@ -56,12 +57,22 @@ def test_fast_ranges_are_the_data_pages_of_base_page_pieces() -> None:
     ]
 
 
-def test_removed_pages_leave_the_fast_ranges_and_the_generation_moves() -> None:
+def delegations(actions: list[Action]) -> list[Delegate]:
+    return [a for a in actions if isinstance(a, Delegate)]
+
+
+def test_a_process_starts_with_a_delegation() -> None:
+    tracker = Tracker(POLICY)
+    regions = [LazyRegion(run(0), img(0), 16 * P)]
+    actions = tracker.add_process(R, "img", regions, [(int(img(0)), 16 * P)], 0.0)
+    assert delegations(actions) == [Delegate(R)]
+
+
+def test_removed_pages_leave_the_fast_ranges_and_the_delegation_is_renewed() -> None:
     tracker = make()
     process = tracker.process(R)
-    before = process.layout_generation
-    tracker.handle_uffd(R, [Remove(run(2), run(4))], 1.0)
-    assert process.layout_generation != before
+    actions = tracker.handle_uffd(R, [Remove(run(2), run(4))], 1.0)
+    assert delegations(actions) == [Delegate(R)]
     assert process.fast_ranges() == [(run(0), img(0), 2 * P), (run(4), img(4), 12 * P)]
 
 
@@ -78,26 +89,31 @@ def test_zero_ranges_are_the_known_zero_and_removed_pages_of_base_page_pieces() 
 def test_remap_and_unmap_move_the_fast_ranges_with_the_map() -> None:
     tracker = make()
     process = tracker.process(R)
-    generations = {process.layout_generation}
-    tracker.handle_uffd(R, [Remap(run(0), RunAddr(0x900000), 4 * P)], 1.0)
-    generations.add(process.layout_generation)
-    tracker.handle_uffd(R, [Unmap(run(8), run(16))], 1.1)
-    generations.add(process.layout_generation)
-    assert len(generations) == 3
+    remapped = tracker.handle_uffd(R, [Remap(run(0), RunAddr(0x900000), 4 * P)], 1.0)
+    unmapped = tracker.handle_uffd(R, [Unmap(run(8), run(16))], 1.1)
+    assert delegations(remapped) == delegations(unmapped) == [Delegate(R)]
     assert process.fast_ranges() == [
         (run(4), img(4), 4 * P),
         (RunAddr(0x900000), img(0), 4 * P),
     ]
 
 
-def test_faults_and_drains_leave_the_generation_alone() -> None:
+def test_faults_and_drains_leave_the_delegation_alone() -> None:
     tracker = make()
-    process = tracker.process(R)
-    before = process.layout_generation
-    tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
-    tracker.handle(EventsDrained(R), 1.1)
-    tracker.handle_uffd(R, [served((run(8), 4 * P))], 1.2)
-    assert process.layout_generation == before
+    actions = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
+    actions += tracker.handle(EventsDrained(R), 1.1)
+    actions += tracker.handle_uffd(R, [served((run(8), 4 * P))], 1.2)
+    assert delegations(actions) == []
+
+
+def test_one_delegation_per_batch_however_many_layout_events() -> None:
+    tracker = make()
+    batch: list[UffdEvent] = [
+        Remove(run(2), run(4)),
+        Unmap(run(8), run(10)),
+        Remove(run(12), run(13)),
+    ]
+    assert delegations(tracker.handle_uffd(R, batch, 1.0)) == [Delegate(R)]
 
 
 def test_fast_served_pages_are_resident_and_counted() -> None:
@@ -180,3 +196,12 @@ def test_a_late_report_counts_the_time_c_took_not_the_time_the_core_heard() -> N
     took = LatencyHistogram()
     took.record(1.0002 - 1.0)  # the 200 us C took, not the 4 s the report waited
     assert tracker.process(R).stats.latency == took
+
+
+def test_an_ended_process_delegates_nothing_more() -> None:
+    """Its Kill (or Release) ends what the shell delegated: no Delegate follows it."""
+    tracker = make()
+    actions = tracker.kill_tree(R, "page server gone", 1.0)
+    assert [type(a).__name__ for a in actions] == ["Kill"]
+    assert tracker.process(R).fast_ranges() == []
+    assert tracker.process(R).zero_ranges() == []

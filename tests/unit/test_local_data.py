@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from uffdd.core.addresses import ImageAddr
+from uffdd.core.policy import FaultPlan
 from uffdd.daemon.sources import LocalImageSource, local_data_of
 from uffdd.image.format import DATA_NAME
 from uffdd.image.reader import ImageReader
@@ -76,15 +77,20 @@ def test_background_verification_verifies_all_but_a_corrupt_chunk(tmp_path: Path
         asyncio.run(main(reader))
 
 
+PLAN = FaultPlan(16 * P, whole_block=False)
+
+
 def test_a_fast_table_refuses_ranges_it_cannot_serve(tmp_path: Path) -> None:
     data = bytearray(8 * P)
     verified = bytearray(2)
     with pytest.raises(ValueError, match="overlaps"):
-        FastTable([(0x10000, 2 * P, 0), (0x11000, P, 0)], data, verified, CHUNK, 16 * P)
+        FastTable([(0x10000, 2 * P, 0), (0x11000, P, 0)], data, verified, CHUNK, PLAN)
     with pytest.raises(ValueError, match="not usable"):
-        FastTable([(0x10000, 2 * P, 7 * P)], data, verified, CHUNK, 16 * P)
+        FastTable([(0x10000, 2 * P, 7 * P)], data, verified, CHUNK, PLAN)
     with pytest.raises(ValueError, match="power of two"):
-        FastTable([], data, verified, 3 * P, 16 * P)
-    table = FastTable([(0x20000, P, 0), (0x10000, 2 * P, P)], data, verified, CHUNK, 16 * P)
+        FastTable([], data, verified, 3 * P, PLAN)
+    with pytest.raises(ValueError, match="whole blocks"):
+        FastTable([], data, verified, CHUNK, FaultPlan(16 * P, whole_block=True))
+    table = FastTable([(0x20000, P, 0), (0x10000, 2 * P, P)], data, verified, CHUNK, PLAN)
     assert len(table) == 2
     table.close()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from uffdd.core.actions import Copy, Fetch, Priority
+from uffdd.core.actions import Copy, Expedite, Fetch, Priority
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import InstallOutcome, InstallResult, PageFault, PagesArrived, ProcId
-from uffdd.core.policy import KiB, MiB, Policy
+from uffdd.core.policy import FaultPlan, KiB, MiB, Policy, chunk_length, plan_fault
 from uffdd.core.process import LazyRegion
 from uffdd.core.ranges import RangeSet
 from uffdd.core.stats import LatencyHistogram, Progress
@@ -122,3 +122,69 @@ def test_latency_histogram_uses_power_of_two_microsecond_buckets() -> None:
 def test_progress_fraction() -> None:
     assert Progress(0, 0).fraction == 1.0
     assert Progress(1, 4).fraction == 0.25
+
+
+# -- what C executes: the fault plan and the chunk rule -----------------------------------
+
+DATA = [(0x10000, 0x13000), (0x14000, 0x15000), (0x1F000, 0x22000)]
+ZEROS = [(0x13000, 0x14000), (0x15000, 0x1F000)]
+"""A 64 KiB block at 0x10000: data 0x10000-0x13000, zero, data, zero..., data from
+0x1F000 on into the next block."""
+
+
+def spans(plan: FaultPlan, page: int) -> list[tuple[int, int, bool, int]]:
+    return [(s.start, s.end, s.zero, s.table) for s in plan_fault(plan, DATA, ZEROS, page)]
+
+
+def test_the_fault_plan_gives_whole_blocks_only_where_answers_cost_a_round_trip() -> None:
+    policy = Policy(fault_around=16 * P)
+    assert policy.fault_plan(round_trip=True) == FaultPlan(16 * P, whole_block=True)
+    assert policy.fault_plan(round_trip=False) == FaultPlan(16 * P, whole_block=False)
+    assert Policy(whole_block=False).fault_plan(round_trip=True).whole_block is False
+
+
+def test_a_data_fault_gets_its_block_clipped_to_its_row() -> None:
+    plan = FaultPlan(16 * P, whole_block=False)
+    assert spans(plan, 0x11000) == [(0x10000, 0x13000, False, 0)]
+    # the row reaches into the next block: only this block's part
+    assert spans(plan, 0x1F000) == [(0x1F000, 0x20000, False, 2)]
+    assert spans(plan, 0x21000) == [(0x20000, 0x22000, False, 2)]
+
+
+def test_a_whole_block_brings_the_other_data_rows_then_the_zero_rows() -> None:
+    plan = FaultPlan(16 * P, whole_block=True)
+    assert spans(plan, 0x14000) == [
+        (0x14000, 0x15000, False, 1),  # the fault's own, first
+        (0x10000, 0x13000, False, 0),
+        (0x1F000, 0x20000, False, 2),
+        (0x13000, 0x14000, True, 0),
+        (0x15000, 0x1F000, True, 1),
+    ]
+
+
+def test_a_zero_fault_gets_its_zero_span_only() -> None:
+    for whole in (False, True):
+        plan = FaultPlan(16 * P, whole_block=whole)
+        assert spans(plan, 0x16000) == [(0x15000, 0x1F000, True, 1)]
+
+
+def test_a_page_in_neither_table_is_the_cores() -> None:
+    assert spans(FaultPlan(16 * P, whole_block=True), 0x30000) == []
+
+
+def test_chunks_cut_data_and_take_zero_extents_whole() -> None:
+    assert chunk_length(3 * MiB, MiB, zero=False) == MiB
+    assert chunk_length(100 * P, MiB, zero=False) == 100 * P
+    assert chunk_length(3 * MiB, MiB, zero=True) == 3 * MiB
+
+
+def test_a_fault_on_a_page_being_installed_asks_for_that_install_first() -> None:
+    tracker = Tracker(Policy(fault_around=4 * P))
+    region = LazyRegion(RunAddr(0x10000), ImageAddr(0x10000), 4 * P)
+    tracker.add_process(R, "img", [region], [(0x10000, 4 * P)], 0.0)
+    [fetch] = tracker.handle_uffd(R, [PageFault(RunAddr(0x10000))], 1.0)
+    assert isinstance(fetch, Fetch)
+    arrived = tracker.handle(PagesArrived(fetch.request_id, fetch.image_addr, 4 * P, b""), 1.1)
+    assert [a for a in arrived if isinstance(a, Copy)]  # the copy is out, not ended yet
+    actions = tracker.handle_uffd(R, [PageFault(RunAddr(0x12000))], 1.2)
+    assert actions == [Expedite(R, RunAddr(0x12000))]

@@ -16,6 +16,7 @@ from uffdd.core.actions import (
     AdoptChild,
     CancelFetch,
     Copy,
+    Delegate,
     Fetch,
     Kill,
     Priority,
@@ -171,8 +172,9 @@ def test_data_arriving_after_a_remove_is_never_installed() -> None:
     [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
     assert isinstance(fetch, Fetch)
     actions = tracker.handle_uffd(R, [Remove(run(0), run(4))], 1.1)
-    # the blocked thread is woken to fault again, and the request is cancelled
-    assert actions == [Wake(R, run(1), P), CancelFetch(fetch.request_id)]
+    # the blocked thread is woken to fault again, C gets the new tables, and the request
+    # is cancelled
+    assert actions == [Wake(R, run(1), P), Delegate(R), CancelFetch(fetch.request_id)]
     assert tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "late"), 1.2) == []
     [zero] = tracker.handle_uffd(R, [PageFault(run(1))], 1.3)
     assert isinstance(zero, ZeroFill)
@@ -183,7 +185,7 @@ def test_a_remove_of_part_of_a_request_keeps_the_rest() -> None:
     tracker, _ = make()
     [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
     assert isinstance(fetch, Fetch)
-    assert tracker.handle_uffd(R, [Remove(run(2), run(3))], 1.1) == []
+    assert tracker.handle_uffd(R, [Remove(run(2), run(3))], 1.1) == [Delegate(R)]
     copies = only(tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.2), Copy)
     assert [(c.run_addr, c.length, c.data_offset) for c in copies] == [
         (run(0), 2 * P, 0),
@@ -196,7 +198,7 @@ def test_an_unmap_drops_ranges_and_in_flight_work() -> None:
     [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
     assert isinstance(fetch, Fetch)
     actions = tracker.handle_uffd(R, [Unmap(run(0), run(8))], 1.1)
-    assert actions == [Wake(R, run(1), P), CancelFetch(fetch.request_id)]
+    assert actions == [Wake(R, run(1), P), Delegate(R), CancelFetch(fetch.request_id)]
     assert tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "late"), 1.2) == []
     # a stale fault on the unmapped address: zero fill fails, the thread is woken
     [zero] = tracker.handle_uffd(R, [PageFault(run(1))], 1.3)
@@ -212,7 +214,8 @@ def test_data_arriving_after_a_remap_goes_to_the_new_address() -> None:
     assert isinstance(fetch, Fetch)
     new = RunAddr(0x800000)
     actions = tracker.handle_uffd(R, [Remap(run(0), new, 2 * P)], 1.1)
-    assert actions == [Wake(R, run(1), P)]  # the thread waits on an address now gone
+    # the thread waits on an address now gone; C gets the moved tables
+    assert actions == [Wake(R, run(1), P), Delegate(R)]
     copies = only(tracker.handle(PagesArrived(fetch.request_id, img(0), 4 * P, "d"), 1.2), Copy)
     assert [(c.run_addr, c.image_addr, c.length) for c in copies] == [
         (new, img(0), 2 * P),
@@ -245,9 +248,13 @@ def test_fork_children_inherit_requests_and_data_is_installed_in_both() -> None:
     tracker, _ = make()
     [fetch] = tracker.handle_uffd(R, [PageFault(run(1))], 1.0)
     assert isinstance(fetch, Fetch)
-    [adopt] = tracker.handle_uffd(R, [Fork(42)], 1.1)
-    assert adopt == AdoptChild(R, ProcId("r.1"), 42)
     child = ProcId("r.1")
+    # the child is adopted, then C gets its tables and the parent's (a fork changes them)
+    assert tracker.handle_uffd(R, [Fork(42)], 1.1) == [
+        AdoptChild(R, child, 42),
+        Delegate(child),
+        Delegate(R),
+    ]
     assert tracker.parent(child) == R
     assert tracker.root(child) == R
     # the child removes one of the pages before the data comes
@@ -386,7 +393,7 @@ def test_release_comes_only_when_nothing_is_missing() -> None:
 
 def test_nothing_is_released_before_the_handover_completes() -> None:
     tracker, actions = make(data_pages=[])
-    assert actions == []
+    assert actions == [Delegate(R)]
     assert tracker.handle(HandoverComplete(R), 1.0) == [Release(R)]
 
 

@@ -19,9 +19,10 @@ the data has arrived; (3) Release only when every data page is installed correct
 (4) a process never asks for a page it already has in flight.
 
 The ``fast_serve`` rule plays the executor's C fast path: with a table of
-``fast_ranges`` cached per layout generation (as the executor caches it), it answers
-the faults at the head of the queue by copying image data (fault-around window, then
-the page alone, then a wake), stops at the first message it cannot answer, and reports
+``fast_ranges`` taken after the core's last ``Delegate`` (as the executor takes it), it
+answers the faults at the head of the queue by copying image data (the window the
+core's plan gives, then the page alone, then a wake), stops at the first message it
+cannot answer, leaves a queue holding a layout event to the core whole, and reports
 ``FastServed`` in the same batch as the rest; its copies are checked like the core's.
 
 With ``background`` on, the machine plays the executor's installer thread too: a Copy
@@ -54,6 +55,8 @@ from uffdd.core.actions import (
     AdoptChild,
     CancelFetch,
     Copy,
+    Delegate,
+    Expedite,
     Fetch,
     Kill,
     Priority,
@@ -63,6 +66,7 @@ from uffdd.core.actions import (
 )
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.events import (
+    BatchHeld,
     EventsDrained,
     FastServed,
     Fork,
@@ -78,7 +82,7 @@ from uffdd.core.events import (
     UffdEvent,
     Unmap,
 )
-from uffdd.core.policy import Policy
+from uffdd.core.policy import Policy, plan_fault
 from uffdd.core.process import LazyRegion, State
 from uffdd.core.tracker import Tracker
 
@@ -98,6 +102,7 @@ POLICY = Policy(
     bulk_deadline=1e9,
     retry_interval=0.01,
 )
+FAST_PLAN = POLICY.fault_plan(round_trip=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +169,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.lanes: dict[int, Priority] = {}
         self.handed_over = False
         # the fast path's table of each process: (layout generation, run ranges)
-        self.tables: dict[ProcId, tuple[int, list[tuple[int, int, int]]]] = {}
+        self.tables: dict[ProcId, list[tuple[int, int, int]]] = {}
         # the installer thread: jobs running, outcomes not yet taken, fenced processes
         self.background = False
         self.jobs: list[Job] = []
@@ -230,6 +235,12 @@ class CoreMachine(RuleBasedStateMachine):
                 self.waiting.setdefault(request_id, set()).add(action.child)
         elif isinstance(action, Release):
             self.release(action)
+        elif isinstance(action, Delegate):
+            # the fast path takes the new tables from now on (the executor's rebuild)
+            assert not self.procs[action.proc].done, "a delegation for an ended process"
+            self.tables.pop(action.proc, None)
+        elif isinstance(action, Expedite):
+            self.expedite_at(action)
         else:
             assert not isinstance(action, Kill), f"unexpected kill: {action.reason}"
         return None
@@ -374,9 +385,9 @@ class CoreMachine(RuleBasedStateMachine):
         layout event; then the drain."""
         if any(not isinstance(e, PageFault | FastServed) for e in batch):
             self.fenced.add(proc.name)
-            self.tracker.batch_read(proc.name)
             for job in [j for j in self.jobs if j.copy.proc == proc.name]:
                 self.end_job(job, InstallResult.RETRY)  # stopped by the fence
+            self.execute(self.tracker.handle(BatchHeld(proc.name), self.now))
             self.take_completions()
             actions = self.tracker.handle_uffd(proc.name, batch, self.now)
             self.fenced.discard(proc.name)
@@ -427,13 +438,13 @@ class CoreMachine(RuleBasedStateMachine):
     # -- the shell's C fast path --------------------------------------------------------
 
     def fast_table(self, proc: FakeProc) -> list[tuple[int, int, int]]:
-        core = self.tracker.process(proc.name)
-        cached = self.tables.get(proc.name)
-        if cached is None or cached[0] != core.layout_generation:
-            ranges = [(int(run), int(image), length) for run, image, length in core.fast_ranges()]
-            cached = (core.layout_generation, ranges)
-            self.tables[proc.name] = cached
-        return cached[1]
+        """The table the fast path serves from: taken when the core last delegated."""
+        table = self.tables.get(proc.name)
+        if table is None:
+            core = self.tracker.process(proc.name)
+            table = [(int(run), int(image), length) for run, image, length in core.fast_ranges()]
+            self.tables[proc.name] = table
+        return table
 
     def fast_copy(
         self, proc: FakeProc, rng: tuple[int, int, int], lo: int, hi: int
@@ -464,13 +475,12 @@ class CoreMachine(RuleBasedStateMachine):
         if not isinstance(event, PageFault):
             return False
         page = event.address - event.address % P
-        found = [r for r in self.fast_table(proc) if r[0] <= page < r[0] + r[2]]
-        if not found:
+        table = self.fast_table(proc)
+        spans = plan_fault(FAST_PLAN, [(r[0], r[0] + r[2]) for r in table], [], page)
+        if not spans:
             return False
-        rng = found[0]
-        lo = max(page - page % POLICY.fault_around, rng[0])
-        hi = min(page - page % POLICY.fault_around + POLICY.fault_around, rng[0] + rng[2])
-        for start, end in ((lo, hi), (page, page + P)):
+        rng, own = table[spans[0].table], spans[0]
+        for start, end in ((own.start, own.end), (page, page + P)):
             done, present = self.fast_copy(proc, rng, start, end)
             if done:
                 installs.append((RunAddr(start), done))
@@ -487,7 +497,9 @@ class CoreMachine(RuleBasedStateMachine):
         proc = self.pick(who)
         installs: list[tuple[RunAddr, int]] = []
         served = 0
-        while proc.queue and self.fast_one(proc, proc.queue[0], installs):
+        # a read holding a layout event goes to the core whole (uffd_msgs_hold_layout)
+        layout = any(not isinstance(e, PageFault) for e in proc.queue)
+        while not layout and proc.queue and self.fast_one(proc, proc.queue[0], installs):
             proc.queue.pop(0)
             served += 1
         rest, proc.queue = proc.queue, []
@@ -505,6 +517,18 @@ class CoreMachine(RuleBasedStateMachine):
         """The thread runs up to ``pages`` pages of a job (one ioctl)."""
         job = self.jobs[which % len(self.jobs)]
         self.step_job(job, pages)
+
+    def expedite_at(self, action: Expedite) -> None:
+        """The core asks: the job installing ``run_addr`` goes first, waking."""
+        for job in self.jobs:
+            copy = job.copy
+            if copy.proc == action.proc and copy.run_addr <= action.run_addr < (
+                copy.run_addr + copy.length
+            ):
+                job.wakes = True
+                self.jobs.remove(job)
+                self.jobs.insert(0, job)
+                return
 
     @precondition(lambda self: bool(self.jobs))
     @rule(which=st.integers(0, 7))

@@ -3,7 +3,7 @@
 The executor fences a uffd whose read returned a layout event and feeds the core the
 outcomes of that process's background copies before the batch. Such an outcome can
 complete the restore; the batch may still hold faults (on zero or removed pages) that
-need an answer, so ``Tracker.batch_read`` holds the release until the batch is in.
+need an answer, so a ``BatchHeld`` event holds the release until the batch is in.
 (Found by the state machine: "released r with a fault at 0x10000 unanswered".)
 """
 
@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from uffdd.core.actions import AdoptChild, Copy, Fetch, Release, ZeroFill
 from uffdd.core.addresses import ImageAddr, RunAddr
-from uffdd.core.events import Fork, InstallOutcome, InstallResult, PageFault, PagesArrived, ProcId
+from uffdd.core.events import (
+    BatchHeld,
+    Fork,
+    InstallOutcome,
+    InstallResult,
+    PageFault,
+    PagesArrived,
+    ProcId,
+)
 from uffdd.core.policy import Policy
 from uffdd.core.process import LazyRegion
 from uffdd.core.tracker import Tracker
@@ -32,7 +40,8 @@ def _copy_outstanding(tracker: Tracker) -> Copy:
 def test_no_release_before_the_held_batch_and_its_faults_are_answered() -> None:
     tracker = Tracker(Policy(fault_around=P))
     copy = _copy_outstanding(tracker)
-    tracker.batch_read(PROC)  # read: [fault on the zero page, fork]; the copy ran before
+    # read: [fault on the zero page, fork]; the copy ran before
+    assert tracker.handle(BatchHeld(PROC), 0.0) == []
     done = InstallOutcome(PROC, copy.install_id, InstallResult.DONE, P)
     assert not any(isinstance(a, Release) for a in tracker.handle(done, 0.0))
     batch = tracker.handle_uffd(PROC, [PageFault(RunAddr(0x11 * P))], 0.0)
@@ -53,7 +62,7 @@ def test_without_a_held_batch_the_outcome_releases_at_once() -> None:
 def test_a_held_batch_with_a_fork_adopts_the_child_first() -> None:
     tracker = Tracker(Policy(fault_around=P))
     copy = _copy_outstanding(tracker)
-    tracker.batch_read(PROC)
+    assert tracker.handle(BatchHeld(PROC), 0.0) == []
     tracker.handle(InstallOutcome(PROC, copy.install_id, InstallResult.DONE, P), 0.0)
     actions = tracker.handle_uffd(PROC, [Fork(child_fd=99)], 0.0)
     # The child is adopted first; the parent had everything at the fork, so both go.

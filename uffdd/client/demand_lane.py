@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from uffdd.client import bulk_receiver
 from uffdd.client.fast_lane import CONNECT_TIMEOUT, RETRY_SECONDS
+from uffdd.core.policy import FaultPlan
 from uffdd.log import get_logger
 from uffdd.native.demander import Demander, DemandReport
 from uffdd.native.installer import Installer
@@ -92,10 +93,10 @@ class DemandLane:
 class DemandThread(Demander):
     """A demand thread on ``lane``'s socket; closing it closes the lane too."""
 
-    def __init__(self, lane: DemandLane, around: int, installer: Installer) -> None:
+    def __init__(self, lane: DemandLane, plan: FaultPlan, installer: Installer) -> None:
         self.lane = lane
         try:
-            super().__init__(lane.take(), around=around, installer=installer)
+            super().__init__(lane.take(), plan=plan, installer=installer)
         except OSError:
             lane.release()
             raise

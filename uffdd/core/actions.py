@@ -10,7 +10,7 @@ before passing a batch of that process's uffd events that holds a layout event
 (REMOVE, UNMAP, REMAP, FORK) to the core, with no install of that process running
 after the read of that batch (until the core has it, answer installs with RETRY, as
 the kernel does while such an event is unread; outcomes fed after that batch was read
-go after ``Tracker.batch_read``, so they cannot release the process before the batch's
+go after a ``BatchHeld`` event, so they cannot release the process before the batch's
 faults are answered). The core relies on it: an install
 decided before a REMOVE was read must run before that REMOVE is acknowledged, or
 snapshot data could land in a page that must read zeros. A batch of page faults only
@@ -139,5 +139,28 @@ class Kill:
     reason: str
 
 
-Action = Copy | ZeroFill | Wake | Fetch | CancelFetch | AdoptChild | Release | Kill
+@dataclass(frozen=True, slots=True)
+class Delegate:
+    """Give whatever answers ``proc``'s faults in C (the fast serve, the demand thread)
+    the process's current tables: ``LazyProcess.fast_ranges`` (image data is the right
+    answer) and ``zero_ranges`` (zeros are), to answer faults there on its own under
+    the policy's ``FaultPlan``. Emitted when a process starts and whenever its tables
+    change (a layout event, the end); the outcome comes back as ``FastServed``."""
+
+    proc: ProcId
+
+
+@dataclass(frozen=True, slots=True)
+class Expedite:
+    """A thread of ``proc`` waits on ``run_addr``, which an install not yet ended
+    covers: if a thread of the shell runs that install, let it go first and wake as it
+    goes (queued behind the whole in-flight budget, it made the fault wait)."""
+
+    proc: ProcId
+    run_addr: RunAddr
+
+
+Action = (
+    Copy | ZeroFill | Wake | Fetch | CancelFetch | AdoptChild | Release | Kill | Delegate | Expedite
+)
 """Everything the core can ask for."""

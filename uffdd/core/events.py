@@ -130,12 +130,14 @@ class InstallOutcome:
 
 @dataclass(frozen=True, slots=True)
 class FastServed:
-    """The shell's C fast path answered ``faults`` faults of ``proc`` read at ``read_at``.
+    """A C reader of ``proc``'s uffd answered ``faults`` faults read at ``read_at``, on
+    its own, as the core's delegation said (``Delegate``): the outcome of delegating.
 
-    ``installs``: the run-time ranges it filled with image data (UFFDIO_COPY, woken).
-    It serves only where ``LazyProcess.fast_ranges`` says image data is right, and
-    only faults read before any other message of the uffd, so the core takes these
-    pages as resident whatever state they were in.
+    ``installs``: the run-time ranges it filled (UFFDIO_COPY of image data, or
+    UFFDIO_ZEROPAGE where the delegation names zeros; woken). It serves only where
+    ``LazyProcess.fast_ranges``/``zero_ranges`` say that is the right answer, and never
+    a fault read together with a layout event, so the core takes these pages as
+    resident whatever state they were in.
     """
 
     proc: ProcId
@@ -161,6 +163,16 @@ class TreeData:
 @dataclass(frozen=True, slots=True)
 class EventsDrained:
     """The shell read ``proc``'s uffd until it was empty: deferred installs may retry."""
+
+    proc: ProcId
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHeld:
+    """The shell read a batch of ``proc``'s uffd holding a layout event and hands it
+    over only after the install outcomes it still owes (the fence, core/actions.py):
+    until that batch comes, the process is not released, since it may hold faults that
+    still need an answer."""
 
     proc: ProcId
 
@@ -194,6 +206,7 @@ ShellEvent = (
     | InstallOutcome
     | FastServed
     | EventsDrained
+    | BatchHeld
     | HandoverComplete
     | Exited
     | Tick

@@ -1,14 +1,22 @@
-"""What to fetch next: fault-around, the background sweep, and the memory bound.
+"""What to fetch, in what order and how big: the one home of uffdd's policy.
 
 Why separate from process.py: the ordering rules (what is correct) live there; this is
 the tuning (what is fast), pure and deterministic so it can be changed and benchmarked
 without touching correctness. Bulk chunks grow 64 KiB -> 4 MiB as CRIU's lazy-pages
 daemon's do, but a fault does not shrink them (CRIU resets to 64 KiB because its faults
 share the one connection; ours have their own lane, as QEMU's post-copy does).
+
+The C paths execute this policy; they never make their own. A C reader of a uffd gets
+a :class:`FaultPlan` and the core's tables (``LazyProcess.delegation``) and answers a
+fault exactly as :func:`plan_fault` says (``csrc/plan.c`` is its C twin, and a test
+holds the two to the same answers); the page server's C thread cuts answers into chunks
+as :func:`chunk_length` says. docs/architecture.md shows where each rule runs.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from uffdd.core.addresses import ImageAddr
@@ -44,6 +52,15 @@ class Policy:
     sweep: bool = True
     """Stream what no fault asked for in the background. Off: pages arrive only on
     demand and a process is never released (for benchmarks and experiments)."""
+    whole_block: bool = True
+    """Where an answer costs a round trip (a remote fault read in C), a data fault
+    brings the rest of its ``fault_around`` block too: its other data runs fetched in
+    the same round trip, its zero runs filled. Sparse memory (data pages between zero
+    ones) is then one fault a block, not one a page. (:meth:`fault_plan`)"""
+    thread_install_min: int = 128 * KiB
+    """A background copy (no thread waits on it) this large is run by a thread of its
+    own while the loop goes on reading faults; a smaller one costs less than the
+    hand-off (a completion wakes the loop across CPUs)."""
 
     def __post_init__(self) -> None:
         for name in ("fault_around", "bulk_min", "bulk_max", "max_in_flight"):
@@ -69,6 +86,13 @@ class Policy:
         assert span is not None, "fault_window on a page that is not missing"
         return ImageAddr(max(start, span[0])), ImageAddr(min(end, span[1]))
 
+    def fault_plan(self, *, round_trip: bool) -> FaultPlan:
+        """How a C reader answers a fault on its own: the fault's ``fault_around``
+        block, and with ``whole_block`` (only where an answer costs a round trip: data
+        in this host's memory comes at memory speed, the sweep brings the rest) the
+        block's other runs too."""
+        return FaultPlan(max(self.fault_around, 4096), self.whole_block and round_trip)
+
     def next_chunk(self, chunk: int) -> int:
         """The bulk chunk size after a bulk fetch: double, up to ``bulk_max``.
 
@@ -91,3 +115,84 @@ class Policy:
         if in_flight and in_flight + length > self.max_in_flight:
             return None
         return ImageAddr(start), ImageAddr(start + length)
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPlan:
+    """How a fault is answered where the core is not asked: the plan a C reader of a
+    uffd executes with the core's tables (see :func:`plan_fault`)."""
+
+    block: int
+    """The aligned block a fault's answer is cut from (a power of two, >= a page)."""
+    whole_block: bool
+    """A data fault brings its block's other data runs (fetched) and zero runs
+    (filled) too, not only its own run's part of the block."""
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One part of a fault's answer: run-time ``[start, end)``, zeros or image data
+    (``table``: the index of the data or zeros table row it lies in)."""
+
+    start: int
+    end: int
+    zero: bool
+    table: int
+
+
+def plan_fault(
+    plan: FaultPlan,
+    data: Sequence[tuple[int, int]],
+    zeros: Sequence[tuple[int, int]],
+    page: int,
+) -> list[Span]:
+    """What a fault on run-time ``page`` gets under ``plan``, from the core's tables of
+    where image data (``data``) and where zeros (``zeros``) are the right answer:
+    sorted, disjoint ``(start, end)`` run-time ranges, the two tables disjoint too.
+
+    Empty when the page is in neither table (the core decides). Otherwise the fault's
+    own span comes first: its block clipped to the table row holding the page. For a
+    data fault with ``whole_block``, the block's other data rows follow, each clipped
+    to the block, in address order, then its zero rows likewise. A zero fault gets its
+    own span only (zeros cost no round trip).
+    """
+    lo = page - page % plan.block
+    hi = lo + plan.block
+    own = _row_of(data, page)
+    zero = own is None
+    if zero:
+        own = _row_of(zeros, page)
+    if own is None:
+        return []
+    table = zeros if zero else data
+    start, end = table[own]
+    spans = [Span(max(lo, start), min(hi, end), zero, own)]
+    if zero or not plan.whole_block:
+        return spans
+    for kind_zero, rows in ((False, data), (True, zeros)):
+        for index in range(bisect.bisect_right(rows, (lo, lo)) - 1, len(rows)):
+            if index < 0:
+                continue
+            start, end = rows[index]
+            if start >= hi:
+                break
+            if end <= lo or (not kind_zero and index == own):
+                continue
+            spans.append(Span(max(lo, start), min(hi, end), kind_zero, index))
+    return spans
+
+
+def _row_of(rows: Sequence[tuple[int, int]], address: int) -> int | None:
+    """The index of the row of ``rows`` (sorted, disjoint) holding ``address``."""
+    index = bisect.bisect_right(rows, (address, 2**64)) - 1
+    if index >= 0 and rows[index][0] <= address < rows[index][1]:
+        return index
+    return None
+
+
+def chunk_length(remaining: int, chunk_size: int, *, zero: bool) -> int:
+    """How much of an extent's ``remaining`` bytes the next chunk of an answer holds:
+    a ZERO extent goes whole (a chunk without data costs nothing), DATA at most
+    ``chunk_size``. A chunk never crosses an extent, so every chunk is one kind and,
+    for DATA, one slice of the image's data file."""
+    return remaining if zero else min(chunk_size, remaining)

@@ -13,9 +13,10 @@ process), as interval sets that partition the mapped lazy pages:
 
 Unmapped pages (GONE) are not in the map at all, and drop out of every set.
 
-A shell may also answer faults itself (a C fast path, for local image data): it asks
-``fast_ranges()`` where image data is the right answer (and ``zero_ranges()`` where
-zeros are), serves only faults read before any other message, and reports what it
+A shell may also answer faults itself, in C: the core delegates (a ``Delegate`` action
+whenever the tables change) ``fast_ranges()``, where image data is the right answer,
+and ``zero_ranges()``, where zeros are, to be answered under ``Policy.fault_plan``; the
+shell never answers a fault read together with a layout event, and reports what it
 installed as ``FastServed``.
 
 The shell contract (see ``actions.py``): actions of a process are executed in order and
@@ -38,6 +39,8 @@ from uffdd.core.actions import (
     Action,
     AdoptChild,
     Copy,
+    Delegate,
+    Expedite,
     Fetch,
     Kill,
     Priority,
@@ -193,14 +196,14 @@ class LazyProcess:
         self._chunk = self.policy.bulk_min
         self._forks = 0
         self._born: list[LazyProcess] = []
-        self.layout_generation = 0
+        self._delegation_stale = True
+        """The tables a shell answers faults from in C changed (a Delegate is owed)."""
         self.unseen_batch = False
         """Set by the tracker while the shell holds a batch read from this process's
         uffd that the core has not seen (no release until it has)."""
         self.sweep_held = False
         """Set by the tracker while the parent sweeps what this fork child misses too
         (its arrivals reach the child as TreeData): one transfer for the whole tree."""
-        """Changes whenever ``fast_ranges()`` may change (a shell caches its result)."""
         self.stats = ProcessStats(started=now)
         stored: RangeSet[ImageAddr] = RangeSet((start, start + length) for start, length in data)
         for region in regions:
@@ -255,11 +258,19 @@ class LazyProcess:
                 if page in self._waiters:
                     self._resolve(page, now, out)
             self._pump(now, out)
+        self._delegate(out)
         return out
+
+    def _delegate(self, out: list[Action]) -> None:
+        """Give the shell its new tables (once per batch, after every event of it). A
+        process that ended is released or killed: the shell drops what it delegated."""
+        if self._delegation_stale and self.state is State.LIVE:
+            self._delegation_stale = False
+            out.append(Delegate(self.proc))
 
     def _apply(self, event: ProcessInput, now: float, out: list[Action]) -> None:
         if isinstance(event, Remove | Unmap | Remap | Fork):
-            self.layout_generation += 1
+            self._delegation_stale = True
         if isinstance(event, PagesArrived):
             self._arrived(event, out)
         elif isinstance(event, TreeData):
@@ -310,6 +321,7 @@ class LazyProcess:
         out: list[Action] = []
         if self.state is State.LIVE:
             self._pump(now, out)
+        self._delegate(out)
         return out
 
     def take_child(self, child: ProcId) -> LazyProcess:
@@ -326,8 +338,8 @@ class LazyProcess:
         Mapped 4 KiB pages outside ``zero`` (not known-zero, not removed); the shell's
         fast path installs image data for faults there without asking the core.
         Resident pages are included: the kernel never reports a fault on a present
-        page, and a stale fault only finds it present (EEXIST). Recompute it when
-        :attr:`layout_generation` changes.
+        page, and a stale fault only finds it present (EEXIST). It changes only where
+        a ``Delegate`` action says so.
         """
         if self.state is not State.LIVE:
             return []
@@ -425,8 +437,12 @@ class LazyProcess:
                 image, piece.page_size, piece.image, piece.image_end, bulk_only
             )
             self._request(lo, hi, Priority.URGENT, out)
-        elif image in self.inflight or image in self.installing:
-            pass  # the pending copy wakes it; a duplicate fault never fetches twice
+        elif image in self.installing:
+            # The pending copy wakes it; if a thread of the shell runs that copy behind
+            # others, it goes first.
+            out.append(Expedite(self.proc, RunAddr(page)))
+        elif image in self.inflight:
+            pass  # the arrival's copy wakes it; a duplicate fault never fetches twice
         else:
             # Resident already: the fault was queued before our copy landed.
             self._wake_waiters(page, page + piece.page_size, out, now=now)
@@ -869,7 +885,7 @@ class LazyProcess:
 
     def _finish(self, state: State, now: float) -> None:
         self.state = state
-        self.layout_generation += 1
+        self._delegation_stale = True
         self.stats.finished = now
         dropped = self.missing.total + self.inflight.total + self.installing.total
         if state is not State.RELEASED:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from uffdd.core.actions import Action, AdoptChild, CancelFetch, Fetch, Priority
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr
 from uffdd.core.events import (
+    BatchHeld,
     EventsDrained,
     Exited,
     FastServed,
@@ -106,14 +107,6 @@ class Tracker:
         self._register(process, root=proc)
         return self._absorb(process, process.pump(now), now)
 
-    def batch_read(self, proc: ProcId) -> None:
-        """The shell has read a batch of ``proc``'s uffd that it will hand over after
-        some install outcomes (a fenced layout event): until it does, the process is
-        not released, since the batch may hold faults that still need an answer."""
-        process = self._procs.get(proc)
-        if process is not None:
-            process.unseen_batch = True
-
     def handle_uffd(
         self, proc: ProcId, events: Sequence[UffdEvent | FastServed], now: float
     ) -> list[Action]:
@@ -122,7 +115,7 @@ class Tracker:
         process = self._procs.get(proc)
         if process is None:
             return []
-        process.unseen_batch = False  # (see batch_read) this is the batch
+        process.unseen_batch = False  # (see BatchHeld) this is the batch
         return self._absorb(process, process.handle_batch(events, now), now)
 
     def handle(self, event: ShellEvent, now: float) -> list[Action]:
@@ -135,6 +128,9 @@ class Tracker:
             return self._tick(event, now)
         process = self._procs.get(event.proc)
         if process is None:
+            return []
+        if isinstance(event, BatchHeld):
+            process.unseen_batch = True
             return []
         if isinstance(event, HandoverComplete):
             # The handover names the whole restore: every process of the tree sweeps.

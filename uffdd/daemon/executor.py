@@ -33,7 +33,6 @@ install the core asks for meanwhile meets the EAGAIN the kernel would give.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import os
 import signal
@@ -43,13 +42,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uffdd.client.demand_lane import DemandLane, DemandThread
 from uffdd.client.page_client import Chunk
 from uffdd.core.actions import (
     Action,
     AdoptChild,
     CancelFetch,
     Copy,
+    Delegate,
+    Expedite,
     Fetch,
     Kill,
     Priority,
@@ -60,6 +60,7 @@ from uffdd.core.actions import (
 from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
 from uffdd.core.errors import PageServerError, UffdOpError
 from uffdd.core.events import (
+    BatchHeld,
     EventsDrained,
     Exited,
     FastServed,
@@ -77,23 +78,20 @@ from uffdd.core.events import (
 )
 from uffdd.core.outcomes import OpResult
 from uffdd.core.policy import Policy
-from uffdd.core.process import LazyProcess, LazyRegion
+from uffdd.core.process import LazyRegion
 from uffdd.core.stats import LatencyHistogram, ProcessSummary
 from uffdd.core.tracker import Tracker
 from uffdd.core.wire import decode_messages
-from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, demand_lane_of, local_data_of
+from uffdd.daemon.routes import DemandRoute, LocalRoute
+from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, local_data_of
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
-from uffdd.native.demander import DemandReport
 from uffdd.native.fast_serve import FastStatus, FastTable
 from uffdd.native.installer import Installer
 
 _log = get_logger("uffdd.daemon.executor")
 
 _READ_BATCH = 64
-_BACKGROUND_MIN = 128 * 1024
-"""Bulk copies this large go to the installer thread; smaller ones cost less than the
-hand-off (a completion wakes the loop across CPUs, ~70 us here)."""
 _TICK_MIN_DELAY = 0.001
 _TICK_SLACK = 0.001
 """A timer armed within this of the core's next wakeup is kept: a Tick up to 1 ms early
@@ -162,16 +160,14 @@ class Executor:
         self._queue: deque[Action] = deque()
         self._running = False
         self._tick: asyncio.TimerHandle | None = None
-        self._fast: dict[ProcId, tuple[int, FastTable]] = {}
-        """Each process's fast-path table, with the layout generation it was built at."""
-        self._demand = demand_lane and background_installs  # its safety needs the fence
-        self._demanders: dict[int, DemandThread] = {}
-        """A demand thread per connected demand lane (by the lane's id)."""
-        self._owned: dict[ProcId, tuple[DemandThread, int, int]] = {}
-        """Processes whose uffd a demand thread reads: (thread, slot, token)."""
-        self._tokens: dict[int, ProcId] = {}
-        self._next_token = 0
         self._installer = Installer() if background_installs else None
+        policy = self.tracker.policy
+        self._local = LocalRoute(policy.fault_plan(round_trip=False))
+        self._demand = (
+            DemandRoute(self, self._loop, self._installer, policy.fault_plan(round_trip=True))
+            if demand_lane and self._installer is not None  # its safety needs the fence
+            else None
+        )
         self._background: dict[int, tuple[ProcId, int]] = {}
         """Installer job -> (process, install id) of the Copy it runs."""
         self._fenced: set[ProcId] = set()
@@ -214,14 +210,14 @@ class Executor:
         self._trees[root] = tree
         if pidfd >= 0:
             self._loop.add_reader(pidfd, self._root_exited, root)
-        self._run(
+        self.run(
             self.tracker.add_process(root, image_id, regions, data, now, handed_over=handed_over)
         )
 
     def handover_complete(self, root: ProcId) -> None:
         """The restorer finished the whole restore: start the background sweep."""
         if root in self._trees:
-            self._handle(HandoverComplete(root))
+            self.handle(HandoverComplete(root))
 
     def progress(self, root: ProcId) -> tuple[int, int]:
         """(resident bytes, total bytes) of a tree."""
@@ -229,8 +225,8 @@ class Executor:
         return progress.bytes_resident, progress.bytes_total
 
     def demand_served(self) -> list[ProcId]:
-        """Processes whose uffd the demand thread reads (client/demand_lane.py)."""
-        return list(self._owned)
+        """Processes whose uffd a demand thread reads (``routes.DemandRoute``)."""
+        return [] if self._demand is None else self._demand.served()
 
     @property
     def trees(self) -> list[ProcId]:
@@ -241,7 +237,7 @@ class Executor:
         tree = self._trees.get(root)
         if tree is None:
             return
-        self._run(self.tracker.kill_tree(root, reason, time.monotonic()))
+        self.run(self.tracker.kill_tree(root, reason, time.monotonic()))
         self._end_tree(tree, failure=reason)
 
     # -- reading uffds -----------------------------------------------------------------
@@ -263,7 +259,10 @@ class Executor:
         now = time.monotonic()
         events: list[UffdEvent | FastServed] = []
         error = 0
-        table = self._fast_table(proc)
+        tree = self._tree_of[proc]
+        table = None
+        if tree.local is not None:
+            table = self._local.table(self.tracker.process(proc), tree.local)
         with self._reading() as fence:
             if table is not None:
                 drained, error = self._serve_fast(proc, uffd, table, events)
@@ -276,16 +275,14 @@ class Executor:
             if layout and fence is not None:
                 fence(uffd)
         if layout and self._installer is not None:
-            self._run(self._fenced_batch(proc, uffd, events, now))
+            self.run(self.fenced_batch(proc, uffd, events, now))
         elif events:
-            if self._background:
-                self._expedite(uffd, events)
-            self._run(self._hand_batch(proc, events, now))
+            self.run(self.hand_batch(proc, events, now))
         if error:
             raise UffdOpError("read", error)
         # Everything queued has been read: installs that met EAGAIN may go again.
         if proc in self._uffds:
-            self._handle(EventsDrained(proc))
+            self.handle(EventsDrained(proc))
             self._hand_to_demander(proc)
 
     def _reading(self) -> contextlib.AbstractContextManager[Callable[[Uffd], None] | None]:
@@ -293,24 +290,24 @@ class Executor:
             return contextlib.nullcontext()
         return self._installer.reading()
 
-    def _fenced_batch(
+    def fenced_batch(
         self, proc: ProcId, uffd: Uffd, events: list[UffdEvent | FastServed], now: float
     ) -> list[Action]:
         """The core's actions for a batch with a layout event, read with ``uffd`` fenced:
         first every background copy of the process ends and reports back."""
         assert self._installer is not None
         self._fenced.add(proc)
-        self.tracker.batch_read(proc)  # its outcomes must not release it before the batch
+        self.handle(BatchHeld(proc))  # its outcomes must not release it before the batch
         try:
             self._installer.quiesce(uffd)
             self._take_completions()
-            return self._hand_batch(proc, events, now)
+            return self.hand_batch(proc, events, now)
         finally:
             self._fenced.discard(proc)
             if not uffd.closed:  # (an outcome may have ended the process: fd closed)
                 self._installer.unfence(uffd)
 
-    def _hand_batch(
+    def hand_batch(
         self, proc: ProcId, events: list[UffdEvent | FastServed], now: float
     ) -> list[Action]:
         """The core's actions for a batch read from ``proc``'s uffd. A FORK's new uffd
@@ -323,141 +320,19 @@ class Executor:
                 os.close(event.child_fd)
         return actions
 
-    def _expedite(self, uffd: Uffd, events: list[UffdEvent | FastServed]) -> None:
-        """Faults on pages a queued background copy installs: that copy goes first.
-        (Queued behind up to the whole in-flight budget, it made faults wait 200 ms.)"""
-        assert self._installer is not None
-        for event in events:
-            if isinstance(event, PageFault):
-                self._installer.expedite(uffd, event.address)
-
-    # -- the demand thread (client/demand_lane.py) ---------------------------------------
-
     def _hand_to_demander(self, proc: ProcId) -> None:
-        """Give a remote process's uffd to the demand thread of its page client's demand
-        lane, once that is connected; until then (or without room) the loop reads it."""
+        """A remote process's uffd goes to a demand thread once its lane is up."""
         tree = self._tree_of.get(proc)
-        if not self._demand or proc in self._owned or tree is None or tree.local is not None:
-            return
-        lane = demand_lane_of(tree.source)
-        if lane is None:
-            return
-        thread = self._demander(lane)
-        if thread is None:
-            return
-        uffd = self._uffds[proc]
-        process = self.tracker.process(proc)
-        token = self._next_token = self._next_token + 1
-        self._loop.remove_reader(uffd.fd)
-        try:
-            slot = thread.add(
-                token, uffd.fd, process.image_id, process.fast_ranges(), process.zero_ranges()
-            )
-        except OSError as exc:
-            _log.info("demand thread full; the loop reads this process", proc=proc, error=str(exc))
-            self._loop.add_reader(uffd.fd, self._readable, proc)
-            return
-        assert self._installer is not None
-        uffd.guard(self._installer.handle)
-        self._owned[proc] = (thread, slot, token)
-        self._tokens[token] = proc
-
-    def _demander(self, lane: DemandLane) -> DemandThread | None:
-        thread = self._demanders.get(id(lane))
-        if thread is not None:
-            return thread
-        assert self._installer is not None
-        try:
-            thread = DemandThread(lane, self.tracker.policy.fault_around, self._installer)
-        except OSError as exc:
-            _log.warning("no demand thread", error=str(exc))
-            lane.close()
-            return None
-        self._demanders[id(lane)] = thread
-        self._loop.add_reader(thread.fd, self._take_demand, thread)
-        return thread
-
-    def _take_demand(self, thread: DemandThread) -> None:
-        """The demand thread's reports, each handed to the core as a read batch."""
-        broken = self._hand_reports(thread, thread.take())
-        if broken:
-            self._drop_demander(thread, broken)
-
-    def _hand_reports(self, thread: DemandThread, reports: list[DemandReport]) -> int:
-        """Hand the reports to the core, in order; a process's run of plain reports
-        (faults only) goes as one batch: with the thread answering a reading process
-        as fast as it faults, a batch per report was most of the loop's work. Returns
-        the errno that broke the lane, or 0."""
-        broken = 0
-        plain: dict[ProcId, list[DemandReport]] = {}
-        for report in reports:
-            broken = broken or report.lane_error
-            proc = self._tokens.get(report.token)
-            if proc is None or self._owned.get(proc, (None,))[0] is not thread:
-                _close_fork_fds(report)  # the process was released meanwhile
-            elif report.layout or report.read_error:
-                self._hand_plain(proc, plain.pop(proc, []))
-                self._hand_special(proc, report)
-            else:
-                plain.setdefault(proc, []).append(report)
-        for proc, run in plain.items():
-            self._hand_plain(proc, run)
-        return broken
-
-    def _hand_plain(self, proc: ProcId, reports: list[DemandReport]) -> None:
-        if not reports or self._owned.get(proc) is None:
-            return
-        events = [e for report in reports for e in _report_events(proc, report)]
-        if events:
-            self._run(self._hand_batch(proc, events, reports[-1].done_at))
-        if reports[-1].drained and proc in self._uffds:
-            self._handle(EventsDrained(proc))
-
-    def _hand_special(self, proc: ProcId, report: DemandReport) -> None:
-        """A report with a layout event, or the end of the thread's reading of it."""
-        if self._owned.get(proc) is None:
-            _close_fork_fds(report)  # released by the reports before
-            return
-        if report.read_error:
-            _close_fork_fds(report)
-            reason = f"uffd read failed: errno {report.read_error}"
-            self._run(self.tracker.kill_tree(proc, reason, report.done_at))
-            return
-        events = _report_events(proc, report)
-        self._run(self._fenced_batch(proc, self._uffds[proc], events, report.done_at))
-        owner = self._owned.get(proc)
-        if owner is None:
-            return  # released by the batch
-        process = self.tracker.process(proc)
-        owner[0].resume(owner[1], process.fast_ranges(), process.zero_ranges())
-        self._handle(EventsDrained(proc))  # what is still queued, the thread reads
-
-    def _drop_demander(self, thread: DemandThread, error: int) -> None:
-        """The thread's lane broke: its processes go back to the loop, after every
-        report it made (the messages in them were read from the uffds: only these
-        reports hold them)."""
-        _log.warning("demand lane broken; the loop reads its processes", error=os.strerror(error))
-        mine = [proc for proc, (owner, slot, _) in self._owned.items() if owner is thread]
-        for proc in mine:
-            thread.remove(self._owned[proc][1])  # read no more of it
-        self._hand_reports(thread, thread.take())
-        for proc in mine:
-            if proc not in self._owned:
-                continue  # released by a report
-            self._forget_owner(proc)
-            uffd = self._uffds[proc]
-            self._loop.add_reader(uffd.fd, self._readable, proc)
-        self._loop.remove_reader(thread.fd)
-        self._demanders.pop(id(thread.lane), None)
-        thread.close()
-
-    def _forget_owner(self, proc: ProcId) -> None:
-        """The demand thread no longer reads ``proc``'s uffd (the caller removed it)."""
-        _, _, token = self._owned.pop(proc)
-        self._tokens.pop(token, None)
         uffd = self._uffds.get(proc)
-        if uffd is not None:
-            uffd.guard(None)
+        if self._demand is None or tree is None or tree.local is not None or uffd is None:
+            return
+        self._demand.hand_over(proc, uffd, tree.source)
+
+    def uffd_of(self, proc: ProcId) -> Uffd | None:
+        return self._uffds.get(proc)
+
+    def read_on_loop(self, proc: ProcId) -> None:
+        self._loop.add_reader(self._uffds[proc].fd, self._readable, proc)
 
     def _serve_fast(
         self, proc: ProcId, uffd: Uffd, table: FastTable, events: list[UffdEvent | FastServed]
@@ -475,41 +350,19 @@ class Executor:
             if result.error or result.status is not FastStatus.FULL:
                 return result.status is FastStatus.DRAINED, result.error
 
-    def _fast_table(self, proc: ProcId) -> FastTable | None:
-        """The process's fast-path table, rebuilt when its layout changed."""
-        tree = self._tree_of.get(proc)
-        if tree is None or tree.local is None:
-            return None
-        process = self.tracker.process(proc)
-        cached = self._fast.get(proc)
-        if cached is not None and cached[0] == process.layout_generation:
-            return cached[1]
-        if cached is not None:
-            cached[1].close()
-        local = tree.local
-        table = FastTable(
-            _table_rows(process, local),
-            local.data,
-            local.verified,
-            local.chunk_size,
-            self.tracker.policy.fault_around,
-        )
-        self._fast[proc] = (process.layout_generation, table)
-        return table
-
     def _root_exited(self, root: ProcId) -> None:
         tree = self._trees.get(root)
         if tree is None:
             return
         self._loop.remove_reader(tree.pidfd)
-        self._handle(Exited(root))
+        self.handle(Exited(root))
 
     # -- the core loop -----------------------------------------------------------------
 
-    def _handle(self, event: ShellEvent) -> None:
-        self._run(self.tracker.handle(event, time.monotonic()))
+    def handle(self, event: ShellEvent) -> None:
+        self.run(self.tracker.handle(event, time.monotonic()))
 
-    def _run(self, actions: list[Action]) -> None:
+    def run(self, actions: list[Action]) -> None:
         """Execute actions in order; outcomes go back to the core as they come.
 
         Re-entrant calls (an outcome producing actions while actions run) append to the
@@ -546,6 +399,12 @@ class Executor:
             self._adopt(action)
         elif isinstance(action, Release):
             self._release(action)
+        elif isinstance(action, Delegate):
+            self._local.delegated(action.proc)
+        elif isinstance(action, Expedite):
+            waiting = self._uffds.get(action.proc)
+            if self._installer is not None and waiting is not None:
+                self._installer.expedite(waiting, action.run_addr)
         else:
             self._kill(action)
 
@@ -556,7 +415,7 @@ class Executor:
             self._installer is None
             or uffd is None
             or not action.dontwake
-            or action.length < _BACKGROUND_MIN
+            or action.length < self.tracker.policy.thread_install_min
             or action.page_size != PAGE_SIZE  # pieces would split a huge page
             or action.proc in self._fenced
         ):
@@ -578,10 +437,10 @@ class Executor:
             if proc not in self._uffds:
                 continue  # released meanwhile: nothing waits for this outcome
             if done.result is None:
-                self._run(self.tracker.kill_tree(proc, str(done.error), time.monotonic()))
+                self.run(self.tracker.kill_tree(proc, str(done.error), time.monotonic()))
                 continue
             result = InstallResult(done.result.outcome.value)
-            self._handle(InstallOutcome(proc, install_id, result, done.result.done))
+            self.handle(InstallOutcome(proc, install_id, result, done.result.done))
 
     def _install(
         self, action: Copy | ZeroFill, operation: Callable[[Uffd, Copy | ZeroFill], OpResult]
@@ -600,10 +459,10 @@ class Executor:
                 outcome = operation(uffd, action)
             except UffdOpError as exc:
                 # Not an outcome a handler expects: this process cannot be served safely.
-                self._run(self.tracker.kill_tree(action.proc, str(exc), time.monotonic()))
+                self.run(self.tracker.kill_tree(action.proc, str(exc), time.monotonic()))
                 return
             result, done = InstallResult(outcome.outcome.value), outcome.done
-        self._handle(InstallOutcome(action.proc, action.install_id, result, done))
+        self.handle(InstallOutcome(action.proc, action.install_id, result, done))
 
     @staticmethod
     def _copy(uffd: Uffd, action: Copy | ZeroFill) -> OpResult:
@@ -631,18 +490,18 @@ class Executor:
     def _fetch(self, action: Fetch) -> None:
         tree = self._tree_of.get(action.proc)
         if tree is None:
-            self._handle(FetchFailed(action.request_id, "the requesting process is gone"))
+            self.handle(FetchFailed(action.request_id, "the requesting process is gone"))
             return
         request_id = action.request_id
 
         def on_chunk(chunk: Chunk) -> None:
             data: object = chunk.data if chunk.data is not None else bytes(chunk.length)
-            self._handle(PagesArrived(request_id, ImageAddr(chunk.address), chunk.length, data))
+            self.handle(PagesArrived(request_id, ImageAddr(chunk.address), chunk.length, data))
 
         def on_done(error: PageServerError | None) -> None:
             self._requests.pop(request_id, None)
             if error is not None:
-                self._handle(FetchFailed(request_id, str(error)))
+                self.handle(FetchFailed(request_id, str(error)))
 
         self._requests[request_id] = tree.source.submit(
             action.image_id,
@@ -671,18 +530,14 @@ class Executor:
         except OSError as exc:  # nothing of the child was read: the tree is killed
             uffd.close()
             reason = f"cannot watch a fork child's uffd: {exc}"
-            self._run(self.tracker.kill_tree(action.parent, reason, time.monotonic()))
+            self.run(self.tracker.kill_tree(action.parent, reason, time.monotonic()))
             return
         self._hand_to_demander(action.child)
 
     def _release(self, action: Release) -> None:
-        fast = self._fast.pop(action.proc, None)
-        if fast is not None:
-            fast[1].close()
-        owner = self._owned.get(action.proc)
-        if owner is not None:
-            owner[0].remove(owner[1])
-            self._forget_owner(action.proc)
+        self._local.delegated(action.proc)
+        if self._demand is not None:
+            self._demand.release(action.proc)
         tree = self._tree_of.get(action.proc)
         uffd = self._uffds.pop(action.proc, None)
         if uffd is not None:
@@ -770,62 +625,22 @@ class Executor:
 
     def _on_tick(self) -> None:
         self._tick = None
-        self._handle(Tick())
+        self.handle(Tick())
 
     def close(self) -> None:
         """Stop timers, readers and threads (the trees must have ended)."""
         if self._tick is not None:
             self._tick.cancel()
-        for thread in list(self._demanders.values()):
-            self._loop.remove_reader(thread.fd)
-            thread.close()
-        self._demanders.clear()
-        self._owned.clear()
+        if self._demand is not None:
+            self._demand.close()
         for uffd in self._uffds.values():
             self._loop.remove_reader(uffd.fd)
-        for _, table in self._fast.values():
-            table.close()
-        self._fast.clear()
+        self._local.close()
         if self._installer is not None:
             self._loop.remove_reader(self._installer.fd)
             self._installer.close()
             self._installer = None
             self._background.clear()
-
-
-def _table_rows(process: LazyProcess, local: LocalData) -> list[tuple[int, int, int]]:
-    """The process's fast ranges as (run-time address, length, data offset) rows: each
-    cut where it crosses from one DATA extent of the image to the next."""
-    extents = local.extents
-    starts = [start for start, _, _ in extents]
-    rows: list[tuple[int, int, int]] = []
-    for run, image, length in process.fast_ranges():
-        end = image + length
-        index = max(bisect.bisect_right(starts, image) - 1, 0)
-        while index < len(extents) and extents[index][0] < end:
-            start, size, offset = extents[index]
-            lo, hi = max(image, start), min(end, start + size)
-            if lo < hi:
-                rows.append((run + (lo - image), hi - lo, offset + (lo - start)))
-            index += 1
-    return rows
-
-
-def _report_events(proc: ProcId, report: DemandReport) -> list[UffdEvent | FastServed]:
-    """What a demand report tells the core: what C answered, then the rest, in order."""
-    events: list[UffdEvent | FastServed] = []
-    if report.faults or report.installs:
-        installs = tuple((RunAddr(run), length) for run, length in report.installs)
-        events.append(FastServed(proc, installs, report.faults, report.read_at, report.done_at))
-    events.extend(decode_messages(report.messages))
-    return events
-
-
-def _close_fork_fds(report: DemandReport) -> None:
-    """Close the new uffds of FORK events in a report nobody will hand to the core."""
-    for event in decode_messages(report.messages):
-        if isinstance(event, Fork):
-            os.close(event.child_fd)
 
 
 def _micros(seconds: float | None) -> float | None:

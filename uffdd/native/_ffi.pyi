@@ -74,6 +74,18 @@ class _Lib:
     def uffdd_free(self, pointer: _cffi_backend.FFI.CData, /) -> None: ...
 
     UFFDD_FAST_BATCH: int
+    def uffdd_plan_fault(
+        self,
+        plan: _cffi_backend.FFI.CData,
+        data: _cffi_backend.FFI.CData,
+        ndata: int,
+        zeros: _cffi_backend.FFI.CData,
+        nzeros: int,
+        page: int,
+        out: _cffi_backend.FFI.CData,
+        cap: int,
+        /,
+    ) -> int: ...
     def uffdd_fast_serve(
         self,
         fd: int,
@@ -83,7 +95,7 @@ class _Lib:
         verified: _cffi_backend.FFI.CData,
         nverified: int,
         chunk_shift: int,
-        around: int,
+        plan: _cffi_backend.FFI.CData,
         rest: _cffi_backend.FFI.CData,
         rest_cap: int,
         done: _cffi_backend.FFI.CData,
@@ -167,7 +179,12 @@ class _Lib:
     UFFDD_DR_ERROR: int
     UFFDD_DR_LANE: int
     def uffdd_demander_new(
-        self, sock: int, around: int, max_procs: int, installer: _cffi_backend.FFI.CData, /
+        self,
+        sock: int,
+        plan: _cffi_backend.FFI.CData,
+        max_procs: int,
+        installer: _cffi_backend.FFI.CData,
+        /,
     ) -> _cffi_backend.FFI.CData: ...
     def uffdd_demander_efd(self, demander: _cffi_backend.FFI.CData, /) -> int: ...
     def uffdd_demander_add(

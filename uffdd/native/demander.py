@@ -22,9 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from uffdd.core.policy import FaultPlan
 from uffdd.core.wire import MSG_SIZE
 from uffdd.native._ffi import ffi, lib
-from uffdd.native.fast_serve import range_array
+from uffdd.native.fast_serve import plan_struct, range_array
 from uffdd.native.installer import Installer
 
 MAX_PROCESSES = 4096
@@ -70,16 +71,22 @@ def _zeros_array(zeros: Iterable[tuple[int, int]]) -> tuple[Any, int]:
 
 class Demander:
     """``uffdd-demand`` on the connected, blocking socket ``sock`` (the caller's: close it
-    after :meth:`close`): reads the uffds handed to it and serves their faults, each
-    fault's ``around`` window; :meth:`take` the reports when :attr:`fd` is readable.
+    after :meth:`close`): reads the uffds handed to it and serves their faults as the
+    core's ``plan`` says (``core.policy.plan_fault``); :meth:`take` the reports when
+    :attr:`fd` is readable.
     Every uffd handed to it must be watched by ``installer``."""
 
     _handle: Any = None  # until started (a refused __init__ leaves nothing to stop)
 
     def __init__(
-        self, sock: int, *, around: int, installer: Installer, max_processes: int = MAX_PROCESSES
+        self,
+        sock: int,
+        *,
+        plan: FaultPlan,
+        installer: Installer,
+        max_processes: int = MAX_PROCESSES,
     ) -> None:
-        handle = lib.uffdd_demander_new(sock, around, max_processes, installer.handle)
+        handle = lib.uffdd_demander_new(sock, plan_struct(plan), max_processes, installer.handle)
         if handle == ffi.NULL:
             err = ffi.errno
             raise OSError(err, f"cannot start the demand thread: {os.strerror(err)}")

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from uffdd.core.policy import FaultPlan
 from uffdd.core.wire import MSG_SIZE
 from uffdd.native._ffi import ffi, lib
 
@@ -64,7 +65,7 @@ class FastTable:
     Holds exports of both buffers until :meth:`close`.
     """
 
-    __slots__ = ("_around", "_count", "_data", "_done", "_out", "_ranges", "_rest", "_shift",
+    __slots__ = ("_count", "_data", "_done", "_out", "_plan", "_ranges", "_rest", "_shift",
                  "_verified", "_verified_len")  # fmt: skip
 
     def __init__(
@@ -73,17 +74,19 @@ class FastTable:
         data: Buffer,
         verified: bytearray,
         chunk_size: int,
-        around: int,
+        plan: FaultPlan,
     ) -> None:
-        for name, size in (("chunk_size", chunk_size), ("around", around)):
+        for name, size in (("chunk_size", chunk_size), ("the plan's block", plan.block)):
             if size < _PAGE or size & (size - 1):
                 raise ValueError(f"{name} {size} is not a power of two of at least a page")
+        if plan.whole_block:
+            raise ValueError("the fast serve answers from memory: a plan without whole blocks")
         self._data = ffi.from_buffer(data)
         self._ranges, self._count = range_array(ranges, offset_limit=len(self._data))
         self._verified: Any = ffi.from_buffer(verified) if verified else ffi.new("uint8_t[1]")
         self._verified_len = len(verified)
         self._shift = chunk_size.bit_length() - 1
-        self._around = around
+        self._plan = plan_struct(plan)
         self._rest: Any = ffi.new("char[]", lib.UFFDD_FAST_BATCH * MSG_SIZE)
         self._done: Any = ffi.new("struct uffdd_fast_done[]", _DONE_CAP)
         self._out: Any = ffi.new("struct uffdd_fast_out *")
@@ -108,7 +111,7 @@ def fast_serve(fd: int, table: FastTable) -> FastResult:
     """
     t = table
     rc = lib.uffdd_fast_serve(
-        fd, t._ranges, t._count, t._data, t._verified, t._verified_len, t._shift, t._around,
+        fd, t._ranges, t._count, t._data, t._verified, t._verified_len, t._shift, t._plan,
         t._rest, lib.UFFDD_FAST_BATCH, t._done, _DONE_CAP, t._out,
     )  # fmt: skip
     out = t._out
@@ -118,6 +121,24 @@ def fast_serve(fd: int, table: FastTable) -> FastResult:
     if rc < 0:
         return FastResult(FastStatus.DRAINED, installs, int(out.nfaults), rest, -rc)
     return FastResult(FastStatus(rc), installs, int(out.nfaults), rest)
+
+
+def plan_struct(plan: FaultPlan) -> Any:
+    """The core's fault plan as C's ``struct uffdd_plan``."""
+    return ffi.new("struct uffdd_plan *", (plan.block, plan.whole_block))
+
+
+def plan_fault(
+    plan: FaultPlan, data: Iterable[tuple[int, int]], zeros: Iterable[tuple[int, int]], page: int
+) -> list[tuple[int, int, bool, int]]:
+    """C's answer to a fault on ``page`` (``csrc/plan.c``), as ``core.policy.plan_fault``
+    states it: (start, end, zero, table row) spans. For tests holding the two together."""
+    rows, count = range_array((start, end - start, 0) for start, end in data)
+    zero_rows, zero_count = range_array((start, end - start, 0) for start, end in zeros)
+    cap = plan.block // _PAGE + 1
+    out: Any = ffi.new("struct uffdd_span[]", cap)
+    n = lib.uffdd_plan_fault(plan_struct(plan), rows, count, zero_rows, zero_count, page, out, cap)
+    return [(int(s.start), int(s.end), bool(s.zero), int(s.row)) for s in out[0:n]]
 
 
 def range_array(

@@ -1,9 +1,11 @@
-"""Cutting a checked request into chunks: one rule for the gRPC Stream and the fast lane.
+"""Cutting a checked request into chunks: one cursor for the gRPC Stream and the fast lane.
 
-Why shared: both transports must send the same chunks (never crossing an extent
-boundary, DATA cut at the chunk size, a ZERO extent as one chunk without data) straight
-from the image's mmap, and refuse corrupt image data the same way (DATA_LOSS), so a
-client sees the same answer whichever transport it used.
+Why shared: both transports must send the same chunks (the core's rule,
+``core.policy.chunk_length``: never crossing an extent boundary, DATA cut at the chunk
+size, a ZERO extent as one chunk without data) straight from the image's mmap, and
+refuse corrupt image data the same way (DATA_LOSS), so a client sees the same answer
+whichever transport it used. The urgent C thread (``csrc/answerer.c``) applies the same
+rule; a test holds its frames to this cursor's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 
 from uffdd.core.errors import ImageError
+from uffdd.core.policy import chunk_length
 from uffdd.image.format import Extent, ExtentKind
 from uffdd.image.reader import ImageReader
 from uffdd.log import get_logger
@@ -53,14 +56,12 @@ class RangeCursor:
         """The next chunk; RequestError(DATA_LOSS) if the image's data is corrupt."""
         extent = self.extents[self.index]
         address = extent.start + self.offset
-        data: memoryview | None
-        if extent.kind == ExtentKind.ZERO:
-            length = extent.length - self.offset
-            data = None
-        else:
+        zero = extent.kind == ExtentKind.ZERO
+        length = chunk_length(extent.length - self.offset, chunk_size, zero=zero)
+        data: memoryview | None = None
+        if not zero:
             if self.view is None:
                 self.view = _checked_data(self.image, extent, address)
-            length = min(chunk_size, extent.length - self.offset)
             data = self.view[self.offset : self.offset + length]
         self.offset += length
         if self.offset == extent.length:

@@ -177,7 +177,9 @@ static int ans_accept(struct uffdd_answerer *a, struct ans_conn *c, const struct
     return 1;
 }
 
-/* The next chunk of the active request, into the frame to write. */
+/* The next chunk of the active request, into the frame to write: as the core's rule
+   cuts it (core/policy.py: chunk_length; a ZERO extent whole, DATA at most the chunk
+   size, never across an extent). */
 static void ans_next_piece(struct uffdd_answerer *a, struct ans_conn *c)
 {
     const struct uffdd_ans_extent *e = &c->image->extents[c->ext];

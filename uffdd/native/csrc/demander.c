@@ -73,7 +73,10 @@ struct uffdd_demander {
     int broken;  /* the connection failed: serve nothing (the thread's own) */
     int starved; /* a round found no memory: the loop was told (LANE, ENOMEM) */
     int sock;
-    uint64_t around, next_id;
+    struct uffdd_plan plan; /* the core's (core/policy.py: Policy.fault_plan) */
+    struct uffdd_span *spans; /* room for one fault's answer */
+    size_t nspans;
+    uint64_t next_id;
     struct uffdd_installer *installer; /* may be NULL */
     char *buf;                         /* one window */
     struct demand_batch *batches;      /* DEMAND_ROUND */
@@ -132,14 +135,13 @@ static int demand_send(int sock, const char *p, size_t len)
     return 0;
 }
 
-/* The window of range ``r`` inside [block, block_end), one per run start among the
-   batch's windows (from ``first``): its index, or SIZE_MAX when there is no room. */
+/* The window of data span ``s`` (of row ``r``), one per run start among the batch's
+   windows (from ``first``): its index, or SIZE_MAX when there is no room. */
 static size_t demand_window(struct demand_window *win, size_t *nwin, size_t first,
-                            const struct uffdd_fast_range *r, uint64_t block, uint64_t block_end,
+                            const struct uffdd_fast_range *r, const struct uffdd_span *s,
                             size_t batch)
 {
-    uint64_t start = block < r->run_start ? r->run_start : block;
-    uint64_t stop = block_end > r->run_end ? r->run_end : block_end;
+    uint64_t start = s->start, stop = s->end;
     size_t w = first;
     while (w < *nwin && win[w].run != start)
         w++;
@@ -152,12 +154,17 @@ static size_t demand_window(struct demand_window *win, size_t *nwin, size_t firs
     return w;
 }
 
-/* The windows of a batch's faults (zero faults filled at once), and with each data
-   fault the rest of its block. */
+/* The windows of a batch's faults as the core's plan says (plan.c): a zero fault's span
+   filled at once (known zeros: an image ZERO extent, or madvise'd; no round trip), a
+   data fault's own span fetched, and with a whole-block plan the rest of its block in
+   the same round trip (its data spans fetched, its zero spans filled here). The rest of
+   a block is best effort: nobody faulted there yet, and what fails stays missing for
+   the core. */
 static void demand_plan(struct uffdd_demander *d, struct demand_batch *b, size_t k,
                         struct demand_window *win, size_t *nwin)
 {
     const struct demand_proc *p = b->p;
+    struct uffdd_span *spans = d->spans;
     size_t first_win = *nwin;
     uint64_t whole = UINT64_MAX; /* the last block made whole in this batch */
     for (size_t i = 0; i < b->count; i++) {
@@ -168,35 +175,28 @@ static void demand_plan(struct uffdd_demander *d, struct demand_batch *b, size_t
             (m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
             continue;
         uint64_t page = m->arg.pagefault.address & ~(UFFDD_PAGE - 1);
-        const struct uffdd_fast_range *r = range_find(p->ranges, p->nranges, page);
-        if (r == NULL && (r = range_find(p->zeros, p->nzeros, page)) != NULL) {
-            /* known zeros (an image ZERO extent, or madvise'd): filled here, no round
-               trip, the fault's window clipped to the zero range */
-            uint64_t start, stop;
-            range_window(r, page, d->around, &start, &stop);
-            b->served[i] = demand_install(p->fd, start, NULL, stop - start, b->r.installs,
+        size_t n = uffdd_plan_fault(&d->plan, p->ranges, p->nranges, p->zeros, p->nzeros, page,
+                                    spans, d->nspans);
+        if (n == 0)
+            continue; /* the core's */
+        if (spans[0].zero) {
+            b->served[i] = demand_install(p->fd, spans[0].start, NULL,
+                                          spans[0].end - spans[0].start, b->r.installs,
                                           DEMAND_DONE, &b->ndone) == 0;
             continue;
         }
-        if (r == NULL)
-            continue;
-        uint64_t block = page & ~(d->around - 1), block_end = block + d->around;
-        b->fault_window[i] = demand_window(win, nwin, first_win, r, block, block_end, k);
+        b->fault_window[i] =
+            demand_window(win, nwin, first_win, &p->ranges[spans[0].row], &spans[0], k);
+        uint64_t block = plan_block(&d->plan, page);
         if (b->fault_window[i] == SIZE_MAX || block == whole)
             continue;
-        /* The rest of the fault's block too, in the same round trip: its other data
-           runs fetched, its zero runs filled here. Sparse memory (data pages between
-           zero ones) is then one fault a block, not one a page. Best effort: these are
-           nobody's fault yet, and what fails stays missing for the core. */
         whole = block;
-        for (size_t j = range_after(p->ranges, p->nranges, block);
-             j < p->nranges && p->ranges[j].run_start < block_end; j++)
-            demand_window(win, nwin, first_win, &p->ranges[j], block, block_end, k);
-        for (size_t j = range_after(p->zeros, p->nzeros, block);
-             j < p->nzeros && p->zeros[j].run_start < block_end; j++) {
-            uint64_t lo, hi;
-            range_window(&p->zeros[j], block, d->around, &lo, &hi);
-            demand_install(p->fd, lo, NULL, hi - lo, b->r.installs, DEMAND_DONE, &b->ndone);
+        for (size_t j = 1; j < n; j++) {
+            if (spans[j].zero)
+                demand_install(p->fd, spans[j].start, NULL, spans[j].end - spans[j].start,
+                               b->r.installs, DEMAND_DONE, &b->ndone);
+            else
+                demand_window(win, nwin, first_win, &p->ranges[spans[j].row], &spans[j], k);
         }
     }
 }
@@ -234,7 +234,7 @@ static int demand_serve(struct uffdd_demander *d, struct demand_batch *batches, 
         }
         uint64_t w = 0;
         if (frame_parse_response(h, &f) < 0 || f.request_id < first_id ||
-            (w = f.request_id - first_id) >= nwin || win[w].finished || f.body_len > d->around) {
+            (w = f.request_id - first_id) >= nwin || win[w].finished || f.body_len > d->plan.block) {
             error = EPROTO;
             break;
         }
@@ -490,6 +490,7 @@ static void demander_release(struct uffdd_demander *d)
         demand_clear(&d->procs[i]);
     free(d->procs);
     free(d->buf);
+    free(d->spans);
     free(d->batches);
     free(d->windows);
     free(d->frames);
@@ -499,10 +500,10 @@ static void demander_release(struct uffdd_demander *d)
 /* A started demand thread on the connected, blocking socket ``sock`` (it does not own
    it), or NULL (errno set). ``installer`` may be NULL; with one, every uffd added must
    be watched by it. */
-struct uffdd_demander *uffdd_demander_new(int sock, uint64_t around, size_t max_procs,
-                                          struct uffdd_installer *installer)
+struct uffdd_demander *uffdd_demander_new(int sock, const struct uffdd_plan *plan,
+                                          size_t max_procs, struct uffdd_installer *installer)
 {
-    if (around < UFFDD_PAGE || (around & (around - 1)) || max_procs < 1) {
+    if (!plan_valid(plan) || max_procs < 1) {
         errno = EINVAL;
         return NULL;
     }
@@ -510,11 +511,13 @@ struct uffdd_demander *uffdd_demander_new(int sock, uint64_t around, size_t max_
     if (!d)
         return NULL;
     d->procs = calloc(max_procs, sizeof *d->procs);
-    d->buf = malloc(around);
+    d->buf = malloc(plan->block);
+    d->nspans = plan->block / UFFDD_PAGE + 1; /* disjoint page-aligned rows in a block */
+    d->spans = calloc(d->nspans, sizeof *d->spans);
     d->batches = calloc(DEMAND_ROUND, sizeof *d->batches);
     d->windows = calloc(DEMAND_WINDOWS, sizeof *d->windows);
     d->frames = malloc(DEMAND_WINDOWS * (UFFDD_REQUEST_HEADER + UFFDD_ID_MAX));
-    if (!d->procs || !d->buf || !d->batches || !d->windows || !d->frames) {
+    if (!d->procs || !d->buf || !d->spans || !d->batches || !d->windows || !d->frames) {
         demander_release(d);
         errno = ENOMEM;
         return NULL;
@@ -529,7 +532,7 @@ struct uffdd_demander *uffdd_demander_new(int sock, uint64_t around, size_t max_
         d->procs[i].fd = -1;
     d->nprocs = max_procs;
     d->sock = sock;
-    d->around = around;
+    d->plan = *plan;
     d->next_id = 1;
     d->installer = installer;
     pthread_cond_init(&d->idle, NULL);

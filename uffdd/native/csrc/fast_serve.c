@@ -3,10 +3,10 @@
    Why: when a restore's image is on this host (an mmap), a fault needs no decision of
    the core, only a lookup and a UFFDIO_COPY. uffdd_fast_serve reads a uffd on the
    loop's thread, with the GIL released, answers every fault whose page lies in the
-   core's table and whose checksum chunk is verified (its fault-around window when all
-   of that is verified too), and hands every other message, raw and in order, back to
-   the Python core: policy never moves into C. A read that holds a layout event goes
-   back whole, its faults unanswered (uffd_msgs_hold_layout). */
+   core's table and whose checksum chunk is verified (the window the core's plan gives
+   it, plan.c, when all of that is verified too), and hands every other message, raw
+   and in order, back to the Python core: policy never moves into C. A read that holds
+   a layout event goes back whole, its faults unanswered (uffd_msgs_hold_layout). */
 #include "uffdd.h"
 
 #include <errno.h>
@@ -21,7 +21,7 @@ struct fast_ctx {
     const uint8_t *verified;
     size_t nverified;
     unsigned chunk_shift;
-    uint64_t around;
+    const struct uffdd_plan *plan;
     struct uffdd_fast_done *done;
     struct uffdd_fast_out *out;
 };
@@ -67,11 +67,13 @@ static int fast_one(const struct fast_ctx *c, const struct uffd_msg *msg, uint64
     if (msg->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR))
         return 1;
     uint64_t page = msg->arg.pagefault.address & ~(UFFDD_PAGE - 1);
-    const struct uffdd_fast_range *r = range_find(c->ranges, c->nranges, page);
-    if (r == NULL || !fast_verified(c, r, page, page + UFFDD_PAGE))
+    struct uffdd_span own;
+    if (!uffdd_plan_fault(c->plan, c->ranges, c->nranges, NULL, 0, page, &own, 1))
         return 1;
-    uint64_t start, end, copied = 0;
-    range_window(r, page, c->around, &start, &end);
+    const struct uffdd_fast_range *r = &c->ranges[own.row];
+    if (!fast_verified(c, r, page, page + UFFDD_PAGE))
+        return 1;
+    uint64_t start = own.start, end = own.end, copied = 0;
     if (end - start > UFFDD_PAGE && fast_verified(c, r, start, end)) {
         int err = fast_copy(c, r, start, end, index, &copied);
         if (err == 0 || page < start + copied)
@@ -99,14 +101,17 @@ served:
    for another read (2: call again). -errno when read() fails. */
 int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nranges,
                      const char *data, const uint8_t *verified, size_t nverified,
-                     unsigned chunk_shift, uint64_t around, char *rest, size_t rest_cap,
-                     struct uffdd_fast_done *done, size_t done_cap, struct uffdd_fast_out *out)
+                     unsigned chunk_shift, const struct uffdd_plan *plan, char *rest,
+                     size_t rest_cap, struct uffdd_fast_done *done, size_t done_cap,
+                     struct uffdd_fast_out *out)
 {
     struct fast_ctx c = {fd,          ranges, nranges, data, verified, nverified,
-                         chunk_shift, around, done,    out};
+                         chunk_shift, plan,   done,    out};
     struct uffd_msg msgs[UFFDD_FAST_BATCH];
     out->nread = out->nrest = out->ndone = out->nfaults = 0;
-    if (rest_cap < UFFDD_FAST_BATCH || around < UFFDD_PAGE || (around & (around - 1)))
+    /* a plan with whole blocks is for answers that cost a round trip (core/policy.py:
+       Policy.fault_plan); this one answers from memory, a window per fault */
+    if (rest_cap < UFFDD_FAST_BATCH || !plan_valid(plan) || plan->whole_block)
         return -EINVAL;
     for (;;) {
         if (done_cap - out->ndone < 2 * UFFDD_FAST_BATCH)

@@ -74,10 +74,32 @@ struct uffdd_fast_out {
 
 #define UFFDD_FAST_BATCH 64
 
+/* How C answers a fault on its own (core/policy.py: FaultPlan): the block a fault's
+   answer is cut from, and whether a data fault brings the block's other runs too. */
+struct uffdd_plan {
+    uint64_t block;
+    uint32_t whole_block;
+};
+
+/* One part of a fault's answer: run-time [start, end), zeros or data, in table row
+   ``row`` (of the zeros or of the data table). */
+struct uffdd_span {
+    uint64_t start, end;
+    uint32_t zero, row;
+};
+
+/* What a fault on ``page`` gets under ``plan`` (core/policy.py: plan_fault, which says
+   it in full): at most ``cap`` spans, the fault's own first; 0 when the page is in
+   neither table (the core's to answer). */
+size_t uffdd_plan_fault(const struct uffdd_plan *plan, const struct uffdd_fast_range *data,
+                        size_t ndata, const struct uffdd_fast_range *zeros, size_t nzeros,
+                        uint64_t page, struct uffdd_span *out, size_t cap);
+
 int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nranges,
                      const char *data, const uint8_t *verified, size_t nverified,
-                     unsigned chunk_shift, uint64_t around, char *rest, size_t rest_cap,
-                     struct uffdd_fast_done *done, size_t done_cap, struct uffdd_fast_out *out);
+                     unsigned chunk_shift, const struct uffdd_plan *plan, char *rest,
+                     size_t rest_cap, struct uffdd_fast_done *done, size_t done_cap,
+                     struct uffdd_fast_out *out);
 
 /* -- the background installer, and the fence table (installer.c) -------------------- */
 
@@ -183,8 +205,8 @@ struct uffdd_demand_report {
 
 struct uffdd_demander;
 
-struct uffdd_demander *uffdd_demander_new(int sock, uint64_t around, size_t max_procs,
-                                          struct uffdd_installer *installer);
+struct uffdd_demander *uffdd_demander_new(int sock, const struct uffdd_plan *plan,
+                                          size_t max_procs, struct uffdd_installer *installer);
 int uffdd_demander_efd(const struct uffdd_demander *d);
 int uffdd_demander_add(struct uffdd_demander *d, int fd, uint64_t token, const char *image_id,
                        size_t id_len, const struct uffdd_fast_range *ranges, size_t nranges,
@@ -311,16 +333,17 @@ int frame_parse_request(const unsigned char *p, size_t len, struct uffdd_request
 size_t frame_encode_request(char *out, uint64_t request_id, uint64_t address, uint32_t length,
                             const char *image_id, size_t id_len);
 
-/* -- ranges.c: sorted tables of run-time ranges ------------------------------------- */
+/* -- plan.c: the core's fault plan over its sorted tables of run-time ranges ------ */
 
 /* The range holding ``addr`` in the sorted, disjoint ``ranges``, or NULL. */
 const struct uffdd_fast_range *range_find(const struct uffdd_fast_range *ranges, size_t n,
                                           uint64_t addr);
 /* The index of the first range that ends after ``addr``. */
 size_t range_after(const struct uffdd_fast_range *ranges, size_t n, uint64_t addr);
-/* The fault-around window of ``page`` (``around``: a power of two) clipped to ``r``. */
-void range_window(const struct uffdd_fast_range *r, uint64_t page, uint64_t around,
-                  uint64_t *start, uint64_t *end);
+/* 1 when ``plan``'s block is a power of two of at least a page. */
+int plan_valid(const struct uffdd_plan *plan);
+/* The first address of the block holding ``page``. */
+uint64_t plan_block(const struct uffdd_plan *plan, uint64_t page);
 
 /* -- epoll_thread.c: the skeleton of an epoll-driven thread ------------------------- */
 
