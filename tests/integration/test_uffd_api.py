@@ -178,7 +178,7 @@ def test_probe_reports_ioctls_per_memory_and_mode() -> None:
     assert len(huge) == 3
     with open("/proc/sys/vm/nr_hugepages", encoding="ascii") as f:
         reserved = int(f.read())
-    if reserved == 0:  # this VM: the probe must say why, not pretend
+    if reserved == 0:  # no huge pages reserved here: the probe must say why, not pretend
         assert all(r.ioctls is None and r.error and "nr_hugepages=0" in r.error for r in huge)
     else:
         missing = report.ioctls("hugetlbfs", RegisterMode.MISSING)

@@ -41,7 +41,7 @@ class Policy:
     """A bulk request reaches across at most this much of resident data (demand
     windows the sweep had not got to): those bytes come again, but one request
     replaces two. Without it, a process that reads everything while its faults are
-    answered fast cut the sweep into requests of ~100 KiB (bench/README, session 7)."""
+    answered fast cuts the sweep into requests of ~100 KiB."""
     urgent_deadline: float = 10.0
     bulk_deadline: float = 60.0
     """A request not answered within its deadline kills the processes waiting for it."""
@@ -98,7 +98,7 @@ class Policy:
 
         Faults leave it alone. Shrinking it on faults (CRIU's reset, later a halving)
         kept the sweep of a process that reads all the time at small requests, and
-        that process's residency 2.5x slower than an idle one's (bench/README.md)."""
+        that process's residency several times slower than an idle one's."""
         return min(chunk * 2, self.bulk_max)
 
     def bulk_window(

@@ -35,12 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from uffdd.client.page_client import Chunk
 from uffdd.core.actions import (
@@ -84,6 +82,7 @@ from uffdd.core.tracker import Tracker
 from uffdd.core.wire import decode_messages
 from uffdd.daemon.routes import DemandRoute, LocalRoute
 from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, local_data_of
+from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.native.fast_serve import FastStatus, FastTable
@@ -203,7 +202,7 @@ class Executor:
         try:
             self._watch(root, uffd, tree)
         except OSError as exc:  # nothing was read: it cannot be served, so it is killed
-            _kill_tree(pid, pidfd)
+            kill_tree(pid, pidfd)
             failure = f"{root}: cannot watch its uffd: {exc}"
             on_done(TreeOutcome(root, failure, False, (), 0, None, None, 0, seconds=0.0))
             return
@@ -578,7 +577,7 @@ class Executor:
         _log.error("killing restore tree", proc=action.proc, reason=action.reason)
         if tree.failure is None:
             tree.failure = f"{action.proc}: {action.reason}"
-            _kill_tree(tree.pid, tree.pidfd)
+            kill_tree(tree.pid, tree.pidfd)
         # The process is dead or dying (SIGKILL cannot be caught): its uffd may close.
         self._release(Release(action.proc, exited=True))
 
@@ -645,31 +644,3 @@ class Executor:
 
 def _micros(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e6, 1)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (children first found, deepest last)."""
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop()
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                found.append(child)
-                frontier.append(child)
-    return found
-
-
-def _kill_tree(pid: int, pidfd: int) -> None:
-    """SIGKILL the restored process and everything it forked (children first found
-    while the root still lives, so none is reparented out of reach)."""
-    for child in _descendants(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-    if pidfd >= 0:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)

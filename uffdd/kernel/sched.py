@@ -1,16 +1,15 @@
 """Scheduling hints for the threads on a demand fault's path: a short EEVDF slice.
 
 Why: on Linux 6.6+ (EEVDF) a woken task preempts a busy one only once the busy one
-has used its slice, 1.4 ms by default here (``se.slice`` in /proc/PID/sched). The
+has used its slice (``se.slice`` in /proc/PID/sched; milliseconds by default). The
 daemon's loop and the page server's main process wake for every fault and urgent
 request while the bulk work (the installer thread, the page server's bulk worker, the
-bulk receive) keeps both vCPUs busy, so a fault waited up to a slice per hop. A
-100 us slice (``sched_setattr`` with ``sched_runtime`` for SCHED_OTHER, honoured since
-6.12) lets them in sooner; their share of the CPU does not change. Threads and
-processes inherit it, so callers set it after starting their bulk threads and workers,
-and those (the installer thread, the bulk worker) take the default back at start.
-Measured (bench/README.md, session 4, three alternating rounds): remote fault p99
-with the sweep 6.3-7.5 -> 5.1-5.7 ms, p50 1.05-1.35 -> 0.96-1.25 ms.
+bulk receive) keeps the CPUs busy, so a fault waited up to a slice per hop. A 100 us
+slice (``sched_setattr`` with ``sched_runtime`` for SCHED_OTHER, honoured since 6.12)
+lets them in sooner; their share of the CPU does not change. Threads and processes
+inherit it, so callers set it after starting their bulk threads and workers, and those
+(the installer thread, the bulk worker) take the default back at start. The measured
+effect (remote faults' p99 with the sweep running) is in bench/results/.
 """
 
 from __future__ import annotations

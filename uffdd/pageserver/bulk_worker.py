@@ -4,13 +4,13 @@ answers the fast lane's bulk connections.
 Why: during a sweep the page server's one event loop spends nearly all of its time
 writing bulk chunks, and on a small machine the CPUs are shared with the daemons and
 the processes they restore; an urgent request then waits for that loop and for a CPU.
-Measured on 2 vCPUs (bench/README.md, session 3), urgent p50/p99 while a bulk transfer
-saturates the connection: 1110/2466 us with one process, 312-390/737-915 us with bulk
-served by a second process at nice 10-19, and bulk throughput no lower. So the main
+With bulk served by a second process at a lower priority, urgent answers under a
+saturating bulk transfer came several times sooner, and bulk throughput no lower
+(bench/results/). So the main
 process keeps gRPC and the urgent fast-lane connections, and hands a fast-lane
 connection whose first frame is a bulk fetch over, socket and all (SCM_RIGHTS, with
 the bytes already read), to this worker. The worker answers it with the same
-connection code (``fastlane_server._Connection``) from its own catalog of the same
+connection code (``fast_lane.Connection``) from its own catalog of the same
 images, on its own loop; the kernel's scheduler then favours urgent work by itself.
 
 Not used with TLS (an SSL session cannot move to another process) or with
