@@ -17,8 +17,8 @@ lane saves.
 How urgent latency is measured: in many short rounds (``--per-round`` requests per
 condition, until each condition has ``--urgent``), each round urgent requests alone,
 then under a bulk sweep started fresh (given FILL_S to fill the pipe), stopped at the
-round's end. Why so fine: a virtual machine's speed drifts over seconds (a halted vCPU takes ~70
-us or more to wake, neighbours come and go), and a p99 is made by its slowest spells;
+round's end. Why so fine: a virtual machine's speed drifts over seconds (a halted vCPU
+takes ~70 us or more to wake, neighbours come and go), and a p99 is made by its slowest spells;
 with a few long rounds one spell could land on one condition only and flip the ratio
 from one run to the next. Fine rounds spread every spell over both. The p50/p99 are
 plain percentiles over all samples of a condition; the spread of the per-round p99
