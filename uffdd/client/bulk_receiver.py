@@ -5,8 +5,8 @@ receiving bulk data was its largest single cost (``recv`` of the large bodies). 
 receiver thread (``native/receiver.py``, C in ``csrc/receiver.c``) reads the frames
 instead, without the GIL, and queues them; the loop takes whole chunks, one data chunk
 per turn (or a run of small ones), when the receiver's eventfd is readable. The thread
-never touches Python: a Python thread was tried first, and its GIL hand-backs (three per
-chunk) cost every demand fault a wake-up of the loop.
+never touches Python: a Python thread's GIL hand-backs (three per chunk) would cost
+every demand fault a wake-up of the loop.
 
 The loop keeps every decision (which request, which pages, the checksum check in
 ``Request.deliver``), and hands its request frames to the writer thread: a TCP socket's
@@ -21,7 +21,8 @@ Used for plain TCP and Unix bulk lanes; a TLS lane stays on asyncio (an SSL sess
 records are decrypted in Python's ssl module). The urgent lane stays on the loop too:
 its answers are small, and a hop through another thread would add a wake-up to every
 demand fault. Garbage, EOF or an error ends the connection and fails what it carried,
-as on the asyncio path. docs/architecture.md has the threads and their hand-offs.
+as on the asyncio path. docs/architecture.md has the threads and their bounds (section
+4) and the way of a background chunk (section 6.3).
 """
 
 from __future__ import annotations

@@ -4,20 +4,20 @@ Why: with the background sweep running, a demand fault served through the daemon
 Python loop waited for that loop twice, to be read and to be answered, while it handled
 bulk chunks; fetching on the loop right after its read made every round trip block the
 loop and slowed the sweep. So once a remote process's page client has its demand lane
-connected, the executor hands the process's uffd to a demand thread
-(``native/demander.py``, C in ``csrc/demander.c``, which says how it stays safe against
-layout events), and the thread reports back what it installed (the core's
-``FastServed``) and every message it did not answer, in order. The price is paid by a
-process that reads everything: its faults come as fast as C answers them and take CPU
-from the sweep on a small machine; the engine knob ``demand_lane=off`` is the other
-side of that trade.
+connected, the daemon's routes (``daemon/routes.py``) hand the process's uffd to a
+demand thread (``native/demander.py``, C in ``csrc/demander.c``), and the thread reports
+back what it installed (the core's ``FastServed``) and every message it did not answer,
+in order. The price is paid by a process that reads everything: its faults come as fast
+as C answers them and take CPU from the sweep on a small machine; the engine knob
+``demand_lane=off`` is the other side of that trade.
 
 This module is the network's side: the connection is the fast lane's urgent protocol on
 a socket of its own (plain TCP or Unix; never TLS: C does not speak it), with send and
 receive timeouts so a page server that stops answering holds the thread ``TIMEOUT`` at
 most; then the lane is broken, every process goes back to the loop, and the page client
 opens a new lane later (``PageClient.demand_lane``). docs/architecture.md has the routes
-a fault can take.
+a fault can take (section 6) and the fence that keeps the thread safe against layout
+events (section 5.3).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class DemandConnector:
 
     async def _connect(self, address: str) -> None:
         try:
-            # asyncio.timeout, not wait_for (fastlane_client says why)
+            # asyncio.timeout, not wait_for (client/fast_lane.py says why)
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 sock = await bulk_receiver.connect(address, asyncio.get_running_loop())
             self._lane = DemandLane(sock, address)

@@ -4,18 +4,22 @@ Why values: the core decides and never performs IO, so every decision is a froze
 record a test can inspect and a shell can execute. Actions that touch a process's
 userfaultfd name the process (``proc``); fetches are routed by request id.
 
-Contract for the shell, per process: execute the actions in the order given, and feed
-the outcome of every install action (Copy, ZeroFill) back as an ``InstallOutcome``
-before passing a batch of that process's uffd events that holds a layout event
-(REMOVE, UNMAP, REMAP, FORK) to the core, with no install of that process running
-after the read of that batch (until the core has it, answer installs with RETRY, as
-the kernel does while such an event is unread; outcomes fed after that batch was read
-go after a ``BatchHeld`` event, so they cannot release the process before the batch's
-faults are answered). The core relies on it: an install
-decided before a REMOVE was read must run before that REMOVE is acknowledged, or
-snapshot data could land in a page that must read zeros. A batch of page faults only
-may reach the core while installs are outstanding (a copy running on another thread):
-faults on their pages wait for the outcome.
+Contract for the shell, per process:
+
+- execute the actions in the order given, and feed the outcome of every install action
+  (Copy, ZeroFill) back as an ``InstallOutcome``;
+- before passing the core a batch of uffd events that holds a layout event (REMOVE,
+  UNMAP, REMAP, FORK), feed back the outcome of every install of that process, with no
+  install of it running after the read of that batch; until the core has the batch,
+  answer installs with RETRY, as the kernel does while such an event is unread;
+- feed outcomes that come between that read and the batch after a ``BatchHeld`` event,
+  so they cannot release the process before the batch's faults are answered.
+
+The core relies on it: an install decided before a REMOVE was read must run before
+that REMOVE is acknowledged, or snapshot data could land in a page that must read
+zeros. A batch of page faults only may reach the core while installs are outstanding
+(a copy running on another thread): faults on their pages wait for the outcome. How
+the daemon keeps it (the fence): docs/architecture.md, section 5.3.
 """
 
 from __future__ import annotations

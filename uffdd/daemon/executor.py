@@ -11,23 +11,13 @@ Page data is never copied in Python: a chunk arrives as a view into the received
 message, travels through the core untouched inside ``PagesArrived``/``Copy``, and goes
 to ``UFFDIO_COPY`` with ``ffi.from_buffer``.
 
-When the tree's source holds the image locally, a read goes through the C fast path
-first (``Uffd.fast_serve``): it answers faults where the core's ``fast_ranges`` say the
-image's data is right and the data's checksum chunk is verified, and stops at the first
-message it cannot answer; that message and everything after it takes the path above.
-The core learns what C installed (``FastServed``) in the same batch, before the rest.
-When it is remote and its page client's demand lane is up, the process's uffd is not
-read here at all: the demand thread (``client/demand_lane.py``) reads it, fetches and
-installs the faults it can, and reports the rest here in order, a FastServed first,
-stopping at each layout event until the core has handled it.
-
-Large bulk copies (no thread waits on them) go to the installer thread
-(``native/installer.py``) instead, so a demand fault is read and answered while a
-megabyte of background data goes in. The core's contract still holds where it matters:
-a batch that holds only faults may reach the core while such copies run (it leaves
-their pages alone: their outcome wakes the waiters), but before a layout event reaches
-it the uffd is fenced and every copy of that process has ended and reported back; an
-install the core asks for meanwhile meets the EAGAIN the kernel would give.
+Who reads each uffd (the loop, with the C fast serve first when the image is local, or
+a demand thread) is ``routes.py``'s. Large background copies go to the installer thread
+(``native/installer.py``), so a demand fault is read and answered while a megabyte of
+background data goes in. Here the fence keeps those copies behind every layout event:
+``_readable`` fences on the read, ``fenced_batch`` ends and reports every copy of the
+process before the core sees the batch, ``_install`` answers RETRY meanwhile.
+docs/architecture.md, sections 5 and 6, has the whole model and why it holds.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Why apart from the executor: the executor runs the core's actions; which reader a
 process's faults reach first is a question of its own, with its own state. Every
-uffd is read by exactly one reader at a time (docs/architecture.md, "Routes"):
+uffd is read by exactly one reader at a time (docs/architecture.md, section 6):
 
 - the loop (``Executor._readable``), through :class:`LocalRoute` first when the image
   is on this host: the C fast serve answers faults on local, verified data from the
@@ -10,8 +10,9 @@ uffd is read by exactly one reader at a time (docs/architecture.md, "Routes"):
 - :class:`DemandRoute`, once a remote process's page client has its demand lane up: the
   process's uffd goes to that lane's demand thread, which reads it, fetches and installs
   what the core delegated, and reports the rest in order; each layout event pauses the
-  uffd until the core has handled it and delegated anew. When the lane breaks, every
-  process goes back to the loop, after every report the thread made.
+  uffd until the core has handled it and delegated anew (the fence: section 5.3). When
+  the lane breaks, every process goes back to the loop, after every report the thread
+  made.
 
 What a C reader may answer is the core's to say: its tables (a ``Delegate`` action
 whenever they change) and the policy's ``FaultPlan``. The routes only choose readers.
@@ -221,9 +222,9 @@ class DemandRoute:
         self._host.handle(EventsDrained(proc))  # what is still queued, the thread reads
 
     def _drop_demander(self, thread: DemandThread, error: int) -> None:
-        """The thread's lane broke: its processes go back to the loop, after every
-        report it made (the messages in them were read from the uffds: only these
-        reports hold them)."""
+        """The thread's lane broke, or it found no memory for a round (both a LANE
+        report): its processes go back to the loop, after every report it made (the
+        messages in them were read from the uffds: only these reports hold them)."""
         _log.warning("demand lane broken; the loop reads its processes", error=os.strerror(error))
         mine = [proc for proc, (owner, slot, _) in self._owned.items() if owner is thread]
         for proc in mine:

@@ -5,5 +5,6 @@ demand faults, the local fast serve, the page server's urgent answers) run on pt
 without the GIL where a measurement showed the event loop was the bottleneck. Each
 owner here starts its thread, hands it plain values (fds, buffers, tables), takes its
 results through an eventfd and frees it; none of them knows of images or the network.
-docs/architecture.md is the one description of the threads, their locks and fences.
+docs/architecture.md is the one description of the threads, their locks and fences
+(sections 4 and 5); its section 8 lists the C files.
 """

@@ -8,7 +8,8 @@ loop would send, and hands back, before writing a byte of it, every request it c
 answer exactly (with the connection and its unparsed bytes).
 
 This owner takes fds, buffers and extent rows; which images exist, and what a connection
-handed back means, is ``pageserver/urgent.py``'s. docs/architecture.md has the threads.
+handed back means, is ``pageserver/urgent.py``'s. docs/architecture.md: the thread
+(section 4), the hand-back rules (section 6.4).
 """
 
 from __future__ import annotations

@@ -3,16 +3,17 @@ faults read, fetched and installed in C.
 
 Why a thread: with the background sweep running, a demand fault answered through the
 daemon's Python loop waited for that loop twice, to be read and to be answered, while it
-handled bulk chunks. The thread reads the uffds handed to it, fetches each fault's
-window over its own blocking socket (the fast lane's urgent protocol), checks each
-chunk's checksum and installs it; the uffds ready at once share one round trip. It
-reports back what it installed and every message it did not answer, in order, and stops
-reading a uffd at each layout event (fenced by the installer it is given) until
-:meth:`Demander.resume`.
+handled bulk chunks. The thread reads the uffds handed to it, fetches what the core's
+plan gives each fault over its own blocking socket (the fast lane's urgent protocol),
+checks each chunk's checksum and installs it; the uffds ready at once share one round
+trip. It reports back what it installed and every message it did not answer, in order,
+and stops reading a uffd at each layout event (fenced by the installer it is given)
+until :meth:`Demander.resume`.
 
 This owner takes fds, the core's ranges as tuples and an image id; the connection
-(``client/demand_lane.py``) and what the reports mean to the core (the executor) are
-not its business. docs/architecture.md has the routes a fault can take and the fences.
+(``client/demand_lane.py``) and what the reports mean to the core
+(``daemon/routes.py``) are not its business. docs/architecture.md: the thread (section
+4), its fence (5.3), the route (6.2 B).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class DemandReport:
     read_error: int
     """errno of a failed read (or 0): the uffd is no longer read."""
     lane_error: int
-    """errno that broke the connection (or 0): the thread answers nothing any more."""
+    """errno that ended the thread's service (or 0): the connection's, or ENOMEM when
+    it found no memory for a round (it then read nothing); it answers nothing any more."""
 
 
 def _rows_array(rows: Iterable[tuple[int, int, int]]) -> tuple[Any, int]:

@@ -6,7 +6,8 @@ lookup and a UFFDIO_COPY; ``uffdd_fast_serve`` (``csrc/fast_serve.c``) does that
 GIL released and hands every other message back raw, in order, for the core. This
 module knows nothing of images: it takes the core's ranges, a buffer and the bytes
 saying which checksum chunks are verified. ``kernel.uffd.Uffd.fast_serve`` is the call
-the daemon makes. docs/architecture.md says which thread reads which uffd and when.
+the daemon makes. docs/architecture.md: when it runs (section 6), and why it answers no
+fault of a read that holds a layout event (section 5.3).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class FastStatus(enum.Enum):
     DRAINED = 0
     """The fd is empty; every message read was answered in C."""
     SLOW = 1
-    """A message needs the slow path: it and the rest of its read are in ``rest``;
-    more may be queued (read them on the slow path too, in order)."""
+    """A message needs the slow path: it and the rest of its read (the whole read, when
+    it holds a layout event) are in ``rest``; more may be queued (read them on the slow
+    path too, in order)."""
     FULL = 2
     """No room for more installs: call again."""
 
@@ -104,9 +106,10 @@ class FastTable:
 def fast_serve(fd: int, table: FastTable) -> FastResult:
     """Answer the faults queued on uffd ``fd`` that ``table`` covers, in C.
 
-    Messages are taken in order; the first one C cannot answer (another event, a fault
-    outside the table or on unverified data, an ioctl error other than EEXIST) ends the
-    fast path for this call: it and every later message of its read come back raw in
+    Messages are taken in order. A read that holds a layout event comes back whole,
+    its faults unanswered; otherwise the first message C cannot answer (a fault outside
+    the table or on unverified data, an ioctl error other than EEXIST) ends the fast
+    path for this call: it and every later message of its read come back raw in
     ``rest``, and more may be queued behind them.
     """
     t = table

@@ -7,15 +7,13 @@ behind it. The installer (``uffdd-install``, ``csrc/installer.c``) runs queued c
 pieces, without the GIL, while the loop reads faults and sockets. This owner takes fds,
 addresses and buffers; it knows nothing of processes or images.
 
-The readers' side of the bargain (the executor keeps it, the demand thread keeps it in
-C): :meth:`Installer.watch` a uffd before its first read and :meth:`unwatch` it when it
-is released; read it only inside :meth:`Installer.reading`, and when a read returns a
-layout event (REMOVE, UNMAP, REMAP, FORK), fence that uffd before leaving the block,
-:meth:`quiesce` it, feed the completions to the core, and only then hand the core the
-event and :meth:`unfence`. No piece of a fenced uffd starts, and no piece runs during a
-read, so every byte the thread installs landed before the event was read, as it would
-have on the loop. A watched uffd has its row in the fence table, so a fence cannot
-fail. docs/architecture.md has the whole set of threads, locks and fences.
+What the readers of a uffd owe (the executor; a demand thread reads and fences in C,
+the executor does the rest): :meth:`Installer.watch` it before its first read (the one
+step that can fail) and :meth:`unwatch` it at release; read it only inside
+:meth:`Installer.reading`; on a layout event, fence it before leaving the block, then
+:meth:`quiesce` it and take the completions before the core sees the event, and
+:meth:`unfence`. The protocol, and why it keeps every byte the thread installs ahead of
+the event: docs/architecture.md, section 5.3.
 
 Completions are collected by :meth:`take` when :attr:`fd` (an eventfd) is readable.
 A job cut short by a fence ends like a copy the kernel interrupted: EAGAIN with the

@@ -7,7 +7,7 @@ malloc'ed buffer, without the GIL, and queues them; the loop takes whole frames 
 it, so the loop never waits on the socket's lock while a receive holds it. Neither
 thread touches Python. This owner takes a connected socket's fd and plain bytes; the
 frames' meaning (requests, checksums, errors) is ``client/bulk_receiver.py``'s.
-docs/architecture.md has the threads, their locks and their bounds.
+docs/architecture.md, section 4, has the threads, their locks and their bounds.
 """
 
 from __future__ import annotations

@@ -6,16 +6,17 @@ writing bulk chunks, and on a small machine the CPUs are shared with the daemons
 the processes they restore; an urgent request then waits for that loop and for a CPU.
 With bulk served by a second process at a lower priority, urgent answers under a
 saturating bulk transfer came several times sooner, and bulk throughput no lower
-(bench/results/). So the main
-process keeps gRPC and the urgent fast-lane connections, and hands a fast-lane
-connection whose first frame is a bulk fetch over, socket and all (SCM_RIGHTS, with
-the bytes already read), to this worker. The worker answers it with the same
-connection code (``fast_lane.Connection``) from its own catalog of the same
+(bench/results/). So the main process keeps gRPC and the urgent fast-lane connections,
+and hands a fast-lane connection whose first frame is a bulk fetch over, socket and all
+(SCM_RIGHTS, with the bytes already read), to this worker. The worker answers it with
+the same connection code (``fast_lane.Connection``) from its own catalog of the same
 images, on its own loop; the kernel's scheduler then favours urgent work by itself.
 
 Not used with TLS (an SSL session cannot move to another process) or with
 ``--bulk-rate-limit`` (one token bucket must see all bulk output): those connections
 stay in the main process, as they do whenever the worker is not ready or has died.
+docs/architecture.md has the page server's threads and processes (section 4) and where
+each connection goes (section 6.4).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ binary headers (wire/fast_lane.py), on the page server's own event loop, urgent 
 bulk. gRPC stays the API; this is an optional shortcut a client finds through
 ListImages. Where a connection goes is decided by its first frame: a bulk fetch to the
 bulk worker process (bulk_worker.py), an urgent one to the C answerer thread
-(urgent.py), each of which may give it back; TLS connections stay here.
+(urgent.py), each of which may give it back; TLS connections stay here
+(docs/architecture.md, section 6.4).
 
 Memory is bounded: a frame's image id is at most 1 KiB, at most MAX_QUEUED requests
 are parsed ahead, and nothing more is read while the transport's write buffer is above

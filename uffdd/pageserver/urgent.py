@@ -14,9 +14,11 @@ This side decides what the thread may serve and takes back what it will not:
   whose format stores no checksums (a CRIU pages file) is not registered;
 * a connection the thread declines (an unknown image, a request to refuse, corrupt
   data, a bulk frame, garbage) comes back with its unparsed bytes and is served by the
-  loop's ``Connection`` from then on, so every refusal keeps its one implementation.
+  loop's ``Connection``, so every refusal keeps its one implementation; one that came
+  back only because its image was not registered yet goes to the thread again once it
+  is.
 
-docs/architecture.md has the threads and the hand-offs between them.
+docs/architecture.md: the thread (section 4), the hand-back rules (section 6.4).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
    of microseconds of Python and the loop's wake-up on top of the kernel's share; a
    demand fault waits for it, and during a restore those answers took the CPU the sweep
    needed. This thread answers the urgent connections instead, from the images' mmaps,
-   with the same chunks as the loop (pageserver/fast_lane.py, chunking.RangeCursor:
-   never across an extent, DATA cut at the chunk size, a ZERO extent in one chunk) and
-   the same checks, without the GIL.
+   with the same chunks as the loop (the core's rule, core/policy.py: chunk_length,
+   which the loop's pageserver/chunking.py: RangeCursor calls) and the same checks,
+   without the GIL.
 
    It answers only what it can answer exactly: a UFL1 request for a registered image,
    within the length limit, page-aligned, covered by extents whose checksum chunks
@@ -16,9 +16,10 @@
    always comes too late). Anything else (an unknown image, a refusal, corrupt data, a
    bulk frame, garbage, a truncated last frame) hands the connection back to the event
    loop with its unparsed bytes, before a byte of that request is written; the loop's
-   Connection answers it, and everything after it, as before. Writes never block: a
-   connection whose peer does not read waits for EPOLLOUT and is not read meanwhile, so
-   memory stays at its request buffer and one frame header per connection. */
+   Connection answers it and everything after it (docs/architecture.md, section 6.4).
+   Writes never block: a connection whose peer does not read waits for EPOLLOUT and is
+   not read meanwhile, so memory stays at its request buffer and one frame header per
+   connection. */
 #include "uffdd.h"
 
 #include <errno.h>

@@ -5,22 +5,20 @@
    loop waited for that loop twice, to be read and to be answered, while it handled bulk
    chunks. So this pthread owns the uffds of remote processes once their page client's
    demand lane is up: it reads the ready ones, sends one urgent fast-lane request per
-   fault-around window (all of them at once: one round trip for up to DEMAND_ROUND
-   processes) on a blocking socket of its own, checks each chunk's checksum, and
-   installs it with a waking UFFDIO_COPY. A fault where the core named zeros (an image
-   ZERO extent, or a range madvise removed) gets its window zero-filled (UFFDIO_ZEROPAGE)
-   with no round trip. Everything else (a layout event, a fault outside the ranges the
-   core named, a refused window, a wrong checksum) goes to the loop as raw messages, in
-   order, after a report of what C installed (the core's FastServed).
+   data span the core's plan gives a fault (plan.c; all of them at once: one round trip
+   for up to DEMAND_ROUND processes) on a blocking socket of its own, checks each
+   chunk's checksum, and installs it with a waking UFFDIO_COPY. A span where the core
+   named zeros (an image ZERO extent, or a range madvise removed) is zero-filled
+   (UFFDIO_ZEROPAGE) with no round trip. Everything else (a layout event, a fault
+   outside the ranges the core named, a refused window, a wrong checksum) goes to the
+   loop as raw messages, in order, after a report of what C installed (the core's
+   FastServed).
 
-   Safety, as for the loop's own reads (installer.c): each read is made holding the
-   installer's uffd_lock; a read that returns a layout event fences that uffd before
-   letting go, pauses it (no read of it until the loop resumes it, with the ranges the
-   core computed after the event) and serves none of its faults (a fault read with a
-   REMOVE could otherwise be answered after the kernel zapped the range). The loop's own
-   installs into such a uffd take uffd_lock and check the fence
-   (uffdd_installer_guarded_ioctl). A copy racing a layout event raised meanwhile meets
-   the kernel's EAGAIN; that window's faults go to the loop. */
+   Safety: each read holds the installer's uffd_lock; a read that returns a layout event
+   fences that uffd, pauses it until the loop resumes it with the core's new tables,
+   and has none of its faults answered (uffd_msgs_hold_layout). The fence protocol and
+   why it holds: docs/architecture.md, section 5.3; this thread's locks, bounds and
+   routes: sections 4, 5.1 and 6.2 B. */
 #include "uffdd.h"
 
 #include <errno.h>

@@ -6,7 +6,8 @@
    core's table and whose checksum chunk is verified (the window the core's plan gives
    it, plan.c, when all of that is verified too), and hands every other message, raw
    and in order, back to the Python core: policy never moves into C. A read that holds
-   a layout event goes back whole, its faults unanswered (uffd_msgs_hold_layout). */
+   a layout event goes back whole, its faults unanswered (uffd_msgs_hold_layout; why:
+   docs/architecture.md, section 5.3). */
 #include "uffdd.h"
 
 #include <errno.h>

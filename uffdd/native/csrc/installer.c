@@ -6,15 +6,12 @@
    thread meanwhile waits for all of it. Here a pthread runs bulk copies in pieces
    while the loop goes on reading faults and sockets; it never takes the GIL.
 
-   Safety: a piece must never land after a reader has read a REMOVE, UNMAP, REMAP or
-   FORK that the core has not handled yet (after a REMOVE is read the kernel zaps the
-   range, and a later copy would put snapshot data where zeros are right). So every
-   piece runs under uffd_lock, which every reader of a uffd (the loop, the demand
-   thread) also holds around its reads; when a read returns such an event the reader
-   fences that uffd before letting go, and a piece checks the fence first. A piece
-   either ran before the read (then the kernel ordered it before the event) or does not
-   run (the job ends with EAGAIN and the bytes done, as a copy interrupted by the
-   kernel's mmap_changing would).
+   Safety: a piece never lands after a reader has read a layout event (REMOVE, UNMAP,
+   REMAP, FORK) the core has not handled yet. Every piece runs under uffd_lock, which
+   every reader of a uffd holds around its reads, and checks first the fence a reader
+   sets on such a read; a fenced job ends with EAGAIN and the bytes done, as a copy the
+   kernel interrupted would. The protocol and why it holds: docs/architecture.md,
+   section 5.3; the locks and their order: section 5.1 and 5.2.
 
    The fence table has a row for every uffd a reader may read: a uffd is watched
    before its first read (that may fail, cleanly: out of memory) and unwatched when

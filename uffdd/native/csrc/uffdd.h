@@ -41,7 +41,7 @@ int uffd_create_from_device(int dev_fd, int flags);
    no fault of that read is answered in C. Its copy would run after the event was read,
    and once the kernel has zapped a removed range (it does so after the read), a copy
    that lands would put snapshot data where zeros are right. The core answers them,
-   after the event (docs/architecture.md, "Fences"). */
+   after the event (docs/architecture.md, section 5.3). */
 int uffd_msgs_hold_layout(const struct uffd_msg *msgs, size_t n);
 
 /* -- the checksum every chunk carries: xxHash's XXH3-64 (checksum.c) ---------------- */
@@ -188,8 +188,9 @@ void uffdd_receiver_free(struct uffdd_receiver *r);
 #define UFFDD_DR_LAYOUT 1  /* msgs hold a layout event: fd fenced, paused */
 #define UFFDD_DR_DRAINED 2 /* the fd was empty after this */
 #define UFFDD_DR_ERROR 4   /* read() failed: err; the fd is paused */
-#define UFFDD_DR_LANE 8    /* the connection failed (err): nothing is served any more;
-                              every message goes to the loop */
+#define UFFDD_DR_LANE 8    /* the service ended (err: the connection's, or ENOMEM for a
+                              round): nothing is served any more; every message goes to
+                              the loop */
 
 struct uffdd_demand_report {
     uint64_t token;
