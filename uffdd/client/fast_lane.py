@@ -52,7 +52,7 @@ SCRATCH_BYTES = 64 * 1024
 URGENT_SCRATCH_BYTES = 256 * 1024 + 4096
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
-_log = get_logger("uffdd.remote.fastlane")
+_log = get_logger("uffdd.client.fast_lane")
 _EMPTY = memoryview(b"")
 
 Discover = Callable[[], Awaitable[list[str]]]

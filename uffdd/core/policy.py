@@ -7,7 +7,8 @@ daemon's do, but a fault does not shrink them (CRIU resets to 64 KiB because its
 share the one connection; ours have their own lane, as QEMU's post-copy does).
 
 The C paths execute this policy; they never make their own. A C reader of a uffd gets
-a :class:`FaultPlan` and the core's tables (``LazyProcess.delegation``) and answers a
+a :class:`FaultPlan` and the core's tables (``LazyProcess.fast_ranges`` and
+``zero_ranges``, handed over at each ``Delegate`` action) and answers a
 fault exactly as :func:`plan_fault` says (``csrc/plan.c`` is its C twin, and a test
 holds the two to the same answers); the page server's C thread cuts answers into chunks
 as :func:`chunk_length` says. docs/architecture.md shows where each rule runs.

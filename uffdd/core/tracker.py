@@ -11,7 +11,7 @@ How a shell drives it (all calls take ``now``, monotonic seconds; nothing reads 
 - ``handle_uffd(proc, events, now)`` with each batch decoded from one read(), in order,
   stamped with the time of the read (fault latency is measured from it);
 - ``handle(event, now)`` for everything else: PagesArrived, FetchFailed,
-  InstallOutcome, FastServed, EventsDrained, HandoverComplete, Exited, Tick;
+  InstallOutcome, FastServed, EventsDrained, BatchHeld, HandoverComplete, Exited, Tick;
 - execute the returned actions in order (see ``actions.py`` for the contract), and
   call ``handle(Tick(), now)`` by ``next_wakeup()`` at the latest.
 """

@@ -116,6 +116,8 @@ class DemandRoute:
         """Processes whose uffd a demand thread reads: (thread, slot, token)."""
         self._tokens: dict[int, ProcId] = {}
         self._next_token = 0
+        self._dropping: DemandThread | None = None
+        """The thread whose reports are being handed over after its slots were removed."""
 
     def served(self) -> list[ProcId]:
         """Processes whose uffd a demand thread reads."""
@@ -217,6 +219,8 @@ class DemandRoute:
         owner = self._owned.get(proc)
         if owner is None:
             return  # released by the batch
+        if owner[0] is self._dropping:
+            return  # its slot is gone: the loop reads this uffd from now on
         process = self._host.tracker.process(proc)  # delegated anew by that batch
         owner[0].resume(owner[1], process.fast_ranges(), process.zero_ranges())
         self._host.handle(EventsDrained(proc))  # what is still queued, the thread reads
@@ -229,7 +233,12 @@ class DemandRoute:
         mine = [proc for proc, (owner, slot, _) in self._owned.items() if owner is thread]
         for proc in mine:
             thread.remove(self._owned[proc][1])  # read no more of it
-        self._hand_reports(thread, thread.take())
+        # A report of a layout event among these must not resume its (removed) slot.
+        self._dropping = thread
+        try:
+            self._hand_reports(thread, thread.take())
+        finally:
+            self._dropping = None
         for proc in mine:
             if proc not in self._owned:
                 continue  # released by a report

@@ -59,7 +59,7 @@ MAX_QUEUED = 1024  # requests parsed ahead of the one being answered, per connec
 COALESCE_BYTES = 64 * 1024
 UNIX_SEND_BUFFER = 4 * 1024 * 1024
 
-_log = get_logger("uffdd.remote.fastlane")
+_log = get_logger("uffdd.pageserver.fast_lane")
 
 
 class _Job:

@@ -476,6 +476,7 @@ static void *demander_main(void *arg)
 static void demand_clear(struct demand_proc *p)
 {
     p->fd = -1;
+    p->paused = 0;
     free(p->ranges);
     free(p->zeros);
     p->ranges = NULL;
@@ -617,7 +618,8 @@ int uffdd_demander_resume(struct uffdd_demander *d, int slot,
     struct demand_proc *p = &d->procs[slot];
     while (p->busy)
         pthread_cond_wait(&d->idle, &d->t.lock);
-    int rc = demand_set_ranges(p, ranges, nranges, zeros, nzeros);
+    /* a removed slot is nobody's to resume (its uffd is the loop's again) */
+    int rc = p->fd < 0 ? -EBADF : demand_set_ranges(p, ranges, nranges, zeros, nzeros);
     if (rc == 0 && p->paused) {
         p->paused = 0;
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)slot};

@@ -37,12 +37,6 @@ int uffd_ioctl(int fd, unsigned long request, void *arg);
 int uffd_create(int flags);
 /* USERFAULTFD_IOC_NEW on an open /dev/userfaultfd: the fd, or -errno. */
 int uffd_create_from_device(int dev_fd, int flags);
-/* 1 when a read's ``n`` messages hold a layout event (FORK, REMAP, REMOVE, UNMAP): then
-   no fault of that read is answered in C. Its copy would run after the event was read,
-   and once the kernel has zapped a removed range (it does so after the read), a copy
-   that lands would put snapshot data where zeros are right. The core answers them,
-   after the event (docs/architecture.md, section 5.3). */
-int uffd_msgs_hold_layout(const struct uffd_msg *msgs, size_t n);
 
 /* -- the checksum every chunk carries: xxHash's XXH3-64 (checksum.c) ---------------- */
 
@@ -268,6 +262,15 @@ void uffdd_answerer_free(struct uffdd_answerer *a);
 /* ===================================================================================
    Shared inside csrc/ (and by tests/native/)
    =================================================================================== */
+
+/* -- uffd.c -------------------------------------------------------------------------- */
+
+/* 1 when a read's ``n`` messages hold a layout event (FORK, REMAP, REMOVE, UNMAP): then
+   no fault of that read is answered in C. Its copy would run after the event was read,
+   and once the kernel has zapped a removed range (it does so after the read), a copy
+   that lands would put snapshot data where zeros are right. The core answers them,
+   after the event (docs/architecture.md, section 5.3). */
+int uffd_msgs_hold_layout(const struct uffd_msg *msgs, size_t n);
 
 /* -- common.c: eventfds, threads, sockets, time ------------------------------------- */
 
