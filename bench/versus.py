@@ -26,6 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 _NUMBER = re.compile(r"^[<>=~]*\s*-?[\d.]+")
+_LABEL = re.compile(r"^([^\d(]*?)\s{2,}(\d.*)$")
+"""An indented figures line: a label, two spaces or more, then figures."""
 
 
 def run(checkout: Path, command: list[str], log: Path) -> str:
@@ -43,16 +45,23 @@ def run(checkout: Path, command: list[str], log: Path) -> str:
 
 
 def tables(output: str) -> dict[str, dict[str, list[str]]]:
-    """Every Markdown table of ``output`` under its ``##`` heading: row key -> cells.
+    """Every table of ``output`` under its heading: row key -> cells.
 
-    A row's key is its leading cells up to the first number (e.g. "same CPU | p50 us"),
-    at least the first; its cells are the rest. A row without a number is a header."""
+    Two shapes: Markdown tables under ``## heading`` (``run.py``), whose row key is its
+    leading cells up to the first number (e.g. "same CPU | p50 us"), at least the first,
+    and whose cells are the rest (a row without a number is a header); and indented
+    ``label  figures`` lines under a ``[heading]`` line (``bench_page_server.py``), keyed
+    by the label."""
     found: dict[str, dict[str, list[str]]] = {}
     heading = ""
     for line in output.splitlines():
-        if line.startswith("## "):
-            heading = line[3:].split(" (")[0]
+        if line.startswith("## ") or (line.startswith("[") and line.endswith("]")):
+            heading = line[3:].split(" (")[0] if line.startswith("## ") else line[1:-1]
             found.setdefault(heading, {})
+        elif line.startswith("  ") and heading and not line.startswith("  <"):
+            label = _LABEL.match(line.strip())
+            if label and label.group(2):
+                found.setdefault(heading, {})[label.group(1).strip()] = [label.group(2)]
         elif line.startswith("|") and not set(line) <= set("|- "):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             numbers = [i for i, c in enumerate(cells) if _NUMBER.match(c)]
@@ -68,6 +77,9 @@ def main() -> None:
     parser.add_argument("other", type=Path, help="the other checkout (with its own .venv)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "bench" / "build" / "versus")
+    parser.add_argument(
+        "--again", action="store_true", help="print the outputs kept in --out, run nothing"
+    )
     argv = sys.argv[1:]
     if "--" not in argv or argv.index("--") == len(argv) - 1:
         parser.error("give the benchmark command after --")
@@ -82,7 +94,8 @@ def main() -> None:
         print(f"round {round_ + 1}: {' then '.join(order)}", flush=True)
         for name in order:
             log = args.out / f"{name}-{round_ + 1}.txt"
-            results[name].append(tables(run(sides[name], command, log)))
+            output = log.read_text() if args.again else run(sides[name], command, log)
+            results[name].append(tables(output))
     print(f"\nother = {sides['other']}, this = {sides['this']}; outputs in {args.out}")
     for heading, rows in results["this"][0].items():
         print(f"\n## {heading}")
