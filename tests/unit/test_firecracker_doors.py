@@ -6,6 +6,8 @@ and leave no socket behind.
 
 from __future__ import annotations
 
+import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from uffdd.config import DaemonConfig
 from uffdd.core.errors import ConfigError
 from uffdd.daemon.doors.firecracker.backing import RemoteImage
 from uffdd.daemon.doors.firecracker.doors import firecracker_doors, parse_spec
+from uffdd.daemon.doors.firecracker.endpoint import FirecrackerSocket
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -54,3 +57,18 @@ def test_binds_each_socket_and_cleans_up_on_a_later_failure(tmp_path: Path) -> N
 def test_a_missing_image_directory_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         firecracker_doors([f"{tmp_path}/fc.sock={tmp_path}/no-image"], DaemonConfig())
+
+
+def test_a_stale_firecracker_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fc.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays: a handler that died
+    listening = FirecrackerSocket.bind(path, mode=0o660)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        with pytest.raises(ConfigError, match="another process is listening"):
+            FirecrackerSocket.bind(path)
+    finally:
+        listening.close()
+    assert not path.exists()

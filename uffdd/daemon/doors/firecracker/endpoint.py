@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
-import os
 import socket
-import stat
 import time
 from pathlib import Path
 
-from uffdd.core.errors import ConfigError
 from uffdd.kernel.fdpass import fds_in, wait_readable
+from uffdd.kernel.unix_listener import bind_listener, unlink_if_ours
 from uffdd.log import get_logger
 
 _log = get_logger("uffdd.firecracker")
@@ -41,47 +38,12 @@ class FirecrackerSocket:
         """Bind and listen at ``path``; a stale socket file is replaced, anything else
         (a live listener, a regular file) is a ConfigError."""
         path = Path(path)
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _remove_stale(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            old_umask = os.umask(0o777 & ~mode)
-            try:
-                sock.bind(str(path))
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, mode)
-            sock.listen(backlog)
-            sock.setblocking(False)
-            inode = os.stat(path).st_ino
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        sock, inode, _ = bind_listener(path, socket.SOCK_STREAM, mode=mode, backlog=backlog)
         return cls(sock, path, inode)
 
     def close(self) -> None:
         self.sock.close()
-        with contextlib.suppress(OSError):
-            if os.lstat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-
-
-def _remove_stale(path: Path) -> None:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"{path} exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        os.unlink(path)  # nobody listens: a dead daemon's socket
-        return
-    finally:
-        probe.close()
-    raise ConfigError(f"{path}: another process is listening there")
+        unlink_if_ours(self.path, self._inode)
 
 
 async def recv(conn: socket.socket, fds: list[int], timeout: float | None) -> bytes | None:

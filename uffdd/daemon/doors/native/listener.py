@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import os
 import signal
 import socket
-import stat
 import struct
 import uuid
 from collections.abc import Awaitable, Callable
@@ -60,6 +58,7 @@ from uffdd.core.handover import (
 )
 from uffdd.kernel.fdpass import close_fds, fds_in, wait_readable
 from uffdd.kernel.uffd import Feature, Uffd
+from uffdd.kernel.unix_listener import bind_listener, unlink_if_ours
 from uffdd.log import get_logger
 from uffdd.wire.handover import decode_request, encode_reply
 
@@ -148,24 +147,11 @@ class Listener:
         mode 0o660 and add the gid to ``allowed_uids``' peers by uid).
         """
         path = Path(path)
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _remove_stale(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            old_umask = os.umask(0o777 & ~mode)
-            try:
-                sock.bind(str(path))
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, mode)
-            if gid is not None:
-                os.chown(path, -1, gid)
-            sock.listen(backlog)
-            sock.setblocking(False)
-            inode = os.stat(path).st_ino
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        sock, inode, removed = bind_listener(
+            path, socket.SOCK_SEQPACKET, mode=mode, gid=gid, backlog=backlog
+        )
+        if removed:
+            _log.info("removed stale handover socket", path=str(path))
         return cls(sock, path, inode)
 
     @classmethod
@@ -197,35 +183,7 @@ class Listener:
         """Close the socket; unlink the file if we bound it and it is still ours."""
         self.sock.close()
         if self.path is not None and self._inode is not None:
-            with contextlib.suppress(OSError):
-                if os.lstat(self.path).st_ino == self._inode:
-                    os.unlink(self.path)
-
-
-def _remove_stale(path: Path) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"{path} exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: left behind by a dead daemon
-        _log.info("removed stale handover socket", path=str(path))
-        return
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ConfigError(
-            f"{path} is a socket in use by something else ({exc.strerror or exc}); not removing it"
-        ) from exc
-    finally:
-        probe.close()
-    raise ConfigError(f"another process is listening on {path} (is a uffdd daemon running?)")
+            unlink_if_ours(self.path, self._inode)
 
 
 # -- the reply channel ------------------------------------------------------------------
