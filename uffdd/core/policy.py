@@ -171,9 +171,8 @@ def plan_fault(
     if zero or not plan.whole_block:
         return spans
     for kind_zero, rows in ((False, data), (True, zeros)):
-        for index in range(bisect.bisect_right(rows, (lo, lo)) - 1, len(rows)):
-            if index < 0:
-                continue
+        # from the last row starting before the block (it may reach into it)
+        for index in range(max(bisect.bisect_right(rows, (lo, lo)) - 1, 0), len(rows)):
             start, end = rows[index]
             if start >= hi:
                 break
