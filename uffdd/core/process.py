@@ -106,6 +106,21 @@ class LazyRegion:
     page_size: int = PAGE_SIZE
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What a restarted daemon must know to serve a process right, written down after
+    every layout change: where each lazy piece is now and where it is in the image, and
+    which image pages read zeros for good (the image's ZERO extents and every range a
+    REMOVE dropped). What is resident is not kept: the kernel knows it (a copy over a
+    present page answers EEXIST), and the shell may say so up front (``resident``)."""
+
+    pieces: tuple[LazyRegion, ...]
+    zero: tuple[tuple[int, int], ...]
+    handed_over: bool
+    forks: int = 0
+    """Fork children named so far (a later child's name must not repeat one)."""
+
+
 class IdSource:
     """Request and install ids, unique across a tracker (shared by its processes)."""
 
@@ -209,6 +224,49 @@ class LazyProcess:
         for region in regions:
             self._add_region(region, stored)
         self.stats.data_total = self.missing.total
+
+    @classmethod
+    def resumed(
+        cls,
+        proc: ProcId,
+        image_id: str,
+        checkpoint: Checkpoint,
+        now: float,
+        *,
+        resident: Sequence[tuple[int, int]] = (),
+        policy: Policy | None = None,
+        ids: IdSource | None = None,
+    ) -> LazyProcess:
+        """A process taken back from a daemon that died: ``checkpoint``'s layout and
+        zeros; every other mapped page is missing unless ``resident`` (run-time spans
+        the shell found present) covers it."""
+        process = cls(
+            proc, image_id, (), (), now, policy=policy, ids=ids, handed_over=checkpoint.handed_over
+        )
+        for region in checkpoint.pieces:
+            process._add_region(region, RangeSet([(region.image, region.image + region.length)]))
+        zero: RangeSet[ImageAddr] = RangeSet(checkpoint.zero)
+        for lo, hi in list(zero.spans()):
+            process.missing.discard(lo, hi)
+        process.zero = zero
+        for start, end in resident:
+            for piece in process.map.pieces_in_run(start, end):
+                process.missing.discard(piece.image, piece.image_end)
+        process.stats.data_total = process.missing.total
+        process._forks = checkpoint.forks
+        return process
+
+    def checkpoint(self) -> Checkpoint:
+        """The layout and the zeros a restarted daemon needs (see :class:`Checkpoint`)."""
+        return Checkpoint(
+            pieces=tuple(
+                LazyRegion(piece.run, piece.image, piece.length, piece.page_size)
+                for piece in self.map
+            ),
+            zero=tuple((int(lo), int(hi)) for lo, hi in self.zero.spans()),
+            handed_over=self.handed_over,
+            forks=self._forks,
+        )
 
     def _add_region(self, region: LazyRegion, stored: RangeSet[ImageAddr]) -> None:
         size = region.page_size

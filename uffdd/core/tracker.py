@@ -40,7 +40,14 @@ from uffdd.core.events import (
     UffdEvent,
 )
 from uffdd.core.policy import Policy
-from uffdd.core.process import IdSource, LazyProcess, LazyRegion, ProcessInput, State
+from uffdd.core.process import (
+    Checkpoint,
+    IdSource,
+    LazyProcess,
+    LazyRegion,
+    ProcessInput,
+    State,
+)
 from uffdd.core.ranges import RangeSet
 from uffdd.core.stats import ProcessSummary, Progress
 
@@ -105,6 +112,34 @@ class Tracker:
             handed_over=handed_over,
         )
         self._register(process, root=proc)
+        return self._absorb(process, process.pump(now), now)
+
+    def resume_process(
+        self,
+        proc: ProcId,
+        image_id: str,
+        checkpoint: Checkpoint,
+        now: float,
+        *,
+        root: ProcId | None = None,
+        parent: ProcId | None = None,
+        resident: Sequence[tuple[int, int]] = (),
+    ) -> list[Action]:
+        """Take back a process a daemon that died was serving (``root``: its tree's
+        root, itself when None). It sweeps for itself: what its parent was sweeping for
+        it is not known any more."""
+        if proc in self._procs:
+            raise ValueError(f"process {proc!r} is already tracked")
+        process = LazyProcess.resumed(
+            proc,
+            image_id,
+            checkpoint,
+            now,
+            resident=resident,
+            policy=self.policy,
+            ids=self._ids,
+        )
+        self._register(process, root=root or proc, parent=parent)
         return self._absorb(process, process.pump(now), now)
 
     def handle_uffd(
