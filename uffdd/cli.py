@@ -152,6 +152,12 @@ def _daemon_shared(what: str) -> Callable[[F], F]:
                 help=f"Seconds a page request may take before its {what} is killed."),
         _daemon("--grace", type=float, metavar="SECONDS",
                 help=f"Seconds SIGTERM waits for {what}s to become resident."),
+        _daemon("--state-dir", metavar="DIR", show_default="state/ next to the handover socket",
+                help="Journal and keeper socket: a daemon started again with the same one "
+                f"resumes the {what}s a daemon that died was serving."),
+        _daemon("--resume-deadline", type=float, metavar="SECONDS",
+                help=f"Seconds a dead daemon's {what}s are held for a new daemon before "
+                "they are killed."),
         *_log_options(_daemon),
     ]  # fmt: skip
     return _apply(*decorators)

@@ -130,6 +130,13 @@ class DaemonConfig:
     """Where ``lazy-pages.socket`` is made for ``criu_images`` (default: the dump's dir)."""
     firecracker: tuple[str, ...] = ()
     """``SOCKET=IMAGE`` specs: also take Firecracker handovers on each SOCKET."""
+    state_dir: str = ""
+    """Where the journal and the keeper's socket live (default: ``state`` next to the
+    handover socket). A daemon started again with the same one resumes what a daemon
+    that died there was serving."""
+    resume_deadline: float = 5.0
+    """Seconds the keeper holds a dead daemon's processes for a new daemon before it
+    kills them."""
     log_format: str = "json"
     log_level: str = "info"
     engine: Engine = Engine()
@@ -141,7 +148,9 @@ class DaemonConfig:
             problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
-        for name in ("fetch_deadline", "grace", "progress_interval"):
+        if not self.state_dir:
+            object.__setattr__(self, "state_dir", str(Path(self.handover).parent / "state"))
+        for name in ("fetch_deadline", "grace", "progress_interval", "resume_deadline"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.max_inflight_bytes < 1 << 20:

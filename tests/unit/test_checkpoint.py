@@ -35,9 +35,7 @@ layout_event = st.one_of(
     st.builds(
         lambda a, n: Remove(run(a), run(a + n)), st.integers(0, PAGES - 1), st.integers(1, 4)
     ),
-    st.builds(
-        lambda a, n: Unmap(run(a), run(a + n)), st.integers(0, PAGES - 1), st.integers(1, 4)
-    ),
+    st.builds(lambda a, n: Unmap(run(a), run(a + n)), st.integers(0, PAGES - 1), st.integers(1, 4)),
     st.builds(
         lambda a, b, n: Remap(run(a), run(PAGES + 8 + b), n * P),
         st.integers(0, PAGES - 1),

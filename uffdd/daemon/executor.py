@@ -66,12 +66,14 @@ from uffdd.core.events import (
 )
 from uffdd.core.outcomes import OpResult
 from uffdd.core.policy import Policy
-from uffdd.core.process import LazyRegion
+from uffdd.core.process import Checkpoint, LazyRegion
 from uffdd.core.stats import LatencyHistogram, ProcessSummary
 from uffdd.core.tracker import Tracker
 from uffdd.core.wire import decode_messages
+from uffdd.daemon.crash import crash_point
 from uffdd.daemon.routes import DemandRoute, LocalRoute
 from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, local_data_of
+from uffdd.keeper.journal import Generation, Record
 from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
@@ -135,8 +137,12 @@ class Executor:
         *,
         background_installs: bool = True,
         demand_lane: bool = True,
+        journal: Generation | None = None,
     ) -> None:
         self.tracker = Tracker(policy)
+        self.journal = journal
+        """Where every process's layout is written down before it matters (a restarted
+        daemon resumes from it); None: nothing outlives this daemon."""
         self._deadlines = {
             Priority.URGENT: self.tracker.policy.urgent_deadline,
             Priority.BULK: self.tracker.policy.bulk_deadline,
@@ -153,7 +159,13 @@ class Executor:
         policy = self.tracker.policy
         self._local = LocalRoute(policy.fault_plan(round_trip=False))
         self._demand = (
-            DemandRoute(self, self._loop, self._installer, policy.fault_plan(round_trip=True))
+            DemandRoute(
+                self,
+                self._loop,
+                self._installer,
+                policy.fault_plan(round_trip=True),
+                marks=None if journal is None else journal.marks,
+            )
             if demand_lane and self._installer is not None  # its safety needs the fence
             else None
         )
@@ -202,6 +214,51 @@ class Executor:
         self.run(
             self.tracker.add_process(root, image_id, regions, data, now, handed_over=handed_over)
         )
+
+    def resume_tree(
+        self,
+        root: Record,
+        members: list[tuple[Record, Uffd]],
+        *,
+        source: PageSource,
+        on_done: Callable[[TreeOutcome], None],
+    ) -> None:
+        """Serve again a tree a daemon that died was serving: ``members`` (the root
+        first, then each fork child after its parent) with the uffds taken back from the
+        keeper. Every thread blocked on a fault the dead daemon read is woken, so it
+        faults again and this daemon reads it."""
+        now = time.monotonic()
+        proc_root = ProcId(root.proc)
+        tree = _Tree(proc_root, root.pid, root.pidfd, source, now, on_done)
+        local = local_data_of(source)
+        if local is not None and local.image_id == root.image_id:
+            tree.local = local
+        self._trees[proc_root] = tree
+        if root.pidfd >= 0:
+            self._loop.add_reader(root.pidfd, self._root_exited, proc_root)
+        for record, uffd in members:
+            proc = ProcId(record.proc)
+            try:
+                self._watch(proc, uffd, tree)
+            except OSError as exc:
+                uffd.close()
+                self.kill_tree(proc_root, f"{proc}: cannot watch its uffd: {exc}")
+                return
+            parent = ProcId(record.parent) if record.parent else None
+            self.run(
+                self.tracker.resume_process(
+                    proc,
+                    record.image_id,
+                    record.checkpoint,
+                    now,
+                    root=proc_root,
+                    parent=parent,
+                )
+            )
+        for record, uffd in members:
+            for piece in record.checkpoint.pieces:
+                if not uffd.closed:
+                    uffd.wake(piece.run, piece.length)
 
     def handover_complete(self, root: ProcId) -> None:
         """The restorer finished the whole restore: start the background sweep."""
@@ -252,6 +309,7 @@ class Executor:
         table = None
         if tree.local is not None:
             table = self._local.table(self.tracker.process(proc), tree.local)
+        self._mark(uffd.fd, 1)
         with self._reading() as fence:
             if table is not None:
                 drained, error = self._serve_fast(proc, uffd, table, events)
@@ -263,10 +321,13 @@ class Executor:
             layout = any(not isinstance(e, PageFault | FastServed) for e in events)
             if layout and fence is not None:
                 fence(uffd)
+        fd = uffd.fd
         if layout and self._installer is not None:
-            self.run(self.fenced_batch(proc, uffd, events, now))
-        elif events:
-            self.run(self.hand_batch(proc, events, now))
+            actions = self.fenced_batch(proc, uffd, events, now)
+        else:
+            actions = self.hand_batch(proc, events, now) if events else []
+        self._mark(fd, 0)  # what it read is journaled (hand_batch)
+        self.run(actions)
         if error:
             raise UffdOpError("read", error)
         # Everything queued has been read: installs that met EAGAIN may go again.
@@ -290,7 +351,9 @@ class Executor:
         try:
             self._installer.quiesce(uffd)
             self._take_completions()
-            return self.hand_batch(proc, events, now)
+            actions = self.hand_batch(proc, events, now)
+            self._mark(uffd.fd, 0)  # (a demand thread's read: the layout is journaled)
+            return actions
         finally:
             self._fenced.discard(proc)
             if not uffd.closed:  # (an outcome may have ended the process: fd closed)
@@ -302,12 +365,51 @@ class Executor:
         """The core's actions for a batch read from ``proc``'s uffd. A FORK's new uffd
         that the core does not adopt (the process ended first) is closed here."""
         actions = self.tracker.handle_uffd(proc, events, now)
+        if self.journal is not None and any(
+            not isinstance(e, PageFault | FastServed) for e in events
+        ):
+            self._journal_layout(proc, events, actions)
         adopted = {a.child_fd for a in actions if isinstance(a, AdoptChild)}
         for event in events:
             if isinstance(event, Fork) and event.child_fd not in adopted:
                 _log.info("fork of an ended process: its uffd is closed", proc=proc)
                 os.close(event.child_fd)
         return actions
+
+    def _journal_layout(
+        self, proc: ProcId, events: list[UffdEvent | FastServed], actions: list[Action]
+    ) -> None:
+        """Write down what a layout batch changed (each new fork child, then the
+        process's own layout) before the read's mark is cleared."""
+        assert self.journal is not None
+        crash_point("fork-read" if any(isinstance(e, Fork) for e in events) else "layout-read")
+        tree = self._tree_of.get(proc)
+        if tree is None:
+            return
+        for action in actions:
+            if isinstance(action, AdoptChild):
+                child = self.tracker.process(action.child)
+                self.journal.write(
+                    Record(
+                        proc=str(action.child),
+                        root=str(tree.root),
+                        parent=str(proc),
+                        dialect="",
+                        image_id=child.image_id,
+                        checkpoint=child.checkpoint(),
+                        uffd=action.child_fd,
+                    )
+                )
+        if proc in self.tracker.processes():
+            self.journal.checkpoint(str(proc), self.tracker.process(proc).checkpoint())
+
+    def checkpoint(self, proc: ProcId) -> Checkpoint:
+        """What a resuming daemon needs of ``proc`` now."""
+        return self.tracker.process(proc).checkpoint()
+
+    def _mark(self, fd: int, value: int) -> None:
+        if self.journal is not None:
+            self.journal.mark(fd, value)
 
     def _hand_to_demander(self, proc: ProcId) -> None:
         """A remote process's uffd goes to a demand thread once its lane is up."""
@@ -529,6 +631,8 @@ class Executor:
             self._demand.release(action.proc)
         tree = self._tree_of.get(action.proc)
         uffd = self._uffds.pop(action.proc, None)
+        if self.journal is not None:
+            self.journal.remove(str(action.proc))  # before its descriptor number is freed
         if uffd is not None:
             self._loop.remove_reader(uffd.fd)
             if self._installer is not None:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -27,9 +27,12 @@ from uffdd.core.events import ProcId
 from uffdd.core.handover import ResidentSummary
 from uffdd.core.policy import Policy
 from uffdd.core.process import LazyRegion
+from uffdd.daemon.crash import crash_point
 from uffdd.daemon.executor import Executor, TreeOutcome
 from uffdd.daemon.sources import PageSource
 from uffdd.image.store import ImageStore
+from uffdd.keeper.journal import Generation, Record, StateDir
+from uffdd.keeper.twin import Twin
 from uffdd.kernel.memory import keep_freed_memory
 from uffdd.kernel.sched import short_slice
 from uffdd.kernel.uffd import Uffd
@@ -92,6 +95,14 @@ class Restore:
     """False: hold the background sweep until :meth:`Daemon.handover_complete`."""
     on_done: Callable[[TreeOutcome], None] | None = None
     """Called after the daemon's own bookkeeping (a dialect that waits for its tasks)."""
+    dialect: str = "native"
+    origin: dict[str, str] = field(default_factory=dict)
+    """Where its pages come from, for a daemon that resumes it: ``{"page_server":
+    target}`` or ``{"images": root}``; empty: it cannot be resumed."""
+    conn: int = -1
+    """The restorer's connection, when the dialect has one (a resumed daemon reports
+    there)."""
+    handover_id: str = ""
 
 
 @dataclass
@@ -134,6 +145,9 @@ class Daemon:
         self._replies: set[asyncio.Task[None]] = set()
         self._executor: Executor | None = None
         self._store: ImageStore | None = None
+        self.state = StateDir(Path(config.state_dir))
+        self.journal: Generation | None = None
+        self._twin: Twin | None = None
 
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM and SIGINT do)."""
@@ -157,6 +171,17 @@ class Daemon:
         Firecracker), each a coroutine run for the daemon's life and cancelled at stop.
         """
         loop = asyncio.get_running_loop()
+        # The twin first, while the daemon is small (it shares the descriptor table and
+        # holds a copy-on-write image of the rest): from here on no uffd this daemon
+        # holds dies with it.
+        self.journal = self.state.new_generation()
+        self._twin = Twin(
+            self.state.path,
+            self.journal.name,
+            self.config.resume_deadline,
+            self.config.log_format,
+        )
+        loop.add_reader(self._twin.pidfd, self._twin_died)
         keep_freed_memory()  # receive buffers stay warm (see there)
         self._executor = Executor(
             Policy(
@@ -169,6 +194,7 @@ class Daemon:
             ),
             background_installs=self.config.engine.install_thread,
             demand_lane=self.config.engine.demand_lane,
+            journal=self.journal,
         )
         # After the installer thread started (threads inherit it): the loop's thread
         # gets the CPU soon after a wake-up, the bulk copies keep the default slice.
@@ -197,6 +223,9 @@ class Daemon:
             await self.clients.close()
             if self._store is not None:
                 self._store.close()
+            loop.remove_reader(self._twin.pidfd)
+            self._twin.close()
+            self.journal.discard()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             _log.info("stopped")
@@ -204,6 +233,7 @@ class Daemon:
     async def _drain(self) -> None:
         """Let restores in progress finish within the grace period; kill the rest."""
         if self._restores:
+            crash_point("grace")
             _log.info("waiting for restores to finish", count=len(self._restores))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.config.grace)
@@ -233,6 +263,7 @@ class Daemon:
             on_done=self._tree_done,
             handed_over=restore.handed_over,
         )
+        self._journal_root(restore, root)
         _log.info(
             "serving",
             proc=root,
@@ -242,6 +273,55 @@ class Daemon:
             **log_fields,
         )
         return root
+
+    def _journal_root(self, restore: Restore, root: ProcId) -> None:
+        assert self.journal is not None
+        assert self._executor is not None
+        if root not in self._executor.trees:
+            return  # it could not even be watched (and was killed)
+        self.journal.write(
+            Record(
+                proc=str(root),
+                root=str(root),
+                parent=None,
+                dialect=restore.dialect,
+                image_id=restore.image_id,
+                checkpoint=self._executor.checkpoint(root),
+                uffd=restore.uffd.fd,
+                pidfd=restore.pidfd,
+                conn=restore.conn,
+                pid=restore.pid,
+                source=restore.origin,
+                data=tuple(restore.data),
+                handover_id=restore.handover_id,
+            )
+        )
+
+    def resume(self, restore: Restore, root: Record, members: list[tuple[Record, Uffd]]) -> None:
+        """Serve again a tree a daemon that died was serving (``daemon/resume.py``)."""
+        assert self._executor is not None
+        assert self.journal is not None
+        name = ProcId(root.proc)
+        self._restores[name] = restore
+        self._idle.clear()
+        for record, uffd in members:
+            self.journal.write(
+                replace(record, uffd=uffd.fd)
+                if record.proc != root.proc
+                else replace(record, uffd=uffd.fd, pidfd=restore.pidfd, conn=restore.conn)
+            )
+        self._executor.resume_tree(root, members, source=restore.source, on_done=self._tree_done)
+        _log.info("resumed", proc=name, pid=root.pid, processes=len(members))
+
+    def _twin_died(self) -> None:
+        """The keeper twin died (the OOM killer?): start another at once."""
+        assert self._twin is not None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._twin.pidfd)
+        self._twin.reap()
+        _log.error("the keeper twin died; starting another")
+        self._twin.spawn()
+        loop.add_reader(self._twin.pidfd, self._twin_died)
 
     def handover_complete(self, root: ProcId) -> None:
         """The restorer is done handing over: start ``root``'s background sweep."""

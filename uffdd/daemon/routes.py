@@ -104,9 +104,17 @@ class DemandRoute:
     """Remote processes handed to the demand thread of their page client's demand lane."""
 
     def __init__(
-        self, host: Host, loop: asyncio.AbstractEventLoop, installer: Installer, plan: FaultPlan
+        self,
+        host: Host,
+        loop: asyncio.AbstractEventLoop,
+        installer: Installer,
+        plan: FaultPlan,
+        *,
+        marks: object = None,
     ) -> None:
         self._host = host
+        self._marks = marks
+        """The journal's read marks (``keeper/journal.py``), which each thread keeps."""
         self._loop = loop
         self._installer = installer
         self._plan = plan
@@ -162,6 +170,8 @@ class DemandRoute:
             _log.warning("no demand thread", error=str(exc))
             lane.close()
             return None
+        if self._marks is not None:
+            thread.mark_reads(self._marks)
         self._demanders[id(lane)] = thread
         self._loop.add_reader(thread.fd, self._take_demand, thread)
         return thread

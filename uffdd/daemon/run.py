@@ -17,6 +17,7 @@ from uffdd.daemon.doors.criu import serve_criu_restores
 from uffdd.daemon.doors.firecracker.doors import firecracker_doors
 from uffdd.daemon.doors.native.door import native_door
 from uffdd.daemon.lifecycle import Daemon, Door
+from uffdd.daemon.resume import resume_door
 from uffdd.log import get_logger
 
 _log = get_logger("uffdd.daemon.lifecycle")
@@ -28,7 +29,7 @@ def run_daemon(config: DaemonConfig) -> None:
     try:
         doors = firecracker_doors(config.firecracker, config)
         try:
-            listeners: list[Door] = [native_door(), *doors.doors]
+            listeners: list[Door] = [resume_door, native_door(), *doors.doors]
             if config.criu_images:
                 listeners.append(_criu_door(config))
             asyncio.run(Daemon(config).run(listeners))

@@ -211,6 +211,17 @@ class _Lib:
         /,
     ) -> int: ...
     def uffdd_demander_remove(self, demander: _cffi_backend.FFI.CData, slot: int, /) -> None: ...
+    def uffdd_demander_marks(
+        self, demander: _cffi_backend.FFI.CData, marks: _cffi_backend.FFI.CData, n: int, /
+    ) -> None: ...
+    def uffdd_twin_spawn(
+        self,
+        daemon_pidfd: int,
+        path: _cffi_backend.FFI.CData,
+        argv: _cffi_backend.FFI.CData,
+        envp: _cffi_backend.FFI.CData,
+        /,
+    ) -> int: ...
     def uffdd_demander_take(
         self, demander: _cffi_backend.FFI.CData, out: _cffi_backend.FFI.CData, n: int, /
     ) -> int: ...

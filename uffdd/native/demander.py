@@ -79,6 +79,7 @@ class Demander:
     Every uffd handed to it must be watched by ``installer``."""
 
     _handle: Any = None  # until started (a refused __init__ leaves nothing to stop)
+    _marks: Any = None  # the read marks C writes (kept alive while the thread runs)
 
     def __init__(
         self,
@@ -136,6 +137,14 @@ class Demander:
         )
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
+
+    def mark_reads(self, marks: Any) -> None:
+        """Mark each read of a uffd in ``marks`` (a writable buffer, one byte per fd
+        number, kept alive by the caller until :meth:`close`): 1 before the read, back
+        to 0 after it unless it brought a layout event (the loop clears that one)."""
+        buffer = ffi.from_buffer("uint8_t[]", marks, require_writable=True)
+        self._marks = buffer
+        lib.uffdd_demander_marks(self._handle, buffer, len(buffer))
 
     def remove(self, slot: int) -> None:
         """Stop serving the slot's uffd; the thread no longer touches it afterwards."""

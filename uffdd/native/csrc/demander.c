@@ -80,7 +80,17 @@ struct uffdd_demander {
     struct demand_batch *batches;      /* DEMAND_ROUND */
     struct demand_window *windows;     /* DEMAND_WINDOWS */
     char *frames;                      /* their request frames */
+    uint8_t *marks;                    /* read marks by fd, shared with the journal */
+    size_t nmarks;
 };
+
+/* The journal's read mark of ``fd`` (keeper/journal.py: a uffd being read, or whose
+   layout event the loop has not journaled yet, cannot be resumed from the journal). */
+static void demand_mark(struct uffdd_demander *d, int fd, uint8_t value)
+{
+    if (d->marks && fd >= 0 && (size_t)fd < d->nmarks)
+        __atomic_store_n(&d->marks[fd], value, __ATOMIC_SEQ_CST);
+}
 
 /* Install [run, run+len) with waking ioctls: copied from src, or zero-filled when src
    is NULL; a present page is woken and skipped. 0 when every page is in, else the
@@ -339,12 +349,15 @@ static int demand_read(struct uffdd_demander *d, struct demand_batch *b)
     }
     if (d->installer)
         uffdd_installer_hold(d->installer);
+    demand_mark(d, p->fd, 1);
     ssize_t n = read(p->fd, b->msgs, sizeof b->msgs);
     int err = n < 0 ? errno : 0;
     b->r = (struct uffdd_demand_report){.token = p->token, .read_at = monotonic_now()};
     b->count = n > 0 ? (size_t)n / sizeof b->msgs[0] : 0;
     b->ndone = 0;
     b->layout = uffd_msgs_hold_layout(b->msgs, b->count);
+    if (!b->layout)
+        demand_mark(d, p->fd, 0); /* else the loop clears it once the event is journaled */
     if (b->layout && d->installer)
         uffdd_installer_fence_held(d->installer, p->fd);
     if (d->installer)
@@ -607,6 +620,15 @@ int uffdd_demander_add(struct uffdd_demander *d, int fd, uint64_t token, const c
     }
     pthread_mutex_unlock(&d->t.lock);
     return rc < 0 ? rc : (int)slot;
+}
+
+/* Mark each read in ``marks[fd]`` from now on (``n`` entries; NULL: no marks). */
+void uffdd_demander_marks(struct uffdd_demander *d, uint8_t *marks, size_t n)
+{
+    pthread_mutex_lock(&d->t.lock);
+    d->marks = marks;
+    d->nmarks = n;
+    pthread_mutex_unlock(&d->t.lock);
 }
 
 /* The loop has handled the slot's layout event: read it again, with these ranges. */

@@ -210,6 +210,7 @@ int uffdd_demander_resume(struct uffdd_demander *d, int slot,
                           const struct uffdd_fast_range *ranges, size_t nranges,
                           const struct uffdd_fast_range *zeros, size_t nzeros);
 void uffdd_demander_remove(struct uffdd_demander *d, int slot);
+void uffdd_demander_marks(struct uffdd_demander *d, uint8_t *marks, size_t n);
 size_t uffdd_demander_take(struct uffdd_demander *d, struct uffdd_demand_report *out, size_t n);
 void uffdd_demander_free(struct uffdd_demander *d);
 
@@ -258,6 +259,9 @@ size_t uffdd_answerer_take(struct uffdd_answerer *a, struct uffdd_handback *out,
 size_t uffdd_answerer_drain(struct uffdd_answerer *a);
 void uffdd_answerer_stats(struct uffdd_answerer *a, struct uffdd_answerer_stats *out);
 void uffdd_answerer_free(struct uffdd_answerer *a);
+
+/* the keeper twin (twin.c) */
+int uffdd_twin_spawn(int daemon_pidfd, const char *path, char *const argv[], char *const envp[]);
 
 /* ===================================================================================
    Shared inside csrc/ (and by tests/native/)

@@ -16,6 +16,7 @@ from uffdd import systemd
 from uffdd.core.errors import ImageError, PageServerError, PageServerNotFound
 from uffdd.core.handover import ErrorCode, HandoverRejected
 from uffdd.core.process import LazyRegion
+from uffdd.daemon.crash import crash_point
 from uffdd.daemon.doors.native.listener import (
     Handover,
     HandoverPolicy,
@@ -89,10 +90,17 @@ async def serve_handover(
             source=source if wrap_source is None else wrap_source(source),
             reporter=handover.reply,
             close=handover.close,
+            dialect="native",
+            origin={"page_server": where}
+            if where != "local"
+            else {"images": str(daemon.image_store().root)},
+            conn=handover.reply.fileno(),
+            handover_id=handover.handover_id,
         ),
         source=where,
         handover=handover.handover_id,
     )
+    crash_point("before-ack")
     await handover.reply.send_ack()
 
 

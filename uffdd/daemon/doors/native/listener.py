@@ -208,6 +208,11 @@ class ReplyChannel:
     def closed(self) -> bool:
         return self._sock is None
 
+    def fileno(self) -> int:
+        """The connection's descriptor (-1 once closed): journaled, so that a daemon
+        that resumes this restore reports on it."""
+        return -1 if self._sock is None else self._sock.fileno()
+
     async def send_ack(self) -> bool:
         """Tell the restorer the daemon holds the uffd now (it closes its own copy).
 

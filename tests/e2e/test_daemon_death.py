@@ -1,0 +1,98 @@
+"""The daemon's death never costs a wrong byte: restart resumes, no restart kills.
+
+Each test restores the demo workload (which checks every byte it reads against the
+snapshot) through a real page server and daemon, SIGKILLs the daemon mid-restore, and
+then either starts a daemon again on the same handover socket and state directory (the
+workload must finish with every byte right) or does not (the keeper must kill the
+restored process within the resume deadline, with the reason in its log, and nothing
+else). A crash point kills the daemon between reading a FORK and journaling the child:
+that tree cannot be proven and is killed, never served from a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from support.lazy_restore import daemon, make_demo_image, page_server, start_restored
+from support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    make_demo_image(root, "demo")
+    return root
+
+
+def _log_events(path: Path) -> list[dict[str, object]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
+
+
+def test_a_restarted_daemon_resumes_and_every_byte_is_right(images: Path, tmp_path: Path) -> None:
+    with page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target):
+        with daemon(tmp_path, target, "--resume-deadline", "30") as first:
+            restored = start_restored(tmp_path / "handover.sock", "demo")
+            assert restored.read_until("phase") is not None
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+        os.rename(tmp_path / "daemon.log", tmp_path / "first.log")
+        with daemon(tmp_path, target):
+            code = restored.finish()
+            log = _log_events(tmp_path / "daemon.log")
+    assert code == 0, restored.events[-3:]
+    assert restored.last("done")["mismatches"] == 0
+    assert all(p["mismatches"] == 0 for p in restored.events if p["event"] == "phase")
+    assert [e["event"] for e in log].count("resumed") == 1
+    assert any(e["event"] == "fully resident" for e in log)
+
+
+def test_without_a_restart_the_keeper_kills_the_tree_and_says_why(
+    images: Path, tmp_path: Path
+) -> None:
+    with page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target):
+        with daemon(tmp_path, target, "--resume-deadline", "1") as first:
+            restored = start_restored(tmp_path / "handover.sock", "demo")
+            assert restored.read_until("phase") is not None
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+            code = restored.finish()
+            wait_until(
+                lambda: any(
+                    e["event"] == "killed restore tree"
+                    for e in _log_events(tmp_path / "daemon.log")
+                ),
+                timeout=30,
+                what="the keeper's kill in the log",
+            )
+    assert code == -signal.SIGKILL
+    assert not any(e["event"] == "done" for e in restored.events)
+    mismatches = [p["mismatches"] for p in restored.events if p["event"] == "phase"]
+    assert all(m == 0 for m in mismatches)
+    (killed,) = [
+        e for e in _log_events(tmp_path / "daemon.log") if e["event"] == "killed restore tree"
+    ]
+    assert "no daemon resumed within 1 s" in str(killed["reason"])
+
+
+def test_a_fork_read_and_not_journaled_kills_the_tree_on_restart(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target):
+        monkeypatch.setenv("UFFDD_CRASH_AT", "fork-read")
+        with daemon(tmp_path, target, "--resume-deadline", "30") as first:
+            monkeypatch.delenv("UFFDD_CRASH_AT")
+            restored = start_restored(tmp_path / "handover.sock", "demo")
+            assert first.wait(60) == -signal.SIGKILL
+            code = restored.finish()
+    assert code == -signal.SIGKILL
+    assert all(p["mismatches"] == 0 for p in restored.events if p["event"] == "phase")
+    (killed,) = [
+        e for e in _log_events(tmp_path / "daemon.log") if e["event"] == "killed restore tree"
+    ]
+    assert "while reading the uffd" in str(killed["reason"])

@@ -1,0 +1,153 @@
+"""Take back what a daemon that died was serving, and serve it to full residency.
+
+Why a door of its own: it runs once at start, next to the handover doors, and needs
+what they know (a native restorer's reply channel) as well as the life cycle. For each
+earlier generation of the state directory whose keeper still listens
+(``keeper/run.py``), it receives the descriptors, rebuilds every tree from the journal
+(``keeper/journal.py``), journals them in this daemon's generation (held by this
+daemon's twin from the moment they arrive) and only then lets the old keeper go. A tree
+that cannot be proven (a read mark set) or whose page source this daemon cannot reach
+is killed with its reason; nothing is served from a guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+
+from uffdd.core.events import ProcId
+from uffdd.daemon.doors.native.listener import ReplyChannel
+from uffdd.daemon.lifecycle import Daemon, Reporter, Restore, SilentReporter
+from uffdd.daemon.sources import LocalImageSource, PageSource
+from uffdd.keeper import handback
+from uffdd.keeper.journal import Generation, Record
+from uffdd.keeper.run import tell_restorer
+from uffdd.kernel.fdpass import close_fds
+from uffdd.kernel.proc import kill_tree
+from uffdd.kernel.uffd import Uffd
+from uffdd.log import get_logger
+
+_log = get_logger("uffdd.daemon.resume")
+
+
+async def resume_door(daemon: Daemon) -> None:
+    """Resume every tree an earlier daemon of this state directory left to its keeper."""
+    assert daemon.journal is not None
+    for old in daemon.state.generations(besides=daemon.journal.name):
+        try:
+            taken = handback.take_back(old.keeper_socket)
+        except (OSError, ValueError, ConnectionError) as exc:
+            _log.error(
+                "cannot take processes back from a keeper", generation=old.name, error=str(exc)
+            )
+            old.close()
+            continue
+        if taken is None:
+            # No keeper listens: it gave up (and killed), or handed everything on.
+            if not old.keeper_socket.exists():
+                old.discard()
+            else:
+                old.close()
+            continue
+        sock, fds = taken
+        claimed: set[int] = set()
+        try:
+            await _resume_generation(daemon, old, fds, claimed)
+        finally:
+            close_fds([fd for fd in fds.values() if fd not in claimed])
+            handback.release(sock)
+            old.close()
+
+
+async def _resume_generation(
+    daemon: Daemon, old: Generation, fds: dict[int, int], claimed: set[int]
+) -> None:
+    """Resume each tree of ``old``; ``claimed`` gets the descriptors they now own."""
+    trees: dict[str, list[Record]] = {}
+    for record in old.records():
+        trees.setdefault(record.root, []).append(record)
+    for root_name, members in trees.items():
+        members.sort(key=lambda r: r.proc.count("."))  # parents before their children
+        root = members[0].with_descriptors(fds)
+        if root.proc != root_name or root.uffd < 0:
+            _fail(root, "the journal has no root record for this tree")
+            continue
+        if any(old.marked(r.uffd) for r in members):
+            _fail(root, "the uffdd daemon died while reading its uffd")
+            continue
+        try:
+            source = await _source(daemon, root)
+        except Exception as exc:
+            _fail(root, f"its page source cannot be reached after a restart: {exc}")
+            continue
+        taken = [
+            (r.with_descriptors(fds), Uffd.adopt(fds[r.uffd], nonblocking=True))
+            for r in members
+            if r.uffd in fds
+        ]
+        for record, _ in taken:
+            claimed.update(record.descriptors())
+        reporter, close_reply = _reporter(root)
+        uffd = taken[0][1]
+
+        def close(
+            uffd: Uffd = uffd,
+            pidfd: int = root.pidfd,
+            close_reply: Callable[[], None] = close_reply,
+        ) -> None:
+            close_reply()
+            uffd.close()
+            if pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(pidfd)
+
+        restore = Restore(
+            name=root.proc,
+            pid=root.pid,
+            pidfd=root.pidfd,
+            uffd=uffd,
+            image_id=root.image_id,
+            regions=[],
+            data=list(root.data),
+            source=source,
+            reporter=reporter,
+            close=close,
+            dialect=root.dialect,
+            origin=root.source,
+            conn=root.conn,
+            handover_id=root.handover_id,
+        )
+        daemon.resume(restore, taken[0][0], taken)
+
+
+async def _source(daemon: Daemon, root: Record) -> PageSource:
+    if "page_server" in root.source:
+        client = daemon.clients.get(root.source["page_server"])
+        await client.image_info(root.image_id, timeout=daemon.config.fetch_deadline)
+        return client
+    if "images" in root.source:
+        if str(daemon.image_store().root) != root.source["images"]:
+            raise ValueError(f"this daemon serves images from {daemon.config.images or 'nowhere'}")
+        return LocalImageSource(daemon.image_store().open(root.image_id))
+    raise ValueError("the journal does not say where its pages come from")
+
+
+def _reporter(root: Record) -> tuple[Reporter, Callable[[], None]]:
+    if root.conn < 0:
+        return SilentReporter(), lambda: None
+    sock = socket.socket(fileno=root.conn)
+    sock.setblocking(False)
+    channel = ReplyChannel(sock, root.handover_id)
+    channel.acked = True
+    return channel, channel.close
+
+
+def _fail(root: Record, reason: str) -> None:
+    """Kill a tree that cannot be resumed (by its pidfd, taken back), and say why."""
+    _log.error("cannot resume: killing restore tree", proc=ProcId(root.proc), reason=reason)
+    if root.pidfd >= 0:
+        kill_tree(root.pid, root.pidfd)
+    if root.conn >= 0:
+        tell_restorer(root.conn, reason)

@@ -1,0 +1,1 @@
+"""The second holder of every uffd, and the journal a restarted daemon resumes from."""
