@@ -34,6 +34,15 @@ def _log_events(path: Path) -> list[dict[str, object]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
 
 
+def _kills(path: Path) -> list[dict[str, object]]:
+    """The keeper's (or a resuming daemon's) kills in a log."""
+    return [
+        e
+        for e in _log_events(path)
+        if e["event"] in ("killed restore tree", "cannot resume: killing restore tree")
+    ]
+
+
 def test_a_restarted_daemon_resumes_and_every_byte_is_right(images: Path, tmp_path: Path) -> None:
     with page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target):
         with daemon(tmp_path, target, "--resume-deadline", "30") as first:
@@ -55,44 +64,37 @@ def test_a_restarted_daemon_resumes_and_every_byte_is_right(images: Path, tmp_pa
 def test_without_a_restart_the_keeper_kills_the_tree_and_says_why(
     images: Path, tmp_path: Path
 ) -> None:
-    with page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target):
-        with daemon(tmp_path, target, "--resume-deadline", "1") as first:
-            restored = start_restored(tmp_path / "handover.sock", "demo")
-            assert restored.read_until("phase") is not None
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait(10)
-            code = restored.finish()
-            wait_until(
-                lambda: any(
-                    e["event"] == "killed restore tree"
-                    for e in _log_events(tmp_path / "daemon.log")
-                ),
-                timeout=30,
-                what="the keeper's kill in the log",
-            )
+    log = tmp_path / "daemon.log"
+    with (
+        page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target),
+        daemon(tmp_path, target, "--resume-deadline", "1") as first,
+    ):
+        restored = start_restored(tmp_path / "handover.sock", "demo")
+        assert restored.read_until("phase") is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        code = restored.finish()
+        wait_until(lambda: bool(_kills(log)), "the keeper's kill in the log", timeout=30)
     assert code == -signal.SIGKILL
     assert not any(e["event"] == "done" for e in restored.events)
-    mismatches = [p["mismatches"] for p in restored.events if p["event"] == "phase"]
-    assert all(m == 0 for m in mismatches)
-    (killed,) = [
-        e for e in _log_events(tmp_path / "daemon.log") if e["event"] == "killed restore tree"
-    ]
+    assert all(p["mismatches"] == 0 for p in restored.events if p["event"] == "phase")
+    (killed,) = _kills(log)
     assert "no daemon resumed within 1 s" in str(killed["reason"])
 
 
-def test_a_fork_read_and_not_journaled_kills_the_tree_on_restart(
+def test_a_fork_read_and_not_journaled_kills_the_tree(
     images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target):
-        monkeypatch.setenv("UFFDD_CRASH_AT", "fork-read")
-        with daemon(tmp_path, target, "--resume-deadline", "30") as first:
-            monkeypatch.delenv("UFFDD_CRASH_AT")
-            restored = start_restored(tmp_path / "handover.sock", "demo")
-            assert first.wait(60) == -signal.SIGKILL
-            code = restored.finish()
+    monkeypatch.setenv("UFFDD_CRASH_AT", "fork-read")
+    with (
+        page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target),
+        daemon(tmp_path, target, "--resume-deadline", "30") as first,
+    ):
+        monkeypatch.delenv("UFFDD_CRASH_AT")
+        restored = start_restored(tmp_path / "handover.sock", "demo")
+        assert first.wait(60) == -signal.SIGKILL
+        code = restored.finish()
     assert code == -signal.SIGKILL
     assert all(p["mismatches"] == 0 for p in restored.events if p["event"] == "phase")
-    (killed,) = [
-        e for e in _log_events(tmp_path / "daemon.log") if e["event"] == "killed restore tree"
-    ]
+    (killed,) = _kills(tmp_path / "daemon.log")
     assert "while reading the uffd" in str(killed["reason"])

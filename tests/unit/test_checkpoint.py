@@ -64,7 +64,8 @@ def test_a_resumed_process_has_the_layout_and_zeros_of_the_one_it_replaces(
     for lo, hi in list(original.zero.spans()):
         expected.discard(lo, hi)
     assert resumed.missing == expected
-    assert not resumed.inflight and not resumed.installing
+    assert not resumed.inflight
+    assert not resumed.installing
 
 
 def test_a_removed_range_reads_zeros_after_a_resume_never_snapshot_data() -> None:
@@ -84,7 +85,8 @@ def test_a_moved_range_is_fetched_at_its_new_address_from_its_old_image_address(
     original.handle_batch([Remap(run(0), new, 2 * P)], 1.0)
     resumed = LazyProcess.resumed(R, "img", original.checkpoint(), 2.0, policy=POLICY)
     fetches = [a for a in resumed.handle_batch([PageFault(new)], 3.0) if isinstance(a, Fetch)]
-    assert fetches and fetches[0].image_addr == img(0)
+    assert fetches
+    assert fetches[0].image_addr == img(0)
 
 
 def test_pages_the_shell_found_resident_are_not_fetched_again() -> None:
