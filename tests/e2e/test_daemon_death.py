@@ -82,13 +82,37 @@ def test_without_a_restart_the_keeper_kills_the_tree_and_says_why(
     assert "no daemon resumed within 1 s" in str(killed["reason"])
 
 
-def test_a_fork_read_and_not_journaled_kills_the_tree(
+def test_a_fork_read_and_not_yet_journaled_is_replayed_by_the_next_daemon(
     images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The daemon dies between reading a FORK (the child's uffd is in its table) and
+    # journaling the child: the held batch is replayed, the child served, every byte right.
     monkeypatch.setenv("UFFDD_CRASH_AT", "fork-read")
+    with page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target):
+        with daemon(tmp_path, target, "--resume-deadline", "30") as first:
+            monkeypatch.delenv("UFFDD_CRASH_AT")
+            restored = start_restored(tmp_path / "handover.sock", "demo")
+            assert first.wait(60) == -signal.SIGKILL
+        os.rename(tmp_path / "daemon.log", tmp_path / "first.log")
+        with daemon(tmp_path, target):
+            code = restored.finish()
+            log = _log_events(tmp_path / "daemon.log")
+    assert code == 0, restored.events[-3:]
+    assert restored.last("done")["mismatches"] == 0
+    (replayed,) = [e for e in log if e["event"] == "replaying held layout events"]
+    assert replayed["forks"] == 1
+    assert any(e["event"] == "fully resident" for e in log)
+
+
+def test_a_death_inside_a_read_kills_the_tree_at_once_with_its_reason(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between read() and the copy of what it returned to the journal nothing is known
+    # of what was read: the keeper kills that tree without waiting for a daemon.
+    monkeypatch.setenv("UFFDD_CRASH_AT", "uffd-read")
     with (
         page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target),
-        daemon(tmp_path, target, "--resume-deadline", "30") as first,
+        daemon(tmp_path, target, "--resume-deadline", "600") as first,
     ):
         monkeypatch.delenv("UFFDD_CRASH_AT")
         restored = start_restored(tmp_path / "handover.sock", "demo")

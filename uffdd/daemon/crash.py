@@ -3,8 +3,10 @@
 Why in the product: the moments that matter (a FORK read and not yet journaled, a
 handover before its ack) last microseconds; no outside signal hits them on purpose.
 ``UFFDD_CRASH_AT=<point>[:<n>]`` kills the daemon the n-th time (default the first)
-it reaches ``point``. Points: ``before-ack``, ``fork-read``, ``layout-read``,
-``installing``, ``grace``. Unset (always, outside tests), a point costs a dict lookup.
+it reaches ``point``. Points: ``before-ack``, ``uffd-read`` (the loop read a uffd and
+has not kept what it read), ``fork-read``, ``layout-read`` (a batch with a FORK, or
+another layout event, held and not journaled), ``installing``, ``grace``. Unset
+(always, outside tests), a point costs a comparison.
 """
 
 from __future__ import annotations

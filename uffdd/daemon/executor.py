@@ -73,7 +73,7 @@ from uffdd.core.wire import decode_messages
 from uffdd.daemon.crash import crash_point
 from uffdd.daemon.routes import DemandRoute, LocalRoute
 from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, local_data_of
-from uffdd.keeper.journal import Generation, Record
+from uffdd.keeper.journal import READING, Generation, Record
 from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
@@ -164,7 +164,7 @@ class Executor:
                 self._loop,
                 self._installer,
                 policy.fault_plan(round_trip=True),
-                marks=None if journal is None else journal.marks,
+                journal=journal,
             )
             if demand_lane and self._installer is not None  # its safety needs the fence
             else None
@@ -219,14 +219,16 @@ class Executor:
         self,
         root: Record,
         members: list[tuple[Record, Uffd]],
+        replay: dict[ProcId, list[UffdEvent]],
         *,
         source: PageSource,
         on_done: Callable[[TreeOutcome], None],
     ) -> None:
         """Serve again a tree a daemon that died was serving: ``members`` (the root
         first, then each fork child after its parent) with the uffds taken back from the
-        keeper. Every thread blocked on a fault the dead daemon read is woken, so it
-        faults again and this daemon reads it."""
+        keeper. The layout events in ``replay`` (read by the dead daemon, not yet in its
+        journal) are applied first, as if just read. Every thread blocked on a fault the
+        dead daemon read is woken, so it faults again and this daemon reads it."""
         now = time.monotonic()
         proc_root = ProcId(root.proc)
         tree = _Tree(proc_root, root.pid, root.pidfd, source, now, on_done)
@@ -255,6 +257,15 @@ class Executor:
                     parent=parent,
                 )
             )
+        for proc, events in replay.items():
+            if proc in self._uffds:
+                _log.info(
+                    "replaying held layout events",
+                    proc=proc,
+                    events=len(events),
+                    forks=sum(isinstance(e, Fork) for e in events),
+                )
+                self.run(self.hand_batch(proc, list(events), now))
         for record, uffd in members:
             for piece in record.checkpoint.pieces:
                 if not uffd.closed:
@@ -309,16 +320,21 @@ class Executor:
         table = None
         if tree.local is not None:
             table = self._local.table(self.tracker.process(proc), tree.local)
-        self._mark(uffd.fd, 1)
+        raw: list[bytes] = []
+        self._mark(uffd.fd, READING)
         with self._reading() as fence:
             if table is not None:
-                drained, error = self._serve_fast(proc, uffd, table, events)
+                drained, error = self._serve_fast(proc, uffd, table, events, raw)
                 now = time.monotonic()  # the rest was read just now, at the end of it
             else:
                 drained = False
-            while not drained and (batch := uffd.read_events(_READ_BATCH)):
-                events.extend(batch)
+            while not drained and (batch := uffd.read_raw(_READ_BATCH)):
+                crash_point("uffd-read")
+                events.extend(decode_messages(batch))
+                raw.append(batch)
             layout = any(not isinstance(e, PageFault | FastServed) for e in events)
+            if layout and self.journal is not None:
+                self.journal.hold(uffd.fd, b"".join(raw))
             if layout and fence is not None:
                 fence(uffd)
         fd = uffd.fd
@@ -389,7 +405,7 @@ class Executor:
         for action in actions:
             if isinstance(action, AdoptChild):
                 child = self.tracker.process(action.child)
-                self.journal.write(
+                self.journal.add(
                     Record(
                         proc=str(action.child),
                         root=str(tree.root),
@@ -426,10 +442,16 @@ class Executor:
         self._loop.add_reader(self._uffds[proc].fd, self._readable, proc)
 
     def _serve_fast(
-        self, proc: ProcId, uffd: Uffd, table: FastTable, events: list[UffdEvent | FastServed]
+        self,
+        proc: ProcId,
+        uffd: Uffd,
+        table: FastTable,
+        events: list[UffdEvent | FastServed],
+        raw: list[bytes],
     ) -> tuple[bool, int]:
-        """Answer what C can; append a FastServed and the rest's events, in order.
-        Returns (the fd is drained, errno of a failed read)."""
+        """Answer what C can; append a FastServed and the rest's events, in order (and
+        the rest's raw records to ``raw``). Returns (the fd is drained, errno of a
+        failed read)."""
         while True:
             read_at = time.monotonic()
             result = uffd.fast_serve(table)
@@ -438,6 +460,7 @@ class Executor:
                 events.append(FastServed(proc, installs, result.faults, read_at))
             if result.rest:
                 events.extend(decode_messages(result.rest))
+                raw.append(bytes(result.rest))
             if result.error or result.status is not FastStatus.FULL:
                 return result.status is FastStatus.DRAINED, result.error
 
@@ -522,6 +545,7 @@ class Executor:
 
     def _take_completions(self) -> None:
         """Feed the installer's completions to the core."""
+        crash_point("installing")
         assert self._installer is not None
         for done in self._installer.take():
             proc, install_id = self._background.pop(done.job)

@@ -23,7 +23,7 @@ from uffdd import systemd
 from uffdd.client.page_client import PageClient
 from uffdd.config import DaemonConfig
 from uffdd.core.addresses import PAGE_SIZE
-from uffdd.core.events import ProcId
+from uffdd.core.events import ProcId, UffdEvent
 from uffdd.core.handover import ResidentSummary
 from uffdd.core.policy import Policy
 from uffdd.core.process import LazyRegion
@@ -279,7 +279,7 @@ class Daemon:
         assert self._executor is not None
         if root not in self._executor.trees:
             return  # it could not even be watched (and was killed)
-        self.journal.write(
+        self.journal.add(
             Record(
                 proc=str(root),
                 root=str(root),
@@ -297,20 +297,29 @@ class Daemon:
             )
         )
 
-    def resume(self, restore: Restore, root: Record, members: list[tuple[Record, Uffd]]) -> None:
-        """Serve again a tree a daemon that died was serving (``daemon/resume.py``)."""
+    def resume(
+        self,
+        restore: Restore,
+        root: Record,
+        members: list[tuple[Record, Uffd]],
+        replay: dict[ProcId, list[UffdEvent]],
+    ) -> None:
+        """Serve again a tree a daemon that died was serving (``daemon/resume.py``),
+        applying first the layout events in ``replay`` its journal did not include."""
         assert self._executor is not None
         assert self.journal is not None
         name = ProcId(root.proc)
         self._restores[name] = restore
         self._idle.clear()
         for record, uffd in members:
-            self.journal.write(
+            self.journal.add(
                 replace(record, uffd=uffd.fd)
                 if record.proc != root.proc
                 else replace(record, uffd=uffd.fd, pidfd=restore.pidfd, conn=restore.conn)
             )
-        self._executor.resume_tree(root, members, source=restore.source, on_done=self._tree_done)
+        self._executor.resume_tree(
+            root, members, replay, source=restore.source, on_done=self._tree_done
+        )
         _log.info("resumed", proc=name, pid=root.pid, processes=len(members))
 
     def _twin_died(self) -> None:

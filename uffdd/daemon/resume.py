@@ -16,13 +16,15 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 
-from uffdd.core.events import ProcId
+from uffdd.core.events import Fork, ProcId, UffdEvent
+from uffdd.core.wire import decode_messages
 from uffdd.daemon.doors.native.listener import ReplyChannel
 from uffdd.daemon.lifecycle import Daemon, Reporter, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.keeper import handback
-from uffdd.keeper.journal import Generation, Record
+from uffdd.keeper.journal import READING, Generation, Record
 from uffdd.keeper.run import tell_restorer
 from uffdd.kernel.fdpass import close_fds
 from uffdd.kernel.proc import kill_tree
@@ -74,21 +76,27 @@ async def _resume_generation(
         if root.proc != root_name or root.uffd < 0:
             _fail(root, "the journal has no root record for this tree")
             continue
-        if any(old.marked(r.uffd) for r in members):
+        if any(old.marked(r.uffd) == READING for r in members):
             _fail(root, "the uffdd daemon died while reading its uffd")
             continue
+        replay = _replays(old, members, fds)
         try:
             source = await _source(daemon, root)
         except Exception as exc:
             _fail(root, f"its page source cannot be reached after a restart: {exc}")
             continue
         taken = [
-            (r.with_descriptors(fds), Uffd.adopt(fds[r.uffd], nonblocking=True))
+            (
+                _with_forks(r, members).with_descriptors(fds),
+                Uffd.adopt(fds[r.uffd], nonblocking=True),
+            )
             for r in members
             if r.uffd in fds
         ]
         for record, _ in taken:
             claimed.update(record.descriptors())
+        for events in replay.values():
+            claimed.update(e.child_fd for e in events if isinstance(e, Fork))
         reporter, close_reply = _reporter(root)
         uffd = taken[0][1]
 
@@ -119,7 +127,40 @@ async def _resume_generation(
             conn=root.conn,
             handover_id=root.handover_id,
         )
-        daemon.resume(restore, taken[0][0], taken)
+        daemon.resume(restore, taken[0][0], taken, replay)
+
+
+def _replays(
+    old: Generation, members: list[Record], fds: dict[int, int]
+) -> dict[ProcId, list[UffdEvent]]:
+    """The layout events each process's checkpoint does not include yet (a batch held
+    when the daemon died), fork children's uffds translated. A fork whose child is in
+    the journal already (written just before the parent's checkpoint) is not replayed."""
+    journaled = {r.uffd for r in members}
+    replay: dict[ProcId, list[UffdEvent]] = {}
+    for record in members:
+        events: list[UffdEvent] = []
+        for event in decode_messages(old.pending(record)):
+            if not isinstance(event, Fork):
+                events.append(event)
+            elif event.child_fd not in journaled and event.child_fd in fds:
+                events.append(Fork(fds[event.child_fd]))
+        if events:
+            replay[ProcId(record.proc)] = events
+    return replay
+
+
+def _with_forks(record: Record, members: list[Record]) -> Record:
+    """``record`` with a fork count past every journaled child's name (a child written
+    before its parent's checkpoint has a name the checkpoint's count does not cover)."""
+    prefix = f"{record.proc}."
+    named = [
+        int(tail)
+        for r in members
+        if r.proc.startswith(prefix) and (tail := r.proc[len(prefix) :]).isdigit()
+    ]
+    forks = max([record.checkpoint.forks, *named])
+    return replace(record, checkpoint=replace(record.checkpoint, forks=forks))
 
 
 async def _source(daemon: Daemon, root: Record) -> PageSource:

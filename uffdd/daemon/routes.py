@@ -34,6 +34,7 @@ from uffdd.core.process import LazyProcess
 from uffdd.core.tracker import Tracker
 from uffdd.core.wire import decode_messages
 from uffdd.daemon.sources import LocalData, PageSource, demand_lane_of
+from uffdd.keeper.journal import SLOT_SIZE, Generation
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.native.demander import DemandReport
@@ -110,11 +111,11 @@ class DemandRoute:
         installer: Installer,
         plan: FaultPlan,
         *,
-        marks: object = None,
+        journal: Generation | None = None,
     ) -> None:
         self._host = host
-        self._marks = marks
-        """The journal's read marks (``keeper/journal.py``), which each thread keeps."""
+        self._journal = journal
+        """Whose read marks and held batches each thread keeps (``keeper/journal.py``)."""
         self._loop = loop
         self._installer = installer
         self._plan = plan
@@ -170,8 +171,8 @@ class DemandRoute:
             _log.warning("no demand thread", error=str(exc))
             lane.close()
             return None
-        if self._marks is not None:
-            thread.mark_reads(self._marks)
+        if self._journal is not None:
+            thread.mark_reads(self._journal.marks, self._journal.slots, SLOT_SIZE)
         self._demanders[id(lane)] = thread
         self._loop.add_reader(thread.fd, self._take_demand, thread)
         return thread

@@ -12,8 +12,12 @@ Layout of ``DIR`` (one generation per daemon instance, so a resuming daemon neve
 overwrites what the keeper of the dead one reads):
 
 - ``GEN/procs/<proc>.json``: one :class:`Record` per process (written whole, renamed);
-- ``GEN/marks``: one byte per descriptor number of the daemon's table: 1 while that uffd
-  is being read, or while a layout event read from it is not journaled yet;
+- ``GEN/marks``: one byte per descriptor number of the daemon's table (``READING`` while
+  that uffd is being read, ``HELD`` while a batch with a layout event read from it is
+  kept in its slot and not yet journaled), then one slot per descriptor number: the last
+  such batch, raw, with its sequence number. A daemon that resumes replays a held batch
+  the checkpoint does not include yet; only a death while ``READING`` (between a read()
+  and the copy to its slot: microseconds) leaves a process that cannot be proven;
 - ``GEN/keeper.sock``: a keeper waiting for a daemon to take the descriptors back.
 
 Records name descriptors by their number in the daemon's table, which is the keeper's
@@ -27,17 +31,28 @@ import mmap
 import os
 import resource
 import shutil
+import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.errors import ConfigError
+from uffdd.core.events import Fork
 from uffdd.core.process import Checkpoint, LazyRegion
+from uffdd.core.wire import EVENT_PAGEFAULT, decode_messages
 
 RECORD_VERSION = 1
-MARKS_MAX = 1 << 20
-"""Descriptor numbers at or above this are never marked (the daemon refuses them)."""
+MARKS_MAX = 1 << 16
+"""Descriptor numbers at or above this are never marked (their processes are unprovable)."""
+READING = 1
+HELD = 2
+MSG_SIZE = 32
+SLOT_MESSAGES = 64
+"""A read's messages at most (the readers read 64 at a time)."""
+SLOT_SIZE = 16 + SLOT_MESSAGES * MSG_SIZE
+"""A slot: u64 sequence, u32 message count, u32 unused, the messages (native endian)."""
+_HEADER = struct.Struct("=QI4x")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +77,9 @@ class Record:
     data: tuple[tuple[int, int], ...] = ()
     """The image's stored (address, length) extents (roots only)."""
     handover_id: str = ""
+    applied: int = 0
+    """The sequence number of the last held batch of its uffd that ``checkpoint``
+    includes (a later one is replayed on resume)."""
 
     def descriptors(self) -> list[int]:
         return [fd for fd in (self.uffd, self.pidfd, self.conn) if fd >= 0]
@@ -108,6 +126,11 @@ def _decode(text: str) -> Record:
     return Record(checkpoint=checkpoint, data=data, **raw)
 
 
+def fork_children(raw: bytes) -> list[int]:
+    """The descriptor numbers of the fork children's uffds in a held batch."""
+    return [e.child_fd for e in decode_messages(raw) if isinstance(e, Fork)]
+
+
 class Generation:
     """One daemon instance's journal (``DIR/GEN``)."""
 
@@ -118,17 +141,24 @@ class Generation:
         marks = path / "marks"
         if create:
             self._procs.mkdir(parents=True, mode=0o700)
-            size = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], MARKS_MAX)
-            with marks.open("wb") as file:
-                file.truncate(max(size, 1024))
+            count = max(min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], MARKS_MAX), 1024)
+            with marks.open("wb") as file:  # sparse: a slot takes room once written
+                file.truncate(count * (1 + SLOT_SIZE))
         with marks.open("r+b") as file:
-            self._marks = mmap.mmap(file.fileno(), 0)
-        self.mark_slots = len(self._marks)
+            self._file = mmap.mmap(file.fileno(), 0)
+        self.mark_slots = len(self._file) // (1 + SLOT_SIZE)
+        self._marks = memoryview(self._file)[: self.mark_slots]
+        self._slots = memoryview(self._file)[self.mark_slots :]
 
     @property
-    def marks(self) -> mmap.mmap:
+    def marks(self) -> memoryview:
         """The marks, shared with the C demand thread (``uffdd_demander_marks``)."""
         return self._marks
+
+    @property
+    def slots(self) -> memoryview:
+        """The held batches' slots (``SLOT_SIZE`` each), shared with the C demand thread."""
+        return self._slots
 
     @property
     def keeper_socket(self) -> Path:
@@ -138,8 +168,50 @@ class Generation:
         if 0 <= fd < self.mark_slots:
             self._marks[fd] = value
 
-    def marked(self, fd: int) -> bool:
-        return 0 <= fd < self.mark_slots and self._marks[fd] != 0
+    def marked(self, fd: int) -> int:
+        """The mark of ``fd``: 0, ``READING`` or ``HELD`` (``READING`` for a number past
+        the marks: nothing can be proven of it)."""
+        return self._marks[fd] if 0 <= fd < self.mark_slots else READING
+
+    def hold(self, fd: int, raw: bytes) -> None:
+        """Keep the layout events of a batch read from ``fd`` (raw uffd_msg records)
+        until the batch is journaled (the C demand thread does the same itself). Faults
+        are left out: a resuming daemon wakes every waiter, and they fault again. More
+        layout events than a slot holds leave the mark at ``READING``: unprovable."""
+        if not 0 <= fd < self.mark_slots:
+            return
+        layout = b"".join(
+            raw[at : at + MSG_SIZE]
+            for at in range(0, len(raw) - MSG_SIZE + 1, MSG_SIZE)
+            if raw[at] != EVENT_PAGEFAULT
+        )
+        count = len(layout) // MSG_SIZE
+        if count > SLOT_MESSAGES:
+            self._marks[fd] = READING
+            return
+        slot = self._slots[fd * SLOT_SIZE : (fd + 1) * SLOT_SIZE]
+        sequence, _ = _HEADER.unpack_from(slot)
+        slot[_HEADER.size : _HEADER.size + len(layout)] = layout
+        struct.pack_into("=I", slot, 8, count)
+        struct.pack_into("=Q", slot, 0, sequence + 1)
+        self._marks[fd] = HELD
+
+    def held(self, fd: int) -> tuple[int, bytes]:
+        """The sequence number of ``fd``'s last held batch, and its raw messages."""
+        if not 0 <= fd < self.mark_slots:
+            return 0, b""
+        slot = self._slots[fd * SLOT_SIZE : (fd + 1) * SLOT_SIZE]
+        sequence, count = _HEADER.unpack_from(slot)
+        count = min(count, SLOT_MESSAGES)
+        return sequence, bytes(slot[_HEADER.size : _HEADER.size + count * MSG_SIZE])
+
+    def pending(self, record: Record) -> bytes:
+        """The held batch of ``record``'s uffd its checkpoint does not include (raw), or
+        b"" when there is none."""
+        if self.marked(record.uffd) != HELD:
+            return b""
+        sequence, raw = self.held(record.uffd)
+        return raw if sequence > record.applied else b""
 
     def write(self, record: Record) -> None:
         """Write (or replace) a process's record; it is whole or absent, never half."""
@@ -149,10 +221,18 @@ class Generation:
         os.replace(partial, final)
 
     def checkpoint(self, proc: str, checkpoint: Checkpoint) -> None:
-        """Replace the checkpoint of a journaled process (after a layout change)."""
+        """Replace the checkpoint of a journaled process (after a layout change): it
+        includes the batch held for its uffd now."""
         record = self.read(proc)
         if record is not None:
-            self.write(replace(record, checkpoint=checkpoint))
+            applied, _ = self.held(record.uffd)
+            self.write(replace(record, checkpoint=checkpoint, applied=applied))
+
+    def add(self, record: Record) -> None:
+        """Journal a process new to this generation: whatever its descriptor number's
+        slot holds belongs to an earlier uffd and is never replayed into this one."""
+        applied, _ = self.held(record.uffd)
+        self.write(replace(record, applied=applied))
 
     def read(self, proc: str) -> Record | None:
         try:
@@ -174,7 +254,9 @@ class Generation:
         return found
 
     def close(self) -> None:
-        self._marks.close()
+        self._marks.release()
+        self._slots.release()
+        self._file.close()
 
     def discard(self) -> None:
         """Remove this generation (its processes ended or were taken over)."""

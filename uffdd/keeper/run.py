@@ -30,7 +30,7 @@ from pathlib import Path
 
 from uffdd.core.handover import Failed
 from uffdd.keeper.handback import send_all, wait_taken
-from uffdd.keeper.journal import Generation, Record
+from uffdd.keeper.journal import READING, Generation, Record, fork_children
 from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.unix_listener import bind_listener
 from uffdd.log import configure_logging, get_logger
@@ -73,7 +73,7 @@ class Keeper:
             self.trees.setdefault(record.root, []).append(record)
         self._close_unnamed()
         for root, members in list(self.trees.items()):
-            unproven = [r.proc for r in members if self.generation.marked(r.uffd)]
+            unproven = [r.proc for r in members if self.generation.marked(r.uffd) == READING]
             if unproven or not any(r.proc == root for r in members):
                 self._kill(
                     root,
@@ -102,11 +102,18 @@ class Keeper:
         self.generation.discard()
         return 0
 
-    def _close_unnamed(self) -> None:
-        keep = {0, 1, 2}
+    def _held(self) -> list[int]:
+        """Every descriptor the journal names: the records', and the uffds of fork
+        children in batches a resuming daemon will replay."""
+        held = []
         for members in self.trees.values():
             for record in members:
-                keep.update(record.descriptors())
+                held.extend(record.descriptors())
+                held.extend(fork_children(self.generation.pending(record)))
+        return held
+
+    def _close_unnamed(self) -> None:
+        keep = {0, 1, 2, *self._held()}
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd not in keep:
@@ -122,7 +129,7 @@ class Keeper:
         for record in members:
             if record.conn >= 0:
                 tell_restorer(record.conn, reason)
-            for fd in record.descriptors():
+            for fd in [*record.descriptors(), *fork_children(self.generation.pending(record))]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self.generation.remove(record.proc)
@@ -142,14 +149,8 @@ class Keeper:
                     if not _trusted(conn):
                         continue
                     conn.settimeout(max(end - time.monotonic(), 1.0))
-                    descriptors = [
-                        fd
-                        for members in self.trees.values()
-                        for r in members
-                        for fd in r.descriptors()
-                    ]
                     try:
-                        send_all(conn, descriptors)
+                        send_all(conn, self._held())
                     except OSError as exc:
                         _log.info("a resuming daemon went away", error=str(exc))
                         continue

@@ -212,7 +212,13 @@ class _Lib:
     ) -> int: ...
     def uffdd_demander_remove(self, demander: _cffi_backend.FFI.CData, slot: int, /) -> None: ...
     def uffdd_demander_marks(
-        self, demander: _cffi_backend.FFI.CData, marks: _cffi_backend.FFI.CData, n: int, /
+        self,
+        demander: _cffi_backend.FFI.CData,
+        marks: _cffi_backend.FFI.CData,
+        n: int,
+        slots: _cffi_backend.FFI.CData,
+        slot_size: int,
+        /,
     ) -> None: ...
     def uffdd_twin_spawn(
         self,

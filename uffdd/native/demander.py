@@ -138,13 +138,17 @@ class Demander:
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
 
-    def mark_reads(self, marks: Any) -> None:
-        """Mark each read of a uffd in ``marks`` (a writable buffer, one byte per fd
-        number, kept alive by the caller until :meth:`close`): 1 before the read, back
-        to 0 after it unless it brought a layout event (the loop clears that one)."""
-        buffer = ffi.from_buffer("uint8_t[]", marks, require_writable=True)
-        self._marks = buffer
-        lib.uffdd_demander_marks(self._handle, buffer, len(buffer))
+    def mark_reads(self, marks: Any, slots: Any, slot_size: int) -> None:
+        """Mark each read of a uffd in ``marks`` (one byte per fd number) and keep each
+        batch with a layout event in ``slots`` (``slot_size`` bytes per fd number) until
+        the loop clears its mark (``keeper/journal.py``). Both writable buffers stay
+        referenced here until :meth:`close`."""
+        mark_buffer = ffi.from_buffer("uint8_t[]", marks, require_writable=True)
+        slot_buffer = ffi.from_buffer("uint8_t[]", slots, require_writable=True)
+        self._marks = (mark_buffer, slot_buffer)
+        lib.uffdd_demander_marks(
+            self._handle, mark_buffer, len(mark_buffer), slot_buffer, slot_size
+        )
 
     def remove(self, slot: int) -> None:
         """Stop serving the slot's uffd; the thread no longer touches it afterwards."""

@@ -210,7 +210,8 @@ int uffdd_demander_resume(struct uffdd_demander *d, int slot,
                           const struct uffdd_fast_range *ranges, size_t nranges,
                           const struct uffdd_fast_range *zeros, size_t nzeros);
 void uffdd_demander_remove(struct uffdd_demander *d, int slot);
-void uffdd_demander_marks(struct uffdd_demander *d, uint8_t *marks, size_t n);
+void uffdd_demander_marks(struct uffdd_demander *d, uint8_t *marks, size_t n, uint8_t *slots,
+                          size_t slot_size);
 size_t uffdd_demander_take(struct uffdd_demander *d, struct uffdd_demand_report *out, size_t n);
 void uffdd_demander_free(struct uffdd_demander *d);
 
