@@ -174,23 +174,35 @@ def _act(restorer: Restorer, tree: Tree, act: str) -> None:
 def _send(restorer: Restorer, tree: Tree, act: str) -> None:
     sock = restorer.sock
     pid0, pid1 = tree.pids[0], tree.pids[1]
+    uffd0, uffd1 = tree.uffds[0], tree.uffds[1]
+    real0, real1 = tree.real_pids[0], tree.real_pids[1]
     if act == "short pid":
-        restorer.send_task(pid0, tree.uffds[0])
+        restorer.send_task(pid0, uffd0, real0)
         sock.sendall(b"\x01\x02")
     elif act == "missing fd":
-        restorer.send_task(pid0, tree.uffds[0])
-        restorer.send_pid(pid1)
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_pid(pid1, real1)
         restorer.send_zombie(tree.pids[2])
     elif act == "hang-up":
-        restorer.send_task(pid0, tree.uffds[0])
-        restorer.send_task(pid1, tree.uffds[1])
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(pid1, uffd1, real1)
         restorer.send_zombie(tree.pids[2])
     elif act == "unknown pid":
-        restorer.send_task(pid0, tree.uffds[0])
-        restorer.send_task(4_000_000, tree.uffds[1])
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(4_000_000, uffd1, real1)
     elif act == "twice":
-        restorer.send_task(pid0, tree.uffds[0])
-        restorer.send_task(pid0, tree.uffds[1])
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(pid0, uffd1, real0)
+    elif act == "not the sender":  # criu restore itself sends task 1's pid and uffd
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(pid1, uffd1, None)
+    elif act == "another task's credentials":
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(pid1, uffd1, real0)
+    elif act == "pid and uffd from two senders":
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_pid(pid1, real1)
+        restorer.send(b"\0", real0, [uffd1])
 
 
 @pytest.mark.parametrize(
@@ -201,6 +213,9 @@ def _send(restorer: Restorer, tree: Tree, act: str) -> None:
         ("hang-up", "hung up before the restore-finished marker"),
         ("unknown pid", "pid 4000000 is not a task of pstree.img"),
         ("twice", "handed over twice"),
+        ("not the sender", "its sender is not that task"),
+        ("another task's credentials", "its sender is not that task"),
+        ("pid and uffd from two senders", "its pid came from process"),
     ],
 )
 def test_malformed_handover_fails_and_kills(tmp_path: Path, act: str, reason: str) -> None:

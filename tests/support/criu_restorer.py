@@ -6,11 +6,14 @@ addresses and hand their uffds to the test; :func:`write_dump` writes that tree'
 (pstree, mm, pagemap, pages) with the real pids, from the same known pattern the tasks
 check against; :class:`Restorer` speaks the lazy-pages protocol to ``uffdd lazy-pages``
 (pid, then uffd with a 1-byte payload; a zombie as a negated pid; the RSTF marker), and
-offers the malformed variants. Everything is reaped and closed at the end.
+offers the malformed variants. In CRIU each task sends its own pid and uffd, so uffdd
+sees the task as the sender (SCM_CREDENTIALS); the stand-in sends on each task's behalf
+with the task's credentials (root may name any process as the sender). Everything is reaped and closed at the end.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
@@ -100,16 +103,22 @@ class Tree:
     proc: subprocess.Popen[bytes]
     control: socket.socket
     pids: dict[int, int] = field(default_factory=dict)
+    """Task index -> pid in the tree's own pid namespace (the pstree pid)."""
+    real_pids: dict[int, int] = field(default_factory=dict)
+    """Task index -> pid in /proc's (uffdd's) pid namespace (zombies: none)."""
     uffds: dict[int, int] = field(default_factory=dict)
     reports: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, specs: list[dict[str, Any]], spec_file: Path) -> Tree:
+    def start(
+        cls, specs: list[dict[str, Any]], spec_file: Path, prefix: tuple[str, ...] = ()
+    ) -> Tree:
+        """``prefix``: a command to start the tree under (``unshare --pid --fork``)."""
         spec_file.write_text(json.dumps({"tasks": specs}))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [sys.executable, str(TREE_SCRIPT), str(spec_file), str(theirs.fileno())],
+                [*prefix, sys.executable, str(TREE_SCRIPT), str(spec_file), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
             )
         finally:
@@ -132,6 +141,7 @@ class Tree:
         message: dict[str, Any] = json.loads(data)
         if "ready" in message:
             self.pids[message["ready"]] = message["pid"]
+            self.real_pids[message["ready"]] = message["real"]
             (self.uffds[message["ready"]],) = fds
         elif "zombie" in message:
             self.pids[message["zombie"]] = message["pid"]
@@ -162,7 +172,7 @@ class Tree:
 
     def kill(self) -> None:
         """SIGKILL every task (children first; the root reaps nothing then)."""
-        for pid in reversed(self.pids.values()):
+        for pid in reversed(self.real_pids.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.kill()
@@ -270,15 +280,27 @@ class Restorer:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
-    def send_pid(self, pid: int) -> None:
-        self.sock.sendall(struct.pack("=i", pid))
+    def send_pid(self, pid: int, sender: int | None = None) -> None:
+        """``sender``: the credentials' pid (None: this process's own)."""
+        self.send(struct.pack("=i", pid), sender)
 
-    def send_task(self, pid: int, uffd: int) -> None:
-        self.send_pid(pid)
-        socket.send_fds(self.sock, [b"\0"], [uffd])
+    def send_task(self, pid: int, uffd: int, sender: int | None) -> None:
+        """Task ``pid``'s pid and uffd, as sent by process ``sender`` (the task itself
+        in CRIU; None: this process, which is not the task)."""
+        self.send_pid(pid, sender)
+        self.send(b"\0", sender, [uffd])
 
     def send_zombie(self, pid: int) -> None:
         self.send_pid(-pid)
+
+    def send(self, data: bytes, sender: int | None, fds: list[int] | None = None) -> None:
+        ancillary = []
+        if fds:
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)))
+        if sender is not None:
+            creds = struct.pack("3i", sender, os.getuid(), os.getgid())
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds))
+        assert self.sock.sendmsg([data], ancillary) == len(data)
 
     def finish(self) -> None:
         self.sock.sendall(struct.pack("=I", RSTF))
@@ -290,5 +312,5 @@ class Restorer:
             if spec["zombie"]:
                 self.send_zombie(tree.pids[index])
             else:
-                self.send_task(tree.pids[index], tree.uffds[index])
+                self.send_task(tree.pids[index], tree.uffds[index], tree.real_pids[index])
         tree.close_uffds()
