@@ -8,7 +8,8 @@ check against; :class:`Restorer` speaks the lazy-pages protocol to ``uffdd lazy-
 (pid, then uffd with a 1-byte payload; a zombie as a negated pid; the RSTF marker), and
 offers the malformed variants. In CRIU each task sends its own pid and uffd, so uffdd
 sees the task as the sender (SCM_CREDENTIALS); the stand-in sends on each task's behalf
-with the task's credentials (root may name any process as the sender). Everything is reaped and closed at the end.
+with the task's credentials (root may name any process as the sender). Everything is
+reaped and closed at the end.
 """
 
 from __future__ import annotations
@@ -294,9 +295,11 @@ class Restorer:
         self.send_pid(-pid)
 
     def send(self, data: bytes, sender: int | None, fds: list[int] | None = None) -> None:
-        ancillary = []
+        ancillary: list[tuple[int, int, bytes]] = []
         if fds:
-            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)))
+            ancillary.append(
+                (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+            )
         if sender is not None:
             creds = struct.pack("3i", sender, os.getuid(), os.getgid())
             ancillary.append((socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds))

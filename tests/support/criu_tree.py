@@ -8,10 +8,11 @@ against the dump. ``python criu_tree.py SPEC CONTROL_FD``: the started process i
 a uffd with EVENT_FORK|REMAP|REMOVE|UNMAP, registers its VMAs (MISSING), sends the uffd
 to the test on the shared control socket (SOCK_SEQPACKET, JSON + SCM_RIGHTS) and closes
 its copy (with its pid in uffdd's namespace, ``real``: the tree may live in a pid
-namespace of its own, where the root is 1). A zombie task exits at once (its parent reaps it at the very end). Then, by
-its script: "wait" touches nothing; "ops" reads a few pages, forks (the child checks all
-its memory), mremaps, madvise(DONTNEED)s and munmaps untouched ranges, reports, then
-checks every page. Every process waits for the test to close the control socket.
+namespace of its own, where the root is 1). A zombie task exits at once (its parent
+reaps it at the very end). Then, by its script: "wait" touches nothing; "ops" reads a
+few pages, forks (the child checks all its memory), mremaps, madvise(DONTNEED)s and
+munmaps untouched ranges, reports, then checks every page. Every process waits for the
+test to close the control socket.
 """
 
 from __future__ import annotations
