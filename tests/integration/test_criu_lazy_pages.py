@@ -249,6 +249,29 @@ def test_task_that_exits_before_resident_exits_3(tmp_path: Path) -> None:
             lazy.close()
 
 
+def test_task_that_exits_after_being_fully_served_exits_0(tmp_path: Path) -> None:
+    """As for ``criu lazy-pages``: tasks that read every page (all of it served, every
+    byte checked) and then exit, even before the restore-finished marker, are a success."""
+    specs = [task_spec(0, None, script="check"), task_spec(1, 0, script="check")]
+    with Tree.start(specs, tmp_path / "spec.json") as tree:
+        images = tmp_path / "images"
+        write_dump(images, tree)
+        lazy = LazyPages.start(images, tmp_path / "work")
+        try:
+            restorer = Restorer(lazy.connect(tmp_path / "work"))
+            restorer.hand_over(tree)
+            for report in tree.wait_reports("verified", 2):
+                assert report["ok"], report
+                assert report["pages"] > 0
+            assert tree.close() == 0
+            lazy.wait_for_event("process exited", 2)  # both left before the marker
+            restorer.finish()
+            assert lazy.wait() == 0, lazy.text()
+            assert "exited before fully resident" not in lazy.text()
+        finally:
+            lazy.close()
+
+
 def test_broken_images_refused_before_listening(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
