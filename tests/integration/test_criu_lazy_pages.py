@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +22,11 @@ from support.criu_restorer import (
     LazyPages,
     Restorer,
     Tree,
+    page_server,
     task_spec,
     tree_spec,
     write_dump,
 )
-
-from uffdd.demo.services import uffdd_command, wait_for_path
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,35 +66,12 @@ def test_tree_restored_from_local_images(tmp_path: Path, style: str) -> None:
             lazy.close()
 
 
-@contextlib.contextmanager
-def page_server(images: Path, base: Path) -> Iterator[str]:
-    """``uffdd page-server --images IMAGES`` on a Unix socket; yields its target."""
-    target = f"unix:{base / 'pages.sock'}"
-    ready, log = base / "ready.json", base / "page-server.log"
-    with open(log, "wb") as stderr:
-        server = subprocess.Popen(
-            uffdd_command("page-server", "--images", str(images), "--listen", target,
-                          "--ready-file", str(ready)),
-            stderr=stderr,
-        )  # fmt: skip
-    try:
-        wait_for_path(ready, "page server", server, log, TIMEOUT)
-        yield target
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(TIMEOUT)
-
-
 def test_tree_restored_through_page_server(tmp_path: Path) -> None:
     images = tmp_path / "images"
     with Tree.start(tree_spec("ops"), tmp_path / "spec.json") as tree:
         write_dump(images, tree, style="3.x")
         lazy: LazyPages | None = None
-        with page_server(images, tmp_path) as target:
+        with page_server(images, tmp_path) as (target, _):
             # the restore side has the layout images only: pages come from the server
             restore_side = tmp_path / "restore-images"
             restore_side.mkdir()
@@ -121,7 +95,7 @@ def test_page_server_image_missing_is_fatal(tmp_path: Path) -> None:
         write_dump(images, tree)
         empty = tmp_path / "empty"
         empty.mkdir()
-        with page_server(empty, tmp_path) as target:
+        with page_server(empty, tmp_path) as (target, _):
             log_file = tmp_path / "work" / "criu-style.log"
             lazy = LazyPages.start(
                 images, tmp_path / "work", "--page-server", "--address", target, "-o", str(log_file)

@@ -25,12 +25,14 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from support.criu_tree import PAGE, page_pattern
+from uffdd.demo.services import uffdd_command, wait_for_path
 from uffdd.image.criu.images import (
     PE_LAZY,
     PE_PRESENT,
@@ -212,6 +214,31 @@ def write_dump(images: Path, tree: Tree, style: PagemapStyle = "4.x") -> None:
                     pages.write(page_pattern(spec["seed"], page))
 
 
+@contextlib.contextmanager
+def page_server(images: Path, base: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``uffdd page-server --images IMAGES`` on a Unix socket; yields its target and
+    its process (stopped at the end unless it has been already)."""
+    target = f"unix:{base / 'pages.sock'}"
+    ready, log = base / "ready.json", base / "page-server.log"
+    with open(log, "wb") as stderr:
+        server = subprocess.Popen(
+            uffdd_command("page-server", "--images", str(images), "--listen", target,
+                          "--ready-file", str(ready)),
+            stderr=stderr,
+        )  # fmt: skip
+    try:
+        wait_for_path(ready, "page server", server, log, TIMEOUT)
+        yield target, server
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(TIMEOUT)
+
+
 def lazy_pages_command(images: Path, work: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "uffdd", "lazy-pages",
             "-D", str(images), "-W", str(work), "--log-format", "json", "-v", *extra]  # fmt: skip
@@ -225,11 +252,15 @@ class LazyPages:
     log: Path
 
     @classmethod
-    def start(cls, images: Path, work: Path, *extra: str) -> LazyPages:
+    def start(
+        cls, images: Path, work: Path, *extra: str, prefix: tuple[str, ...] = ()
+    ) -> LazyPages:
+        """``prefix``: a command to start it under (``unshare --pid --fork``)."""
         log = work / "lazy-pages.log"
         work.mkdir(parents=True, exist_ok=True)
+        command = [*prefix, *lazy_pages_command(images, work, *extra)]
         with open(log, "wb") as stderr:
-            proc = subprocess.Popen(lazy_pages_command(images, work, *extra), stderr=stderr)
+            proc = subprocess.Popen(command, stderr=stderr)
         return cls(proc, log)
 
     def connect(self, work: Path) -> socket.socket:
