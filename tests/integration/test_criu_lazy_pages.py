@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -205,8 +206,10 @@ def test_malformed_handover_fails_and_kills(tmp_path: Path, act: str, reason: st
         tree.close()
 
 
-def test_task_that_exits_before_resident_exits_3(tmp_path: Path) -> None:
-    specs = [task_spec(0, None), task_spec(1, 0)]
+@contextlib.contextmanager
+def _handed_over(tmp_path: Path, script: str) -> Iterator[tuple[Tree, LazyPages, Restorer]]:
+    """Two tasks running ``script``, handed over (no marker yet) to ``uffdd lazy-pages``."""
+    specs = [task_spec(0, None, script=script), task_spec(1, 0, script=script)]
     with Tree.start(specs, tmp_path / "spec.json") as tree:
         images = tmp_path / "images"
         write_dump(images, tree)
@@ -214,36 +217,32 @@ def test_task_that_exits_before_resident_exits_3(tmp_path: Path) -> None:
         try:
             restorer = Restorer(lazy.connect(tmp_path / "work"))
             restorer.hand_over(tree)
-            lazy.wait_for_event("serving", 2)  # both tasks taken over
-            assert tree.close() == 0  # both tasks leave, nothing touched, no sweep yet
-            restorer.finish()
-            assert lazy.wait() == 3, lazy.text()
-            assert "exited before fully resident" in lazy.text()
+            yield tree, lazy, restorer
         finally:
             lazy.close()
+
+
+def test_task_that_exits_before_resident_exits_3(tmp_path: Path) -> None:
+    with _handed_over(tmp_path, "wait") as (tree, lazy, restorer):
+        lazy.wait_for_event("serving", 2)  # both tasks taken over
+        assert tree.close() == 0  # both tasks leave, nothing touched, no sweep yet
+        restorer.finish()
+        assert lazy.wait() == 3, lazy.text()
+        assert "exited before fully resident" in lazy.text()
 
 
 def test_task_that_exits_after_being_fully_served_exits_0(tmp_path: Path) -> None:
     """As for ``criu lazy-pages``: tasks that read every page (all of it served, every
     byte checked) and then exit, even before the restore-finished marker, are a success."""
-    specs = [task_spec(0, None, script="check"), task_spec(1, 0, script="check")]
-    with Tree.start(specs, tmp_path / "spec.json") as tree:
-        images = tmp_path / "images"
-        write_dump(images, tree)
-        lazy = LazyPages.start(images, tmp_path / "work")
-        try:
-            restorer = Restorer(lazy.connect(tmp_path / "work"))
-            restorer.hand_over(tree)
-            for report in tree.wait_reports("verified", 2):
-                assert report["ok"], report
-                assert report["pages"] > 0
-            assert tree.close() == 0
-            lazy.wait_for_event("process exited", 2)  # both left before the marker
-            restorer.finish()
-            assert lazy.wait() == 0, lazy.text()
-            assert "exited before fully resident" not in lazy.text()
-        finally:
-            lazy.close()
+    with _handed_over(tmp_path, "check") as (tree, lazy, restorer):
+        for report in tree.wait_reports("verified", 2):
+            assert report["ok"], report
+            assert report["pages"] > 0
+        assert tree.close() == 0
+        lazy.wait_for_event("process exited", 2)  # both left before the marker
+        restorer.finish()
+        assert lazy.wait() == 0, lazy.text()
+        assert "exited before fully resident" not in lazy.text()
 
 
 def test_broken_images_refused_before_listening(tmp_path: Path) -> None:

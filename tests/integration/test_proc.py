@@ -21,6 +21,8 @@ from support.waiting import wait_until
 
 from uffdd.kernel import proc
 from uffdd.kernel.proc import (
+    KILL_ROUNDS,
+    TreeKill,
     UnprovenProcess,
     children,
     kill_tree,
@@ -86,6 +88,15 @@ def sentinel() -> Iterator[subprocess.Popen[bytes]]:
             process.kill()
 
 
+def _kill(pid: int, rounds: int = KILL_ROUNDS) -> TreeKill:
+    """kill_tree with a pidfd of ``pid`` opened for it."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return kill_tree(pid, pidfd, rounds=rounds)
+    finally:
+        os.close(pidfd)
+
+
 def _pids(root: subprocess.Popen[str], count: int) -> list[int]:
     assert root.stdout is not None
     return [int(root.stdout.readline()) for _ in range(count)]
@@ -95,11 +106,7 @@ def test_kill_tree_kills_the_root_and_every_descendant_and_nothing_else() -> Non
     with sentinel() as outside, chain(3) as root:
         pids = sorted(_pids(root, 3))
         wait_until(lambda: sorted(_tree(root.pid)) == pids, "the whole chain")
-        pidfd = os.pidfd_open(root.pid)
-        try:
-            result = kill_tree(root.pid, pidfd)
-        finally:
-            os.close(pidfd)
+        result = _kill(root.pid)
         assert result.complete
         assert result.killed[0] == root.pid
         assert sorted(result.killed) == pids
@@ -115,11 +122,7 @@ def test_kill_tree_outruns_a_tree_still_forking() -> None:
     on and none is reparented out of reach; the whole chain dies."""
     with chain(200) as root:
         _pids(root, 1)  # the root runs; its descendants are being forked
-        pidfd = os.pidfd_open(root.pid)
-        try:
-            result = kill_tree(root.pid, pidfd)
-        finally:
-            os.close(pidfd)
+        result = _kill(root.pid)
         assert result.complete
         assert root.wait(timeout=60) == -signal.SIGKILL
         assert root.stdout is not None
@@ -130,11 +133,7 @@ def test_the_round_cap_is_reported_and_what_was_proven_is_killed() -> None:
     with chain(3) as root:
         pids = sorted(_pids(root, 3))
         wait_until(lambda: sorted(_tree(root.pid)) == pids, "the whole chain")
-        pidfd = os.pidfd_open(root.pid)
-        try:
-            result = kill_tree(root.pid, pidfd, rounds=1)  # the walk that grew is the last
-        finally:
-            os.close(pidfd)
+        result = _kill(root.pid, rounds=1)  # the walk that grew is the last
         assert not result.complete
         assert sorted(result.killed) == pids
         assert root.stdout is not None
@@ -168,11 +167,7 @@ def test_a_descendant_reparented_before_its_check_is_not_signalled(
 
         monkeypatch.setattr(proc, "children", stale_children)
         try:
-            rootfd = os.pidfd_open(root.pid)
-            try:
-                result = kill_tree(root.pid, rootfd)
-            finally:
-                os.close(rootfd)
+            result = _kill(root.pid)
             assert raced == [last]
             assert last not in result.killed
             assert root.wait(timeout=60) == -signal.SIGKILL

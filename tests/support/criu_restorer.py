@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from support.criu_tree import PAGE, page_pattern
-from uffdd.demo.services import uffdd_command, wait_for_path
+from uffdd.demo.services import stop, uffdd_command, wait_for_path
 from uffdd.image.criu.images import (
     PE_LAZY,
     PE_PRESENT,
@@ -230,13 +230,7 @@ def page_server(images: Path, base: Path) -> Iterator[tuple[str, subprocess.Pope
         wait_for_path(ready, "page server", server, log, TIMEOUT)
         yield target, server
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(TIMEOUT)
+        stop(server, TIMEOUT)
 
 
 def lazy_pages_command(images: Path, work: Path, *extra: str) -> list[str]:

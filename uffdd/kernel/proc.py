@@ -51,15 +51,8 @@ def pidfd_pids(pidfd: int) -> tuple[int, ...] | None:
     """The pids of ``pidfd``'s process in every pid namespace from ``/proc``'s down to
     its own (``NSpid`` of the pidfd's fdinfo: the process itself, never a number's
     current owner); None once it has exited."""
-    try:
-        info = Path(f"/proc/self/fdinfo/{pidfd}").read_text()
-    except OSError:
-        return None
-    for line in info.splitlines():
-        key, _, value = line.partition(":")
-        if key == "NSpid":
-            return tuple(int(field) for field in value.split())
-    return None  # gone (Pid: -1 and no NSpid line)
+    value = _field(f"/proc/self/fdinfo/{pidfd}", "NSpid")  # none once gone (Pid: -1)
+    return None if value is None else tuple(int(pid) for pid in value.split())
 
 
 def open_proven(pid: int, ns_pid: int) -> int:
@@ -113,14 +106,21 @@ def children(pid: int) -> list[int]:
 
 def parent_of(pid: int) -> int | None:
     """``PPid`` of ``pid`` by number (None when there is no such process now)."""
+    value = _field(f"/proc/{pid}/status", "PPid")
+    return None if value is None else int(value)
+
+
+def _field(path: str, name: str) -> str | None:
+    """The value of the ``name:`` line of a ``/proc`` status-like file (None: no such
+    file or line)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        text = Path(path).read_text()
     except OSError:
         return None
-    for line in status.splitlines():
+    for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key == "PPid":
-            return int(value)
+        if key == name:
+            return value
     return None
 
 

@@ -387,6 +387,7 @@ async def serve_criu_restores(
     shows at start-up); it belongs to this door from the call on. None: bound here."""
     if listener is None:
         listener = bind_lazy_pages_socket(work_dir or images_dir)
+    pass_credentials(listener)  # one bound elsewhere too: no message without its sender
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[CriuResult]] = set()
     try:
