@@ -168,7 +168,9 @@ def kill_tree(pid: int, pidfd: int, *, rounds: int = KILL_ROUNDS) -> TreeKill:
     out of reach. The walk repeats until one finds nothing new with every member
     stopped (at most ``rounds`` walks), then every proven member gets SIGKILL through
     its pidfd. Nothing is ever signalled by number; a pidfd < 0 proves nothing and
-    kills nothing."""
+    kills nothing. A process that left the tree before the walk (a daemonizing double
+    fork, ``CLONE_PARENT``) is no descendant any more and is not found: only a cgroup
+    made for the restore would hold it."""
     if pidfd < 0:
         return TreeKill((), complete=False)
     proven: dict[int, int] = {pid: pidfd}
