@@ -54,8 +54,8 @@ def _restore(tree: Tree, work: Path) -> list[dict[str, Any]]:
 
 def _break(tree: Tree, work: Path) -> None:
     restorer = _connect(work)
-    restorer.send_task(tree.pids[0], tree.uffds[0])
-    restorer.send_pid(tree.pids[1])  # and no uffd after it
+    restorer.send_task(tree.pids[0], tree.uffds[0], tree.real_pids[0])
+    restorer.send_pid(tree.pids[1], tree.real_pids[1])  # and no uffd after it
     restorer.sock.close()
     tree.close_uffds()
 

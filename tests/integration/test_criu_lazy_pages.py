@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +23,11 @@ from support.criu_restorer import (
     LazyPages,
     Restorer,
     Tree,
+    page_server,
     task_spec,
     tree_spec,
     write_dump,
 )
-
-from uffdd.demo.services import uffdd_command, wait_for_path
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,35 +67,12 @@ def test_tree_restored_from_local_images(tmp_path: Path, style: str) -> None:
             lazy.close()
 
 
-@contextlib.contextmanager
-def page_server(images: Path, base: Path) -> Iterator[str]:
-    """``uffdd page-server --images IMAGES`` on a Unix socket; yields its target."""
-    target = f"unix:{base / 'pages.sock'}"
-    ready, log = base / "ready.json", base / "page-server.log"
-    with open(log, "wb") as stderr:
-        server = subprocess.Popen(
-            uffdd_command("page-server", "--images", str(images), "--listen", target,
-                          "--ready-file", str(ready)),
-            stderr=stderr,
-        )  # fmt: skip
-    try:
-        wait_for_path(ready, "page server", server, log, TIMEOUT)
-        yield target
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(TIMEOUT)
-
-
 def test_tree_restored_through_page_server(tmp_path: Path) -> None:
     images = tmp_path / "images"
     with Tree.start(tree_spec("ops"), tmp_path / "spec.json") as tree:
         write_dump(images, tree, style="3.x")
         lazy: LazyPages | None = None
-        with page_server(images, tmp_path) as target:
+        with page_server(images, tmp_path) as (target, _):
             # the restore side has the layout images only: pages come from the server
             restore_side = tmp_path / "restore-images"
             restore_side.mkdir()
@@ -121,7 +96,7 @@ def test_page_server_image_missing_is_fatal(tmp_path: Path) -> None:
         write_dump(images, tree)
         empty = tmp_path / "empty"
         empty.mkdir()
-        with page_server(empty, tmp_path) as target:
+        with page_server(empty, tmp_path) as (target, _):
             log_file = tmp_path / "work" / "criu-style.log"
             lazy = LazyPages.start(
                 images, tmp_path / "work", "--page-server", "--address", target, "-o", str(log_file)
@@ -174,23 +149,35 @@ def _act(restorer: Restorer, tree: Tree, act: str) -> None:
 def _send(restorer: Restorer, tree: Tree, act: str) -> None:
     sock = restorer.sock
     pid0, pid1 = tree.pids[0], tree.pids[1]
+    uffd0, uffd1 = tree.uffds[0], tree.uffds[1]
+    real0, real1 = tree.real_pids[0], tree.real_pids[1]
     if act == "short pid":
-        restorer.send_task(pid0, tree.uffds[0])
+        restorer.send_task(pid0, uffd0, real0)
         sock.sendall(b"\x01\x02")
     elif act == "missing fd":
-        restorer.send_task(pid0, tree.uffds[0])
-        restorer.send_pid(pid1)
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_pid(pid1, real1)
         restorer.send_zombie(tree.pids[2])
     elif act == "hang-up":
-        restorer.send_task(pid0, tree.uffds[0])
-        restorer.send_task(pid1, tree.uffds[1])
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(pid1, uffd1, real1)
         restorer.send_zombie(tree.pids[2])
     elif act == "unknown pid":
-        restorer.send_task(pid0, tree.uffds[0])
-        restorer.send_task(4_000_000, tree.uffds[1])
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(4_000_000, uffd1, real1)
     elif act == "twice":
-        restorer.send_task(pid0, tree.uffds[0])
-        restorer.send_task(pid0, tree.uffds[1])
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(pid0, uffd1, real0)
+    elif act == "not the sender":  # criu restore itself sends task 1's pid and uffd
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(pid1, uffd1, None)
+    elif act == "another task's credentials":
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_task(pid1, uffd1, real0)
+    elif act == "pid and uffd from two senders":
+        restorer.send_task(pid0, uffd0, real0)
+        restorer.send_pid(pid1, real1)
+        restorer.send(b"\0", real0, [uffd1])
 
 
 @pytest.mark.parametrize(
@@ -201,6 +188,9 @@ def _send(restorer: Restorer, tree: Tree, act: str) -> None:
         ("hang-up", "hung up before the restore-finished marker"),
         ("unknown pid", "pid 4000000 is not a task of pstree.img"),
         ("twice", "handed over twice"),
+        ("not the sender", "its sender is not that task"),
+        ("another task's credentials", "its sender is not that task"),
+        ("pid and uffd from two senders", "its pid came from process"),
     ],
 )
 def test_malformed_handover_fails_and_kills(tmp_path: Path, act: str, reason: str) -> None:
@@ -216,8 +206,10 @@ def test_malformed_handover_fails_and_kills(tmp_path: Path, act: str, reason: st
         tree.close()
 
 
-def test_task_that_exits_before_resident_exits_3(tmp_path: Path) -> None:
-    specs = [task_spec(0, None), task_spec(1, 0)]
+@contextlib.contextmanager
+def _handed_over(tmp_path: Path, script: str) -> Iterator[tuple[Tree, LazyPages, Restorer]]:
+    """Two tasks running ``script``, handed over (no marker yet) to ``uffdd lazy-pages``."""
+    specs = [task_spec(0, None, script=script), task_spec(1, 0, script=script)]
     with Tree.start(specs, tmp_path / "spec.json") as tree:
         images = tmp_path / "images"
         write_dump(images, tree)
@@ -225,13 +217,32 @@ def test_task_that_exits_before_resident_exits_3(tmp_path: Path) -> None:
         try:
             restorer = Restorer(lazy.connect(tmp_path / "work"))
             restorer.hand_over(tree)
-            lazy.wait_for_event("serving", 2)  # both tasks taken over
-            assert tree.close() == 0  # both tasks leave, nothing touched, no sweep yet
-            restorer.finish()
-            assert lazy.wait() == 3, lazy.text()
-            assert "exited before fully resident" in lazy.text()
+            yield tree, lazy, restorer
         finally:
             lazy.close()
+
+
+def test_task_that_exits_before_resident_exits_3(tmp_path: Path) -> None:
+    with _handed_over(tmp_path, "wait") as (tree, lazy, restorer):
+        lazy.wait_for_event("serving", 2)  # both tasks taken over
+        assert tree.close() == 0  # both tasks leave, nothing touched, no sweep yet
+        restorer.finish()
+        assert lazy.wait() == 3, lazy.text()
+        assert "exited before fully resident" in lazy.text()
+
+
+def test_task_that_exits_after_being_fully_served_exits_0(tmp_path: Path) -> None:
+    """As for ``criu lazy-pages``: tasks that read every page (all of it served, every
+    byte checked) and then exit, even before the restore-finished marker, are a success."""
+    with _handed_over(tmp_path, "check") as (tree, lazy, restorer):
+        for report in tree.wait_reports("verified", 2):
+            assert report["ok"], report
+            assert report["pages"] > 0
+        assert tree.close() == 0
+        lazy.wait_for_event("process exited", 2)  # both left before the marker
+        restorer.finish()
+        assert lazy.wait() == 0, lazy.text()
+        assert "exited before fully resident" not in lazy.text()
 
 
 def test_broken_images_refused_before_listening(tmp_path: Path) -> None:

@@ -6,11 +6,15 @@ addresses and hand their uffds to the test; :func:`write_dump` writes that tree'
 (pstree, mm, pagemap, pages) with the real pids, from the same known pattern the tasks
 check against; :class:`Restorer` speaks the lazy-pages protocol to ``uffdd lazy-pages``
 (pid, then uffd with a 1-byte payload; a zombie as a negated pid; the RSTF marker), and
-offers the malformed variants. Everything is reaped and closed at the end.
+offers the malformed variants. In CRIU each task sends its own pid and uffd, so uffdd
+sees the task as the sender (SCM_CREDENTIALS); the stand-in sends on each task's behalf
+with the task's credentials (root may name any process as the sender). Everything is
+reaped and closed at the end.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
@@ -21,12 +25,14 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from support.criu_tree import PAGE, page_pattern
+from uffdd.demo.services import stop, uffdd_command, wait_for_path
 from uffdd.image.criu.images import (
     PE_LAZY,
     PE_PRESENT,
@@ -100,16 +106,22 @@ class Tree:
     proc: subprocess.Popen[bytes]
     control: socket.socket
     pids: dict[int, int] = field(default_factory=dict)
+    """Task index -> pid in the tree's own pid namespace (the pstree pid)."""
+    real_pids: dict[int, int] = field(default_factory=dict)
+    """Task index -> pid in /proc's (uffdd's) pid namespace (zombies: none)."""
     uffds: dict[int, int] = field(default_factory=dict)
     reports: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, specs: list[dict[str, Any]], spec_file: Path) -> Tree:
+    def start(
+        cls, specs: list[dict[str, Any]], spec_file: Path, prefix: tuple[str, ...] = ()
+    ) -> Tree:
+        """``prefix``: a command to start the tree under (``unshare --pid --fork``)."""
         spec_file.write_text(json.dumps({"tasks": specs}))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [sys.executable, str(TREE_SCRIPT), str(spec_file), str(theirs.fileno())],
+                [*prefix, sys.executable, str(TREE_SCRIPT), str(spec_file), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
             )
         finally:
@@ -132,6 +144,7 @@ class Tree:
         message: dict[str, Any] = json.loads(data)
         if "ready" in message:
             self.pids[message["ready"]] = message["pid"]
+            self.real_pids[message["ready"]] = message["real"]
             (self.uffds[message["ready"]],) = fds
         elif "zombie" in message:
             self.pids[message["zombie"]] = message["pid"]
@@ -162,7 +175,7 @@ class Tree:
 
     def kill(self) -> None:
         """SIGKILL every task (children first; the root reaps nothing then)."""
-        for pid in reversed(self.pids.values()):
+        for pid in reversed(self.real_pids.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.kill()
@@ -201,6 +214,25 @@ def write_dump(images: Path, tree: Tree, style: PagemapStyle = "4.x") -> None:
                     pages.write(page_pattern(spec["seed"], page))
 
 
+@contextlib.contextmanager
+def page_server(images: Path, base: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``uffdd page-server --images IMAGES`` on a Unix socket; yields its target and
+    its process (stopped at the end unless it has been already)."""
+    target = f"unix:{base / 'pages.sock'}"
+    ready, log = base / "ready.json", base / "page-server.log"
+    with open(log, "wb") as stderr:
+        server = subprocess.Popen(
+            uffdd_command("page-server", "--images", str(images), "--listen", target,
+                          "--ready-file", str(ready)),
+            stderr=stderr,
+        )  # fmt: skip
+    try:
+        wait_for_path(ready, "page server", server, log, TIMEOUT)
+        yield target, server
+    finally:
+        stop(server, TIMEOUT)
+
+
 def lazy_pages_command(images: Path, work: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "uffdd", "lazy-pages",
             "-D", str(images), "-W", str(work), "--log-format", "json", "-v", *extra]  # fmt: skip
@@ -214,11 +246,15 @@ class LazyPages:
     log: Path
 
     @classmethod
-    def start(cls, images: Path, work: Path, *extra: str) -> LazyPages:
+    def start(
+        cls, images: Path, work: Path, *extra: str, prefix: tuple[str, ...] = ()
+    ) -> LazyPages:
+        """``prefix``: a command to start it under (``unshare --pid --fork``)."""
         log = work / "lazy-pages.log"
         work.mkdir(parents=True, exist_ok=True)
+        command = [*prefix, *lazy_pages_command(images, work, *extra)]
         with open(log, "wb") as stderr:
-            proc = subprocess.Popen(lazy_pages_command(images, work, *extra), stderr=stderr)
+            proc = subprocess.Popen(command, stderr=stderr)
         return cls(proc, log)
 
     def connect(self, work: Path) -> socket.socket:
@@ -270,15 +306,29 @@ class Restorer:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
-    def send_pid(self, pid: int) -> None:
-        self.sock.sendall(struct.pack("=i", pid))
+    def send_pid(self, pid: int, sender: int | None = None) -> None:
+        """``sender``: the credentials' pid (None: this process's own)."""
+        self.send(struct.pack("=i", pid), sender)
 
-    def send_task(self, pid: int, uffd: int) -> None:
-        self.send_pid(pid)
-        socket.send_fds(self.sock, [b"\0"], [uffd])
+    def send_task(self, pid: int, uffd: int, sender: int | None) -> None:
+        """Task ``pid``'s pid and uffd, as sent by process ``sender`` (the task itself
+        in CRIU; None: this process, which is not the task)."""
+        self.send_pid(pid, sender)
+        self.send(b"\0", sender, [uffd])
 
     def send_zombie(self, pid: int) -> None:
         self.send_pid(-pid)
+
+    def send(self, data: bytes, sender: int | None, fds: list[int] | None = None) -> None:
+        ancillary: list[tuple[int, int, bytes]] = []
+        if fds:
+            ancillary.append(
+                (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+            )
+        if sender is not None:
+            creds = struct.pack("3i", sender, os.getuid(), os.getgid())
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds))
+        assert self.sock.sendmsg([data], ancillary) == len(data)
 
     def finish(self) -> None:
         self.sock.sendall(struct.pack("=I", RSTF))
@@ -290,5 +340,5 @@ class Restorer:
             if spec["zombie"]:
                 self.send_zombie(tree.pids[index])
             else:
-                self.send_task(tree.pids[index], tree.uffds[index])
+                self.send_task(tree.pids[index], tree.uffds[index], tree.real_pids[index])
         tree.close_uffds()

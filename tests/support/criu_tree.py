@@ -7,10 +7,12 @@ against the dump. ``python criu_tree.py SPEC CONTROL_FD``: the started process i
 (MAP_FIXED_NOREPLACE), copies in its non-lazy pages (as CRIU's restorer does), creates
 a uffd with EVENT_FORK|REMAP|REMOVE|UNMAP, registers its VMAs (MISSING), sends the uffd
 to the test on the shared control socket (SOCK_SEQPACKET, JSON + SCM_RIGHTS) and closes
-its copy. A zombie task exits at once (its parent reaps it at the very end). Then, by
-its script: "wait" touches nothing; "ops" reads a few pages, forks (the child checks all
-its memory), mremaps, madvise(DONTNEED)s and munmaps untouched ranges, reports, then
-checks every page. Every process waits for the test to close the control socket.
+its copy (with its pid in uffdd's namespace, ``real``: the tree may live in a pid
+namespace of its own, where the root is 1). A zombie task exits at once (its parent
+reaps it at the very end). Then, by its script: "wait" touches nothing; "ops" reads a
+few pages, forks (the child checks all its memory), mremaps, madvise(DONTNEED)s and
+munmaps untouched ranges, reports, then checks every page. Every process waits for the
+test to close the control socket.
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 def page_pattern(seed: int, address: int) -> bytes:
     """The dumped content of the page at image ``address`` of the task with ``seed``."""
     return struct.pack("<QQ", seed, address) * (PAGE // 16)
+
+
+def real_pid() -> int:
+    """This process's pid in /proc's pid namespace (uffdd's), whatever its own is."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("NSpid:"):
+                return int(line.split()[1])
+    raise OSError("no NSpid in /proc/self/status")
 
 
 def _check(result: int, what: str) -> None:
@@ -149,7 +160,7 @@ class Task:
         uffd.api(EVENTS)
         for start, end in self.task["vmas"]:
             uffd.register(start, end - start, RegisterMode.MISSING)
-        self.send([uffd.fd], ready=self.index, pid=os.getpid())
+        self.send([uffd.fd], ready=self.index, pid=os.getpid(), real=real_pid())
         uffd.close()
 
     def ops(self, memory: Memory) -> None:

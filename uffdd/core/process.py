@@ -948,6 +948,7 @@ class LazyProcess:
         dropped = self.missing.total + self.inflight.total + self.installing.total
         if state is not State.RELEASED:
             self.stats.data_dropped += dropped
+            self.stats.data_missing_at_end = dropped
         for ranges in (self.missing, self.inflight, self.installing):
             ranges.clear()
         self.ended_requests.extend(self.requests)
@@ -974,6 +975,8 @@ class LazyProcess:
         stats = self.stats
         mapped = sum(p.length // p.page_size for p in self.map)
         missing = self.missing.total + self.inflight.total + self.installing.total
+        if self.state is not State.LIVE:
+            missing = stats.data_missing_at_end
         return ProcessSummary(
             proc=self.proc,
             state=self.state.value,

@@ -58,6 +58,8 @@ class ProcessStats:
     """Bytes of image data installed by Copy."""
     data_dropped: int = 0
     """Bytes no longer needed before they were installed (removed or unmapped)."""
+    data_missing_at_end: int = 0
+    """Bytes still missing when the process exited or was killed (0 once released)."""
     faults: int = 0
     """Page faults read (duplicates included)."""
     zero_fills: int = 0
@@ -78,6 +80,7 @@ class ProcessSummary:
     bytes_total: int
     bytes_resident: int
     bytes_missing: int
+    """Image data not yet installed; once the process ended, what it still missed then."""
     faults: int
     zero_fills: int
     bytes_fetched: int

@@ -1,41 +1,207 @@
-"""Processes by pid and pidfd: a process's descendants, and killing a whole tree.
+"""Processes by pidfd: proving which process a pid names, and killing a whole tree.
 
 Why here: killing is how uffdd keeps its first promise (a process it cannot serve dies
-rather than read wrong memory), and it is plain kernel plumbing (``/proc``, signals,
-pidfds) that the daemon and every door use the same way.
+rather than read wrong memory), and a kill must reach exactly the processes uffdd
+serves. A pid number alone can name another process (it was reused, or it is a number
+from another pid namespace, where 1 is that namespace's init), so every signal goes
+through a pidfd of a process proven to be the one meant: a pidfd names one process for
+good, and a number read under ``/proc`` is trusted only while the pidfd of the process
+it was read for shows that process still running. Plain kernel plumbing that the daemon
+and every door use the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
+KILL_ROUNDS = 64
+"""At most this many walks over a tree being killed. Each walk stops the processes it
+proves; a tree stops changing once all of them stopped, so a fork bomb that outruns
+64 walks is killed as far as it was proven, and ``TreeKill.complete`` says so."""
 
-def descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (children first found, deepest last)."""
+
+class UnprovenProcess(Exception):
+    """A pid could not be proven to name the process meant: nothing was signalled."""
+
+
+@dataclass(frozen=True, slots=True)
+class TreeKill:
+    """What :func:`kill_tree` signalled."""
+
+    killed: tuple[int, ...]
+    """The pids (of uffdd's namespace) sent SIGKILL by pidfd: the root first."""
+    complete: bool
+    """False when the round cap ran out while the tree still changed: a process forked
+    after the last walk may live on (reparented away from the tree)."""
+
+
+def pidfd_alive(pidfd: int) -> bool:
+    """The process of ``pidfd`` has not exited (a pidfd polls readable once it has)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return not poller.poll(0)
+
+
+def pidfd_pids(pidfd: int) -> tuple[int, ...] | None:
+    """The pids of ``pidfd``'s process in every pid namespace from ``/proc``'s down to
+    its own (``NSpid`` of the pidfd's fdinfo: the process itself, never a number's
+    current owner); None once it has exited."""
+    value = _field(f"/proc/self/fdinfo/{pidfd}", "NSpid")  # none once gone (Pid: -1)
+    return None if value is None else tuple(int(pid) for pid in value.split())
+
+
+def open_proven(pid: int, ns_pid: int) -> int:
+    """A pidfd of process ``pid`` (a pid of uffdd's namespace, such as a message's
+    SCM_CREDENTIALS), proven to be the task whose pid in its own pid namespace is
+    ``ns_pid`` (the same number when it lives in uffdd's namespace).
+
+    Opened first, then checked through the pidfd itself, then checked still running,
+    so a pid reused meanwhile is never taken. Raises :class:`UnprovenProcess`."""
+    if pid <= 0:
+        raise UnprovenProcess(f"pid {pid} names no process of uffdd's pid namespace")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise UnprovenProcess(f"process {pid} does not exist") from None
+    try:
+        pids = pidfd_pids(pidfd)
+        if pids is None:
+            raise UnprovenProcess(f"process {pid} exited")
+        if pids[0] != pid:
+            raise UnprovenProcess(
+                f"process {pid} is {pids[0]} in /proc's pid namespace: /proc is not "
+                "mounted for uffdd's pid namespace, so nothing can be proven"
+            )
+        if pids[-1] != ns_pid:
+            raise UnprovenProcess(
+                f"process {pid} is {pids[-1]} in its own pid namespace, not {ns_pid} "
+                f"(NSpid {' '.join(map(str, pids))})"
+            )
+        if not pidfd_alive(pidfd):
+            raise UnprovenProcess(f"process {pid} exited")
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd
+
+
+def children(pid: int) -> list[int]:
+    """The children of ``pid`` by number, as ``/proc`` lists them now (every thread's).
+
+    Numbers only: true only while ``pid`` is proven running, and each child is proven
+    on its own (:func:`prove_child`) before anything is done to it."""
     found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop()
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                found.append(child)
-                frontier.append(child)
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.extend(map(int, (task / "children").read_text().split()))
+        except OSError:
+            continue
     return found
 
 
-def kill_tree(pid: int, pidfd: int) -> None:
-    """SIGKILL the restored process and everything it forked (children first found
-    while the root still lives, so none is reparented out of reach)."""
-    for child in descendants(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-    if pidfd >= 0:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+def parent_of(pid: int) -> int | None:
+    """``PPid`` of ``pid`` by number (None when there is no such process now)."""
+    value = _field(f"/proc/{pid}/status", "PPid")
+    return None if value is None else int(value)
+
+
+def _field(path: str, name: str) -> str | None:
+    """The value of the ``name:`` line of a ``/proc`` status-like file (None: no such
+    file or line)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value
+    return None
+
+
+def prove_child(parent: int, parent_pidfd: int, child: int) -> int | None:
+    """A pidfd of ``child`` if it is a child of the process ``parent_pidfd`` names
+    (whose pid is ``parent``), else None.
+
+    The child's pidfd is opened first; its ``PPid`` must be ``parent`` while both are
+    still running afterwards: a running process keeps its number, so the ``PPid`` read
+    was the child's own and ``parent`` still named the parent. A child reparented (its
+    parent died) or a number reused by a stranger is never taken."""
+    try:
+        pidfd = os.pidfd_open(child)
+    except OSError:
+        return None
+    if parent_of(child) == parent and pidfd_alive(pidfd) and pidfd_alive(parent_pidfd):
+        return pidfd
+    os.close(pidfd)
+    return None
+
+
+def _stopped_or_gone(pid: int, pidfd: int) -> bool:
+    """``pid`` can fork no more: it is stopped, or it exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return not pidfd_alive(pidfd)
+    state = stat.rsplit(")", 1)[1].split()[0]
+    # a state read while the pidfd still shows it running was this process's own
+    return not pidfd_alive(pidfd) or state in ("T", "t")
+
+
+def _signal(pidfd: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signum)
+
+
+def kill_tree(pid: int, pidfd: int, *, rounds: int = KILL_ROUNDS) -> TreeKill:
+    """SIGKILL the restored process ``pidfd`` (pid ``pid``) and everything it forked,
+    each by a pidfd of a process proven to descend from it.
+
+    Walks down from the root: every child ``/proc`` lists is proven (:func:`prove_child`:
+    its parent is the process it was found under, which still runs) and sent SIGSTOP,
+    so the tree stops growing and no member dies and lets its children be reparented
+    out of reach. The walk repeats until one finds nothing new with every member
+    stopped (at most ``rounds`` walks), then every proven member gets SIGKILL through
+    its pidfd. Nothing is ever signalled by number; a pidfd < 0 proves nothing and
+    kills nothing. A process that left the tree before the walk (a daemonizing double
+    fork, ``CLONE_PARENT``) is no descendant any more and is not found: only a cgroup
+    made for the restore would hold it."""
+    if pidfd < 0:
+        return TreeKill((), complete=False)
+    proven: dict[int, int] = {pid: pidfd}
+    opened: list[int] = []
+    complete = False
+    try:
+        _signal(pidfd, signal.SIGSTOP)
+        for _ in range(rounds):
+            grew = False
+            walk = list(proven.items())
+            for parent, parent_pidfd in walk:  # grows as it goes: one walk, the whole tree
+                for child in children(parent):
+                    known = proven.get(child)
+                    if known is not None and pidfd_alive(known):
+                        continue
+                    child_pidfd = prove_child(parent, parent_pidfd, child)
+                    if child_pidfd is None:
+                        continue
+                    opened.append(child_pidfd)
+                    proven[child] = child_pidfd
+                    _signal(child_pidfd, signal.SIGSTOP)
+                    walk.append((child, child_pidfd))
+                    grew = True
+            if not grew and all(_stopped_or_gone(p, fd) for p, fd in proven.items()):
+                complete = True
+                break
+            if not grew:
+                os.sched_yield()  # let a member just sent SIGSTOP get to stop
+        for member_pidfd in proven.values():
+            _signal(member_pidfd, signal.SIGKILL)
+        return TreeKill(tuple(proven), complete)
+    finally:
+        for fd in opened:
+            os.close(fd)

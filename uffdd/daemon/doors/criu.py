@@ -8,6 +8,12 @@ way that can go wrong (a short pid, a pid without fd, an unknown pid, a hang-up 
 the marker) must end the restore with a reason, killing the tasks already handed over
 rather than leaving them to read zeros. The daemon serves each task as a restore of its
 own (``criu-<pid>``): faults at once, the background sweep after the marker.
+
+The 4-byte pid is the task's pid in the restored tree's own pid namespace (often 1): it
+names images and page requests only. The process uffdd acts on (pidfd, kills, /proc) is
+the sender of the messages, from SCM_CREDENTIALS (SO_PASSCRED on the socket), proven to
+be that task (``kernel/proc.py:open_proven``); a task that cannot be proven fails the
+restore, as a malformed handover does.
 """
 
 from __future__ import annotations
@@ -32,7 +38,16 @@ from uffdd.daemon.lifecycle import Daemon, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.image.criu.images import CriuImageError, read_pstree
 from uffdd.image.criu.reader import CriuImageReader, CriuLayout, image_id_for
-from uffdd.kernel.fdpass import close_fds, fds_in, wait_readable
+from uffdd.kernel.fdpass import (
+    CREDENTIALS_SPACE,
+    Credentials,
+    close_fds,
+    credentials_in,
+    fds_in,
+    pass_credentials,
+    wait_readable,
+)
+from uffdd.kernel.proc import UnprovenProcess, open_proven
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 
@@ -43,10 +58,11 @@ RESTORE_FINISHED = 0x52535446
 EXIT_RESIDENT = 0
 EXIT_FAILED = 1
 EXIT_TASK_EXITED = 3
-"""A task exited on its own before it was fully resident (nothing was served wrong)."""
+"""A task exited on its own while data it maps was still missing (nothing was served
+wrong). A task that exits once everything was served is a success, as for criu."""
 
 _PID = struct.Struct("=i")
-_FDS_SPACE = socket.CMSG_SPACE(4 * 4)
+_ANCILLARY_SPACE = socket.CMSG_SPACE(4 * 4) + CREDENTIALS_SPACE
 
 _log = get_logger("uffdd.criu")
 
@@ -63,20 +79,32 @@ class CriuResult:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """``length`` bytes (fewer only at end of stream), the fds received meanwhile, and
+    their sender: None unless every piece came with the same credentials of a process
+    uffdd's pid namespace can see."""
+
+    data: bytes
+    fds: list[int]
+    sender: Credentials | None
+
+
 class _Stream:
-    """Exact-length reads (with any fds that come along) from a non-blocking socket."""
+    """Exact-length reads (with any fds and the sender) from a non-blocking socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
+        pass_credentials(sock)  # inherited from the listener already; a no-op then
         self.sock = sock
 
-    async def read(self, length: int) -> tuple[bytes, list[int]]:
-        """``length`` bytes, fewer only at end of stream; the fds received meanwhile."""
+    async def read(self, length: int) -> _Read:
         data, fds = b"", list[int]()
+        senders: set[Credentials | None] = set()
         while len(data) < length:
             try:
                 chunk, ancdata, flags, _ = self.sock.recvmsg(
-                    length - len(data), _FDS_SPACE, socket.MSG_CMSG_CLOEXEC
+                    length - len(data), _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 await wait_readable(self.sock.fileno())
@@ -88,7 +116,10 @@ class _Stream:
             if not chunk:
                 break
             data += chunk
-        return data, fds
+            sender = credentials_in(ancdata)
+            senders.add(sender if sender is not None and sender.pid > 0 else None)
+        sender = senders.pop() if len(senders) == 1 else None
+        return _Read(data, fds, sender)
 
 
 def _releaser(resources: list[Callable[[], None]]) -> Callable[[], None]:
@@ -139,7 +170,8 @@ class CriuRestore:
     async def _take_handover(self, stream: _Stream, pids: set[int]) -> None:
         seen: set[int] = set()
         while True:
-            raw, fds = await stream.read(_PID.size)
+            read = await stream.read(_PID.size)
+            raw, fds = read.data, read.fds
             if fds:
                 close_fds(fds)
                 raise CriuProtocolError("an fd came with a pid, not after it")
@@ -168,14 +200,21 @@ class CriuRestore:
             if value < 0:
                 _log.info("zombie", pid=pid)
                 continue
-            payload, fds = await stream.read(1)
+            uffd_read = await stream.read(1)
+            payload, fds = uffd_read.data, uffd_read.fds
             if len(fds) != 1 or len(payload) != 1:
                 close_fds(fds)
                 what = "a hang-up" if not payload else f"{len(fds)} fds"
                 raise CriuProtocolError(f"task {pid}: expected its uffd, got {what}")
-            await self._start(pid, fds[0])
+            try:
+                sender = _sender(pid, read.sender, uffd_read.sender)
+            except CriuProtocolError:
+                close_fds(fds)
+                raise
+            await self._start(pid, sender, fds[0])
 
-    async def _start(self, pid: int, fd: int) -> None:
+    async def _start(self, pid: int, sender: int, fd: int) -> None:
+        """Serve task ``pid`` (pstree pid) that is process ``sender`` (uffdd's pid)."""
         try:
             uffd = Uffd.adopt(fd, nonblocking=True)
         except PeerProtocolError as exc:
@@ -184,16 +223,16 @@ class CriuRestore:
         resources: list[Callable[[], None]] = [uffd.close]
         try:
             try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                raise CriuProtocolError(f"task {pid} does not exist") from None
+                pidfd = open_proven(sender, pid)
+            except UnprovenProcess as exc:
+                raise CriuProtocolError(f"task {pid}: its sender is not that task: {exc}") from None
             resources.append(lambda: os.close(pidfd))
             try:
                 layout = CriuLayout.load(self.images_dir, pid)
                 source = await self._source(layout, resources)
             except BaseException as exc:
                 # its uffd is ours alone: closing it would leave the task reading zeros
-                _log.error("killing task", pid=pid, reason=str(exc))
+                _log.error("killing task", pid=sender, task=pid, reason=str(exc))
                 with contextlib.suppress(OSError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 raise
@@ -202,7 +241,7 @@ class CriuRestore:
             raise
         restore = Restore(
             name=f"criu-{pid}",
-            pid=pid,
+            pid=sender,
             pidfd=pidfd,
             uffd=uffd,
             image_id=image_id_for(pid),
@@ -266,12 +305,36 @@ class CriuRestore:
         failed = [o for o in self._outcomes.values() if o.failure is not None]
         if failed:
             return CriuResult(EXIT_FAILED, "; ".join(f"{o.root}: {o.failure}" for o in failed))
-        exited = [str(o.root) for o in self._outcomes.values() if o.exited]
+        exited = [str(o.root) for o in self._outcomes.values() if _exited_early(o)]
         if exited:
             return CriuResult(
                 EXIT_TASK_EXITED, f"exited before fully resident: {', '.join(exited)}"
             )
         return CriuResult(EXIT_RESIDENT)
+
+
+def _sender(pid: int, of_pid: Credentials | None, of_uffd: Credentials | None) -> int:
+    """The pid (uffdd's namespace) of the process that sent task ``pid``'s pid and uffd:
+    both messages must come from one process uffdd's pid namespace can see."""
+    if of_pid is None or of_uffd is None:
+        raise CriuProtocolError(
+            f"task {pid}: a message without the sender's credentials (SCM_CREDENTIALS; "
+            "a sender outside uffdd's pid namespace has none): its process cannot be proven"
+        )
+    if of_pid.pid != of_uffd.pid:
+        raise CriuProtocolError(
+            f"task {pid}: its pid came from process {of_pid.pid}, its uffd from {of_uffd.pid}"
+        )
+    return of_uffd.pid
+
+
+def _exited_early(outcome: TreeOutcome) -> bool:
+    """The task exited while data it maps was still missing (a task that verified
+    everything and then exited was fully served: that is a success)."""
+    if not outcome.exited:
+        return False
+    root = [s for s in outcome.processes if s.proc == outcome.root]
+    return not root or root[0].bytes_missing > 0
 
 
 def bind_lazy_pages_socket(work_dir: Path) -> socket.socket:
@@ -283,6 +346,7 @@ def bind_lazy_pages_socket(work_dir: Path) -> socket.socket:
             path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        pass_credentials(sock)  # before anyone connects: every message carries its sender
         sock.bind(str(path))
         os.chmod(path, 0o600)
         sock.listen(1)
@@ -323,6 +387,7 @@ async def serve_criu_restores(
     shows at start-up); it belongs to this door from the call on. None: bound here."""
     if listener is None:
         listener = bind_lazy_pages_socket(work_dir or images_dir)
+    pass_credentials(listener)  # one bound elsewhere too: no message without its sender
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[CriuResult]] = set()
     try:
