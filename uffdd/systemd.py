@@ -11,9 +11,14 @@ the daemon runs the same from a terminal, a test or a unit file.
 - ``fd_store(name, fds)`` / ``fd_store_remove(name)``: sd_pid_notify_with_fds(3) with
   ``FDSTORE=1`` / ``FDSTOREREMOVE=1``: systemd keeps the fds (the unit needs
   ``FileDescriptorStoreMax=``) across the service's death and restart and passes them
-  back through ``listen_fds()`` after the socket-activation fds. systemd keeps one copy
-  of an open file however often it is stored, and drops a stored fd that polls
-  POLLHUP/POLLERR.
+  back through ``listen_fds()`` after the socket-activation fds. What systemd 252 does
+  with them (tests/systemd/ shows each under a real one): it keeps one copy of an open
+  file however often it is stored (under the first name; two pidfds of one process are
+  two files and both are kept); it drops a stored fd that polls POLLHUP/POLLERR (a
+  pidfd once its process is reaped, a userfaultfd before UFFDIO_API); it passes them
+  back in no promised order, even under one name (tell them apart by name, or by what
+  each fd is); past ``FileDescriptorStoreMax=`` it closes the rest and only logs it;
+  and it empties the store when the unit is stopped rather than restarted.
 - ``watchdog_interval()``: half of ``$WATCHDOG_USEC`` (the keep-alive period systemd
   recommends), or None.
 """
@@ -139,7 +144,7 @@ def listen_fds(*, unset_environment: bool = True) -> list[ListenFd]:
 
 def by_name(passed: Iterable[ListenFd], prefix: str = "") -> dict[str, list[int]]:
     """The passed fds whose name starts with ``prefix``, grouped by name, each group in
-    the order systemd passed them."""
+    the order systemd passed them (not the order they were stored in)."""
     grouped: dict[str, list[int]] = {}
     for each in passed:
         if each.name.startswith(prefix):
