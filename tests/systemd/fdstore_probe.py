@@ -16,7 +16,8 @@ whose read end the test holds) and ``report.jsonl``, where each start appends on
 - Later starts: report every name passed back, what each fd is and holds, and write a
   line through the FIFO's write end.
 
-Each start then tells systemd READY=1 and waits to be killed.
+Each start reports the socket-activation fds it was passed too (by name), then tells
+systemd READY=1 and waits to be killed (sending WATCHDOG=1 if the unit asks for it).
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from uffdd import systemd
 from uffdd.kernel.uffd import Feature, Uffd
 
+SOCKET_NAMES = ("handover",)
+"""FileDescriptorName= of uffdd.socket, passed when the probe runs as uffdd.service."""
 FEATURES = Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.THREAD_ID
 
 
@@ -104,13 +108,21 @@ def later_start(passed: list[systemd.ListenFd]) -> dict[str, object]:
 def main() -> None:
     directory = Path(sys.argv[1])
     passed = systemd.listen_fds()
-    report = later_start(passed) if passed else first_start(directory)
-    line = json.dumps({"pid": os.getpid(), **report}) + "\n"
+    # A socket unit's fds come first, with the fd store's: told apart by name.
+    sockets = [each.name for each in passed if each.name in SOCKET_NAMES]
+    stored = [each for each in passed if each.name not in SOCKET_NAMES]
+    report = later_start(stored) if stored else first_start(directory)
+    line = json.dumps({"pid": os.getpid(), "sockets": sockets, **report}) + "\n"
     with (directory / "report.jsonl").open("a") as out:
         out.write(line)
     systemd.ready()
+    interval = systemd.watchdog_interval()
     while True:
-        signal.pause()
+        if interval is None:
+            signal.pause()
+        else:
+            time.sleep(interval)  # the keep-alive period systemd asks for
+            systemd.watchdog_ping()
 
 
 if __name__ == "__main__":

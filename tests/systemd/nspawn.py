@@ -119,15 +119,16 @@ def _nspid(pid: int) -> list[str]:
 class Container:
     """A booted container; use as a context manager (boot on enter, tear down on exit).
 
-    ``binds`` are host paths bound read-write at the same path inside; the checkout
-    and the interpreter are always bound (the interpreter read-only).
+    ``binds`` are bound read-write: a host path at the same path inside, or nspawn's
+    ``SOURCE:DESTINATION``; the checkout and the interpreter are always bound at their
+    own paths (the interpreter read-only).
     """
 
     def __init__(
-        self, name: str, *, binds: Sequence[Path] = (), nspawn_args: Sequence[str] = ()
+        self, name: str, *, binds: Sequence[Path | str] = (), nspawn_args: Sequence[str] = ()
     ) -> None:
         self.name = name
-        self.binds = [REPOSITORY, *binds]
+        self.binds = [str(REPOSITORY), *map(str, binds)]
         self.nspawn_args = list(nspawn_args)
         self.console = Path(f"/tmp/uffdd-nspawn-{name}.console")
         self._nspawn: subprocess.Popen[bytes] | None = None
@@ -153,7 +154,7 @@ class Container:
             f"--directory={root}",
             f"--machine={self.name}",
             f"--bind-ro={INTERPRETER}",
-            *(f"--bind={path}" for path in self.binds),
+            *(f"--bind={bind}" for bind in self.binds),
             *self.nspawn_args,
         ]
         groups = cgroups(self.name)

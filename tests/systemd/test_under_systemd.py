@@ -29,14 +29,19 @@ pytestmark = pytest.mark.timeout(300)
 
 UFFDD = REPOSITORY / ".venv" / "bin" / "uffdd"
 PYTHON = REPOSITORY / ".venv" / "bin" / "python"
+PROBE = Path(__file__).with_name("fdstore_probe.py")
 
 _names = itertools.count()
 
 
+SHARED = "/var/lib/probe"
+"""Where the test's tmp_path appears inside (outside /tmp: uffdd.service has PrivateTmp)."""
+
+
 @pytest.fixture
 def container(tmp_path: Path) -> Iterator[Container]:
-    """A freshly booted container; the test's tmp_path is bound at the same path."""
-    with Container(f"uffdd-{os.getpid()}-{next(_names)}", binds=[tmp_path]) as booted:
+    """A freshly booted container; the test's tmp_path is bound at SHARED."""
+    with Container(f"uffdd-{os.getpid()}-{next(_names)}", binds=[f"{tmp_path}:{SHARED}"]) as booted:
         yield booted
 
 
@@ -80,7 +85,7 @@ def test_uffdd_service_checks_the_host_and_becomes_ready(container: Container) -
     assert held, f"systemd does not hold {listening}: the daemon bound its own socket"
 
 
-PROBE_UNIT = """\
+PROBE_UNIT = f"""\
 [Unit]
 Description=fd store probe
 
@@ -90,8 +95,26 @@ NotifyAccess=main
 FileDescriptorStoreMax=16
 Restart=on-failure
 RestartSec=100ms
-ExecStart={python} {probe} {shared}
+ExecStart={PYTHON} {PROBE} {SHARED}
 """
+
+PROBE_IN_UFFDD_SERVICE = f"""\
+[Service]
+ExecStartPre=
+ExecStart=
+ExecStart={PYTHON} {PROBE} {SHARED}
+ReadWritePaths={SHARED}
+"""
+"""A drop-in that runs the probe as uffdd.service's main process: everything else is
+the shipped unit (sandbox, capabilities, NotifyAccess=, FileDescriptorStoreMax=)."""
+
+
+def install_probe(container: Container, unit: str) -> None:
+    if unit == "uffdd.service":
+        install_shipped_units(container)
+        container.install_unit("uffdd.service.d/probe.conf", PROBE_IN_UFFDD_SERVICE)
+    else:
+        container.install_unit(unit, PROBE_UNIT)
 
 
 def _reports(path: Path) -> list[dict[str, object]]:
@@ -100,40 +123,40 @@ def _reports(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_fd_store_survives_sigkill_and_restart(container: Container, tmp_path: Path) -> None:
-    shared = tmp_path
-    os.mkfifo(shared / "fifo")
-    fifo = os.open(shared / "fifo", os.O_RDONLY | os.O_NONBLOCK)
-    report = shared / "report.jsonl"
+@pytest.mark.parametrize("unit", ["probe.service", "uffdd.service"])
+def test_fd_store_survives_sigkill_and_restart(
+    container: Container, tmp_path: Path, unit: str
+) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    fifo = os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    report = tmp_path / "report.jsonl"
     try:
-        container.install_unit(
-            "probe.service",
-            PROBE_UNIT.format(
-                python=PYTHON, probe=Path(__file__).with_name("fdstore_probe.py"), shared=shared
-            ),
-        )
-        container.systemctl("start", "probe.service")
+        install_probe(container, unit)
+        container.systemctl("start", unit)
         (first,) = _reports(report)
         # 10 stored, less "again" (the same open file as "memfd"), "dropme" (removed)
         # and "pidfd-gone" once systemd saw its POLLHUP.
         stored = "8"
         wait_until(
-            lambda: container.show("probe.service", "NFileDescriptorStore") == stored,
-            lambda: f"{container.show('probe.service', 'NFileDescriptorStore')} fds stored",
+            lambda: container.show(unit, "NFileDescriptorStore") == stored,
+            lambda: f"{container.show(unit, 'NFileDescriptorStore')} fds stored",
         )
 
-        container.systemctl("kill", "--kill-whom=main", "--signal=SIGKILL", "probe.service")
+        container.systemctl("kill", "--kill-whom=main", "--signal=SIGKILL", unit)
         wait_until(lambda: len(_reports(report)) == 2, "the probe started again", timeout=60)
         wait_until(
-            lambda: container.show("probe.service", "ActiveState") == "active",
+            lambda: container.show(unit, "ActiveState") == "active",
             "the probe is active again",
         )
         second = _reports(report)[1]
         assert second["pid"] != first["pid"]
-        assert container.show("probe.service", "NRestarts") == "1"
-        assert container.show("probe.service", "Result") == "success"
+        # uffdd.socket's fd comes with the stored ones, on both starts, told apart by name.
+        sockets = ["handover"] if unit == "uffdd.service" else []
+        assert first["sockets"] == second["sockets"] == sockets
+        assert container.show(unit, "NRestarts") == "1"
+        assert container.show(unit, "Result") == "success"
 
-        assert container.show("probe.service", "NFileDescriptorStore") == stored
+        assert container.show(unit, "NFileDescriptorStore") == stored
 
         fds = second["fds"]
         assert isinstance(fds, dict)
