@@ -14,7 +14,8 @@ checkout and its interpreter bind-mounted at the same paths, so the ``uffdd`` of
   cached tree is never changed, so each boot starts from the same state), drives it with
   ``nsenter -t <its PID 1> -a`` and tears it down with what nspawn leaves behind.
 
-Run as a script to build the tree ahead of the tests: ``python tests/systemd/nspawn.py``.
+Run as a script to build the tree ahead of the tests:
+``PYTHONPATH=tests python3 tests/systemd/nspawn.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+from support.waiting import wait_until
 
 TREE_VERSION = "bookworm-minbase-systemd-dbus-python3-1"
 """Names the cached tree; change it whenever what ``_build`` puts in the tree changes."""
@@ -99,6 +102,21 @@ def _build(root: Path) -> None:
         (partial / "etc" / "systemd" / "system" / unit).symlink_to("/dev/null")
     shutil.rmtree(partial / "var" / "cache" / "apt" / "archives", ignore_errors=True)
     partial.rename(root)
+
+
+def _container_init(ancestor: int) -> list[int]:
+    """The descendant of ``ancestor`` that is a systemd running as PID 1 of its own pid
+    namespace ([] until there is one)."""
+    pending = [ancestor]
+    while pending:
+        pid = pending.pop()
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            spaces = _nspid(pid)
+            own_init = len(spaces) > 1 and spaces[-1] == "1"
+            if own_init and Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                return [pid]
+            pending += _children(pid)
+    return []
 
 
 def _children(pid: int) -> list[int]:
@@ -179,38 +197,31 @@ class Container:
 
     def _find_leader(self) -> int:
         """The pid (here) of the process that is PID 1 in the container's namespace."""
-        assert self._nspawn is not None
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._nspawn.poll() is not None:
+        nspawn = self._nspawn
+        assert nspawn is not None
+        found: list[int] = []
+
+        def look() -> bool:
+            if nspawn.poll() is not None:
                 raise RuntimeError(f"systemd-nspawn exited early:\n{self.tail()}")
-            pending = [self._nspawn.pid]
-            while pending:
-                pid = pending.pop()
-                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                    spaces = _nspid(pid)
-                    if len(spaces) > 1 and spaces[-1] == "1":
-                        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                        if comm == "systemd":
-                            return pid
-                    pending += _children(pid)
-            time.sleep(0.05)  # looking for a process nobody announces
-        raise RuntimeError(f"no systemd in the container after {BOOT_TIMEOUT:g} s:\n{self.tail()}")
+            found[:] = _container_init(nspawn.pid)
+            return bool(found)
+
+        wait_until(look, lambda: f"systemd as PID 1 in the container\n{self.tail()}", BOOT_TIMEOUT)
+        return found[0]
 
     def _wait_booted(self) -> None:
         """Until systemd finished booting ("degraded" counts: a unit a container cannot
         run). ``--wait`` waits for the boot, but fails until systemd's private socket
         exists, so a failure to connect is tried again."""
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while True:
+        seen: list[str] = []
+
+        def booted() -> bool:
             state = self.run("systemctl", "is-system-running", "--wait", check=False)
-            if state.stdout.strip() in ("running", "degraded"):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"container did not boot: {state.stdout}{state.stderr}\n{self.tail()}"
-                )
-            time.sleep(0.1)  # systemd's socket is not announced to us
+            seen[:] = [state.stdout + state.stderr]
+            return state.stdout.strip() in ("running", "degraded")
+
+        wait_until(booted, lambda: f"a booted container: {seen}\n{self.tail()}", BOOT_TIMEOUT)
 
     def tail(self, lines: int = 40) -> str:
         """The end of the container's console (what nspawn and systemd printed)."""

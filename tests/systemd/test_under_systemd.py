@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nspawn import REPOSITORY, Container
+from nspawn import INTERPRETER, REPOSITORY, Container
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -45,6 +45,9 @@ def container(tmp_path: Path) -> Iterator[Container]:
         yield booted
 
 
+NO_PRIVATE_TMP = "[Service]\nPrivateTmp=no\n"
+
+
 def install_shipped_units(container: Container) -> None:
     """The units of systemd/ with ``/usr/local/bin/uffdd`` replaced by this checkout's."""
     for unit in ("uffdd.socket", "uffdd.service"):
@@ -52,6 +55,9 @@ def install_shipped_units(container: Container) -> None:
         container.write(
             f"/etc/systemd/system/{unit}", text.replace("/usr/local/bin/uffdd", str(UFFDD))
         )
+    if any(Path("/tmp") in path.parents for path in (REPOSITORY, INTERPRETER)):
+        # A checkout under /tmp would vanish behind the unit's PrivateTmp=.
+        container.write("/etc/systemd/system/uffdd.service.d/checkout.conf", NO_PRIVATE_TMP)
     container.write("/etc/uffdd/uffdd.toml", "[daemon]\n")
     container.systemctl("daemon-reload")
 
