@@ -195,3 +195,30 @@ def test_fd_store_survives_sigkill_and_restart(
         assert os.read(fifo, 4096) == f"written by {second['pid']} through the stored fd\n".encode()
     finally:
         os.close(fifo)
+
+
+def test_fd_store_kept_by_restart_and_emptied_by_stop(container: Container, tmp_path: Path) -> None:
+    # What operations.md tells operators: `systemctl restart` hands the store to the
+    # new process, `systemctl stop` empties it (systemd 252 has no
+    # FileDescriptorStorePreserve=).
+    os.mkfifo(tmp_path / "fifo")
+    fifo = os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    report = tmp_path / "report.jsonl"
+    try:
+        container.install_unit("probe.service", PROBE_UNIT)
+        container.systemctl("start", "probe.service")
+        wait_until(
+            lambda: container.show("probe.service", "NFileDescriptorStore") == "8",
+            "the probe's fds stored",
+        )
+        container.systemctl("restart", "probe.service")
+        first, second = _reports(report)
+        assert second["pid"] != first["pid"]
+        assert "fds" in second, "the restarted probe got nothing back"
+        container.systemctl("stop", "probe.service")
+        assert container.show("probe.service", "NFileDescriptorStore") == "0"
+        container.systemctl("start", "probe.service")
+        third = _reports(report)[2]
+        assert "fds" not in third, "a stopped unit's store was passed to its next start"
+    finally:
+        os.close(fifo)
