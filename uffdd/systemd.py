@@ -52,6 +52,11 @@ def notify(*assignments: str, fds: Sequence[int] = ()) -> bool:
     return True
 
 
+def under_systemd() -> bool:
+    """Whether a notify socket was given (a Type=notify unit: the fd store may exist)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def ready(status: str = "") -> bool:
     """Tell systemd the service is ready (Type=notify), with an optional status line."""
     return notify("READY=1", *([f"STATUS={status}"] if status else []))

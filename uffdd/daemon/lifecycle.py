@@ -31,7 +31,7 @@ from uffdd.daemon.crash import crash_point
 from uffdd.daemon.executor import Executor, TreeOutcome
 from uffdd.daemon.sources import PageSource
 from uffdd.image.store import ImageStore
-from uffdd.keeper.journal import Generation, Record, StateDir
+from uffdd.keeper.journal import Generation, Record, StateDir, start_time
 from uffdd.keeper.twin import Twin
 from uffdd.kernel.memory import keep_freed_memory
 from uffdd.kernel.sched import short_slice
@@ -146,6 +146,9 @@ class Daemon:
         self._executor: Executor | None = None
         self._store: ImageStore | None = None
         self.state = StateDir(Path(config.state_dir))
+        self.passed = systemd.listen_fds()
+        """What systemd passed at start: the handover socket and the fd store's entries
+        (each side takes its own by name)."""
         self.journal: Generation | None = None
         self._twin: Twin | None = None
 
@@ -174,13 +177,14 @@ class Daemon:
         # The twin first, while the daemon is small (it shares the descriptor table and
         # holds a copy-on-write image of the rest): from here on no uffd this daemon
         # holds dies with it.
-        self.journal = self.state.new_generation()
+        self.journal = self.state.new_generation(fd_store=systemd.under_systemd())
         self._twin = Twin(
             self.state.path,
             self.journal.name,
             self.config.resume_deadline,
             self.config.log_format,
         )
+        self.journal.twin_started(self._twin.pid)
         loop.add_reader(self._twin.pidfd, self._twin_died)
         keep_freed_memory()  # receive buffers stay warm (see there)
         self._executor = Executor(
@@ -294,6 +298,7 @@ class Daemon:
                 source=restore.origin,
                 data=tuple(restore.data),
                 handover_id=restore.handover_id,
+                started=start_time(restore.pid),
             )
         )
 
@@ -330,6 +335,8 @@ class Daemon:
         self._twin.reap()
         _log.error("the keeper twin died; starting another")
         self._twin.spawn()
+        assert self.journal is not None
+        self.journal.twin_started(self._twin.pid)
         loop.add_reader(self._twin.pidfd, self._twin_died)
 
     def handover_complete(self, root: ProcId) -> None:

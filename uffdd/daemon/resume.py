@@ -12,55 +12,91 @@ is killed with its reason; nothing is served from a guess.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from uffdd.core.events import Fork, ProcId, UffdEvent
 from uffdd.core.wire import decode_messages
 from uffdd.daemon.doors.native.listener import ReplyChannel
 from uffdd.daemon.lifecycle import Daemon, Reporter, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
+from uffdd.image.criu.reader import CriuImageReader, CriuLayout
 from uffdd.keeper import handback
-from uffdd.keeper.journal import READING, Generation, Record
+from uffdd.keeper.journal import (
+    FD_STORE_PREFIX,
+    READING,
+    Generation,
+    Record,
+    process_alive,
+    stored_names,
+)
 from uffdd.keeper.run import tell_restorer
 from uffdd.kernel.fdpass import close_fds
 from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
+from uffdd.systemd import by_name
 
 _log = get_logger("uffdd.daemon.resume")
 
 
 async def resume_door(daemon: Daemon) -> None:
-    """Resume every tree an earlier daemon of this state directory left to its keeper."""
+    """Resume every tree an earlier daemon of this state directory left to its keeper,
+    or, when its keeper is gone too, to systemd's fd store."""
     assert daemon.journal is not None
+    stored = by_name(daemon.passed, FD_STORE_PREFIX)
+    used: set[int] = set()
     for old in daemon.state.generations(besides=daemon.journal.name):
+        await _keeper_ready(old, daemon.config.resume_deadline)
         try:
             taken = handback.take_back(old.keeper_socket)
         except (OSError, ValueError, ConnectionError) as exc:
-            _log.error(
-                "cannot take processes back from a keeper", generation=old.name, error=str(exc)
-            )
+            _log.error("cannot take back from a keeper", generation=old.name, error=str(exc))
             old.close()
             continue
-        if taken is None:
-            # No keeper listens: it gave up (and killed), or handed everything on.
-            if not old.keeper_socket.exists():
-                old.discard()
-            else:
+        claimed: set[int] = set()
+        if taken is not None:
+            sock, fds = taken
+            try:
+                await _resume_generation(daemon, old, fds, claimed)
+            finally:
+                close_fds([fd for fd in fds.values() if fd not in claimed])
+                handback.release(sock)
                 old.close()
             continue
-        sock, fds = taken
-        claimed: set[int] = set()
+        # No keeper: it ended (gave up and killed, or handed everything on: then its
+        # journal is gone), or it was killed with the daemon (systemd's KillMode): then
+        # the fd store holds what the journal names.
+        fds = _from_fd_store(old, stored)
+        used.update(fds.values())
         try:
             await _resume_generation(daemon, old, fds, claimed)
         finally:
-            close_fds([fd for fd in fds.values() if fd not in claimed])
-            handback.release(sock)
-            old.close()
+            old.discard()
+    close_fds([fd for fds in stored.values() for fd in fds if fd not in used])
+
+
+async def _keeper_ready(old: Generation, deadline: float) -> None:
+    """Give a twin that is becoming the keeper (its daemon just died) time to listen."""
+    end = time.monotonic() + deadline
+    while not old.keeper_socket.exists() and old.twin_alive() and time.monotonic() < end:
+        await asyncio.sleep(0.02)
+
+
+def _from_fd_store(old: Generation, stored: dict[str, list[int]]) -> dict[int, int]:
+    """{old number: descriptor} of ``old``'s records, from the fd store's entries."""
+    fds: dict[int, int] = {}
+    for record in old.records():
+        for name, number in stored_names(record).items():
+            if stored.get(name):
+                fds[number] = stored[name][0]
+    return fds
 
 
 async def _resume_generation(
@@ -78,6 +114,17 @@ async def _resume_generation(
             continue
         if any(old.marked(r.uffd) == READING for r in members):
             _fail(root, "the uffdd daemon died while reading its uffd")
+            continue
+        missing = [r.proc for r in members if r.uffd not in fds]
+        lost = [
+            e.child_fd
+            for r in members
+            for e in decode_messages(old.pending(r))
+            if isinstance(e, Fork) and e.child_fd not in fds
+        ]
+        if missing or lost:
+            which = ", ".join(missing) or "a fork child"
+            _fail(root, f"uffds lost with the daemon and its keeper ({which})")
             continue
         replay = _replays(old, members, fds)
         try:
@@ -163,11 +210,30 @@ def _with_forks(record: Record, members: list[Record]) -> Record:
     return replace(record, checkpoint=replace(record.checkpoint, forks=forks))
 
 
+def _reopen(root: Record) -> int:
+    """A pidfd of the root whose own pidfd was lost, if it is provably the same process
+    (same pid, same start time), else -1."""
+    if not root.started or root.pid <= 0:
+        return -1
+    try:
+        pidfd = os.pidfd_open(root.pid)
+    except OSError:
+        return -1
+    if process_alive(root.pid, root.started):
+        return pidfd
+    os.close(pidfd)
+    return -1
+
+
 async def _source(daemon: Daemon, root: Record) -> PageSource:
     if "page_server" in root.source:
         client = daemon.clients.get(root.source["page_server"])
         await client.image_info(root.image_id, timeout=daemon.config.fetch_deadline)
         return client
+    if "criu_images" in root.source:
+        images = Path(root.source["criu_images"])
+        layout = CriuLayout.load(images, int(root.source["task"]))
+        return LocalImageSource(CriuImageReader(images, layout))
     if "images" in root.source:
         if str(daemon.image_store().root) != root.source["images"]:
             raise ValueError(f"this daemon serves images from {daemon.config.images or 'nowhere'}")
@@ -188,7 +254,8 @@ def _reporter(root: Record) -> tuple[Reporter, Callable[[], None]]:
 def _fail(root: Record, reason: str) -> None:
     """Kill a tree that cannot be resumed (by its pidfd, taken back), and say why."""
     _log.error("cannot resume: killing restore tree", proc=ProcId(root.proc), reason=reason)
-    if root.pidfd >= 0:
-        kill_tree(root.pid, root.pidfd)
+    pidfd = root.pidfd if root.pidfd >= 0 else _reopen(root)
+    if pidfd >= 0:
+        kill_tree(root.pid, pidfd)
     if root.conn >= 0:
         tell_restorer(root.conn, reason)

@@ -26,6 +26,7 @@ table too (keeper/twin.py): no descriptor is ever sent anywhere to be journaled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -36,11 +37,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from uffdd import systemd
 from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.errors import ConfigError
 from uffdd.core.events import Fork
 from uffdd.core.process import Checkpoint, LazyRegion
 from uffdd.core.wire import EVENT_PAGEFAULT, decode_messages
+from uffdd.log import get_logger
+
+_log = get_logger("uffdd.keeper.journal")
 
 RECORD_VERSION = 1
 MARKS_MAX = 1 << 16
@@ -77,6 +82,9 @@ class Record:
     data: tuple[tuple[int, int], ...] = ()
     """The image's stored (address, length) extents (roots only)."""
     handover_id: str = ""
+    started: str = ""
+    """The root's start time (``/proc/PID/stat``): with ``pid``, proves it is the same
+    process should its pidfd be lost."""
     applied: int = 0
     """The sequence number of the last held batch of its uffd that ``checkpoint``
     includes (a later one is replayed on resume)."""
@@ -131,12 +139,25 @@ def fork_children(raw: bytes) -> list[int]:
     return [e.child_fd for e in decode_messages(raw) if isinstance(e, Fork)]
 
 
-class Generation:
-    """One daemon instance's journal (``DIR/GEN``)."""
+FD_STORE_PREFIX = "uffdd."
 
-    def __init__(self, path: Path, *, create: bool) -> None:
+
+def stored_names(record: Record) -> dict[str, int]:
+    """The fd store's names for ``record``'s descriptors (stable across daemons: a
+    process keeps its name when a daemon resumes it)."""
+    kinds = {"uffd": record.uffd, "pidfd": record.pidfd, "conn": record.conn}
+    return {f"{FD_STORE_PREFIX}{record.proc}.{kind}": fd for kind, fd in kinds.items() if fd >= 0}
+
+
+class Generation:
+    """One daemon instance's journal (``DIR/GEN``). With ``fd_store`` every journaled
+    descriptor is also stored in systemd's fd store (``systemd.fd_store``), a holder that
+    outlives even the keeper."""
+
+    def __init__(self, path: Path, *, create: bool, fd_store: bool = False) -> None:
         self.path = path
         self.name = path.name
+        self.fd_store = fd_store
         self._procs = path / "procs"
         marks = path / "marks"
         if create:
@@ -163,6 +184,18 @@ class Generation:
     @property
     def keeper_socket(self) -> Path:
         return self.path / "keeper.sock"
+
+    def twin_started(self, pid: int) -> None:
+        """Note the daemon's twin (a resuming daemon waits for it to become the keeper)."""
+        (self.path / "twin").write_text(f"{pid} {start_time(pid)}")
+
+    def twin_alive(self) -> bool:
+        """Whether the twin noted here still runs (it may be turning into the keeper)."""
+        try:
+            pid, started = (self.path / "twin").read_text().split()
+        except (OSError, ValueError):
+            return False
+        return process_alive(int(pid), started)
 
     def mark(self, fd: int, value: int) -> None:
         if 0 <= fd < self.mark_slots:
@@ -233,6 +266,12 @@ class Generation:
         slot holds belongs to an earlier uffd and is never replayed into this one."""
         applied, _ = self.held(record.uffd)
         self.write(replace(record, applied=applied))
+        if self.fd_store:
+            for name, fd in stored_names(record).items():
+                try:
+                    systemd.fd_store(name, [fd])
+                except OSError as exc:  # the keeper still holds it
+                    _log.warning("fd store refused a descriptor", name=name, error=str(exc))
 
     def read(self, proc: str) -> Record | None:
         try:
@@ -241,7 +280,12 @@ class Generation:
             return None
 
     def remove(self, proc: str) -> None:
+        record = self.read(proc) if self.fd_store else None
         (self._procs / f"{proc}.json").unlink(missing_ok=True)
+        if record is not None:
+            for name in stored_names(record):
+                with contextlib.suppress(OSError):
+                    systemd.fd_store_remove(name)
 
     def records(self) -> list[Record]:
         """Every record (a file that does not decode is an error: nothing is guessed)."""
@@ -274,10 +318,10 @@ class StateDir:
         except OSError as exc:
             raise ConfigError(f"state directory {path}: {exc.strerror or exc}") from exc
 
-    def new_generation(self) -> Generation:
+    def new_generation(self, *, fd_store: bool = False) -> Generation:
         """A fresh journal for this daemon instance."""
-        name = f"gen-{os.getpid()}-{_start_time(os.getpid())}"
-        return Generation(self.path / name, create=True)
+        name = f"gen-{os.getpid()}-{start_time(os.getpid())}"
+        return Generation(self.path / name, create=True, fd_store=fd_store)
 
     def generations(self, *, besides: str = "") -> Iterator[Generation]:
         """The journals of earlier instances (oldest first)."""
@@ -286,7 +330,21 @@ class StateDir:
                 yield Generation(path, create=False)
 
 
-def _start_time(pid: int) -> str:
-    """When ``pid`` started (clock ticks since boot): with the pid, names one process."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+def start_time(pid: int) -> str:
+    """When ``pid`` started (clock ticks since boot): with the pid, names one process;
+    "" when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
     return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+def process_alive(pid: int, started: str) -> bool:
+    """Whether the process ``pid`` that started at ``started`` still runs (not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] not in ("Z", "X") and fields[19] == started

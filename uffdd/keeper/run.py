@@ -30,7 +30,7 @@ from pathlib import Path
 
 from uffdd.core.handover import Failed
 from uffdd.keeper.handback import send_all, wait_taken
-from uffdd.keeper.journal import READING, Generation, Record, fork_children
+from uffdd.keeper.journal import READING, Generation, Record, fork_children, process_alive
 from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.unix_listener import bind_listener
 from uffdd.log import configure_logging, get_logger
@@ -184,9 +184,4 @@ def tell_restorer(conn: int, reason: str) -> None:
 def _daemon_alive(generation: str) -> bool:
     """Whether the daemon of ``generation`` (``gen-PID-STARTTIME``) still runs."""
     _, pid, started = generation.split("-", 2)
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0] != "Z" and fields[19] == started
+    return process_alive(int(pid), started)

@@ -254,6 +254,12 @@ class CriuRestore:
             close=_releaser(resources),
             handed_over=False,
             on_done=self._task_done,
+            dialect="criu",
+            origin=(
+                {"page_server": self.page_server}
+                if self.page_server is not None
+                else {"criu_images": str(self.images_dir), "task": str(pid)}
+            ),
         )
         try:
             root = self.daemon.start(restore, dialect="criu")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from uffdd import systemd
 from uffdd.core.errors import ImageError, PageServerError, PageServerNotFound
 from uffdd.core.handover import ErrorCode, HandoverRejected
 from uffdd.core.process import LazyRegion
@@ -64,7 +63,7 @@ def native_door(
 
 
 def _listen(daemon: Daemon) -> Listener:
-    for passed in systemd.listen_fds():
+    for passed in daemon.passed:
         if passed.name in ("handover", "unknown"):
             return Listener.adopt(passed.fd)
     return Listener.bind(Path(daemon.config.handover), mode=daemon.config.handover_mode)
