@@ -9,6 +9,7 @@ descendant reparented away before its check) must never be signalled.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from support.waiting import wait_until
 
-from uffdd.kernel import proc
+from uffdd.kernel import memory, proc
 from uffdd.kernel.proc import (
     KILL_ROUNDS,
     TreeKill,
@@ -220,3 +221,39 @@ def test_kill_tree_without_a_pidfd_signals_nothing() -> None:
         assert result.killed == ()
         assert outside.poll() is None
         assert _state(outside.pid) in ("S", "R")
+
+
+def test_resident_spans_are_the_pages_a_process_has() -> None:
+    page = 4096
+    region = memory.mmap(
+        None,
+        16 * page,
+        memory.PROT_READ | memory.PROT_WRITE,
+        memory.MAP_PRIVATE | memory.MAP_ANONYMOUS,
+    )
+    try:
+        view = (ctypes.c_char * (16 * page)).from_address(region)
+        for index in (0, 1, 2, 7, 15):
+            view[index * page] = b"x"
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            spans = proc.resident_spans(os.getpid(), pidfd, [(region, region + 16 * page)])
+        finally:
+            os.close(pidfd)
+        assert spans == [
+            (region, region + 3 * page),
+            (region + 7 * page, region + 8 * page),
+            (region + 15 * page, region + 16 * page),
+        ]
+    finally:
+        memory.munmap(region, 16 * page)
+
+
+def test_resident_spans_of_a_process_that_is_gone_are_not_trusted() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    pidfd = os.pidfd_open(child.pid)
+    child.wait()
+    try:
+        assert proc.resident_spans(child.pid, pidfd, [(0, 4096)]) == []
+    finally:
+        os.close(pidfd)

@@ -74,7 +74,7 @@ from uffdd.daemon.crash import crash_point
 from uffdd.daemon.routes import DemandRoute, LocalRoute
 from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, local_data_of
 from uffdd.keeper.journal import READING, Generation, Record
-from uffdd.kernel.proc import kill_tree
+from uffdd.kernel.proc import kill_tree, resident_spans
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.native.fast_serve import FastStatus, FastTable
@@ -247,6 +247,17 @@ class Executor:
                 self.kill_tree(proc_root, f"{proc}: cannot watch its uffd: {exc}")
                 return
             parent = ProcId(record.parent) if record.parent else None
+            # What the root has is read from its page table (a fork child's pid is not
+            # known: its pages present are found by EEXIST instead).
+            resident = (
+                resident_spans(
+                    root.pid,
+                    root.pidfd,
+                    [(p.run, p.run + p.length) for p in record.checkpoint.pieces],
+                )
+                if record.proc == root.proc
+                else []
+            )
             self.run(
                 self.tracker.resume_process(
                     proc,
@@ -255,6 +266,7 @@ class Executor:
                     now,
                     root=proc_root,
                     parent=parent,
+                    resident=resident,
                 )
             )
         for proc, events in replay.items():

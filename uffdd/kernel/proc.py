@@ -205,3 +205,34 @@ def kill_tree(pid: int, pidfd: int, *, rounds: int = KILL_ROUNDS) -> TreeKill:
     finally:
         for fd in opened:
             os.close(fd)
+
+
+_PAGE = 4096
+_PRESENT_OR_SWAPPED = (1 << 63) | (1 << 62)
+
+
+def resident_spans(pid: int, pidfd: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``spans`` (run-time ``(start, end)``, page-aligned) in which process
+    ``pid`` has a page (present or swapped out), from ``/proc/PID/pagemap``; [] when it
+    cannot be read or the process behind ``pidfd`` is gone (so the pid may name another:
+    nothing read is trusted)."""
+    found: list[tuple[int, int]] = []
+    try:
+        with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+            for start, end in spans:
+                first = start // _PAGE
+                raw = os.pread(pagemap.fileno(), (end - start) // _PAGE * 8, first * 8)
+                entries = memoryview(raw).cast("Q")
+                run = -1
+                for index, entry in enumerate(entries):
+                    if entry & _PRESENT_OR_SWAPPED:
+                        if run < 0:
+                            run = index
+                    elif run >= 0:
+                        found.append(((first + run) * _PAGE, (first + index) * _PAGE))
+                        run = -1
+                if run >= 0:
+                    found.append(((first + run) * _PAGE, (first + len(entries)) * _PAGE))
+    except OSError:
+        return []
+    return found if pidfd_alive(pidfd) else []
