@@ -152,7 +152,7 @@ def _daemon_shared(what: str) -> Callable[[F], F]:
                 help=f"Seconds a page request may take before its {what} is killed."),
         _daemon("--grace", type=float, metavar="SECONDS",
                 help=f"Seconds SIGTERM waits for {what}s to become resident."),
-        _daemon("--state-dir", metavar="DIR", show_default="state/ next to the handover socket",
+        _daemon("--state-dir", metavar="DIR", show_default="next to the socket restores come in on (lazy-pages: WORK_DIR/uffdd-state)",
                 help="Journal and keeper socket: a daemon started again with the same one "
                 f"resumes the {what}s a daemon that died was serving."),
         _daemon("--resume-deadline", type=float, metavar="SECONDS",
@@ -499,6 +499,7 @@ def lazy_pages(
     )
     from uffdd.core.errors import ImageError  # noqa: PLC0415
     from uffdd.daemon.doors.criu import run_lazy_pages  # noqa: PLC0415
+    from uffdd.daemon.resume import resume_door  # noqa: PLC0415
     from uffdd.image.criu.images import read_pstree  # noqa: PLC0415
 
     try:
@@ -510,7 +511,7 @@ def lazy_pages(
         os.dup2(fd, sys.stderr.fileno())
         os.close(fd)
     _configure_logging(log_format, _VERBOSITY[min(verbose, 2)])
-    result = run_lazy_pages(config)
+    result = run_lazy_pages(config, resume=resume_door)
     if result.reason:
         click.echo(f"uffdd lazy-pages: {result.reason}", err=True)
     sys.exit(result.code)

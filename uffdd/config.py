@@ -148,8 +148,6 @@ class DaemonConfig:
             problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
-        if not self.state_dir:
-            object.__setattr__(self, "state_dir", str(Path(self.handover).parent / "state"))
         for name in ("fetch_deadline", "grace", "progress_interval", "resume_deadline"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")

@@ -145,7 +145,12 @@ class Daemon:
         self._replies: set[asyncio.Task[None]] = set()
         self._executor: Executor | None = None
         self._store: ImageStore | None = None
-        self.state = StateDir(Path(config.state_dir))
+        self.state = StateDir(Path(config.state_dir or Path(config.handover).parent / "state"))
+        self.resumed = asyncio.Event()
+        """Set once the resume door has taken back what an earlier daemon left."""
+        self.resumed_trees = 0
+        self.failures: list[str] = []
+        """Why each tree that failed failed (the one-restore dialects report them)."""
         self.passed = systemd.listen_fds()
         """What systemd passed at start: the handover socket and the fd store's entries
         (each side takes its own by name)."""
@@ -325,7 +330,12 @@ class Daemon:
         self._executor.resume_tree(
             root, members, replay, source=restore.source, on_done=self._tree_done
         )
+        self.resumed_trees += 1
         _log.info("resumed", proc=name, pid=root.pid, processes=len(members))
+
+    async def until_idle(self) -> None:
+        """Until no restore is being served."""
+        await self._idle.wait()
 
     def _twin_died(self) -> None:
         """The keeper twin died (the OOM killer?): start another at once."""
@@ -371,6 +381,7 @@ class Daemon:
             )
         else:
             _log.error("restore failed", proc=outcome.root, reason=outcome.failure)
+            self.failures.append(f"{outcome.root}: {outcome.failure}")
         if restore is not None:
             task = asyncio.get_running_loop().create_task(self._report(restore, outcome))
             self._replies.add(task)

@@ -49,6 +49,13 @@ _log = get_logger("uffdd.daemon.resume")
 async def resume_door(daemon: Daemon) -> None:
     """Resume every tree an earlier daemon of this state directory left to its keeper,
     or, when its keeper is gone too, to systemd's fd store."""
+    try:
+        await _resume_all(daemon)
+    finally:
+        daemon.resumed.set()
+
+
+async def _resume_all(daemon: Daemon) -> None:
     assert daemon.journal is not None
     stored = by_name(daemon.passed, FD_STORE_PREFIX)
     used: set[int] = set()

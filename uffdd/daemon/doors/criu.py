@@ -25,7 +25,7 @@ import signal
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from uffdd.config import LazyPagesConfig
@@ -34,7 +34,7 @@ from uffdd.core.errors import ImageError, PageServerError, PeerProtocolError
 from uffdd.core.events import ProcId
 from uffdd.core.process import LazyRegion
 from uffdd.daemon.executor import TreeOutcome
-from uffdd.daemon.lifecycle import Daemon, Restore, SilentReporter
+from uffdd.daemon.lifecycle import Daemon, Door, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.image.criu.images import CriuImageError, read_pstree
 from uffdd.image.criu.reader import CriuImageReader, CriuLayout, image_id_for
@@ -410,25 +410,44 @@ async def serve_criu_restores(
             ((work_dir or images_dir) / LAZY_PAGES_SOCKET).unlink()
 
 
-def run_lazy_pages(config: LazyPagesConfig) -> CriuResult:
+def run_lazy_pages(config: LazyPagesConfig, resume: Door | None = None) -> CriuResult:
     """``uffdd lazy-pages`` (in place of ``criu lazy-pages``): serve one ``criu restore
-    --lazy-pages`` on ``<work_dir>/lazy-pages.socket``, then return how it ended."""
-    return asyncio.run(_lazy_pages(config))
+    --lazy-pages`` on ``<work_dir>/lazy-pages.socket``, then return how it ended.
+
+    With ``resume`` (the resume door), a ``uffdd lazy-pages`` started again in the
+    same work directory after one died first takes back the restore that one served
+    (its state directory is ``<work_dir>/uffdd-state`` unless set), serves it to the
+    end and returns how that ended: ``criu restore`` does not connect twice."""
+    return asyncio.run(_lazy_pages(config, resume))
 
 
-async def _lazy_pages(config: LazyPagesConfig) -> CriuResult:
+async def _lazy_pages(config: LazyPagesConfig, resume: Door | None) -> CriuResult:
     target = config.daemon.page_server or None
-    daemon = Daemon(config.daemon)
+    settings = config.daemon
+    if not settings.state_dir:
+        settings = replace(settings, state_dir=str(config.work_dir / "uffdd-state"))
+    daemon = Daemon(settings)
     listener = bind_lazy_pages_socket(config.work_dir)
     _log.info("listening", socket=str(config.work_dir / LAZY_PAGES_SOCKET),
               images=str(config.images_dir), page_server=target)  # fmt: skip
     results: list[CriuResult] = []
 
     async def door(running: Daemon) -> None:
+        if resume is not None:
+            await running.resumed.wait()
+        if running.resumed_trees:
+            listener.close()
+            await running.until_idle()
+            failed = running.failures
+            results.append(
+                CriuResult(EXIT_FAILED, "; ".join(failed)) if failed else CriuResult(EXIT_RESIDENT)
+            )
+            running.stop()
+            return
         results.append(await lazy_pages_once(running, listener, config.images_dir, target))
 
     try:
-        await daemon.run([door])
+        await daemon.run([door] if resume is None else [resume, door])
     finally:
         listener.close()
         (config.work_dir / LAZY_PAGES_SOCKET).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ an image directory, or an image on a page server.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from uffdd.config import FirecrackerConfig
 from uffdd.core.errors import ConfigError
@@ -52,7 +53,10 @@ def run_firecracker(config: FirecrackerConfig) -> None:
             else FirecrackerPolicy(allowed_uids=uids, fd_wait=config.fd_wait)
         )
         door = firecracker_door(listening, backing, policy)
-        asyncio.run(Daemon(config.daemon).run([door]))
+        settings = config.daemon
+        if not settings.state_dir:
+            settings = replace(settings, state_dir=str(config.socket.parent / "uffdd-state"))
+        asyncio.run(Daemon(settings).run([door]))
     except ConfigError as exc:
         _log.error("cannot start", error=str(exc))
         raise
