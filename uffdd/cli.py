@@ -152,7 +152,7 @@ def _daemon_shared(what: str) -> Callable[[F], F]:
                 help=f"Seconds a page request may take before its {what} is killed."),
         _daemon("--grace", type=float, metavar="SECONDS",
                 help=f"Seconds SIGTERM waits for {what}s to become resident."),
-        _daemon("--state-dir", metavar="DIR", show_default="next to the socket restores come in on (lazy-pages: WORK_DIR/uffdd-state)",
+        _daemon("--state-dir", metavar="DIR", show_default="beside the socket restores come in on",
                 help="Journal and keeper socket: a daemon started again with the same one "
                 f"resumes the {what}s a daemon that died was serving."),
         _daemon("--resume-deadline", type=float, metavar="SECONDS",
@@ -457,6 +457,20 @@ def page_server_target(address: str | None, port: int | None) -> str:
     help="Seconds a page may take before the task is killed.",
 )
 @_lazy_pages(
+    "--state-dir",
+    metavar="DIR",
+    show_default="WORK_DIR/uffdd-state",
+    help="Journal and keeper socket: uffdd lazy-pages started again with the same one "
+    "takes back the restore one that died was serving.",
+)
+@_lazy_pages(
+    "--resume-deadline",
+    type=click.FloatRange(min=0.001),
+    metavar="SECONDS",
+    help="Seconds the tasks of a uffdd lazy-pages that died are held for another "
+    "before they are killed.",
+)
+@_lazy_pages(
     "--log-file",
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -476,6 +490,8 @@ def lazy_pages(
     address: str | None,
     port: int | None,
     fetch_deadline: float,
+    state_dir: str,
+    resume_deadline: float,
     log_file: Path | None,
     verbose: int,
     log_format: str,
@@ -495,7 +511,15 @@ def lazy_pages(
     config = LazyPagesConfig(
         images_dir,
         work_dir or images_dir,
-        _daemon_config({"page_server": target, "fetch_deadline": fetch_deadline}, engine),
+        _daemon_config(
+            {
+                "page_server": target,
+                "fetch_deadline": fetch_deadline,
+                "state_dir": state_dir,
+                "resume_deadline": resume_deadline,
+            },
+            engine,
+        ),
     )
     from uffdd.core.errors import ImageError  # noqa: PLC0415
     from uffdd.daemon.doors.criu import run_lazy_pages  # noqa: PLC0415
@@ -593,6 +617,8 @@ def firecracker(
     fd_wait: float,
     fetch_deadline: float,
     grace: float,
+    state_dir: str,
+    resume_deadline: float,
     log_format: str,
     log_level: str,
     engine: tuple[str, ...],
@@ -615,6 +641,8 @@ def firecracker(
             "tls_key": tls_key,
             "fetch_deadline": fetch_deadline,
             "grace": grace,
+            "state_dir": state_dir,
+            "resume_deadline": resume_deadline,
             "log_format": log_format,
             "log_level": log_level,
         },

@@ -48,7 +48,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         uffdd.daemon.doors.firecracker.standalone, "run_firecracker", configs.append
     )
 
-    def lazy_pages(config: LazyPagesConfig) -> CriuResult:
+    def lazy_pages(config: LazyPagesConfig, resume: object = None) -> CriuResult:
         configs.append(config)
         return CriuResult(0)
 
