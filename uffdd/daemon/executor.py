@@ -347,6 +347,8 @@ class Executor:
             layout = any(not isinstance(e, PageFault | FastServed) for e in events)
             if layout and self.journal is not None:
                 self.journal.hold(uffd.fd, b"".join(raw))
+            elif not layout:
+                self._mark(uffd.fd, 0)  # faults only: nothing to write down
             if layout and fence is not None:
                 fence(uffd)
         fd = uffd.fd
@@ -354,7 +356,8 @@ class Executor:
             actions = self.fenced_batch(proc, uffd, events, now)
         else:
             actions = self.hand_batch(proc, events, now) if events else []
-        self._mark(fd, 0)  # what it read is journaled (hand_batch)
+        if layout:
+            self._mark(fd, 0)  # what it read is journaled (hand_batch)
         self.run(actions)
         if error:
             raise UffdOpError("read", error)
