@@ -43,13 +43,17 @@ def _kills(path: Path) -> list[dict[str, object]]:
     ]
 
 
-def test_a_restarted_daemon_resumes_and_every_byte_is_right(images: Path, tmp_path: Path) -> None:
+def test_a_restarted_daemon_resumes_and_every_byte_is_right(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed between two background installs, mid-sweep (a kill from outside lands inside
+    # a read now and then: that tree is killed as unprovable, see the fault runner).
+    monkeypatch.setenv("UFFDD_CRASH_AT", "installing:10")
     with page_server(tmp_path, images, "--bulk-rate-limit", "4M") as (_, target):
         with daemon(tmp_path, target, "--resume-deadline", "30") as first:
+            monkeypatch.delenv("UFFDD_CRASH_AT")
             restored = start_restored(tmp_path / "handover.sock", "demo")
-            assert restored.read_until("phase") is not None
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait(10)
+            assert first.wait(60) == -signal.SIGKILL
         os.rename(tmp_path / "daemon.log", tmp_path / "first.log")
         with daemon(tmp_path, target):
             code = restored.finish()
