@@ -181,6 +181,8 @@ class HandedOver:
                 if on_progress is not None:
                     on_progress(reply)
                 continue
+            if isinstance(reply, Ack) and reply.handover_id == self.handover_id:
+                continue  # a daemon that resumed this restore confirms it once more
             self.close()
             if isinstance(reply, ResidentSummary):
                 return reply

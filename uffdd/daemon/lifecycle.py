@@ -103,6 +103,8 @@ class Restore:
     """The restorer's connection, when the dialect has one (a resumed daemon reports
     there)."""
     handover_id: str = ""
+    acked: bool = True
+    """False until the door tells the daemon it acked (:meth:`Daemon.acknowledged`)."""
 
 
 @dataclass
@@ -303,9 +305,17 @@ class Daemon:
                 source=restore.origin,
                 data=tuple(restore.data),
                 handover_id=restore.handover_id,
+                acked=restore.acked,
                 started=start_time(restore.pid),
             )
         )
+
+    def acknowledged(self, root: ProcId) -> None:
+        """The restorer of ``root`` has its Ack (a daemon that resumes it sends none)."""
+        assert self.journal is not None
+        record = self.journal.read(str(root))
+        if record is not None:
+            self.journal.write(replace(record, acked=True))
 
     def resume(
         self,
@@ -325,7 +335,9 @@ class Daemon:
             self.journal.add(
                 replace(record, uffd=uffd.fd)
                 if record.proc != root.proc
-                else replace(record, uffd=uffd.fd, pidfd=restore.pidfd, conn=restore.conn)
+                else replace(
+                    record, uffd=uffd.fd, pidfd=restore.pidfd, conn=restore.conn, acked=True
+                )
             )
         self._executor.resume_tree(
             root, members, replay, source=restore.source, on_done=self._tree_done

@@ -113,6 +113,21 @@ async def _resume_generation(
     trees: dict[str, list[Record]] = {}
     for record in old.records():
         trees.setdefault(record.root, []).append(record)
+    # A handover the dead daemon was still taking (its keeper, had it lived, did this).
+    for pending in old.pending_handovers():
+        for root_name in [
+            r for r, members in trees.items() if any(m.handover_id == pending.name for m in members)
+        ]:
+            members = trees.pop(root_name)
+            _fail(
+                members[0].with_descriptors(fds),
+                "the daemon died while the restore was being handed over",
+            )
+        peer = _reopen(pending.pid, pending.started)
+        if peer >= 0:
+            kill_tree(pending.pid, peer)
+            os.close(peer)
+        old.end_handover(pending.name)
     for root_name, members in trees.items():
         members.sort(key=lambda r: r.proc.count("."))  # parents before their children
         root = members[0].with_descriptors(fds)
@@ -151,7 +166,7 @@ async def _resume_generation(
             claimed.update(record.descriptors())
         for events in replay.values():
             claimed.update(e.child_fd for e in events if isinstance(e, Fork))
-        reporter, close_reply = _reporter(root)
+        reporter, close_reply = await _reporter(root)
         uffd = taken[0][1]
 
         def close(
@@ -205,8 +220,11 @@ def _replays(
 
 
 def _with_forks(record: Record, members: list[Record]) -> Record:
-    """``record`` with a fork count past every journaled child's name (a child written
-    before its parent's checkpoint has a name the checkpoint's count does not cover)."""
+    """``record`` as this daemon resumes it: with a fork count past every journaled
+    child's name (a child written before its parent's checkpoint has a name the
+    checkpoint's count does not cover), and handed over: whoever was handing it over
+    (CRIU, before its restore-finished marker) lost its connection with the daemon, so
+    nothing will ever say more, and the background sweep starts now."""
     prefix = f"{record.proc}."
     named = [
         int(tail)
@@ -214,19 +232,19 @@ def _with_forks(record: Record, members: list[Record]) -> Record:
         if r.proc.startswith(prefix) and (tail := r.proc[len(prefix) :]).isdigit()
     ]
     forks = max([record.checkpoint.forks, *named])
-    return replace(record, checkpoint=replace(record.checkpoint, forks=forks))
+    return replace(record, checkpoint=replace(record.checkpoint, forks=forks, handed_over=True))
 
 
-def _reopen(root: Record) -> int:
-    """A pidfd of the root whose own pidfd was lost, if it is provably the same process
-    (same pid, same start time), else -1."""
-    if not root.started or root.pid <= 0:
+def _reopen(pid: int, started: str) -> int:
+    """A pidfd of process ``pid`` if it is provably the one journaled (same start
+    time), else -1: for a root or restorer whose own pidfd was lost."""
+    if not started or pid <= 0:
         return -1
     try:
-        pidfd = os.pidfd_open(root.pid)
+        pidfd = os.pidfd_open(pid)
     except OSError:
         return -1
-    if process_alive(root.pid, root.started):
+    if process_alive(pid, started):
         return pidfd
     os.close(pidfd)
     return -1
@@ -248,20 +266,24 @@ async def _source(daemon: Daemon, root: Record) -> PageSource:
     raise ValueError("the journal does not say where its pages come from")
 
 
-def _reporter(root: Record) -> tuple[Reporter, Callable[[], None]]:
+async def _reporter(root: Record) -> tuple[Reporter, Callable[[], None]]:
+    """The restorer's reply channel; a restorer not acked yet gets its Ack now."""
     if root.conn < 0:
         return SilentReporter(), lambda: None
     sock = socket.socket(fileno=root.conn)
     sock.setblocking(False)
     channel = ReplyChannel(sock, root.handover_id)
-    channel.acked = True
+    if root.acked:
+        channel.acked = True
+    else:
+        await channel.send_ack()
     return channel, channel.close
 
 
 def _fail(root: Record, reason: str) -> None:
     """Kill a tree that cannot be resumed (by its pidfd, taken back), and say why."""
     _log.error("cannot resume: killing restore tree", proc=ProcId(root.proc), reason=reason)
-    pidfd = root.pidfd if root.pidfd >= 0 else _reopen(root)
+    pidfd = root.pidfd if root.pidfd >= 0 else _reopen(root.pid, root.started)
     if pidfd >= 0:
         kill_tree(root.pid, pidfd)
     if root.conn >= 0:

@@ -18,6 +18,9 @@ overwrites what the keeper of the dead one reads):
   such batch, raw, with its sequence number. A daemon that resumes replays a held batch
   the checkpoint does not include yet; only a death while ``READING`` (between a read()
   and the copy to its slot: microseconds) leaves a process that cannot be proven;
+- ``GEN/handovers/<name>.json``: a handover still in progress (CRIU's connection before
+  its restore-finished marker: uffds may still be in flight on it), as a
+  :class:`PendingHandover`; a death then kills that restore whole;
 - ``GEN/keeper.sock``: a keeper waiting for a daemon to take the descriptors back.
 
 Records name descriptors by their number in the daemon's table, which is the keeper's
@@ -82,6 +85,9 @@ class Record:
     data: tuple[tuple[int, int], ...] = ()
     """The image's stored (address, length) extents (roots only)."""
     handover_id: str = ""
+    acked: bool = True
+    """The restorer was told the daemon holds the uffd (a native Ack); a daemon that
+    resumes a restore not acked yet sends the Ack first."""
     started: str = ""
     """The root's start time (``/proc/PID/stat``): with ``pid``, proves it is the same
     process should its pidfd be lost."""
@@ -134,6 +140,20 @@ def _decode(text: str) -> Record:
     return Record(checkpoint=checkpoint, data=data, **raw)
 
 
+@dataclass(frozen=True, slots=True)
+class PendingHandover:
+    """A handover the daemon was still taking when it died: nothing of it can be
+    resumed (the connection's place in its protocol is lost, and uffds in flight on it
+    die with it), so the restore it belongs to is killed: the connecting process's tree
+    (the restorer, whose descendants the tasks are) and every tree journaled under
+    ``name`` (their records' ``handover_id``)."""
+
+    name: str
+    pid: int
+    pidfd: int
+    started: str
+
+
 def fork_children(raw: bytes) -> list[int]:
     """The descriptor numbers of the fork children's uffds in a held batch."""
     return [e.child_fd for e in decode_messages(raw) if isinstance(e, Fork)]
@@ -160,8 +180,10 @@ class Generation:
         self.fd_store = fd_store
         self._procs = path / "procs"
         marks = path / "marks"
+        self._handovers = path / "handovers"
         if create:
             self._procs.mkdir(parents=True, mode=0o700)
+            self._handovers.mkdir(mode=0o700)
             count = max(min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], MARKS_MAX), 1024)
             with marks.open("wb") as file:  # sparse: a slot takes room once written
                 file.truncate(count * (1 + SLOT_SIZE))
@@ -286,6 +308,21 @@ class Generation:
             for name in stored_names(record):
                 with contextlib.suppress(OSError):
                     systemd.fd_store_remove(name)
+
+    def begin_handover(self, pending: PendingHandover) -> None:
+        partial = self._handovers / f".{pending.name}.partial"
+        partial.write_text(json.dumps(asdict(pending)))
+        os.replace(partial, self._handovers / f"{pending.name}.json")
+
+    def end_handover(self, name: str) -> None:
+        (self._handovers / f"{name}.json").unlink(missing_ok=True)
+
+    def pending_handovers(self) -> list[PendingHandover]:
+        found = []
+        for path in sorted(self._handovers.glob("*.json")):
+            with contextlib.suppress(ValueError, TypeError, OSError):
+                found.append(PendingHandover(**json.loads(path.read_text())))
+        return found
 
     def records(self) -> list[Record]:
         """Every record (a file that does not decode is an error: nothing is guessed)."""

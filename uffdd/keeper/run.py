@@ -30,7 +30,14 @@ from pathlib import Path
 
 from uffdd.core.handover import Failed
 from uffdd.keeper.handback import send_all, wait_taken
-from uffdd.keeper.journal import READING, Generation, Record, fork_children, process_alive
+from uffdd.keeper.journal import (
+    READING,
+    Generation,
+    PendingHandover,
+    Record,
+    fork_children,
+    process_alive,
+)
 from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.unix_listener import bind_listener
 from uffdd.log import configure_logging, get_logger
@@ -71,6 +78,10 @@ class Keeper:
             records = []
         for record in records:
             self.trees.setdefault(record.root, []).append(record)
+        # Before anything is closed: a handover in progress may have uffds in flight on
+        # its connection, which closing it would release.
+        for pending in self.generation.pending_handovers():
+            self._kill_handover(pending)
         self._close_unnamed()
         for root, members in list(self.trees.items()):
             unproven = [r.proc for r in members if self.generation.marked(r.uffd) == READING]
@@ -102,6 +113,22 @@ class Keeper:
         self.generation.discard()
         return 0
 
+    def _kill_handover(self, pending: PendingHandover) -> None:
+        reason = (
+            "the uffdd daemon died while the restore was being handed over: it cannot be resumed"
+        )
+        for root, members in list(self.trees.items()):
+            if any(r.handover_id == pending.name for r in members):
+                self._kill(root, reason)
+        if pending.pidfd >= 0:
+            kill_tree(pending.pid, pending.pidfd)
+        _log.error(
+            "killed a restore handed over when the daemon died",
+            handover=pending.name,
+            pid=pending.pid,
+        )
+        self.generation.end_handover(pending.name)
+
     def _held(self) -> list[int]:
         """Every descriptor the journal names: the records', and the uffds of fork
         children in batches a resuming daemon will replay."""
@@ -122,13 +149,14 @@ class Keeper:
 
     def _kill(self, root: str, reason: str) -> None:
         members = self.trees.pop(root)
+        for record in members:  # first: a restorer that is not the process hears it
+            if record.conn >= 0:
+                tell_restorer(record.conn, reason)
         for record in members:
             if record.proc == root and record.pidfd >= 0:
                 kill_tree(record.pid, record.pidfd)
         _log.error("killed restore tree", proc=root, reason=reason)
         for record in members:
-            if record.conn >= 0:
-                tell_restorer(record.conn, reason)
             for fd in [*record.descriptors(), *fork_children(self.generation.pending(record))]:
                 with contextlib.suppress(OSError):
                     os.close(fd)

@@ -38,6 +38,7 @@ from uffdd.daemon.lifecycle import Daemon, Door, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.image.criu.images import CriuImageError, read_pstree
 from uffdd.image.criu.reader import CriuImageReader, CriuLayout, image_id_for
+from uffdd.keeper.journal import PendingHandover, start_time
 from uffdd.kernel.fdpass import (
     CREDENTIALS_SPACE,
     Credentials,
@@ -146,12 +147,15 @@ class CriuRestore:
     _roots: dict[ProcId, Restore] = field(default_factory=dict)
     _outcomes: dict[ProcId, TreeOutcome] = field(default_factory=dict)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
+    _pending: PendingHandover | None = None
 
     async def run(self, conn: socket.socket) -> CriuResult:
         """Take the handover on ``conn`` and serve until every task is resident."""
         try:
+            self._begin(conn)
             tasks = read_pstree(self.images_dir)
             await self._take_handover(_Stream(conn), {t.pid for t in tasks})
+            self._end()
         except (CriuProtocolError, ImageError, PageServerError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
             _log.error("criu restore failed", reason=reason)
@@ -162,10 +166,34 @@ class CriuRestore:
             raise
         finally:
             conn.close()
+            self._end()
         for root in self._roots:
             self.daemon.handover_complete(root)
         await self._wait_all()
         return self._result()
+
+    def _begin(self, conn: socket.socket) -> None:
+        """Journal the handover as in progress: should the daemon die before the
+        restore-finished marker, the whole restore is killed (keeper/journal.py:
+        PendingHandover), criu restore's tree by a pidfd opened now."""
+        assert self.daemon.journal is not None
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer, _, _ = struct.unpack("3i", creds)
+        try:
+            pidfd = os.pidfd_open(peer)
+        except OSError:
+            pidfd = -1
+        self._pending = PendingHandover(f"criu-{peer}-{id(self):x}", peer, pidfd, start_time(peer))
+        self.daemon.journal.begin_handover(self._pending)
+
+    def _end(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        assert self.daemon.journal is not None
+        self.daemon.journal.end_handover(pending.name)
+        if pending.pidfd >= 0:
+            os.close(pending.pidfd)
 
     async def _take_handover(self, stream: _Stream, pids: set[int]) -> None:
         seen: set[int] = set()
@@ -255,6 +283,7 @@ class CriuRestore:
             handed_over=False,
             on_done=self._task_done,
             dialect="criu",
+            handover_id=self._pending.name if self._pending is not None else "",
             origin=(
                 {"page_server": self.page_server}
                 if self.page_server is not None

@@ -77,7 +77,7 @@ async def serve_handover(
         raise HandoverRejected(ErrorCode.REFUSED, "uffdd is shutting down")
     source, image_regions, extents, where = await find_image(daemon, handover)
     regions = regions_in_image(handover, handover.image_id, image_regions)
-    daemon.start(
+    root = daemon.start(
         Restore(
             name=f"p{handover.pid}-{handover.handover_id[:6]}",
             pid=handover.pid,
@@ -95,12 +95,14 @@ async def serve_handover(
             else {"images": str(daemon.image_store().root)},
             conn=handover.reply.fileno(),
             handover_id=handover.handover_id,
+            acked=False,
         ),
         source=where,
         handover=handover.handover_id,
     )
     crash_point("before-ack")
-    await handover.reply.send_ack()
+    if await handover.reply.send_ack():
+        daemon.acknowledged(root)
 
 
 async def find_image(
