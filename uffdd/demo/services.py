@@ -8,11 +8,12 @@ them cleanly whatever happens; one implementation keeps both honest.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 READY_TIMEOUT = 30.0
@@ -51,11 +52,23 @@ def wait_for_path(
         time.sleep(0.02)
 
 
-@contextlib.contextmanager
-def service(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a service for the block, output to ``log``; SIGTERM (then SIGKILL) after."""
+def start(
+    command: list[str], log: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a service, output to ``log``; ``env``: variables added to ours."""
+    environment = None if env is None else {**os.environ, **env}
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            command, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL, env=environment
+        )
+
+
+@contextlib.contextmanager
+def service(
+    command: list[str], log: Path, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a service for the block (see :func:`start`); SIGTERM (then SIGKILL) after."""
+    process = start(command, log, env)
     try:
         yield process
     finally:

@@ -1,0 +1,619 @@
+"""The fault-injection runner: restores on the three dialects, the daemon SIGKILLed mid-way.
+
+Why: uffdd's first promise, never a wrong byte, must hold when the daemon itself dies. One
+run draws a scenario from its seed: a dialect (native handover, CRIU lazy-pages, the
+Firecracker backend), where pages come from (a page server, or local images), how the
+daemon dies (SIGKILL from outside at a random moment, or ``UFFDD_CRASH_AT`` making it kill
+itself at a named point, the n-th time it gets there) and whether a new daemon is started
+on the same ``--state-dir``. The restored processes storm fork/mremap/madvise/munmap
+while reading and check every byte they read. A run ends in one of:
+
+- ``resumed``: a new daemon took the processes back; the workload completed and every
+  byte it read (all of its memory, after full residency) was right;
+- ``resumed, a child killed``: as above, and a forked child the new daemon could not prove
+  was killed (its reason in the logs), never served from a guess;
+- ``killed``: no daemon resumed within ``--resume-deadline``; the whole tree is dead and
+  the reason is in the keeper's log (and reached the restorer where the dialect has a
+  channel back to it);
+- ``finished first``: the workload was done (every byte right) before the kill landed or
+  before the crash point was reached;
+- anything else is a failure, and so is a single wrong byte in any run.
+
+``tests/faults/test_faults.py`` runs a few scenarios per dialect; ``tests/faults/soak.py``
+runs as many as asked (the soak command the README names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from support.criu_restorer import (
+    LazyPages,
+    Restorer,
+    Tree,
+    lazy_pages_command,
+    tree_spec,
+    write_dump,
+)
+from support.firecracker_support import PAGE, VMM_SCRIPT, make_memfile
+from support.lazy_restore import Restored, make_demo_image, page_server, start_restored
+
+from uffdd.demo.services import start, stop, uffdd_command, wait_for_path
+
+DIALECTS = ("native", "criu", "firecracker")
+POINTS: dict[str, tuple[str | None, ...]] = {
+    # None: SIGKILL from outside at a random moment
+    "native": (None, None, "before-ack", "fork-read", "layout-read", "installing", "grace"),
+    "criu": (None, None, "fork-read", "layout-read", "installing", "grace"),
+    "firecracker": (None, None, "layout-read", "installing", "grace"),
+}
+REASON = "none resumed"
+"""What the keeper's reason says (``the uffdd daemon died and none resumed within N s``)."""
+RESUMED = "resumed"
+CHILD_KILLED = "resumed, a child killed"
+KILLED = "killed"
+FINISHED_FIRST = "finished first"
+FAILED = "FAILED"
+OUTCOMES = (RESUMED, CHILD_KILLED, KILLED, FINISHED_FIRST, FAILED)
+
+WAIT = 120.0
+"""Seconds a run's workload may take to end: a hang guard, never a measurement."""
+RESTART_DEADLINE = 30.0
+"""--resume-deadline when a restart follows: far more than a daemon takes to start."""
+GIVE_UP_DEADLINE = 1.0
+"""--resume-deadline when nobody restarts: the keeper's kill comes soon."""
+BULK_RATE = "8M"
+"""The page server's bulk lane rate: the background transfer is still going when the
+daemon dies (demand faults are not limited)."""
+MIB = 1 << 20
+FC_SIZE = 32 * MIB
+FC_REGIONS = [
+    {"offset": 0, "size": 24 * MIB, "page_size": PAGE},
+    {"offset": 24 * MIB, "size": 8 * MIB, "page_size": PAGE},
+]
+FC_BALLOON = [[0, 0, 4 * PAGE, 4 * PAGE], [0, 1, MIB, MIB], [0, 0, 9 * MIB, 2 * MIB]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One run, all drawn from ``seed``."""
+
+    seed: int
+    dialect: str
+    source: str  # "page-server" or "images"
+    point: str | None  # a crash point, or None: SIGKILL from outside
+    nth: int  # the crash point's n-th visit
+    delay: float  # seconds after the handover before the outside kill (or SIGTERM)
+    restart: bool
+    command: str  # which uffdd command serves: "daemon", "lazy-pages", "firecracker"
+
+    @classmethod
+    def draw(cls, seed: int, dialect: str | None = None, restart: bool | None = None) -> Scenario:
+        rng = random.Random(seed)
+        dialect = dialect or rng.choice(DIALECTS)
+        point = rng.choice(POINTS[dialect])
+        commands = {
+            "native": ("daemon",),
+            "criu": ("daemon", "lazy-pages"),
+            "firecracker": ("firecracker",),
+        }
+        return cls(
+            seed=seed,
+            dialect=dialect,
+            source=rng.choice(("page-server", "images")),
+            point=point,
+            nth=rng.randint(1, 3) if point in ("layout-read", "installing") else 1,
+            delay=round(rng.uniform(0.0, 1.5), 3),
+            restart=rng.random() < 0.6 if restart is None else restart,
+            command=rng.choice(commands[dialect]),
+        )
+
+    def describe(self) -> str:
+        how = f"UFFDD_CRASH_AT={self.point}:{self.nth}" if self.point else "SIGKILL"
+        if self.point in (None, "grace"):
+            how += f" {self.delay:g} s after the handover"
+        then = "restart" if self.restart else "no restart"
+        return (
+            f"seed {self.seed}: {self.dialect} via `uffdd {self.command}` from {self.source}, "
+            f"{how}, {then}"
+        )
+
+    def reproduce(self) -> str:
+        return f"python tests/faults/soak.py --runs 1 --seed {self.seed} --dialect {self.dialect}"
+
+
+@dataclass
+class Result:
+    """What one run ended in, and why."""
+
+    scenario: Scenario
+    outcome: str
+    detail: str = ""
+    wrong: int = 0
+    verified_bytes: int = 0
+    daemon_killed: bool = False
+
+    def line(self) -> str:
+        text = f"{self.outcome:<24} {self.scenario.describe()}"
+        if self.detail:
+            text += f"\n    {self.detail}"
+        if self.outcome == FAILED:
+            text += f"\n    reproduce: {self.scenario.reproduce()}"
+        return text
+
+
+@dataclass
+class Assets:
+    """What every run restores from, built once: the demo image, a Firecracker memory file
+    and its image, a scratch directory."""
+
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def memfile(self) -> Path:
+        return self.root / "vm.mem"
+
+    @property
+    def fc_images(self) -> Path:
+        return self.root / "fc-images"
+
+    @classmethod
+    def build(cls, root: Path) -> Assets:
+        assets = cls(root)
+        make_demo_image(assets.images, "demo")
+        make_memfile(assets.memfile, FC_SIZE, [(2 * MIB, MIB), (FC_SIZE - 3 * PAGE, 3 * PAGE)])
+        subprocess.run(
+            uffdd_command("image", "from-raw", str(assets.memfile), "-o", str(assets.fc_images),
+                          "--image-id", "vm"),
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        return assets
+
+
+# -- the workloads, one per dialect -------------------------------------------------------
+
+
+@dataclass
+class Ending:
+    """How a workload ended, as the runner saw it."""
+
+    verified: bool = False
+    killed: bool = False  # by SIGKILL
+    wrong: int = 0
+    verified_bytes: int = 0
+    children_killed: int = 0
+    reason: str = ""  # what reached the restorer, if anything did
+    detail: str = ""
+
+
+class Workload:
+    """A dialect's restored side: prepared before the daemon starts, then driven in a
+    thread (so the runner can kill and restart the daemon meanwhile)."""
+
+    def __init__(self, scenario: Scenario, assets: Assets, run: Path) -> None:
+        self.scenario = scenario
+        self.assets = assets
+        self.run = run
+        self.handed_over = threading.Event()
+        self.done = threading.Event()
+        self.ending = Ending()
+        self.pids: list[int] = []
+        self.daemon: subprocess.Popen[bytes] | None = None
+        """The first daemon (set before :meth:`start`)."""
+        self._thread: threading.Thread | None = None
+
+    def prepare(self) -> None:
+        """Anything the daemon must find when it starts (a dump)."""
+
+    def daemon_args(self, pages: str) -> list[str]:
+        raise NotImplementedError
+
+    def ready_path(self) -> Path:
+        raise NotImplementedError
+
+    def drive(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        def body() -> None:
+            try:
+                self.drive()
+            except Exception as exc:
+                self.ending.detail = f"the driver failed: {type(exc).__name__}: {exc}"
+            finally:
+                self.handed_over.set()
+                self.done.set()
+
+        self._thread = threading.Thread(target=body, name=f"drive-{self.scenario.dialect}")
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(WAIT)
+
+    def kill(self) -> None:
+        """Leave nothing running (called whatever happened)."""
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def all_dead(self) -> list[int]:
+        """The pids of the restored tree still alive (a zombie counts as dead)."""
+        alive = []
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    state = stat.read().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if state not in ("Z", "X"):
+                alive.append(pid)
+        return alive
+
+
+class NativeWorkload(Workload):
+    """The demo workload in storm mode, restored through the native handover."""
+
+    def daemon_args(self, pages: str) -> list[str]:
+        source = ["--page-server", pages] if pages else ["--images", str(self.assets.images)]
+        return ["daemon", "--handover", str(self.run / "handover.sock"), *source]
+
+    def ready_path(self) -> Path:
+        return self.run / "handover.sock"
+
+    def drive(self) -> None:
+        with open(self.run / "workload.err", "wb") as stderr:
+            restored = start_restored(
+                self.run / "handover.sock",
+                "demo",
+                mode="storm",
+                extra=("--storm-seed", str(self.scenario.seed), "--rounds", "24"),
+                stderr=stderr,
+            )
+        self.pids.append(restored.process.pid)
+        assert restored.process.stdout is not None
+        code: int | None = None
+        for line in restored.process.stdout:
+            event: dict[str, Any] = json.loads(line)
+            restored.events.append(event)
+            if event["event"] == "handed_over":
+                self.handed_over.set()
+            elif event["event"] == "forked":
+                self.pids.append(int(event["pid"]))
+        code = restored.process.wait(WAIT)
+        restored.process.stdout.close()
+        self._conclude(restored, code)
+
+    def _conclude(self, restored: Restored, code: int) -> None:
+        ending = self.ending
+        phases = [e for e in restored.events if e["event"] == "phase"]
+        ending.wrong = sum(int(p["mismatches"]) for p in phases)
+        done = [e for e in restored.events if e["event"] == "done"]
+        failed = [str(e["reason"]) for e in restored.events if e["event"] == "failed"]
+        stderr = (self.run / "workload.err").read_text(errors="replace")
+        ending.reason = " ".join([*failed, stderr])
+        if done:
+            ending.wrong = max(ending.wrong, int(done[-1]["mismatches"]))
+            ending.verified_bytes = int(done[-1]["verified_bytes"])
+            ending.children_killed = int(done[-1].get("killed_children", 0))
+        ending.killed = code == -signal.SIGKILL
+        ending.verified = code == 0 and bool(done) and bool(done[-1]["ok"])
+        if not ending.verified and not ending.killed:
+            tail = restored.events[-3:]
+            ending.detail = f"workload exit {code}; last events {tail}; stderr {stderr[-400:]!r}"
+
+
+class CriuWorkload(Workload):
+    """A CRIU-restored tree (support/criu_tree.py, script "ops"), its dump, criu's part."""
+
+    TASKS_WITH_OPS = 2
+    CHECKING_TASKS = 4
+
+    def prepare(self) -> None:
+        self.dump = self.run / "dump"
+        self.work = self.run / "criu-work"
+        self.work.mkdir(parents=True)
+        self.tree = Tree.start(tree_spec("ops"), self.run / "spec.json")
+        self.pids.extend(self.tree.pids.values())
+        write_dump(self.dump, self.tree)
+
+    def daemon_args(self, pages: str) -> list[str]:
+        if self.scenario.command == "lazy-pages":
+            extra = ["--page-server", "--address", pages] if pages else []
+            command = lazy_pages_command(self.dump, self.work, *extra)
+            return command[3:]  # without the interpreter and "-m uffdd"
+        source = ["--page-server", pages] if pages else []
+        return ["daemon", "--handover", str(self.run / "handover.sock"), *source,
+                "--criu-images", str(self.dump), "--criu-work-dir", str(self.work)]  # fmt: skip
+
+    def ready_path(self) -> Path:
+        return self.work / "lazy-pages.socket"
+
+    def drive(self) -> None:
+        tree = self.tree
+        assert self.daemon is not None
+        lazy = LazyPages(self.daemon, self.run / "daemon-1.log")
+        restorer = Restorer(lazy.connect(self.work))
+        restorer.hand_over(tree)
+        self.handed_over.set()
+        try:
+            tree.wait_reports("ops_done", self.TASKS_WITH_OPS)
+            with contextlib.suppress(OSError):  # the daemon may be dead by now
+                restorer.finish()
+            reports = tree.wait_reports("verified", self.CHECKING_TASKS)
+            reports += tree.wait_reports("forked", self.TASKS_WITH_OPS)
+        except EOFError:
+            # every task hung up: check how they ended
+            self.ending.killed = tree.proc.wait(WAIT) == -signal.SIGKILL
+            self._wrong_from(tree.reports)
+            if not self.ending.killed:
+                self.ending.detail = f"the tree ended with {tree.proc.returncode}: {tree.reports}"
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                restorer.sock.close()
+        self._wrong_from(reports)
+        code = tree.close()
+        self.ending.verified = self.ending.wrong == 0 and code == 0
+        if not self.ending.verified:
+            self.ending.detail = f"the tree ended with {code}: {reports}"
+
+    def _wrong_from(self, reports: list[dict[str, Any]]) -> None:
+        bad = [r for r in reports if r.get("ok") is False]
+        self.ending.wrong = len(bad)
+        if bad:
+            self.ending.detail = f"wrong bytes: {bad}"
+        self.ending.verified_bytes = sum(int(r.get("pages", 0)) for r in reports) * PAGE
+
+    def kill(self) -> None:
+        if hasattr(self, "tree"):
+            with contextlib.suppress(Exception):
+                self.tree.kill()
+            with contextlib.suppress(Exception):
+                self.tree.close()
+
+
+class FirecrackerWorkload(Workload):
+    """The test VMM (support/firecracker_vmm.py): balloons, then reads all guest memory."""
+
+    def daemon_args(self, pages: str) -> list[str]:
+        sock = ["--socket", str(self.run / "fc.sock")]
+        if pages:
+            return ["firecracker", *sock, "--image", "vm", "--page-server", pages]
+        return ["firecracker", *sock, "--image-dir", str(self.assets.fc_images / "vm")]
+
+    def ready_path(self) -> Path:
+        return self.run / "fc.sock"
+
+    def drive(self) -> None:
+        config = {
+            "socket": str(self.run / "fc.sock"),
+            "memfile": str(self.assets.memfile),
+            "sets": [FC_REGIONS],
+            "balloon": FC_BALLOON,
+        }
+        with open(self.run / "vmm.err", "wb") as stderr:
+            vmm = subprocess.Popen(
+                [sys.executable, str(VMM_SCRIPT), json.dumps(config)],
+                stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+        self.pids.append(vmm.pid)
+        assert vmm.stdout is not None
+        steps: list[dict[str, Any]] = []
+        for line in vmm.stdout:
+            step: dict[str, Any] = json.loads(line)
+            steps.append(step)
+            if step["step"] == "sent":
+                self.handed_over.set()
+        code = vmm.wait(WAIT)
+        vmm.stdout.close()
+        names = [s["step"] for s in steps]
+        self.ending.wrong = names.count("mismatch")
+        self.ending.killed = code == -signal.SIGKILL
+        self.ending.verified = code == 0 and "verified" in names and not self.ending.wrong
+        if self.ending.verified:
+            self.ending.verified_bytes = int(steps[-1]["bytes"])
+        elif not self.ending.killed:
+            err = (self.run / "vmm.err").read_text(errors="replace")[-400:]
+            self.ending.detail = f"the VMM ended with {code}: {steps}; stderr {err!r}"
+
+
+WORKLOADS: dict[str, type[Workload]] = {
+    "native": NativeWorkload,
+    "criu": CriuWorkload,
+    "firecracker": FirecrackerWorkload,
+}
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+def _logs(run: Path) -> str:
+    """Everything the daemons and the keeper wrote (their logs, the state directory)."""
+    texts = []
+    for path in sorted(run.rglob("*")):
+        if path.is_file() and (path.suffix == ".log" or "state" in path.parts):
+            with contextlib.suppress(OSError):
+                texts.append(path.read_text(errors="replace"))
+    return "\n".join(texts)
+
+
+def _leftovers(run: Path) -> list[int]:
+    """Processes still running whose command line names this run's directory (a daemon,
+    its keeper, a page server)."""
+    mark = str(run).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if mark in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+def _wait_either(daemon: subprocess.Popen[bytes], workload: Workload) -> None:
+    """Until the daemon exits or the workload is done (a hang guard bounds it)."""
+    deadline = time.monotonic() + WAIT
+    while daemon.poll() is None and not workload.done.is_set():
+        if time.monotonic() > deadline:
+            raise TimeoutError("neither the daemon nor the workload ended")
+        workload.done.wait(0.02)
+
+
+def run_one(scenario: Scenario, assets: Assets, base: Path) -> Result:
+    """Run ``scenario`` in a fresh directory under ``base``; everything is stopped after."""
+    run = base / f"run-{scenario.seed}"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    workload = WORKLOADS[scenario.dialect](scenario, assets, run)
+    try:
+        with ExitStack() as stack:
+            result = _run(scenario, assets, run, workload, stack)
+    except Exception as exc:
+        result = Result(scenario, FAILED, f"the runner failed: {type(exc).__name__}: {exc}")
+    finally:
+        workload.kill()
+        workload.join()
+    left = _leftovers(run)
+    if left:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        result = Result(scenario, FAILED, f"processes left running after the run: {left}")
+    if result.outcome != FAILED:
+        shutil.rmtree(run, ignore_errors=True)
+    return result
+
+
+def _run(
+    scenario: Scenario, assets: Assets, run: Path, workload: Workload, stack: ExitStack
+) -> Result:
+    pages = ""
+    if scenario.source == "page-server":
+        images = assets.fc_images if scenario.dialect == "firecracker" else assets.images
+        if scenario.dialect == "criu":
+            images = run / "dump"
+        workload.prepare()
+        _, pages = stack.enter_context(page_server(run, images, "--bulk-rate-limit", BULK_RATE))
+    else:
+        workload.prepare()
+    deadline = RESTART_DEADLINE if scenario.restart else GIVE_UP_DEADLINE
+    state = ["--state-dir", str(run / "state"), "--resume-deadline", str(deadline)]
+    command = uffdd_command(*workload.daemon_args(pages), *state, "--log-format", "json")
+    env = {} if scenario.point is None else {"UFFDD_CRASH_AT": f"{scenario.point}:{scenario.nth}"}
+    daemon = start(command, run / "daemon-1.log", env)
+    stack.callback(stop, daemon)
+    wait_for_path(workload.ready_path(), "the daemon", daemon, run / "daemon-1.log")
+    workload.daemon = daemon
+    workload.start()
+    if scenario.point in (None, "grace"):
+        _kill_later(scenario, daemon, workload)
+    _wait_either(daemon, workload)
+    died = daemon.poll() == -signal.SIGKILL
+    if died and scenario.restart:
+        second = start(command, run / "daemon-2.log")
+        stack.callback(stop, second)
+    if not workload.done.wait(WAIT):
+        return Result(scenario, FAILED, "the workload did not end", daemon_killed=died)
+    workload.join()
+    return _classify(scenario, run, workload, died)
+
+
+def _kill_later(scenario: Scenario, daemon: subprocess.Popen[bytes], workload: Workload) -> None:
+    """The outside fault: ``delay`` seconds after the handover (a random moment of the
+    run, not a wait for anything), SIGKILL (or SIGTERM for the grace point)."""
+    if not workload.handed_over.wait(WAIT):
+        raise TimeoutError("no handover")
+    if workload.done.wait(scenario.delay) or daemon.poll() is not None:
+        return
+    daemon.send_signal(signal.SIGTERM if scenario.point == "grace" else signal.SIGKILL)
+
+
+def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> Result:
+    ending = workload.ending
+
+    def result(outcome: str, detail: str = "") -> Result:
+        return Result(
+            scenario, outcome, detail or ending.detail, ending.wrong, ending.verified_bytes, died
+        )
+
+    if ending.wrong:
+        return result(FAILED, f"{ending.wrong} wrong: {ending.detail}")
+    logs = _logs(run)
+    if not died:
+        if ending.verified:
+            return result(FINISHED_FIRST)
+        return result(FAILED, f"the daemon did not die and the workload failed: {ending.detail}")
+    if scenario.restart:
+        if not ending.verified:
+            return result(FAILED, f"not resumed: {ending.detail}")
+        if "resumed" not in logs:
+            return result(FAILED, "the workload completed but no daemon log says resumed")
+        if ending.children_killed:
+            if "kill" not in logs.lower():
+                return result(FAILED, "a child was killed and no log says why")
+            return result(CHILD_KILLED)
+        return result(RESUMED)
+    if ending.verified:
+        return result(FAILED, "no daemon resumed, yet the workload completed")
+    if not ending.killed:
+        return result(FAILED, f"the workload was not killed: {ending.detail}")
+    alive = workload.all_dead()
+    if alive:
+        return result(FAILED, f"the tree was not killed whole: {alive} alive")
+    if REASON not in logs:
+        return result(FAILED, f"no {REASON!r} reason in the keeper's log")
+    if scenario.dialect == "native" and REASON not in ending.reason:
+        return result(FAILED, f"the restorer never got the reason: {ending.reason!r}")
+    return result(KILLED)
+
+
+@contextlib.contextmanager
+def scratch(base: Path | None = None) -> Iterator[Path]:
+    """A directory for assets and runs (kept when given, removed when made here)."""
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+        yield base
+        return
+    made = Path(os.environ.get("TMPDIR", "/tmp")) / f"uffdd-faults-{os.getpid()}"
+    made.mkdir(parents=True, exist_ok=True)
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def summary(results: list[Result], out: IO[str]) -> dict[str, int]:
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for item in results:
+        counts[item.outcome] += 1
+    wrong = sum(r.wrong for r in results)
+    verified = sum(r.verified_bytes for r in results)
+    kills = sum(r.daemon_killed for r in results)
+    print(
+        f"\n{len(results)} runs, {kills} daemon kills, {verified / MIB:.1f} MiB verified, "
+        f"{wrong} wrong",
+        file=out,
+    )
+    for name in OUTCOMES:
+        print(f"  {name:<24} {counts[name]}", file=out)
+    return counts
