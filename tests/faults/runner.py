@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from support.criu_restorer import (
     LazyPages,
@@ -85,6 +85,10 @@ FC_REGIONS = [
     {"offset": 0, "size": 24 * MIB, "page_size": PAGE},
     {"offset": 24 * MIB, "size": 8 * MIB, "page_size": PAGE},
 ]
+MARKS = {"native": 12, "criu": 6, "firecracker": 3}
+"""The workload's steps an outside kill may follow: the handover is step 1; then the
+native storm's phases, the CRIU tree's reports, the VMM's steps (early ones: pages are
+still missing)."""
 FC_BALLOON = [[0, 0, 4 * PAGE, 4 * PAGE], [0, 1, MIB, MIB], [0, 0, 9 * MIB, 2 * MIB]]
 
 
@@ -97,7 +101,8 @@ class Scenario:
     source: str  # "page-server" or "images"
     point: str | None  # a crash point, or None: SIGKILL from outside
     nth: int  # the crash point's n-th visit
-    delay: float  # seconds after the handover before the outside kill (or SIGTERM)
+    mark: int  # the outside kill (or SIGTERM) comes after the workload's mark-th step...
+    delay: float  # ... and this many seconds more
     restart: bool
     command: str  # which uffdd command serves: "daemon", "lazy-pages", "firecracker"
 
@@ -117,7 +122,8 @@ class Scenario:
             source=rng.choice(("page-server", "images")),
             point=point,
             nth=rng.randint(1, 3) if point in ("layout-read", "installing") else 1,
-            delay=round(rng.uniform(0.0, 1.5), 3),
+            mark=rng.randint(1, MARKS[dialect]),
+            delay=round(rng.uniform(0.0, 0.1), 3),
             restart=rng.random() < 0.6 if restart is None else restart,
             command=rng.choice(commands[dialect]),
         )
@@ -125,7 +131,7 @@ class Scenario:
     def describe(self) -> str:
         how = f"UFFDD_CRASH_AT={self.point}:{self.nth}" if self.point else "SIGKILL"
         if self.point in (None, "grace"):
-            how += f" {self.delay:g} s after the handover"
+            how += f" {self.delay:g} s after step {self.mark}"
         then = "restart" if self.restart else "no restart"
         return (
             f"seed {self.seed}: {self.dialect} via `uffdd {self.command}` from {self.source}, "
@@ -177,7 +183,12 @@ class Assets:
 
     @classmethod
     def build(cls, root: Path) -> Assets:
+        """Build them under ``root`` (kept from an earlier soak in the same place)."""
         assets = cls(root)
+        built = root / "built"
+        if built.exists():
+            return assets
+        shutil.rmtree(root, ignore_errors=True)
         make_demo_image(assets.images, "demo")
         make_memfile(assets.memfile, FC_SIZE, [(2 * MIB, MIB), (FC_SIZE - 3 * PAGE, 3 * PAGE)])
         subprocess.run(
@@ -185,6 +196,7 @@ class Assets:
                           "--image-id", "vm"),
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
+        built.touch()
         return assets
 
 
@@ -212,7 +224,8 @@ class Workload:
         self.scenario = scenario
         self.assets = assets
         self.run = run
-        self.handed_over = threading.Event()
+        self._steps = 0
+        self._stepped = threading.Condition()
         self.done = threading.Event()
         self.ending = Ending()
         self.pids: list[int] = []
@@ -232,6 +245,18 @@ class Workload:
     def drive(self) -> None:
         raise NotImplementedError
 
+    def step(self) -> None:
+        """The workload took one more step (the handover is the first)."""
+        with self._stepped:
+            self._steps += 1
+            self._stepped.notify_all()
+
+    def wait_step(self, count: int) -> None:
+        """Until the workload took ``count`` steps or ended."""
+        with self._stepped:
+            if not self._stepped.wait_for(lambda: self._steps >= count or self.done.is_set(), WAIT):
+                raise TimeoutError(f"the workload never took {count} steps")
+
     def start(self) -> None:
         def body() -> None:
             try:
@@ -239,8 +264,8 @@ class Workload:
             except Exception as exc:
                 self.ending.detail = f"the driver failed: {type(exc).__name__}: {exc}"
             finally:
-                self.handed_over.set()
                 self.done.set()
+                self.step()
 
         self._thread = threading.Thread(target=body, name=f"drive-{self.scenario.dialect}")
         self._thread.start()
@@ -294,8 +319,8 @@ class NativeWorkload(Workload):
         for line in restored.process.stdout:
             event: dict[str, Any] = json.loads(line)
             restored.events.append(event)
-            if event["event"] == "handed_over":
-                self.handed_over.set()
+            if event["event"] in ("handed_over", "phase"):
+                self.step()
             elif event["event"] == "forked":
                 self.pids.append(int(event["pid"]))
         code = restored.process.wait(WAIT)
@@ -325,7 +350,7 @@ class CriuWorkload(Workload):
     """A CRIU-restored tree (support/criu_tree.py, script "ops"), its dump, criu's part."""
 
     TASKS_WITH_OPS = 2
-    CHECKING_TASKS = 4
+    REPORTS: ClassVar[dict[str, int]] = {"ops_done": 2, "verified": 4, "forked": 2}
 
     def prepare(self) -> None:
         self.dump = self.run / "dump"
@@ -353,13 +378,9 @@ class CriuWorkload(Workload):
         lazy = LazyPages(self.daemon, self.run / "daemon-1.log")
         restorer = Restorer(lazy.connect(self.work))
         restorer.hand_over(tree)
-        self.handed_over.set()
+        self.step()
         try:
-            tree.wait_reports("ops_done", self.TASKS_WITH_OPS)
-            with contextlib.suppress(OSError):  # the daemon may be dead by now
-                restorer.finish()
-            reports = tree.wait_reports("verified", self.CHECKING_TASKS)
-            reports += tree.wait_reports("forked", self.TASKS_WITH_OPS)
+            self._follow(tree, restorer)
         except EOFError:
             # every task hung up: check how they ended
             self.ending.killed = tree.proc.wait(WAIT) == -signal.SIGKILL
@@ -370,11 +391,26 @@ class CriuWorkload(Workload):
         finally:
             with contextlib.suppress(OSError):
                 restorer.sock.close()
-        self._wrong_from(reports)
+        self._wrong_from(tree.reports)
         code = tree.close()
         self.ending.verified = self.ending.wrong == 0 and code == 0
         if not self.ending.verified:
-            self.ending.detail = f"the tree ended with {code}: {reports}"
+            self.ending.detail = f"the tree ended with {code}: {tree.reports}"
+
+    def _follow(self, tree: Tree, restorer: Restorer) -> None:
+        """criu restore's part after the handover: RSTF once the tasks' operations ran;
+        then until every task and forked child reported its check."""
+        finished = False
+        while True:
+            counts = {key: sum(key in r for r in tree.reports) for key in self.REPORTS}
+            if counts["ops_done"] >= self.TASKS_WITH_OPS and not finished:
+                finished = True
+                with contextlib.suppress(OSError):  # the daemon may be dead by now
+                    restorer.finish()
+            if all(counts[key] >= count for key, count in self.REPORTS.items()):
+                return
+            tree.receive()
+            self.step()
 
     def _wrong_from(self, reports: list[dict[str, Any]]) -> None:
         bad = [r for r in reports if r.get("ok") is False]
@@ -421,8 +457,7 @@ class FirecrackerWorkload(Workload):
         for line in vmm.stdout:
             step: dict[str, Any] = json.loads(line)
             steps.append(step)
-            if step["step"] == "sent":
-                self.handed_over.set()
+            self.step()
         code = vmm.wait(WAIT)
         vmm.stdout.close()
         names = [s["step"] for s in steps]
@@ -539,10 +574,10 @@ def _run(
 
 
 def _kill_later(scenario: Scenario, daemon: subprocess.Popen[bytes], workload: Workload) -> None:
-    """The outside fault: ``delay`` seconds after the handover (a random moment of the
-    run, not a wait for anything), SIGKILL (or SIGTERM for the grace point)."""
-    if not workload.handed_over.wait(WAIT):
-        raise TimeoutError("no handover")
+    """The outside fault: ``delay`` seconds after the workload's ``mark``-th step (a
+    random moment of the run, not a wait for anything), SIGKILL (or SIGTERM for the
+    grace point)."""
+    workload.wait_step(scenario.mark)
     if workload.done.wait(scenario.delay) or daemon.poll() is not None:
         return
     daemon.send_signal(signal.SIGTERM if scenario.point == "grace" else signal.SIGKILL)
