@@ -181,9 +181,11 @@ def _kill_reasons(base: Path) -> list[str]:
     return reasons
 
 
-def _report_killed(run: _Run, code: int, base: Path) -> bool:
-    """The report when the daemon died and none came back: the workload must have been
-    killed, with the keeper's reason, and every phase it finished must have been right."""
+def _report_killed(run: _Run, code: int, base: Path, expected: bool) -> bool:
+    """The report when the workload did not finish after the daemon's death: it must have
+    been killed, with the keeper's reason, and every phase it finished must have been
+    right. ``expected``: no daemon was started again (with one, a kill is a failure of
+    the demo, though never a wrong byte)."""
     phases_right = all(p["mismatches"] == 0 for p in run.phases)
     reasons = _kill_reasons(base)
     _say("\nreport")
@@ -194,12 +196,14 @@ def _report_killed(run: _Run, code: int, base: Path) -> bool:
         _say(f"  the workload exited with {code}")
     for reason in reasons:
         _say(f"  reason: {reason}")
-    ok = code == -signal.SIGKILL and bool(reasons) and phases_right and "done" not in run.events
-    _say(
-        "result: the workload was killed rather than served from lost memory"
-        if ok
-        else "result: FAILED (the workload should have been killed, with its reason)"
-    )
+    killed = code == -signal.SIGKILL and bool(reasons) and phases_right
+    if killed and expected:
+        _say("result: the workload was killed rather than served from lost memory")
+    elif killed:
+        _say("result: FAILED: the new daemon did not resume the workload (it was killed)")
+    else:
+        _say("result: FAILED: the workload should have been killed, with its reason")
+    ok = killed and expected
     if not ok:
         _say(f"daemon log:\n{log_tail(base / 'daemon.log')}", err=True)
     return ok
@@ -359,8 +363,8 @@ def _run_demo(
             finally:
                 if crash is not None:
                     crash.stop()
-    if crash is not None and crash.fired and not crash.kill.restart and "done" not in run.events:
-        return _report_killed(run, code, base)
+    if crash is not None and crash.fired and "done" not in run.events:
+        return _report_killed(run, code, base, expected=not crash.kill.restart)
     ok = _report(run, dump_seconds, result.total_bytes) and code == 0
     if not ok:
         _say(f"daemon log:\n{log_tail(base / 'daemon.log')}", err=True)
