@@ -86,6 +86,8 @@ BULK_RATE = "8M"
 """The page server's bulk lane rate: the background transfer is still going when the
 daemon dies (demand faults are not limited)."""
 MIB = 1 << 20
+DETAIL = 600
+"""Characters of a failure's detail printed (the run's directory keeps the logs)."""
 FC_SIZE = 32 * MIB
 FC_REGIONS = [
     {"offset": 0, "size": 24 * MIB, "page_size": PAGE},
@@ -115,13 +117,15 @@ class Scenario:
     @classmethod
     def draw(cls, seed: int, dialect: str | None = None, restart: bool | None = None) -> Scenario:
         rng = random.Random(seed)
-        dialect = dialect or rng.choice(DIALECTS)
+        drawn = rng.choice(DIALECTS)  # drawn even when given: the same seed, the same run
+        dialect = dialect or drawn
         point = rng.choice(POINTS[dialect])
         commands = {
             "native": ("daemon",),
             "criu": ("daemon", "lazy-pages"),
             "firecracker": ("firecracker",),
         }
+        restarts = rng.random() < 0.6
         return cls(
             seed=seed,
             dialect=dialect,
@@ -130,7 +134,7 @@ class Scenario:
             nth=rng.randint(1, 3) if point in ("layout-read", "installing") else 1,
             mark=rng.randint(1, MARKS[dialect]),
             delay=round(rng.uniform(0.0, 0.1), 3),
-            restart=rng.random() < 0.6 if restart is None else restart,
+            restart=restarts if restart is None else restart,
             command=rng.choice(commands[dialect]),
         )
 
@@ -162,7 +166,8 @@ class Result:
     def line(self) -> str:
         text = f"{self.outcome:<24} {self.scenario.describe()}"
         if self.detail:
-            text += f"\n    {self.detail}"
+            detail = self.detail if len(self.detail) <= DETAIL else self.detail[:DETAIL] + "..."
+            text += f"\n    {detail}"
         if self.outcome == FAILED:
             text += f"\n    reproduce: {self.scenario.reproduce()}"
         return text
@@ -497,17 +502,18 @@ def _logs(run: Path) -> str:
     return "\n".join(texts)
 
 
-def _leftovers(run: Path) -> list[int]:
+def _leftovers(run: Path) -> dict[int, str]:
     """Processes still running whose command line names this run's directory (a daemon,
-    its keeper, a page server)."""
+    its keeper, a page server): pid -> command line."""
     mark = str(run).encode()
-    found = []
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            if mark in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
+            cmdline = (entry / "cmdline").read_bytes()
+            if mark in cmdline:
+                found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
     return found
 
 
