@@ -297,7 +297,7 @@ class Workload:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def all_dead(self) -> list[int]:
+    def alive(self) -> list[int]:
         """The pids of the restored tree still alive (a zombie counts as dead)."""
         alive = []
         for pid in self.pids:
@@ -647,7 +647,10 @@ def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> 
         return result(FAILED, f"the daemon did not die and the workload failed: {ending.detail}")
     if not ending.killed:
         return result(FAILED, f"neither completed nor killed: {ending.detail}")
-    alive = workload.all_dead()
+    # SIGKILL is prompt but not instant: the root's exit may be seen before a child's
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not workload.alive(), "", LEAVE)
+    alive = workload.alive()
     if alive:
         return result(FAILED, f"the tree was not killed whole: {alive} alive")
     reasons = _kills(run)
