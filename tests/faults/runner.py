@@ -121,11 +121,20 @@ class Scenario:
     command: str  # which uffdd command serves: "daemon", "lazy-pages", "firecracker"
 
     @classmethod
-    def draw(cls, seed: int, dialect: str | None = None, restart: bool | None = None) -> Scenario:
+    def draw(
+        cls,
+        seed: int,
+        dialect: str | None = None,
+        restart: bool | None = None,
+        source: str | None = None,
+    ) -> Scenario:
+        """The scenario of ``seed``; a given ``dialect``, ``restart`` or ``source``
+        replaces what was drawn (the other draws stay the same)."""
         rng = random.Random(seed)
         drawn = rng.choice(DIALECTS)  # drawn even when given: the same seed, the same run
         dialect = dialect or drawn
         point = rng.choice(POINTS[dialect])
+        drawn_source = rng.choice(("page-server", "images"))
         commands = {
             "native": ("daemon",),
             "criu": ("daemon", "lazy-pages"),
@@ -135,7 +144,7 @@ class Scenario:
         return cls(
             seed=seed,
             dialect=dialect,
-            source=rng.choice(("page-server", "images")),
+            source=source or drawn_source,
             point=point,
             nth=rng.randint(1, 3) if point in ("layout-read", "installing") else 1,
             mark=rng.randint(1, MARKS[dialect]),
@@ -155,7 +164,11 @@ class Scenario:
         )
 
     def reproduce(self) -> str:
-        return f"python tests/faults/soak.py --runs 1 --seed {self.seed} --dialect {self.dialect}"
+        restart = "always" if self.restart else "never"
+        return (
+            f"python tests/faults/soak.py --runs 1 --seed {self.seed} --dialect {self.dialect} "
+            f"--source {self.source} --restart {restart}"
+        )
 
 
 @dataclass

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("always", "never"),
         help="Restart the daemon in every run, or in none (default: drawn per run).",
     )
+    parser.add_argument(
+        "--source", choices=("page-server", "images"), help="Only this page source."
+    )
     parser.add_argument("--workdir", type=Path, help="Keep assets and failed runs here.")
     args = parser.parse_args(argv)
     first = random.SystemRandom().randrange(1 << 31) if args.seed is None else args.seed
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     with scratch(args.workdir) as base:
         assets = Assets.build(base / "assets")
         for index in range(args.runs):
-            scenario = Scenario.draw(first + index, args.dialect, restart)
+            scenario = Scenario.draw(first + index, args.dialect, restart, args.source)
             result = run_one(scenario, assets, base)
             results.append(result)
             print(f"{index + 1:>5} {result.line()}", flush=True)

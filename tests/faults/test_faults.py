@@ -1,8 +1,10 @@
 """The daemon SIGKILLed mid-restore on each dialect: resumed with every byte, or killed.
 
-A few seeded scenarios per dialect from the fault runner (``runner.py``): one with a
-restart (the workload must complete, every byte verified) and one without (the whole
-tree killed, the reason in the keeper's log and at the restorer where it has a channel).
+A few seeded scenarios per dialect from the fault runner (``runner.py``), pages from a
+rate-limited page server so the daemon dies mid-transfer: one with a restart (the
+workload must complete, every byte verified; a tree whose state a crash point made
+unprovable is killed with that reason instead) and one without (the whole tree killed,
+the reason in the keeper's log).
 The seed is random per session unless ``UFFDD_FAULT_SEED`` is set; a failure prints it
 with the command that replays the run. ``soak.py`` runs the same scenarios in bulk.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from faults.runner import DIALECTS, FAILED, FINISHED_FIRST, KILLED, Assets, Scenario, run_one
+from faults.runner import DIALECTS, FAILED, Assets, Scenario, run_one
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -33,11 +35,7 @@ def test_daemon_death_costs_no_wrong_byte(
     assets: Assets, tmp_path: Path, dialect: str, restart: bool
 ) -> None:
     seed = SESSION_SEED + DIALECTS.index(dialect) * 2 + restart
-    scenario = Scenario.draw(seed, dialect, restart)
+    scenario = Scenario.draw(seed, dialect, restart, source="page-server")
     result = run_one(scenario, assets, tmp_path)
     assert result.wrong == 0, result.line()
-    assert result.outcome != FAILED, result.line()
-    if restart:
-        assert result.outcome != KILLED, result.line()
-    else:
-        assert result.outcome in (KILLED, FINISHED_FIRST), result.line()
+    assert result.outcome != FAILED, result.line()  # the runner's rules, per restart
