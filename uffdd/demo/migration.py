@@ -323,20 +323,18 @@ def _run_demo(
     ) as server:
         wait_for_path(base / "pages.ready", "the page server", server, base / "page-server.log")
         _say(f"4/5 uffdd daemon on {handover}")
-        deadline = (
-            [] if kill is None or kill.restart else ["--resume-deadline", f"{GIVE_UP_DEADLINE:g}"]
-        )
+        # The state directory is the default one (next to the handover socket): a new
+        # daemon on the same socket finds it. JSON logs: the keeper's reason is read back.
+        crash_options = [] if kill is None else ["--log-format", "json"]
+        if kill is not None and not kill.restart:
+            crash_options += ["--resume-deadline", f"{GIVE_UP_DEADLINE:g}"]
         daemon_command = uffdd_command(
             "daemon",
             "--handover",
             str(handover),
             "--page-server",
             f"unix:{pages_sock}",
-            "--state-dir",
-            str(base / "state"),
-            "--log-format",
-            "json",
-            *deadline,
+            *crash_options,
             *engine,
         )
         with service(daemon_command, base / "daemon.log") as daemon:
