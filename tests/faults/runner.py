@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -258,7 +259,8 @@ class Workload:
         self._stepped = threading.Condition()
         self.done = threading.Event()
         self.ending = Ending()
-        self.pids: list[int] = []
+        self.pidfds: dict[int, int] = {}
+        """The restored tree's processes (pid -> pidfd), opened as each became known."""
         self.daemon: subprocess.Popen[bytes] | None = None
         """The first daemon (set before :meth:`start`)."""
         self._thread: threading.Thread | None = None
@@ -304,24 +306,27 @@ class Workload:
         if self._thread is not None:
             self._thread.join(WAIT)
 
+    def known(self, pid: int) -> None:
+        """``pid`` belongs to the restored tree: hold a pidfd of it (gone already: dead)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.pidfds[pid] = os.pidfd_open(pid)
+
     def kill(self) -> None:
-        """Leave nothing running (called whatever happened)."""
-        for pid in self.pids:
+        """Leave nothing running (called whatever happened), by pidfd: never a stranger
+        that got a dead process's pid."""
+        for pidfd in self.pidfds.values():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        for pidfd in self.pidfds.values():
+            os.close(pidfd)
+        self.pidfds.clear()
 
     def alive(self) -> list[int]:
-        """The pids of the restored tree still alive (a zombie counts as dead)."""
-        alive = []
-        for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    state = stat.read().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if state not in ("Z", "X"):
-                alive.append(pid)
-        return alive
+        """The pids of the restored tree still running (a pidfd polls readable once its
+        process exited)."""
+        return [pid for pid, fd in self.pidfds.items() if not select.select([fd], [], [], 0)[0]]
 
 
 class NativeWorkload(Workload):
@@ -343,7 +348,7 @@ class NativeWorkload(Workload):
                 extra=("--storm-seed", str(self.scenario.seed), "--rounds", "24"),
                 stderr=stderr,
             )
-        self.pids.append(restored.process.pid)
+        self.known(restored.process.pid)
         assert restored.process.stdout is not None
         code: int | None = None
         for line in restored.process.stdout:
@@ -352,7 +357,7 @@ class NativeWorkload(Workload):
             if event["event"] in ("handed_over", "phase"):
                 self.step()
             elif event["event"] == "forked":
-                self.pids.append(int(event["pid"]))
+                self.known(int(event["pid"]))
         code = restored.process.wait(WAIT)
         restored.process.stdout.close()
         self._conclude(restored, code)
@@ -387,7 +392,8 @@ class CriuWorkload(Workload):
         self.work = self.run / "criu-work"
         self.work.mkdir(parents=True)
         self.tree = Tree.start(tree_spec("ops"), self.run / "spec.json")
-        self.pids.extend(self.tree.pids.values())
+        for pid in self.tree.pids.values():
+            self.known(pid)
         write_dump(self.dump, self.tree)
 
     def daemon_args(self, pages: str) -> list[str]:
@@ -450,9 +456,8 @@ class CriuWorkload(Workload):
         self.ending.verified_bytes = sum(int(r.get("pages", 0)) for r in reports) * PAGE
 
     def kill(self) -> None:
+        super().kill()
         if hasattr(self, "tree"):
-            with contextlib.suppress(Exception):
-                self.tree.kill()
             with contextlib.suppress(Exception):
                 self.tree.close()
 
@@ -481,7 +486,7 @@ class FirecrackerWorkload(Workload):
                 [sys.executable, str(VMM_SCRIPT), json.dumps(config)],
                 stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
             )  # fmt: skip
-        self.pids.append(vmm.pid)
+        self.known(vmm.pid)
         assert vmm.stdout is not None
         steps: list[dict[str, Any]] = []
         for line in vmm.stdout:
@@ -524,16 +529,35 @@ def _logs(run: Path) -> str:
 def _leftovers(run: Path) -> dict[int, str]:
     """Processes still running whose command line names this run's directory (a daemon,
     its keeper, a page server): pid -> command line."""
-    mark = str(run).encode()
+    mark = str(run)
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes()
-            if mark in cmdline:
-                found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            command = _command_line(int(entry.name))
+            if mark in command:
+                found[int(entry.name)] = command
     return found
+
+
+def _kill_if_still(pid: int, command: str) -> None:
+    """SIGKILL ``pid`` by a pidfd, if it is still the process running ``command``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            if _command_line(pid) == command:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+
+
+def _command_line(pid: int) -> str:
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return raw.replace(b"\0", b" ").decode(errors="replace")
 
 
 def _wait_either(daemon: subprocess.Popen[bytes], workload: Workload) -> None:
@@ -559,6 +583,7 @@ def run_one(scenario: Scenario, assets: Assets, base: Path) -> Result:
     finally:
         workload.kill()
         workload.join()
+        workload.close()
     left = _leftovers(run)
     if left:
         # a keeper may still be waiting out its deadline: give it that long, then some
@@ -566,10 +591,9 @@ def run_one(scenario: Scenario, assets: Assets, base: Path) -> Result:
         with contextlib.suppress(AssertionError):
             wait_until(lambda: not _leftovers(run), "", deadline + LEAVE)
         left = _leftovers(run)
+    for pid, command in left.items():
+        _kill_if_still(pid, command)
     if left:
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         result.outcome = FAILED
         result.detail = f"processes left running after the run: {left}; {result.detail}"
     if result.outcome != FAILED:
