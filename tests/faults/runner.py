@@ -729,6 +729,10 @@ def summary(results: list[Result], out: IO[str]) -> dict[str, int]:
         f"{wrong} wrong",
         file=out,
     )
+    print(f"  {'':<24} {'all':>5}" + "".join(f" {d:>12}" for d in DIALECTS), file=out)
     for name in OUTCOMES:
-        print(f"  {name:<24} {counts[name]}", file=out)
+        per = [
+            sum(r.outcome == name and r.scenario.dialect == d for r in results) for d in DIALECTS
+        ]
+        print(f"  {name:<24} {counts[name]:>5}" + "".join(f" {n:>12}" for n in per), file=out)
     return counts
