@@ -12,9 +12,11 @@ while reading and check every byte they read. A run ends in one of:
   byte it read (all of its memory, after full residency) was right;
 - ``resumed, a child killed``: as above, and a forked child the new daemon could not prove
   was killed (its reason in the logs), never served from a guess;
-- ``killed``: no daemon resumed within ``--resume-deadline``; the whole tree is dead and
-  the reason is in the keeper's log (and reached the restorer where the dialect has a
-  channel back to it);
+- ``killed at the deadline``: no daemon resumed within ``--resume-deadline``; the whole
+  tree is dead and the reason is in the keeper's log;
+- ``killed, unprovable``: the daemon died inside a read of a uffd (the ``uffd-read``
+  point, or an outside SIGKILL that landed there): what it read is lost, so the keeper
+  killed the tree at once, restart or not, with that reason;
 - ``finished first``: the workload was done (every byte right) before the kill landed or
   before the crash point was reached;
 - anything else is a failure, and so is a single wrong byte in any run.
@@ -59,9 +61,18 @@ from uffdd.demo.services import start, stop, uffdd_command, wait_for_path
 DIALECTS = ("native", "criu", "firecracker")
 POINTS: dict[str, tuple[str | None, ...]] = {
     # None: SIGKILL from outside at a random moment
-    "native": (None, None, "before-ack", "fork-read", "layout-read", "installing", "grace"),
-    "criu": (None, None, "fork-read", "layout-read", "installing", "grace"),
-    "firecracker": (None, None, "layout-read", "installing", "grace"),
+    "native": (
+        None,
+        None,
+        "before-ack",
+        "uffd-read",
+        "fork-read",
+        "layout-read",
+        "installing",
+        "grace",
+    ),
+    "criu": (None, None, "uffd-read", "fork-read", "layout-read", "installing", "grace"),
+    "firecracker": (None, None, "uffd-read", "layout-read", "installing", "grace"),
 }
 KILL_EVENT = "killed restore tree"
 """The keeper's (or a resumed daemon's) log event for a tree it killed, with ``reason``."""
@@ -69,17 +80,19 @@ DEADLINE_REASON = "resumed within"
 """In the reason of a kill at the deadline (``... no daemon resumed within N s ...``)."""
 UNPROVEN = "while reading the uffd"
 """In the reason of a kill of a tree whose state the journal cannot prove."""
-UNPROVABLE = ("fork-read", "layout-read")
-"""Crash points after which the journal cannot prove the tree's state: killed, with
-``UNPROVEN`` as the reason, even when a daemon is started again."""
+UNPROVABLE = (None, "uffd-read")
+"""Deaths after which the journal may not prove a tree's state (inside a read: between
+read() and keeping what it returned; an outside SIGKILL may land there): the tree is
+killed at once with ``UNPROVEN`` as the reason, even when a daemon is started again."""
 RESUMED_EVENT = '"resumed"'
 """A resumed daemon's log event (JSON), once per tree taken back."""
 RESUMED = "resumed"
 CHILD_KILLED = "resumed, a child killed"
-KILLED = "killed"
+KILLED = "killed at the deadline"
+UNPROVABLE_KILL = "killed, unprovable"
 FINISHED_FIRST = "finished first"
 FAILED = "FAILED"
-OUTCOMES = (RESUMED, CHILD_KILLED, KILLED, FINISHED_FIRST, FAILED)
+OUTCOMES = (RESUMED, CHILD_KILLED, KILLED, UNPROVABLE_KILL, FINISHED_FIRST, FAILED)
 
 WAIT = 120.0
 """Seconds a run's workload may take to end: a hang guard, never a measurement."""
@@ -693,11 +706,14 @@ def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> 
     reasons = _kills(run)
     if not reasons:
         return result(FAILED, f"the tree was killed and no {KILL_EVENT!r} says why")
-    if scenario.restart and scenario.point not in UNPROVABLE:
+    unprovable = all(UNPROVEN in r for r in reasons)
+    if unprovable and scenario.point not in UNPROVABLE:
+        return result(FAILED, f"killed as unprovable after {scenario.point}: {reasons}")
+    if unprovable:
+        return result(UNPROVABLE_KILL, "; ".join(sorted(set(reasons))))
+    if scenario.restart:
         return result(FAILED, f"a daemon was started again, yet the tree was killed: {reasons}")
-    if scenario.restart and not all(UNPROVEN in r for r in reasons):
-        return result(FAILED, f"a daemon was started again, yet: {reasons}")
-    if not scenario.restart and not any(DEADLINE_REASON in r or UNPROVEN in r for r in reasons):
+    if not all(DEADLINE_REASON in r or UNPROVEN in r for r in reasons):
         return result(FAILED, f"killed for another reason: {reasons}")
     return result(KILLED, "; ".join(sorted(set(reasons))))
 
