@@ -56,7 +56,14 @@ from support.firecracker_support import PAGE, VMM_SCRIPT, make_memfile
 from support.lazy_restore import Restored, make_demo_image, page_server, start_restored
 from support.waiting import wait_until
 
-from uffdd.demo.services import start, stop, uffdd_command, wait_for_path
+from uffdd.demo.services import (
+    KILLED_TREE,
+    kill_reasons,
+    start,
+    stop,
+    uffdd_command,
+    wait_for_path,
+)
 
 DIALECTS = ("native", "criu", "firecracker")
 POINTS: dict[str, tuple[str | None, ...]] = {
@@ -74,8 +81,6 @@ POINTS: dict[str, tuple[str | None, ...]] = {
     "criu": (None, None, "uffd-read", "fork-read", "layout-read", "installing", "grace"),
     "firecracker": (None, None, "uffd-read", "layout-read", "installing", "grace"),
 }
-KILL_EVENT = "killed restore tree"
-"""The keeper's (or a resumed daemon's) log event for a tree it killed, with ``reason``."""
 DEADLINE_REASON = "resumed within"
 """In the reason of a kill at the deadline (``... no daemon resumed within N s ...``)."""
 UNPROVEN = "while reading the uffd"
@@ -529,14 +534,13 @@ WORKLOADS: dict[str, type[Workload]] = {
 # -- one run ------------------------------------------------------------------------------
 
 
-def _logs(run: Path) -> str:
+def _logs(run: Path) -> list[Path]:
     """Everything the daemons and the keeper wrote (their logs, the state directory)."""
-    texts = []
-    for path in sorted(run.rglob("*")):
-        if path.is_file() and (path.suffix == ".log" or "state" in path.parts):
-            with contextlib.suppress(OSError):
-                texts.append(path.read_text(errors="replace"))
-    return "\n".join(texts)
+    return [
+        path
+        for path in sorted(run.rglob("*"))
+        if path.is_file() and (path.suffix == ".log" or "state" in path.parts)
+    ]
 
 
 def _leftovers(run: Path) -> dict[int, str]:
@@ -658,18 +662,6 @@ def _kill_later(scenario: Scenario, daemon: subprocess.Popen[bytes], workload: W
     daemon.send_signal(signal.SIGTERM if scenario.point == "grace" else signal.SIGKILL)
 
 
-def _kills(run: Path) -> list[str]:
-    """The reasons of every "killed restore tree" the logs (daemons', keeper's) hold."""
-    reasons = []
-    for line in _logs(run).splitlines():
-        if line.startswith("{") and KILL_EVENT in line:
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if event.get("event") == KILL_EVENT:
-                    reasons.append(str(event.get("reason", "")))
-    return reasons
-
-
 def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> Result:
     ending = workload.ending
 
@@ -689,7 +681,7 @@ def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> 
         if not scenario.restart:
             return result(FAILED, "no daemon was started again, yet one resumed")
         if ending.children_killed:
-            if not _kills(run):
+            if not kill_reasons(_logs(run)):
                 return result(FAILED, "a child was killed and no log says why")
             return result(CHILD_KILLED)
         return result(RESUMED)
@@ -703,9 +695,9 @@ def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> 
     alive = workload.alive()
     if alive:
         return result(FAILED, f"the tree was not killed whole: {alive} alive")
-    reasons = _kills(run)
+    reasons = kill_reasons(_logs(run))
     if not reasons:
-        return result(FAILED, f"the tree was killed and no {KILL_EVENT!r} says why")
+        return result(FAILED, f"the tree was killed and no {KILLED_TREE!r} says why")
     unprovable = all(UNPROVEN in r for r in reasons)
     if unprovable and scenario.point not in UNPROVABLE:
         return result(FAILED, f"killed as unprovable after {scenario.point}: {reasons}")

@@ -34,6 +34,7 @@ from typing import IO, Any
 from uffdd.demo.pattern import demo_layout
 from uffdd.demo.services import (
     ServiceError,
+    kill_reasons,
     log_tail,
     service,
     start,
@@ -46,7 +47,6 @@ from uffdd.image.dump import dump_process
 _PYTHON = sys.executable
 GIVE_UP_DEADLINE = 2.0
 """--resume-deadline of a demo whose daemon is killed and not started again."""
-_KILLED = "killed restore tree"
 
 
 @dataclass
@@ -169,25 +169,13 @@ def _restore(command: list[str], run: _Run, crash: _Crash | None = None) -> int:
     return process.wait()
 
 
-def _kill_reasons(base: Path) -> list[str]:
-    """Why the keeper (or a resumed daemon) killed a tree, from the daemons' JSON logs."""
-    reasons = []
-    for log in sorted(base.glob("daemon*.log")):
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("{") and _KILLED in line:
-                event = json.loads(line)
-                if event.get("event") == _KILLED:
-                    reasons.append(str(event.get("reason", "")))
-    return reasons
-
-
 def _report_killed(run: _Run, code: int, base: Path, expected: bool) -> bool:
     """The report when the workload did not finish after the daemon's death: it must have
     been killed, with the keeper's reason, and every phase it finished must have been
     right. ``expected``: no daemon was started again (with one, a kill is a failure of
     the demo, though never a wrong byte)."""
     phases_right = all(p["mismatches"] == 0 for p in run.phases)
-    reasons = _kill_reasons(base)
+    reasons = kill_reasons(sorted(base.glob("daemon*.log")))
     _say("\nreport")
     _say(f"  phases finished before the kill  {len(run.phases)}, all right: {phases_right}")
     if code < 0:
