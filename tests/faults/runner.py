@@ -105,6 +105,8 @@ RESTART_DEADLINE = 30.0
 """--resume-deadline when a restart follows: far more than a daemon takes to start."""
 GIVE_UP_DEADLINE = 1.0
 """--resume-deadline when nobody restarts: the keeper's kill comes soon."""
+DEFAULT_DEADLINE = 5.0
+"""The product's --resume-deadline, for a command that is not given one."""
 LEAVE = 10.0
 """Seconds a keeper may take past its deadline to leave after a run (a hang guard)."""
 BULK_RATE = "8M"
@@ -292,6 +294,10 @@ class Workload:
     def ready_path(self) -> Path:
         raise NotImplementedError
 
+    def state_args(self, deadline: float) -> list[str]:
+        """The serving command's state directory (fresh) and resume deadline."""
+        return ["--state-dir", str(self.run / "state"), "--resume-deadline", str(deadline)]
+
     def drive(self) -> None:
         raise NotImplementedError
 
@@ -426,6 +432,11 @@ class CriuWorkload(Workload):
     def ready_path(self) -> Path:
         return self.work / "lazy-pages.socket"
 
+    def state_args(self, deadline: float) -> list[str]:
+        # `uffdd lazy-pages` takes CRIU's options only: its state directory is in the
+        # work directory, its resume deadline the default one.
+        return [] if self.scenario.command == "lazy-pages" else super().state_args(deadline)
+
     def drive(self) -> None:
         tree = self.tree
         assert self.daemon is not None
@@ -539,7 +550,7 @@ def _logs(run: Path) -> list[Path]:
     return [
         path
         for path in sorted(run.rglob("*"))
-        if path.is_file() and (path.suffix == ".log" or "state" in path.parts)
+        if path.is_file() and (path.suffix == ".log" or any("state" in p for p in path.parts))
     ]
 
 
@@ -604,7 +615,7 @@ def run_one(scenario: Scenario, assets: Assets, base: Path) -> Result:
     left = _leftovers(run)
     if left:
         # a keeper may still be waiting out its deadline: give it that long, then some
-        deadline = RESTART_DEADLINE if scenario.restart else GIVE_UP_DEADLINE
+        deadline = RESTART_DEADLINE if scenario.restart else DEFAULT_DEADLINE
         with contextlib.suppress(AssertionError):
             wait_until(lambda: not _leftovers(run), "", deadline + LEAVE)
         left = _leftovers(run)
@@ -631,7 +642,7 @@ def _run(
     else:
         workload.prepare()
     deadline = RESTART_DEADLINE if scenario.restart else GIVE_UP_DEADLINE
-    state = ["--state-dir", str(run / "state"), "--resume-deadline", str(deadline)]
+    state = workload.state_args(deadline)
     command = uffdd_command(*workload.daemon_args(pages), *state, "--log-format", "json")
     env = {} if scenario.point is None else {"UFFDD_CRASH_AT": f"{scenario.point}:{scenario.nth}"}
     daemon = start(command, run / "daemon-1.log", env)
