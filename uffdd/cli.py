@@ -980,14 +980,36 @@ def restore(
     show_default="a temporary dir",
     help="Keep sockets, logs and the image here.",
 )
+@click.option(
+    "--kill-daemon-at",
+    type=click.FloatRange(0, min_open=True),
+    metavar="SECONDS",
+    help="SIGKILL the daemon this long into the restore (the workload is then killed, "
+    "with the reason, unless --restart).",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="With --kill-daemon-at: start a new daemon, which resumes the restore.",
+)
 @_engine_option
-def demo(size_mib: int, seed: int, workdir: Path | None, engine: tuple[str, ...]) -> None:
+def demo(
+    size_mib: int,
+    seed: int,
+    workdir: Path | None,
+    kill_daemon_at: float | None,
+    restart: bool,
+    engine: tuple[str, ...],
+) -> None:
     """Migrate a real process lazily through uffdd on this host and verify every byte."""
+    if restart and kill_daemon_at is None:
+        raise click.UsageError("--restart needs --kill-daemon-at")
     _engine(engine)  # a bad knob fails here, not in a service
-    from uffdd.demo.migration import DemoError, run_demo  # noqa: PLC0415
+    from uffdd.demo.migration import DaemonKill, DemoError, run_demo  # noqa: PLC0415
 
+    kill = None if kill_daemon_at is None else DaemonKill(kill_daemon_at, restart)
     try:
-        ok = run_demo(size_mib, seed, workdir, engine)
+        ok = run_demo(size_mib, seed, workdir, engine, kill)
     except DemoError as exc:
         raise click.ClickException(str(exc)) from exc
     if not ok:

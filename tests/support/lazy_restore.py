@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from uffdd.demo.services import service, uffdd_command, wait_for_path
 from uffdd.image.dump import dump_process
@@ -154,11 +154,15 @@ def start_restored(
     mode: str = "exercise",
     size_mib: int = SIZE_MIB,
     page_server: str = "",
+    extra: tuple[str, ...] = (),
+    stderr: IO[bytes] | None = None,
 ) -> Restored:
+    """Start the demo workload restored through ``handover``; ``extra``: more of its
+    options (``--storm-seed``...); ``stderr``: where its stderr goes (default: ours)."""
     command = [
         sys.executable, "-m", "uffdd.demo.workload", "restored",
         "--size-mib", str(size_mib), "--seed", str(SEED),
         "--handover", str(handover), "--image", image_id, "--mode", mode,
-        "--resident-timeout", "60", "--page-server", page_server,
+        "--resident-timeout", "60", "--page-server", page_server, *extra,
     ]  # fmt: skip
-    return Restored(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+    return Restored(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True))

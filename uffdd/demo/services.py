@@ -2,17 +2,20 @@
 
 Why shared: ``uffdd demo`` and the end-to-end tests both start a page server and a
 daemon exactly as an operator would (separate processes, logs to files) and must stop
-them cleanly whatever happens; one implementation keeps both honest.
+them cleanly whatever happens, and both read back why a tree was killed; one
+implementation keeps both honest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 READY_TIMEOUT = 30.0
@@ -51,11 +54,23 @@ def wait_for_path(
         time.sleep(0.02)
 
 
-@contextlib.contextmanager
-def service(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a service for the block, output to ``log``; SIGTERM (then SIGKILL) after."""
+def start(
+    command: list[str], log: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a service, output to ``log``; ``env``: variables added to ours."""
+    environment = None if env is None else {**os.environ, **env}
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            command, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL, env=environment
+        )
+
+
+@contextlib.contextmanager
+def service(
+    command: list[str], log: Path, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a service for the block (see :func:`start`); SIGTERM (then SIGKILL) after."""
+    process = start(command, log, env)
     try:
         yield process
     finally:
@@ -72,3 +87,21 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+KILLED_TREE = "killed restore tree"
+"""The log event of the keeper (or a daemon) that killed a restored tree, with ``reason``."""
+
+
+def kill_reasons(logs: Iterable[Path]) -> list[str]:
+    """The reason of every tree kill that these JSON logs of daemons and keepers hold."""
+    reasons = []
+    for log in logs:
+        with contextlib.suppress(OSError):
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith("{") and KILLED_TREE in line:
+                    with contextlib.suppress(ValueError):
+                        event = json.loads(line)
+                        if event.get("event") == KILLED_TREE:
+                            reasons.append(str(event.get("reason", "")))
+    return reasons

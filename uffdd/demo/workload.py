@@ -14,6 +14,11 @@ for the ``uffdd demo`` command, which draws the progress bar and the report:
 - ``progress`` (resident and total bytes, from the daemon), ``resident`` (its summary),
 - ``done`` (ok, bytes verified, mismatches, first wrong addresses).
 
+The ``storm`` mode (the fault-injection suite's workload, ``tests/faults/``) adds
+``forked`` (a child's pid, as soon as fork returns) and a ``phase`` named ``storm: OP``
+for each operation, and ``done`` counts the forked children that were killed (a kill is
+never a wrong byte).
+
 The script exercises what uffdd must follow: random-order reads, a fork whose child and
 grandchild read memory the parent never touched, madvise(DONTNEED) (those pages must
 then read zeros, never snapshot data), mremap that moves, shrinks and grows, and munmap
@@ -149,12 +154,16 @@ def run_restored(
     page_server: str,
     resident_timeout: float,
     mode: str = "exercise",
+    storm_seed: int = 0,
+    rounds: int = 24,
 ) -> bool:
     """Restore the layout lazily through the daemon and check every byte; True if right.
 
     ``mode``: ``exercise`` (the full script), ``idle`` (one access, then wait for the
     daemon to make everything resident, then check), ``exit-early`` (one access, then
-    exit while the transfer is in flight)."""
+    exit while the transfer is in flight), ``storm`` (``rounds`` random operations drawn
+    from ``storm_seed``: reads, forks, mremap, madvise(DONTNEED), munmap; see
+    :class:`_Storm`)."""
     heap, sparse, zeroed, moved = layout
     checker = Checker(pattern)
     started = time.monotonic()
@@ -205,6 +214,13 @@ def run_restored(
         # Touch nothing more until the daemon says everything is resident.
         progress.join(resident_timeout)
         return _finish(checker, outcome, lambda: _check_all(checker, layout, None, None))
+    if mode == "storm":
+        storm = _Storm(checker, layout, random.Random(storm_seed))
+        for _ in range(rounds):
+            storm.step()
+        _phase("every byte, all regions", checker, storm.check_all)
+        progress.join(resident_timeout)
+        return _finish(checker, outcome, storm.check_all, killed_children=storm.killed_children)
 
     half = list(range(1, heap.pages // 2))
     rng.shuffle(half)
@@ -288,7 +304,12 @@ def _check_all(
     checker.pages(moved, range(moved.pages), run_start=new_home)
 
 
-def _finish(checker: Checker, outcome: dict[str, Any], everything: Callable[[], None]) -> bool:
+def _finish(
+    checker: Checker,
+    outcome: dict[str, Any],
+    everything: Callable[[], None],
+    killed_children: int = 0,
+) -> bool:
     """Once resident (or failed): check everything again, then report."""
     if "summary" in outcome:
         _phase("every byte again, fully resident", checker, everything)
@@ -300,8 +321,147 @@ def _finish(checker: Checker, outcome: dict[str, Any], everything: Callable[[], 
         mismatches=checker.mismatches,
         first_wrong=checker.first_wrong,
         error=outcome.get("error"),
+        killed_children=killed_children,
     )
     return ok
+
+
+_FAR = 1 << 36
+"""How far the storm's mremap moves a region (still inside the demo's area)."""
+
+
+@dataclass
+class _Home:
+    """Where a region's page 0 lives now, and which of its pages are still mapped."""
+
+    region: DemoRegion
+    start: int
+    live: set[int]
+
+
+class _Storm:
+    """Random operations on the restored memory, each checked against the pattern.
+
+    Every operation is one the daemon must follow while pages are still missing: reads
+    in random order; fork (the child, and sometimes a grandchild, checks pages the
+    parent never touched); mremap of the last region between two homes, and a shrink
+    then grow of its tail (which then reads zeros); madvise(DONTNEED) of a live span
+    (zeros from then on); munmap of a span of the first two regions (never read again).
+    """
+
+    def __init__(
+        self, checker: Checker, layout: tuple[DemoRegion, ...], rng: random.Random
+    ) -> None:
+        self.checker = checker
+        self.rng = rng
+        self.homes = [_Home(r, r.start, set(range(r.pages))) for r in layout]
+        self.killed_children = 0
+        self._ops: list[tuple[str, Callable[[], None]]] = [
+            ("read", self.read),
+            ("read", self.read),
+            ("fork", self.fork),
+            ("drop", self.drop),
+            ("unmap", self.unmap),
+            ("move", self.move),
+            ("shrink-grow", self.shrink_grow),
+        ]
+
+    def step(self) -> None:
+        name, op = self.rng.choice(self._ops)
+        _phase(f"storm: {name}", self.checker, op)
+
+    def _sample(self, count: int) -> list[tuple[_Home, int]]:
+        picks = []
+        for _ in range(count):
+            home = self.rng.choice(self.homes)
+            if home.live:
+                picks.append((home, self.rng.choice(tuple(home.live))))
+        return picks
+
+    def _check(self, picks: list[tuple[_Home, int]]) -> int:
+        return sum(not self.checker.page(h.region, i, h.start) for h, i in picks)
+
+    def _span(self, home: _Home, most: int) -> range:
+        """A run of live pages of ``home`` starting at a random live page."""
+        first = self.rng.choice(sorted(home.live))
+        end = first + 1
+        while end - first < most and end in home.live:
+            end += 1
+        return range(first, end)
+
+    def read(self) -> None:
+        self._check(self._sample(self.rng.randint(16, 256)))
+
+    def fork(self) -> None:
+        picks = self._sample(128)
+        deeper = self.rng.random() < 0.5
+        pid = os.fork()
+        if pid == 0:
+            bad = self._check(picks)
+            if deeper:
+                bad += self._child(self._sample(128))
+            os._exit(min(bad, 254))
+        emit("forked", pid=pid)
+        self._account(pid, len(picks))
+
+    def _child(self, picks: list[tuple[_Home, int]]) -> int:
+        """In a forked child: fork a grandchild that checks ``picks``; its bad count."""
+        pid = os.fork()
+        if pid == 0:
+            os._exit(min(self._check(picks), 254))
+        # One write, not emit(): a lock copied by fork() may be held by a thread that
+        # the child does not have.
+        os.write(1, (json.dumps({"event": "forked", "pid": pid}) + "\n").encode())
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 0
+
+    def _account(self, pid: int, pages: int) -> None:
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            self.killed_children += 1  # killed (with its reason, in the daemon's log)
+            return
+        bad = os.waitstatus_to_exitcode(status)
+        self.checker.checked_bytes += pages * PAGE_SIZE
+        self.checker.mismatches += bad
+        if bad:
+            self.checker.first_wrong.append(f"a forked child saw {bad} wrong page(s)")
+
+    def drop(self) -> None:
+        home = self.rng.choice(self.homes)
+        if not home.live:
+            return
+        span = self._span(home, max(home.region.pages // 8, 1))
+        vm.drop(home.start + span.start * PAGE_SIZE, len(span) * PAGE_SIZE)
+        self.checker.dropped.update(home.region.start + i * PAGE_SIZE for i in span)
+        self._check([(home, i) for i in span])
+
+    def unmap(self) -> None:
+        home = self.rng.choice(self.homes[:2])
+        if len(home.live) < 2:
+            return
+        span = self._span(home, max(home.region.pages // 16, 1))
+        vm.unmap(home.start + span.start * PAGE_SIZE, len(span) * PAGE_SIZE)
+        home.live.difference_update(span)
+
+    def move(self) -> None:
+        home = self.homes[-1]
+        to = home.region.start if home.start != home.region.start else home.start + _FAR
+        vm.move(home.start, home.region.length, to)
+        home.start = to
+        self._check([(home, i) for i in self.rng.sample(range(home.region.pages), 64)])
+
+    def shrink_grow(self) -> None:
+        home = self.homes[-1]
+        keep = self.rng.randrange(home.region.pages // 2, home.region.pages)
+        vm.resize(home.start, home.region.length, keep * PAGE_SIZE)
+        vm.resize(home.start, keep * PAGE_SIZE, home.region.length)
+        tail = range(keep, home.region.pages)
+        self.checker.dropped.update(home.region.start + i * PAGE_SIZE for i in tail)
+        self._check([(home, i) for i in tail])
+
+    def check_all(self) -> None:
+        for home in self.homes:
+            self.checker.pages(home.region, sorted(home.live), home.start)
 
 
 # -- command line ----------------------------------------------------------------------
@@ -331,10 +491,12 @@ def source(size_mib: int, seed: int) -> None:
 @click.option("--resident-timeout", type=float, default=300.0, show_default=True)
 @click.option(
     "--mode",
-    type=click.Choice(["exercise", "idle", "exit-early"]),
+    type=click.Choice(["exercise", "idle", "exit-early", "storm"]),
     default="exercise",
     show_default=True,
 )
+@click.option("--storm-seed", type=int, default=0, show_default=True)
+@click.option("--rounds", type=click.IntRange(0), default=24, show_default=True)
 def restored(
     size_mib: int,
     seed: int,
@@ -343,6 +505,8 @@ def restored(
     page_server: str,
     resident_timeout: float,
     mode: str,
+    storm_seed: int,
+    rounds: int,
 ) -> None:
     """Restore lazily through the daemon, exercise it, check every byte."""
     ok = run_restored(
@@ -353,6 +517,8 @@ def restored(
         page_server,
         resident_timeout,
         mode,
+        storm_seed,
+        rounds,
     )
     sys.exit(0 if ok else 1)
 
