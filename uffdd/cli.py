@@ -664,9 +664,10 @@ def firecracker(
         raise click.UsageError(str(exc)) from exc
     _configure_logging(log_format, log_level)
     from uffdd.daemon.doors.firecracker.standalone import run_firecracker  # noqa: PLC0415
+    from uffdd.daemon.resume import resume_door  # noqa: PLC0415
 
     try:
-        run_firecracker(config)
+        run_firecracker(config, resume=resume_door)
     except ConfigError as exc:
         click.echo(f"uffdd firecracker: {exc}", err=True)
         sys.exit(2)

@@ -547,11 +547,12 @@ WORKLOADS: dict[str, type[Workload]] = {
 
 def _logs(run: Path) -> list[Path]:
     """Everything the daemons and the keeper wrote (their logs, the state directory)."""
-    return [
-        path
-        for path in sorted(run.rglob("*"))
-        if path.is_file() and (path.suffix == ".log" or any("state" in p for p in path.parts))
-    ]
+    found = []
+    for path in sorted(run.rglob("*")):
+        with contextlib.suppress(OSError):  # a keeper may remove its journal meanwhile
+            if path.is_file() and (path.suffix == ".log" or any("state" in p for p in path.parts)):
+                found.append(path)
+    return found
 
 
 def _leftovers(run: Path) -> dict[int, str]:

@@ -45,7 +45,9 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     monkeypatch.setattr(uffdd.daemon.run, "run_daemon", configs.append)
     monkeypatch.setattr(uffdd.pageserver.server, "run", configs.append)
     monkeypatch.setattr(
-        uffdd.daemon.doors.firecracker.standalone, "run_firecracker", configs.append
+        uffdd.daemon.doors.firecracker.standalone,
+        "run_firecracker",
+        lambda config, resume=None: configs.append(config),
     )
 
     def lazy_pages(config: LazyPagesConfig, resume: object = None) -> CriuResult:

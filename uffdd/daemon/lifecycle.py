@@ -134,6 +134,22 @@ class _Clients:
         self.clients.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """What a door gives back for a restore of its own a resuming daemon takes over: the
+    page source, the uffd the executor reads (the door may keep another copy), what
+    closes everything, and what runs when the tree ends."""
+
+    source: PageSource
+    uffd: Uffd
+    close: Callable[[], None]
+    on_done: Callable[[TreeOutcome], None] | None = None
+
+
+Resumer = Callable[[Record, Uffd], Coroutine[object, object, Resumed]]
+"""A door's way to take back one of its restores (``Daemon.resumers``)."""
+
+
 class Daemon:
     """The service: listener, executor, progress, watchdog, graceful stop."""
 
@@ -148,6 +164,9 @@ class Daemon:
         self._executor: Executor | None = None
         self._store: ImageStore | None = None
         self.state = StateDir(Path(config.state_dir or Path(config.handover).parent / "state"))
+        self.resumers: dict[str, Resumer] = {}
+        """Doors whose restores need more than a page source to resume, by the key their
+        records' ``source`` names (``"firecracker:<socket>"``)."""
         self.resumed = asyncio.Event()
         """Set once the resume door has taken back what an earlier daemon left."""
         self.resumed_trees = 0

@@ -24,7 +24,7 @@ from pathlib import Path
 from uffdd.core.events import Fork, ProcId, UffdEvent
 from uffdd.core.wire import decode_messages
 from uffdd.daemon.doors.native.listener import ReplyChannel
-from uffdd.daemon.lifecycle import Daemon, Reporter, Restore, SilentReporter
+from uffdd.daemon.lifecycle import Daemon, Reporter, Restore, Resumed, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.image.criu.reader import CriuImageReader, CriuLayout
 from uffdd.keeper import handback
@@ -57,6 +57,7 @@ async def resume_door(daemon: Daemon) -> None:
 
 async def _resume_all(daemon: Daemon) -> None:
     assert daemon.journal is not None
+    await asyncio.sleep(0)  # every door starts first (and registers its resumer)
     stored = by_name(daemon.passed, FD_STORE_PREFIX)
     used: set[int] = set()
     for old in daemon.state.generations(besides=daemon.journal.name):
@@ -150,47 +151,42 @@ async def _resume_generation(
             continue
         replay = _replays(old, members, fds)
         try:
-            source = await _source(daemon, root)
+            resumed = await _take_over(daemon, root, fds)
         except Exception as exc:
-            _fail(root, f"its page source cannot be reached after a restart: {exc}")
+            _fail(root, f"it cannot be served after a restart: {exc}")
             continue
-        taken = [
+        taken = [(_with_forks(members[0], members).with_descriptors(fds), resumed.uffd)] + [
             (
                 _with_forks(r, members).with_descriptors(fds),
                 Uffd.adopt(fds[r.uffd], nonblocking=True),
             )
-            for r in members
-            if r.uffd in fds
+            for r in members[1:]
         ]
+        claimed.update(root.descriptors())
         for record, _ in taken:
             claimed.update(record.descriptors())
         for events in replay.values():
             claimed.update(e.child_fd for e in events if isinstance(e, Fork))
         reporter, close_reply = await _reporter(root)
-        uffd = taken[0][1]
 
         def close(
-            uffd: Uffd = uffd,
-            pidfd: int = root.pidfd,
-            close_reply: Callable[[], None] = close_reply,
+            resumed: Resumed = resumed, close_reply: Callable[[], None] = close_reply
         ) -> None:
             close_reply()
-            uffd.close()
-            if pidfd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(pidfd)
+            resumed.close()
 
         restore = Restore(
             name=root.proc,
             pid=root.pid,
             pidfd=root.pidfd,
-            uffd=uffd,
+            uffd=resumed.uffd,
             image_id=root.image_id,
             regions=[],
             data=list(root.data),
-            source=source,
+            source=resumed.source,
             reporter=reporter,
             close=close,
+            on_done=resumed.on_done,
             dialect=root.dialect,
             origin=root.source,
             conn=root.conn,
@@ -250,6 +246,25 @@ def _reopen(pid: int, started: str) -> int:
     return -1
 
 
+async def _take_over(daemon: Daemon, root: Record, fds: dict[int, int]) -> Resumed:
+    """The root's page source and the uffd the executor reads: from its door when the
+    door registered a way (Firecracker), else from the journaled page source."""
+    door = next((f"{kind}:{where}" for kind, where in root.source.items()), "")
+    resumer = daemon.resumers.get(door)
+    if resumer is not None:
+        return await resumer(root, Uffd.adopt(fds[root.uffd], nonblocking=True))
+    source = await _source(daemon, root)
+    uffd = Uffd.adopt(fds[root.uffd], nonblocking=True)
+
+    def close(uffd: Uffd = uffd, pidfd: int = root.pidfd) -> None:
+        uffd.close()
+        if pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(pidfd)
+
+    return Resumed(source, uffd, close)
+
+
 async def _source(daemon: Daemon, root: Record) -> PageSource:
     if "page_server" in root.source:
         client = daemon.clients.get(root.source["page_server"])
@@ -282,7 +297,7 @@ async def _reporter(root: Record) -> tuple[Reporter, Callable[[], None]]:
 
 def _fail(root: Record, reason: str) -> None:
     """Kill a tree that cannot be resumed (by its pidfd, taken back), and say why."""
-    _log.error("cannot resume: killing restore tree", proc=ProcId(root.proc), reason=reason)
+    _log.error("killed restore tree", proc=ProcId(root.proc), reason=reason, by="resume")
     pidfd = root.pidfd if root.pidfd >= 0 else _reopen(root.pid, root.started)
     if pidfd >= 0:
         kill_tree(root.pid, pidfd)

@@ -43,7 +43,8 @@ from uffdd.daemon.doors.firecracker.backing import Backing
 from uffdd.daemon.doors.firecracker.endpoint import FirecrackerSocket, drain_now, recv
 from uffdd.daemon.doors.firecracker.restore import VmRestore
 from uffdd.daemon.doors.native.listener import PeerCredentials, peer_credentials
-from uffdd.daemon.lifecycle import Daemon, Restore, SilentReporter
+from uffdd.daemon.lifecycle import Daemon, Restore, Resumed, SilentReporter
+from uffdd.keeper.journal import Record
 from uffdd.kernel.uffd import Feature, Uffd
 from uffdd.log import get_logger
 
@@ -129,6 +130,8 @@ async def serve_firecracker(
         else FirecrackerSocket.bind(socket, mode=mode)
     )
     server = _Server(daemon, backing, policy or FirecrackerPolicy())
+    server.resume_key = str(listening.path)
+    daemon.resumers[f"firecracker:{listening.path}"] = server.resume
     _log.info("listening for Firecracker", socket=str(listening.path))
     try:
         await server.accept_loop(listening.sock)
@@ -148,6 +151,8 @@ class _Server:
         self.daemon = daemon
         self.backing = backing
         self.policy = policy
+        self.resume_key = ""
+        """What this door's restores are journaled under (its socket's path)."""
         self.connections: set[asyncio.Task[None]] = set()
         self.restores: set[VmRestore] = set()
         self._names = itertools.count(1)
@@ -299,6 +304,23 @@ class _Server:
             await self._handover(peer, pidfd, regions, uffd_fd)
             pending.waiting = False
 
+    async def resume(self, record: Record, uffd: Uffd) -> Resumed:
+        """Take back a VM a daemon that died served through this door: the same backing,
+        and the same let-go at full residency (``VmRestore``)."""
+        layout = await self.backing.layout(self.daemon)
+        if layout.image_id != record.image_id:
+            raise ValueError(f"this door serves image {layout.image_id}, not {record.image_id}")
+        restore = VmRestore(
+            record.proc,
+            record.pid,
+            record.pidfd,
+            uffd,
+            list(record.checkpoint.pieces),
+            self.restores.discard,
+        )
+        self.restores.add(restore)
+        return Resumed(layout.source, restore.executor_uffd, restore.close, restore.done)
+
     async def _handover(
         self, peer: PeerCredentials, pidfd: int, regions: tuple[GuestRegion, ...], fd: int
     ) -> None:
@@ -344,6 +366,8 @@ class _Server:
                     reporter=SilentReporter(),
                     close=restore.close,
                     on_done=restore.done,
+                    dialect="firecracker",
+                    origin={"firecracker": self.resume_key},
                 ),
                 dialect="firecracker",
                 regions=len(lazy),

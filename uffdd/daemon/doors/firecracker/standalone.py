@@ -23,13 +23,13 @@ from uffdd.daemon.doors.firecracker.backing import (
 )
 from uffdd.daemon.doors.firecracker.endpoint import FirecrackerSocket
 from uffdd.daemon.doors.firecracker.listener import FirecrackerPolicy, firecracker_door
-from uffdd.daemon.lifecycle import Daemon
+from uffdd.daemon.lifecycle import Daemon, Door
 from uffdd.log import get_logger
 
 _log = get_logger("uffdd.firecracker")
 
 
-def run_firecracker(config: FirecrackerConfig) -> None:
+def run_firecracker(config: FirecrackerConfig, resume: Door | None = None) -> None:
     """Serve VMs on ``config.socket`` until stopped; ConfigError (logged) if it cannot
     start (an unusable socket path, memory file or image)."""
     backing: Backing | None = None
@@ -56,7 +56,7 @@ def run_firecracker(config: FirecrackerConfig) -> None:
         settings = config.daemon
         if not settings.state_dir:
             settings = replace(settings, state_dir=str(config.socket.parent / "uffdd-state"))
-        asyncio.run(Daemon(settings).run([door]))
+        asyncio.run(Daemon(settings).run([door] if resume is None else [resume, door]))
     except ConfigError as exc:
         _log.error("cannot start", error=str(exc))
         raise
