@@ -151,7 +151,7 @@ async def _resume_generation(
             continue
         replay = _replays(old, members, fds)
         try:
-            resumed = await _take_over(daemon, root, fds)
+            resumed = await _take_over(daemon, root)
         except Exception as exc:
             _fail(root, f"it cannot be served after a restart: {exc}")
             continue
@@ -246,15 +246,16 @@ def _reopen(pid: int, started: str) -> int:
     return -1
 
 
-async def _take_over(daemon: Daemon, root: Record, fds: dict[int, int]) -> Resumed:
+async def _take_over(daemon: Daemon, root: Record) -> Resumed:
     """The root's page source and the uffd the executor reads: from its door when the
-    door registered a way (Firecracker), else from the journaled page source."""
+    door registered a way (Firecracker), else from the journaled page source. ``root``
+    names the descriptors taken back (new numbers)."""
     door = next((f"{kind}:{where}" for kind, where in root.source.items()), "")
     resumer = daemon.resumers.get(door)
     if resumer is not None:
-        return await resumer(root, Uffd.adopt(fds[root.uffd], nonblocking=True))
+        return await resumer(root, Uffd.adopt(root.uffd, nonblocking=True))
     source = await _source(daemon, root)
-    uffd = Uffd.adopt(fds[root.uffd], nonblocking=True)
+    uffd = Uffd.adopt(root.uffd, nonblocking=True)
 
     def close(uffd: Uffd = uffd, pidfd: int = root.pidfd) -> None:
         uffd.close()
