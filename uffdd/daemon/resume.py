@@ -124,10 +124,6 @@ async def _resume_generation(
                 members[0].with_descriptors(fds),
                 "the daemon died while the restore was being handed over",
             )
-        peer = _reopen(pending.pid, pending.started)
-        if peer >= 0:
-            kill_tree(pending.pid, peer)
-            os.close(peer)
         old.end_handover(pending.name)
     for root_name, members in trees.items():
         members.sort(key=lambda r: r.proc.count("."))  # parents before their children

@@ -143,15 +143,14 @@ def _decode(text: str) -> Record:
 @dataclass(frozen=True, slots=True)
 class PendingHandover:
     """A handover the daemon was still taking when it died: nothing of it can be
-    resumed (the connection's place in its protocol is lost, and uffds in flight on it
-    die with it), so the restore it belongs to is killed: the connecting process's tree
-    (the restorer, whose descendants the tasks are) and every tree journaled under
-    ``name`` (their records' ``handover_id``)."""
+    resumed (the connection's place in its protocol is lost), so its restore ends: every
+    tree journaled under ``name`` (their records' ``handover_id``) is killed, and so is
+    the sender of every uffd still in flight on the connection ``conn``; then the
+    connection is closed, and the restorer (criu restore, ``pid``) fails its restore."""
 
     name: str
     pid: int
-    pidfd: int
-    started: str
+    conn: int
 
 
 def fork_children(raw: bytes) -> list[int]:

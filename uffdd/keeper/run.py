@@ -38,6 +38,7 @@ from uffdd.keeper.journal import (
     fork_children,
     process_alive,
 )
+from uffdd.kernel.fdpass import CREDENTIALS_SPACE, close_fds, credentials_in, fds_in
 from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.unix_listener import bind_listener
 from uffdd.log import configure_logging, get_logger
@@ -120,12 +121,15 @@ class Keeper:
         for root, members in list(self.trees.items()):
             if any(r.handover_id == pending.name for r in members):
                 self._kill(root, reason)
-        if pending.pidfd >= 0:
-            kill_tree(pending.pid, pending.pidfd)
+        senders = _kill_in_flight(pending.conn)
+        with contextlib.suppress(OSError):
+            os.close(pending.conn)
         _log.error(
-            "killed a restore handed over when the daemon died",
+            "ended a restore handed over when the daemon died",
             handover=pending.name,
-            pid=pending.pid,
+            restorer=pending.pid,
+            in_flight=senders,
+            reason=reason,
         )
         self.generation.end_handover(pending.name)
 
@@ -190,6 +194,38 @@ class Keeper:
             sock.close()
             with contextlib.suppress(OSError):
                 self.generation.keeper_socket.unlink()
+
+
+def _kill_in_flight(conn: int) -> list[int]:
+    """Kill the sender of every uffd still queued on the handover connection ``conn``
+    (its task would read zeros once the connection closes), by a pidfd opened at once
+    on the pid its message's credentials name; the pids killed."""
+    killed = []
+    sock = socket.socket(fileno=conn)
+    try:
+        sock.setblocking(False)
+        room = socket.CMSG_SPACE(4 * 16) + CREDENTIALS_SPACE
+        while True:
+            try:
+                data, ancillary, _, _ = sock.recvmsg(64, room)
+            except OSError:
+                break
+            fds = fds_in(ancillary)
+            sender = credentials_in(ancillary)
+            if fds and sender is not None and sender.pid > 0:
+                with contextlib.suppress(OSError):
+                    pidfd = os.pidfd_open(sender.pid)
+                    try:
+                        kill_tree(sender.pid, pidfd)
+                        killed.append(sender.pid)
+                    finally:
+                        os.close(pidfd)
+            close_fds(fds)
+            if not data and not ancillary:
+                break
+    finally:
+        sock.detach()
+    return killed
 
 
 def _trusted(conn: socket.socket) -> bool:

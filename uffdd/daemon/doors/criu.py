@@ -38,7 +38,7 @@ from uffdd.daemon.lifecycle import Daemon, Door, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.image.criu.images import CriuImageError, read_pstree
 from uffdd.image.criu.reader import CriuImageReader, CriuLayout, image_id_for
-from uffdd.keeper.journal import PendingHandover, start_time
+from uffdd.keeper.journal import PendingHandover
 from uffdd.kernel.fdpass import (
     CREDENTIALS_SPACE,
     Credentials,
@@ -174,16 +174,11 @@ class CriuRestore:
 
     def _begin(self, conn: socket.socket) -> None:
         """Journal the handover as in progress: should the daemon die before the
-        restore-finished marker, the whole restore is killed (keeper/journal.py:
-        PendingHandover), criu restore's tree by a pidfd opened now."""
+        restore-finished marker, the restore ends (keeper/journal.py: PendingHandover)."""
         assert self.daemon.journal is not None
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         peer, _, _ = struct.unpack("3i", creds)
-        try:
-            pidfd = os.pidfd_open(peer)
-        except OSError:
-            pidfd = -1
-        self._pending = PendingHandover(f"criu-{peer}-{id(self):x}", peer, pidfd, start_time(peer))
+        self._pending = PendingHandover(f"criu-{peer}-{id(self):x}", peer, conn.fileno())
         self.daemon.journal.begin_handover(self._pending)
 
     def _end(self) -> None:
@@ -192,8 +187,6 @@ class CriuRestore:
             return
         assert self.daemon.journal is not None
         self.daemon.journal.end_handover(pending.name)
-        if pending.pidfd >= 0:
-            os.close(pending.pidfd)
 
     async def _take_handover(self, stream: _Stream, pids: set[int]) -> None:
         seen: set[int] = set()
