@@ -128,14 +128,20 @@ class Restore:
         """uffdd.service's JSON log lines: every daemon's and keeper's."""
         return [json.loads(x) for x in self.journal().splitlines() if x.startswith("{")]
 
+    def seen(self) -> str:
+        """What a failed assertion shows: the workload's last events and the errors
+        uffdd.service logged (a kill and its reason among them)."""
+        errors = [e for e in self.daemon_events() if e["level"] in ("error", "critical")]
+        return f"workload: {self.events()[-3:]}\nuffdd.service errors: {errors}"
+
     def assert_no_wrong_page(self) -> None:
         phases = self.named("phase")
         assert phases
-        assert all(p["mismatches"] == 0 for p in phases), phases
+        assert all(p["mismatches"] == 0 for p in phases), self.seen()
 
     def assert_done_every_byte_right(self) -> None:
         c = self.container
-        assert c.show("workload.service", "Result") == "success", self.events()[-3:]
+        assert c.show("workload.service", "Result") == "success", self.seen()
         assert c.show("workload.service", "ExecMainStatus") == "0"
         (done,) = self.named("done")
         assert done["ok"] is True, done
@@ -201,7 +207,7 @@ def test_without_a_restart_the_keeper_kills_the_workload_and_says_why(
     restore.wait_served_not_resident()
     container.systemctl("kill", "--kill-whom=main", "--signal=SIGKILL", "uffdd.service")
     restore.wait_workload_ended()
-    assert container.show("workload.service", "Result") == "signal", restore.events()[-3:]
+    assert container.show("workload.service", "Result") == "signal", restore.seen()
     assert container.show("workload.service", "ExecMainStatus") == "9"  # SIGKILL
     assert not restore.named("done")
     restore.assert_no_wrong_page()
