@@ -15,8 +15,9 @@ resident, uffdd.service is killed:
 - with a restart (main process SIGKILLed or SIGABRTed: the keeper hands everything
   back; every process of the unit SIGKILLed: the fd store does), the workload must
   finish with every byte right and the new daemon's journal must say "resumed";
-- without one (Restart=no), the keeper must kill the workload at ``resume_deadline``,
-  with its reason in the unit's journal, and no page may have been read wrong.
+- without one (Restart=no, or a stop before the restart), the keeper must kill the
+  workload at ``resume_deadline``, with its reason in the unit's journal, and no page
+  may have been read wrong.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ HANDOVER = "/run/uffdd/handover.sock"
 
 RESTART_CONFIG = f'[daemon]\npage_server = "unix:{PAGES}"\n'
 """The daemon's settings for a restart: the shipped ``resume_deadline`` (5 s), which must
-cover uffd.service's RestartSec=2, its ExecStartPre check and the new daemon's start."""
+cover uffdd.service's RestartSec=2, its ExecStartPre check and the new daemon's start."""
 DEADLINE = 2
 NO_RESTART = "[Service]\nRestart=no\n"
 
@@ -198,14 +199,20 @@ def test_the_whole_unit_dies_the_fd_store_gives_everything_back(restore: Restore
     assert "the daemon died: holding its processes for a daemon to resume them" not in logged
 
 
+@pytest.mark.parametrize("no_restart", ["Restart=no", "systemctl stop"])
 def test_without_a_restart_the_keeper_kills_the_workload_and_says_why(
-    restore: Restore, container: Container
+    restore: Restore, container: Container, no_restart: str
 ) -> None:
     install_shipped_units(container, f"{RESTART_CONFIG}resume_deadline = {DEADLINE}\n")
-    container.install_unit("uffdd.service.d/no-restart.conf", NO_RESTART)
+    if no_restart == "Restart=no":
+        container.install_unit("uffdd.service.d/no-restart.conf", NO_RESTART)
     restore.start()
     restore.wait_served_not_resident()
     container.systemctl("kill", "--kill-whom=main", "--signal=SIGKILL", "uffdd.service")
+    if no_restart == "systemctl stop":
+        # Within RestartSec: the stop cancels the restart (and empties the fd store,
+        # which the keeper, alive, does not need).
+        container.systemctl("stop", "uffdd.service")
     restore.wait_workload_ended()
     assert container.show("workload.service", "Result") == "signal", restore.seen()
     assert container.show("workload.service", "ExecMainStatus") == "9"  # SIGKILL
