@@ -44,6 +44,8 @@ CACHE = Path(os.environ.get("UFFDD_NSPAWN_CACHE", "/var/cache/uffdd-nspawn"))
 REPOSITORY = Path(__file__).resolve().parents[2]
 INTERPRETER = Path(sys.base_prefix)
 """The interpreter the checkout's .venv was made from; bound read-only at its own path."""
+UFFDD = REPOSITORY / ".venv" / "bin" / "uffdd"
+PYTHON = REPOSITORY / ".venv" / "bin" / "python"
 
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
@@ -279,6 +281,24 @@ class Container:
         self.leader = 0
         cleanup(self.name)
         self.console.unlink(missing_ok=True)
+
+
+NO_PRIVATE_TMP = "[Service]\nPrivateTmp=no\n"
+
+
+def install_shipped_units(container: Container, config: str = "[daemon]\n") -> None:
+    """The units of systemd/ with ``/usr/local/bin/uffdd`` replaced by this checkout's,
+    and ``config`` as /etc/uffdd/uffdd.toml."""
+    for unit in ("uffdd.socket", "uffdd.service"):
+        text = (REPOSITORY / "systemd" / unit).read_text()
+        container.write(
+            f"/etc/systemd/system/{unit}", text.replace("/usr/local/bin/uffdd", str(UFFDD))
+        )
+    if any(Path("/tmp") in path.parents for path in (REPOSITORY, INTERPRETER)):
+        # A checkout under /tmp would vanish behind the unit's PrivateTmp=.
+        container.write("/etc/systemd/system/uffdd.service.d/checkout.conf", NO_PRIVATE_TMP)
+    container.write("/etc/uffdd/uffdd.toml", config)
+    container.systemctl("daemon-reload")
 
 
 def _hierarchies() -> list[tuple[Path, str]]:

@@ -22,13 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nspawn import INTERPRETER, REPOSITORY, Container
+from nspawn import PYTHON, Container, install_shipped_units
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
-UFFDD = REPOSITORY / ".venv" / "bin" / "uffdd"
-PYTHON = REPOSITORY / ".venv" / "bin" / "python"
 PROBE = Path(__file__).with_name("fdstore_probe.py")
 
 _names = itertools.count()
@@ -43,23 +41,6 @@ def container(tmp_path: Path) -> Iterator[Container]:
     """A freshly booted container; the test's tmp_path is bound at SHARED."""
     with Container(f"uffdd-{os.getpid()}-{next(_names)}", binds=[f"{tmp_path}:{SHARED}"]) as booted:
         yield booted
-
-
-NO_PRIVATE_TMP = "[Service]\nPrivateTmp=no\n"
-
-
-def install_shipped_units(container: Container) -> None:
-    """The units of systemd/ with ``/usr/local/bin/uffdd`` replaced by this checkout's."""
-    for unit in ("uffdd.socket", "uffdd.service"):
-        text = (REPOSITORY / "systemd" / unit).read_text()
-        container.write(
-            f"/etc/systemd/system/{unit}", text.replace("/usr/local/bin/uffdd", str(UFFDD))
-        )
-    if any(Path("/tmp") in path.parents for path in (REPOSITORY, INTERPRETER)):
-        # A checkout under /tmp would vanish behind the unit's PrivateTmp=.
-        container.write("/etc/systemd/system/uffdd.service.d/checkout.conf", NO_PRIVATE_TMP)
-    container.write("/etc/uffdd/uffdd.toml", "[daemon]\n")
-    container.systemctl("daemon-reload")
 
 
 def test_uffdd_service_checks_the_host_and_becomes_ready(container: Container) -> None:
