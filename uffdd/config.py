@@ -134,7 +134,7 @@ class DaemonConfig:
     """Where the journal and the keeper's socket live (default: ``state`` next to the
     handover socket). A daemon started again with the same one resumes what a daemon
     that died there was serving."""
-    resume_deadline: float = 5.0
+    resume_deadline: float = 10.0
     """Seconds the keeper holds a dead daemon's processes for a new daemon before it
     kills them."""
     log_format: str = "json"

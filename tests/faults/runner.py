@@ -85,6 +85,9 @@ DEADLINE_REASON = "resumed within"
 """In the reason of a kill at the deadline (``... no daemon resumed within N s ...``)."""
 UNPROVEN = "while reading the uffd"
 """In the reason of a kill of a tree whose state the journal cannot prove."""
+IN_HANDOVER = "while the restore was being handed over"
+"""In the reason of a kill of a CRIU restore whose handover (before its restore-finished
+marker) the daemon's death interrupted: criu restore fails such a restore itself."""
 UNPROVABLE = (None, "uffd-read")
 """Deaths after which the journal may not prove a tree's state (inside a read: between
 read() and keeping what it returned; an outside SIGKILL may land there): the tree is
@@ -95,9 +98,18 @@ RESUMED = "resumed"
 CHILD_KILLED = "resumed, a child killed"
 KILLED = "killed at the deadline"
 UNPROVABLE_KILL = "killed, unprovable"
+HANDOVER_KILL = "killed, handover cut"
 FINISHED_FIRST = "finished first"
 FAILED = "FAILED"
-OUTCOMES = (RESUMED, CHILD_KILLED, KILLED, UNPROVABLE_KILL, FINISHED_FIRST, FAILED)
+OUTCOMES = (
+    RESUMED,
+    CHILD_KILLED,
+    KILLED,
+    UNPROVABLE_KILL,
+    HANDOVER_KILL,
+    FINISHED_FIRST,
+    FAILED,
+)
 
 WAIT = 120.0
 """Seconds a run's workload may take to end: a hang guard, never a measurement."""
@@ -710,6 +722,10 @@ def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> 
     reasons = kill_reasons(_logs(run))
     if not reasons:
         return result(FAILED, f"the tree was killed and no {KILLED_TREE!r} says why")
+    if scenario.dialect == "criu" and any(IN_HANDOVER in r for r in reasons):
+        if not all(IN_HANDOVER in r or UNPROVEN in r or DEADLINE_REASON in r for r in reasons):
+            return result(FAILED, f"a cut handover, killed for another reason too: {reasons}")
+        return result(HANDOVER_KILL, "; ".join(sorted(set(reasons))))
     unprovable = all(UNPROVEN in r for r in reasons)
     if unprovable and scenario.point not in UNPROVABLE:
         return result(FAILED, f"killed as unprovable after {scenario.point}: {reasons}")
