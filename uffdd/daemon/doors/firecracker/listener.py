@@ -326,6 +326,14 @@ class _Server:
                     f"the userfaultfd lacks {missing.name} (balloon pages would come back)",
                     vmm=True,
                 )
+            try:
+                layout = await self.backing.layout(self.daemon)
+            except PageServerError as exc:
+                raise Refused(f"the image is not available: {exc}", vmm=True) from None
+            try:
+                lazy = lazy_regions(regions, layout.regions, layout.image_id)
+            except PayloadError as exc:
+                raise Refused(str(exc), vmm=True) from None
             # The VMM keeps its copy: it must hold this uffd and have registered its
             # guest memory with it, or it is not waiting on it (and is not ours to kill).
             disproof = await asyncio.to_thread(
@@ -339,14 +347,6 @@ class _Server:
                 raise Refused(
                     f"the userfaultfd is not proven the VMM's: {disproof.reason}", vmm=False
                 )
-            try:
-                layout = await self.backing.layout(self.daemon)
-            except PageServerError as exc:
-                raise Refused(f"the image is not available: {exc}", vmm=True) from None
-            try:
-                lazy = lazy_regions(regions, layout.regions, layout.image_id)
-            except PayloadError as exc:
-                raise Refused(str(exc), vmm=True) from None
             name = f"fc{peer.pid}-{next(self._names)}"
             restore_pidfd = os.dup(pidfd)
             restore = VmRestore(name, peer.pid, restore_pidfd, uffd, lazy, self.restores.discard)
