@@ -372,21 +372,12 @@ from uffdd.restorer import RegionSpec, Restorer
 def say(**fields):
     print(json.dumps(fields), flush=True)
 
-def uffds():
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[userfaultfd]"
-        except OSError:
-            pass
-    return count
-
 P = 4096
 reader = ImageReader.open(sys.argv[1])
 restore = Restorer(sys.argv[2], timeout=20).restore(
     reader.image_id, [RegionSpec(r.start, r.length, r.page_size) for r in reader.regions]
 )
-say(uffds=uffds())
+say(holds=restore.holds_uffd)
 sys.stdin.readline()  # the daemon served every page, reported Resident and let go
 wrong = 0
 for region in restore.regions:
@@ -403,13 +394,13 @@ vm.drop(first.run_address, P)
 dropped = vm.read(first.run_address, P) == bytes(P)
 child = os.fork()
 if child == 0:
-    os._exit(uffds())  # the fork hook closed the inherited copy
+    os._exit(restore.holds_uffd)  # the fork hook closed the inherited copy
 _, status = os.waitpid(child, 0)
 vm.unmap(first.run_address, first.length)
-say(wrong=wrong, dropped_reads_zeros=dropped, child_uffds=os.waitstatus_to_exitcode(status),
-    uffds=uffds())
+say(wrong=wrong, dropped_reads_zeros=dropped, child_holds=os.waitstatus_to_exitcode(status),
+    holds=restore.holds_uffd)
 restore.close()
-say(uffds=uffds())
+say(holds=restore.holds_uffd)
 """
 
 
@@ -457,7 +448,7 @@ def test_the_restorer_keeps_its_copy_and_the_daemon_lets_go_at_resident(tmp_path
 
     said = asyncio.run(scenario())
     assert said == [
-        {"uffds": 1},
-        {"wrong": 0, "dropped_reads_zeros": True, "child_uffds": 0, "uffds": 1},
-        {"uffds": 0},
+        {"holds": True},
+        {"wrong": 0, "dropped_reads_zeros": True, "child_holds": 0, "holds": True},
+        {"holds": False},
     ]
