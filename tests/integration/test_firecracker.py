@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from support.fds import open_fds
 from support.firecracker_support import (
     HUGE,
@@ -398,7 +399,7 @@ os.waitpid(child, 0)
     ],
 )
 def test_a_uffd_of_another_process_is_refused_and_nobody_killed(
-    tmp_path: Path, mode: str, words: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, mode: str, words: str
 ) -> None:
     """A peer handing over a uffd its child made (and registered its own memory with):
     refused, the connection closed, nothing served, both processes left running."""
@@ -406,44 +407,43 @@ def test_a_uffd_of_another_process_is_refused_and_nobody_killed(
     async def scenario(memfile: Path, backing: LocalImage) -> None:
         sock = tmp_path / "fc.sock"
         async with firecracker_daemon(sock, backing):
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                FC_FAMILY,
-                json.dumps({"socket": str(sock), "mode": mode}),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            assert process.stdin is not None
-            assert process.stdout is not None
-            said: dict[str, Any] = {}
-            try:
-                said = json.loads(await asyncio.wait_for(process.stdout.readline(), 60))
-                assert said["closed"]  # refused: uffdd hung up
-                assert process.returncode is None
-                pidfd = os.pidfd_open(said["child"])
+            with structlog.testing.capture_logs() as logs:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    FC_FAMILY,
+                    json.dumps({"socket": str(sock), "mode": mode}),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                assert process.stdin is not None
+                assert process.stdout is not None
+                said: dict[str, Any] = {}
                 try:
-                    assert pidfd_alive(pidfd)
+                    said = json.loads(await asyncio.wait_for(process.stdout.readline(), 60))
+                    assert said["closed"]  # refused: uffdd hung up
+                    assert process.returncode is None
+                    pidfd = os.pidfd_open(said["child"])
+                    try:
+                        assert pidfd_alive(pidfd)
+                    finally:
+                        os.close(pidfd)
+                    await uffds_closed()  # the received copy is closed
+                    refusals = [e for e in logs if e["event"] == "refused a Firecracker handover"]
+                    assert len(refusals) == 1, logs
+                    assert refusals[0]["pid"] == said["pid"], logs
+                    assert words in refusals[0]["reason"], logs
+                    assert refusals[0]["killed"] is False, logs
+                    assert not [e for e in logs if e["event"] == "serving"], logs  # untracked
+                    process.stdin.close()
+                    assert await asyncio.wait_for(process.wait(), 60) == 0
                 finally:
-                    os.close(pidfd)
-                await uffds_closed()  # the received copy is closed
-                log = capsys.readouterr().out.splitlines()
-                peer = f"pid={said['pid']}"
-                refusals = [line for line in log if "refused a Firecracker" in line]
-                assert len(refusals) == 1, log
-                assert words in refusals[0], log
-                assert "killed=False" in refusals[0], log
-                served = [line for line in log if "serving" in line and peer in line.split()]
-                assert not served, log  # nothing tracked
-                process.stdin.close()
-                assert await asyncio.wait_for(process.wait(), 60) == 0
-            finally:
-                if process.returncode is None:
-                    if "child" in said:  # first: its parent has not reaped it, the pid is its
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(said["child"], signal.SIGKILL)
-                    process.kill()
-                    await process.wait()
+                    if process.returncode is None:
+                        if "child" in said:  # first: its parent has not reaped it
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(said["child"], signal.SIGKILL)
+                        process.kill()
+                        await process.wait()
             async with vmm(socket=str(sock), memfile=str(memfile), sets=[SET]) as good:
                 await good.step("verified")
                 assert await good.wait() == 0
