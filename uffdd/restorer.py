@@ -18,10 +18,15 @@ Rules this follows (shared/PROTOCOLS.md):
 - The uffd gets EVENT_FORK|EVENT_REMAP|EVENT_REMOVE|EVENT_UNMAP (required, so the daemon
   can follow forks, mremap, madvise and munmap) and THREAD_ID (wished), never
   UFFD_USER_MODE_ONLY (a read() into lazy memory would fail with EFAULT).
-- Our copy of the uffd is kept until the ack (if the daemon refuses, closing it
-  unregisters the ranges: nothing is lost) and closed right after it: the daemon then
-  holds the only copy, and keeping ours would only keep the ranges alive after a daemon
-  crash, as zero-filled lies rather than a clean failure.
+- Our copy of the uffd is kept until the daemon reports Resident or Failed, or the
+  connection to it ends (:meth:`HandedOver.close`). The daemon proves the uffd is ours
+  by finding this copy in our fd table (kcmp), and while we hold it a daemon that dies
+  cannot release the uffd: our faults then wait (for a restarted daemon, or for the
+  kill that ends a restore nobody resumes) instead of reading zeros. If the daemon
+  refuses, closing it unregisters the ranges: nothing is lost. A child this process
+  forks does not keep the copy (it is closed in the child right after ``os.fork``):
+  the daemon serves the child through the uffd the fork gives it, and an inherited copy
+  would keep the parent's ranges registered after the daemon let go of them.
 - Nothing here touches the registered memory: before the ack no one would serve it.
 
 Python's mmap module cannot map at a fixed address, hence ``uffdd.kernel.memory``.
@@ -37,8 +42,10 @@ import array
 import contextlib
 import ctypes
 import errno
+import os
 import socket
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,12 +133,23 @@ class _Mapped:
 
 
 class HandedOver:
-    """A handed-over restore: the daemon serves the memory; this is the line back to it."""
+    """A handed-over restore: the daemon serves the memory; this is the line back to it.
+
+    It holds our copy of the uffd until the daemon reports Resident or Failed, or the
+    connection ends (:meth:`close`).
+    """
 
     def __init__(
-        self, sock: socket.socket, handover_id: str, regions: tuple[HandoverRegion, ...]
+        self,
+        sock: socket.socket,
+        handover_id: str,
+        regions: tuple[HandoverRegion, ...],
+        uffd: Uffd | None = None,
     ) -> None:
         self._sock: socket.socket | None = sock
+        self._uffd = uffd
+        if uffd is not None:
+            _held.add(self)
         self.handover_id = handover_id
         self.regions = regions
         """The regions as handed over, with their run-time addresses."""
@@ -192,11 +210,24 @@ class HandedOver:
                 f"handover {self.handover_id}: unexpected {type(reply).__name__} reply"
             )
 
+    @property
+    def holds_uffd(self) -> bool:
+        """Whether our copy of the uffd is still open."""
+        return self._uffd is not None
+
     def close(self) -> None:
-        """Stop listening to the daemon (serving goes on; the memory stays)."""
+        """Close our copy of the uffd, then stop listening to the daemon (serving goes
+        on; the memory stays)."""
+        self._drop_uffd()
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+    def _drop_uffd(self) -> None:
+        uffd, self._uffd = self._uffd, None
+        if uffd is not None:
+            _held.discard(self)
+            uffd.close()
 
     def __enter__(self) -> HandedOver:
         return self
@@ -231,6 +262,13 @@ class Restorer:
     ) -> HandedOver:
         """Map (unless ``map_memory`` is False), register, hand over, wait for the ack.
 
+        The returned restore keeps this process's copy of the uffd until the daemon
+        reports Resident or Failed (:meth:`HandedOver.wait_resident`) or it is closed.
+        ``pid`` names a descendant to hand over for; the daemon accepts it only if that
+        process holds the uffd and the regions are registered in its own memory, so it
+        suits a uffd the descendant made and passed here (this method registers the
+        regions in *this* process).
+
         Raises RestoreError (local failure), HandoverRefused (the daemon's Error reply,
         e.g. an unknown image), OSError (no daemon at the socket) or TimeoutError. On
         any failure everything set up here is undone: mappings made here are unmapped,
@@ -247,17 +285,21 @@ class Restorer:
                 restorer=self.name,
                 labels=dict(self.labels),
             )
-            with _make_uffd(placed) as uffd:
+            uffd = _make_uffd(placed)
+            try:
                 for region in placed:
                     uffd.register(region.run_address, region.length, RegisterMode.MISSING)
                 sock, handover_id = self._hand_over(encode_request(request), uffd)
-            # Leaving the block closed our copy of the uffd: the daemon holds its own.
+            except BaseException:
+                uffd.close()
+                raise
         except BaseException:
             for m in mapped:
                 with contextlib.suppress(OSError):
                     memory.munmap(m.address, m.length)
             raise
-        return HandedOver(sock, handover_id, placed)
+        # Our copy stays open with the restore: see the module docstring.
+        return HandedOver(sock, handover_id, placed, uffd)
 
     def _place(
         self, regions: Sequence[RegionSpec], map_memory: bool, mapped: list[_Mapped]
@@ -310,6 +352,19 @@ class Restorer:
             sock.close()
             raise
         return sock, reply.handover_id
+
+
+_held: weakref.WeakSet[HandedOver] = weakref.WeakSet()
+"""Restores whose copy of the uffd is open, for the fork hook below."""
+
+
+def _drop_copies_in_child() -> None:
+    """In a child just forked: its parent's uffd copies are not its own to hold."""
+    for restore in list(_held):
+        restore._drop_uffd()
+
+
+os.register_at_fork(after_in_child=_drop_copies_in_child)
 
 
 def _make_uffd(regions: tuple[HandoverRegion, ...]) -> Uffd:

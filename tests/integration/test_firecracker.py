@@ -12,12 +12,17 @@ and the next VMM served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from support.fds import open_fds
 from support.firecracker_support import (
     HUGE,
@@ -33,6 +38,7 @@ from support.waiting import until
 
 from uffdd.daemon.doors.firecracker.backing import LocalImage, image_from_memfile
 from uffdd.daemon.doors.firecracker.listener import FirecrackerPolicy
+from uffdd.kernel.ownership import pidfd_alive
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -343,5 +349,103 @@ def test_stopping_mid_handover_kills_the_waiting_vmm(tmp_path: Path) -> None:
         finally:
             if machine is not None:
                 await machine.reap()
+
+    run(tmp_path, scenario)
+
+
+FC_FAMILY = r"""
+import json, os, socket, sys
+from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
+from uffdd.restorer import map_anonymous
+
+config = json.loads(sys.argv[1])
+mode = config["mode"]
+size = 64 * 4096
+address = map_anonymous(size)  # mapped here, so in the child too (its own VMA)
+payload = json.dumps(
+    [{"base_host_virt_addr": address, "size": size, "offset": 0, "page_size": 4096}]
+).encode()
+handler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+handler.connect(config["socket"])  # SO_PEERCRED: this process, whoever sends
+ours, theirs = socket.socketpair()
+child = os.fork()
+if child == 0:
+    # The child makes the uffd, registers its own guest memory with it and keeps it.
+    uffd = Uffd.create(nonblocking=True)
+    uffd.api(Feature.EVENT_REMOVE)
+    uffd.register(address, size, RegisterMode.MISSING)
+    if mode == "the child sends it on its parent's connection":
+        socket.send_fds(handler, [payload], [uffd.fd])
+    else:
+        socket.send_fds(theirs, [b"uffd"], [uffd.fd])
+    sys.stdin.read()
+    os._exit(0)
+if mode != "the child sends it on its parent's connection":
+    _, fds, _, _ = socket.recv_fds(ours, 16, 1)  # the parent holds the child's uffd
+    socket.send_fds(handler, [payload], fds)
+handler.settimeout(60)
+closed = handler.recv(1) == b""
+print(json.dumps({"pid": os.getpid(), "child": child, "closed": closed}), flush=True)
+sys.stdin.read()
+os.waitpid(child, 0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        ("the child sends it on its parent's connection", "holds no descriptor"),
+        ("the parent hands it over as its own", "is not registered for missing faults"),
+    ],
+)
+def test_a_uffd_of_another_process_is_refused_and_nobody_killed(
+    tmp_path: Path, mode: str, words: str
+) -> None:
+    """A peer handing over a uffd its child made (and registered its own memory with):
+    refused, the connection closed, nothing served, both processes left running."""
+
+    async def scenario(memfile: Path, backing: LocalImage) -> None:
+        sock = tmp_path / "fc.sock"
+        async with firecracker_daemon(sock, backing):
+            with structlog.testing.capture_logs() as logs:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    FC_FAMILY,
+                    json.dumps({"socket": str(sock), "mode": mode}),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                assert process.stdin is not None
+                assert process.stdout is not None
+                said: dict[str, Any] = {}
+                try:
+                    said = json.loads(await asyncio.wait_for(process.stdout.readline(), 60))
+                    assert said["closed"]  # refused: uffdd hung up
+                    assert process.returncode is None
+                    pidfd = os.pidfd_open(said["child"])
+                    try:
+                        assert pidfd_alive(pidfd)
+                    finally:
+                        os.close(pidfd)
+                    await uffds_closed()  # the received copy is closed
+                    refusals = [e for e in logs if e["event"] == "refused a Firecracker handover"]
+                    assert len(refusals) == 1, logs
+                    assert refusals[0]["pid"] == said["pid"], logs
+                    assert words in refusals[0]["reason"], logs
+                    assert refusals[0]["killed"] is False, logs
+                    assert not [e for e in logs if e["event"] == "serving"], logs  # untracked
+                    process.stdin.close()
+                    assert await asyncio.wait_for(process.wait(), 60) == 0
+                finally:
+                    if process.returncode is None:
+                        if "child" in said:  # first: its parent has not reaped it
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(said["child"], signal.SIGKILL)
+                        process.kill()
+                        await process.wait()
+            async with vmm(socket=str(sock), memfile=str(memfile), sets=[SET]) as good:
+                await good.step("verified")
+                assert await good.wait() == 0
 
     run(tmp_path, scenario)

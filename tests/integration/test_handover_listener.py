@@ -36,7 +36,6 @@ from uffdd.core.addresses import PAGE_SIZE, ImageAddr, RunAddr
 from uffdd.core.errors import ConfigError
 from uffdd.core.handover import (
     MAX_REQUEST_BYTES,
-    Ack,
     Error,
     ErrorCode,
     HandoverRegion,
@@ -52,7 +51,8 @@ from uffdd.daemon.doors.native.listener import (
     Listener,
     accept_handovers,
 )
-from uffdd.kernel.uffd import Feature, Uffd
+from uffdd.kernel.ownership import pidfd_alive
+from uffdd.kernel.uffd import Feature, RegisterMode, Uffd
 from uffdd.restorer import REQUIRED_FEATURES as RESTORER_FEATURES
 from uffdd.restorer import map_anonymous, unmap
 from uffdd.wire.handover import decode_reply, encode_request
@@ -103,6 +103,7 @@ if config.get("wait"):
         say(resident=dataclasses.asdict(restore.wait_resident(timeout=20)))
     except RestoreFailed as exc:
         say(failed=str(exc))
+    say(uffds=uffd_count())
 """
 
 NOBODY_CHILD = r"""
@@ -182,12 +183,13 @@ class Child:
         self.proc = proc
 
     @classmethod
-    async def start(cls, script: str, *args: str) -> Child:
+    async def start(cls, script: str, *args: str, stdin: int | None = None) -> Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
             script,
             *args,
+            stdin=stdin,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -204,6 +206,7 @@ class Child:
         return result
 
     async def finish(self) -> int:
+        self.close_stdin()
         _, error = await asyncio.wait_for(self.proc.communicate(), WAIT)
         assert self.proc.returncode == 0, error.decode()
         return self.proc.returncode
@@ -211,12 +214,17 @@ class Child:
     async def kill(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
+        self.close_stdin()  # a grandchild waiting on it ends too
         await asyncio.wait_for(self.proc.communicate(), WAIT)
+
+    def close_stdin(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
 
 
 @contextlib.asynccontextmanager
-async def child(script: str, *args: str) -> AsyncIterator[Child]:
-    process = await Child.start(script, *args)
+async def child(script: str, *args: str, stdin: int | None = None) -> AsyncIterator[Child]:
+    process = await Child.start(script, *args, stdin=stdin)
     try:
         yield process
     finally:
@@ -231,7 +239,7 @@ async def good_handover(daemon: Daemon) -> None:
         try:
             assert said["handover_id"] == handover.handover_id
             assert handover.pid == handover.peer.pid == restorer.proc.pid
-            assert said["uffds"] == 0  # the restorer closed its copy after the ack
+            assert said["uffds"] == 1  # the restorer keeps its copy until Resident/Failed
             assert [[r.run_address, r.image_address, r.length] for r in handover.regions] == sorted(
                 said["regions"]
             )
@@ -289,10 +297,14 @@ class Peer:
         values.update(fields)
         return encode_request(HandoverRequest(**values))
 
-    def uffd(self, features: Feature | None = REQUIRED_FEATURES) -> int:
+    def uffd(self, features: Feature | None = REQUIRED_FEATURES, *, register: bool = False) -> int:
+        """A uffd of this process; ``register``: with the mapping registered (MISSING),
+        as a restorer's is (nothing here may touch it then)."""
         uffd = Uffd.create()
         if features is not None:
             uffd.api(features)
+        if register:
+            uffd.register(self.mapping, 4 * P, RegisterMode.MISSING)
         fd = uffd.detach()
         self.fds.append(fd)
         return fd
@@ -460,7 +472,7 @@ def test_a_restorer_hanging_up_mid_handshake_leaks_nothing(tmp_path: Path) -> No
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
                     sock.connect(str(daemon.path))
-                    rights = array.array("i", [peer.uffd()]).tobytes()
+                    rights = array.array("i", [peer.uffd(register=True)]).tobytes()
                     sock.sendmsg([peer.request()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
                 handover = await daemon.next_handover()  # valid: accepted, ack lost
                 assert handover.reply.closed  # the ack found nobody: the channel dropped
@@ -501,36 +513,134 @@ def test_default_mode_keeps_other_users_out(sock_dir: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_a_descendant_may_be_handed_over_for_and_killed_by_pidfd(tmp_path: Path) -> None:
-    """The test process (the peer) hands over for its child; the pidfd reaches the child."""
+FAMILY = r"""
+import json, os, socket, sys
+from uffdd.core.addresses import ImageAddr, RunAddr
+from uffdd.core.handover import HandoverRegion, HandoverRequest
+from uffdd.kernel.uffd import RegisterMode, Uffd
+from uffdd.restorer import REQUIRED_FEATURES, map_anonymous
+from uffdd.wire.handover import decode_reply, encode_request
+
+config = json.loads(sys.argv[1])
+mode = config["mode"]
+LENGTH = 4 * 4096
+address = map_anonymous(LENGTH)  # mapped here, so in the child too (its own VMA)
+
+def request(pid):
+    region = HandoverRegion(RunAddr(address), ImageAddr(0), LENGTH)
+    return encode_request(HandoverRequest(image_id="img", regions=(region,), pid=pid))
+
+daemon = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+daemon.settimeout(15)
+daemon.connect(config["socket"])  # SO_PEERCRED: this process, whoever sends
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+child = os.fork()
+if child == 0:
+    # The child makes the uffd and registers its own memory with it; it keeps its copy.
+    uffd = Uffd.create(nonblocking=True)
+    uffd.api(REQUIRED_FEATURES)
+    uffd.register(address, LENGTH, RegisterMode.MISSING)
+    if mode == "the child sends it on its parent's connection":
+        socket.send_fds(daemon, [request(0)], [uffd.fd])
+    else:
+        socket.send_fds(theirs, [b"uffd"], [uffd.fd])
+    sys.stdin.read()  # hold everything until the test lets go
+    os._exit(0)
+if mode != "the child sends it on its parent's connection":
+    _, fds, _, _ = socket.recv_fds(ours, 16, 1)  # the parent holds the child's uffd
+    claimed = child if mode == "the parent hands it over for the child" else 0
+    socket.send_fds(daemon, [request(claimed)], fds)
+reply = decode_reply(daemon.recv(65536))
+print(json.dumps({
+    "pid": os.getpid(),
+    "child": child,
+    "reply": type(reply).__name__,
+    "code": reply.code.name if hasattr(reply, "code") else None,
+    "message": getattr(reply, "message", ""),
+}), flush=True)
+sys.stdin.read()
+os.waitpid(child, 0)
+"""
+
+REFUSED_FAMILIES = {
+    # The parent never holds the uffd: its child sends it on the parent's connection.
+    "the child sends it on its parent's connection": (
+        ErrorCode.BAD_PID,
+        "pid {pid} holds no descriptor of this userfaultfd",
+    ),
+    # The parent holds the child's uffd, but its own memory is not registered with it.
+    "the parent hands it over for itself": (
+        ErrorCode.BAD_REGIONS,
+        "is not registered for missing faults in pid {pid}'s memory",
+    ),
+}
+
+
+def _uffds_here() -> int:
+    return sum(target.endswith("->anon_inode:[userfaultfd]") for target in open_fds())
+
+
+def _alive(pid: int) -> bool:
+    pidfd = os.pidfd_open(pid)
+    try:
+        return pidfd_alive(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+@pytest.mark.parametrize("mode", list(REFUSED_FAMILIES))
+def test_a_uffd_of_another_process_is_refused(tmp_path: Path, mode: str) -> None:
+    """A uffd made by a child (which registered its own memory and keeps its copy),
+    handed over in the parent's name: refused with a clear reason, nothing tracked,
+    nothing killed (both processes run on), nothing of it left open in the daemon."""
 
     async def scenario() -> None:
         async with running(tmp_path) as daemon:
-            sleeper = subprocess.Popen(["sleep", "60"])
-            peer = Peer(0, [])
-            try:
-                stack = next(
-                    line.split()[0]
-                    for line in Path(f"/proc/{sleeper.pid}/maps").read_text().splitlines()
-                    if line.endswith("[stack]")
-                )
-                low, high = (int(part, 16) for part in stack.split("-"))
-                region = HandoverRegion(RunAddr(low), ImageAddr(0), high - low)
-                payload = peer.request(region, pid=sleeper.pid)
-                replies = await asyncio.to_thread(
-                    exchange_first, daemon.path, payload, [peer.uffd()]
-                )
-                assert isinstance(replies, Ack)
+            before = open_fds()
+            config = json.dumps({"socket": str(daemon.path), "mode": mode})
+            async with child(FAMILY, config, stdin=asyncio.subprocess.PIPE) as parent:
+                said = await parent.line()
+                code, words = REFUSED_FAMILIES[mode]
+                assert said["pid"] == parent.proc.pid
+                assert (said["reply"], said["code"]) == ("Error", code.name), said
+                assert words.format(pid=said["pid"]) in said["message"]
+                assert daemon.handovers.empty()  # nothing reached the daemon's callback
+                assert _uffds_here() == 0  # the received uffd is closed
+                assert parent.proc.returncode is None
+                assert _alive(said["child"])
+                await parent.finish()
+            await assert_fds(before)
+            await good_handover(daemon)
+
+    asyncio.run(scenario())
+
+
+def test_a_descendant_holding_its_uffd_may_be_handed_over_for_and_killed_by_pidfd(
+    tmp_path: Path,
+) -> None:
+    """The parent hands over the uffd its child made and holds, naming the child: the
+    proof holds (the child holds it, its memory is registered), and the pidfd reaches
+    the child, not the parent."""
+
+    async def scenario() -> None:
+        async with running(tmp_path) as daemon:
+            config = json.dumps(
+                {"socket": str(daemon.path), "mode": "the parent hands it over for the child"}
+            )
+            async with child(FAMILY, config, stdin=asyncio.subprocess.PIPE) as parent:
+                said = await parent.line()
+                assert said["reply"] == "Ack", said
                 handover = await daemon.next_handover()
-                assert (handover.pid, handover.peer.pid) == (sleeper.pid, os.getpid())
-                assert handover.kill()
-                assert await asyncio.to_thread(sleeper.wait, WAIT) == -signal.SIGKILL
-                assert not handover.kill()  # gone: the pidfd says so, no stray signal
-                handover.close()
-            finally:
-                peer.close()
-                sleeper.kill()
-                sleeper.wait()
+                try:
+                    assert (handover.pid, handover.peer.pid) == (said["child"], said["pid"])
+                    assert _alive(said["child"])
+                    assert handover.kill()
+                    await until(lambda: not _alive(said["child"]), "the child killed")
+                    assert parent.proc.returncode is None  # only the child
+                    await parent.finish()  # the parent reaps it
+                    assert not handover.kill()  # gone: the pidfd says so, no stray signal
+                finally:
+                    handover.close()
 
     asyncio.run(scenario())
 
@@ -623,6 +733,8 @@ def test_the_restorer_hears_how_it_ended(tmp_path: Path, outcome: str) -> None:
                     expected = {"failed": "the daemon hung up"}
                 assert handover.reply.closed
                 result = await restorer.line()
+                # Resident, Failed or a hang-up: the restorer let go of its copy
+                assert await restorer.line() == {"uffds": 0}
                 handover.close()
                 await restorer.finish()
             if outcome == "hang-up":

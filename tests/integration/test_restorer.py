@@ -358,3 +358,97 @@ def test_caller_mapped_memory_needs_run_addresses(tmp_path: Path) -> None:
         Restorer(tmp_path / "x.sock").restore(
             "img", [RegionSpec(image_address=0, length=P)], map_memory=False
         )
+
+
+# -- the restorer's copy of the uffd ----------------------------------------------------------
+
+HOLDER_CHILD = r"""
+import json, os, sys
+from uffdd.demo import vm
+from uffdd.image.format import ExtentKind
+from uffdd.image.reader import ImageReader
+from uffdd.restorer import RegionSpec, Restorer
+
+def say(**fields):
+    print(json.dumps(fields), flush=True)
+
+P = 4096
+reader = ImageReader.open(sys.argv[1])
+restore = Restorer(sys.argv[2], timeout=20).restore(
+    reader.image_id, [RegionSpec(r.start, r.length, r.page_size) for r in reader.regions]
+)
+say(holds=restore.holds_uffd)
+sys.stdin.readline()  # the daemon served every page, reported Resident and let go
+wrong = 0
+for region in restore.regions:
+    shift = region.run_address - region.image_address
+    for extent in reader.extents(region.image_address, region.length):
+        data = extent.kind is ExtentKind.DATA
+        want = bytes(reader.data(extent)) if data else bytes(extent.length)
+        got = vm.read(extent.start + shift, extent.length)
+        wrong += sum(got[at : at + P] != want[at : at + P] for at in range(0, extent.length, P))
+first = restore.regions[0]
+# Each of these raises an event on a range the uffd registers, and waits until someone
+# reads it: with the restorer's copy open, only the daemon's let-go frees them.
+vm.drop(first.run_address, P)
+dropped = vm.read(first.run_address, P) == bytes(P)
+child = os.fork()
+if child == 0:
+    os._exit(restore.holds_uffd)  # the fork hook closed the inherited copy
+_, status = os.waitpid(child, 0)
+vm.unmap(first.run_address, first.length)
+say(wrong=wrong, dropped_reads_zeros=dropped, child_holds=os.waitstatus_to_exitcode(status),
+    holds=restore.holds_uffd)
+restore.close()
+say(holds=restore.holds_uffd)
+"""
+
+
+def test_the_restorer_keeps_its_copy_and_the_daemon_lets_go_at_resident(tmp_path: Path) -> None:
+    """The restorer holds its uffd past the ack (it never reads the Resident report
+    here). After Resident the daemon unregisters the memory and reads the events left,
+    so the process's madvise, fork and munmap run on instead of waiting for an event
+    nobody reads; every byte is the image's, the dropped page reads zeros."""
+    image = make_image(tmp_path / "images")
+
+    async def scenario() -> list[dict[str, Any]]:
+        with ImageReader.open(image) as reader:
+            served = asyncio.Event()
+            serve = serve_everything(reader)
+
+            async def serve_then_say(handover: Handover) -> None:
+                await serve(handover)  # ... send_resident, handover.close()
+                served.set()
+
+            sock = tmp_path / "h.sock"
+            async with stand_in(sock, serve_then_say):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    HOLDER_CHILD,
+                    str(image),
+                    str(sock),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                assert proc.stdin is not None
+                assert proc.stdout is not None
+                try:
+                    said = [json.loads(await asyncio.wait_for(proc.stdout.readline(), WAIT))]
+                    await asyncio.wait_for(served.wait(), WAIT)
+                    proc.stdin.write(b"go\n")
+                    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+                finally:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+                assert proc.returncode == 0, err.decode()
+                return said + [json.loads(line) for line in out.splitlines()]
+
+    said = asyncio.run(scenario())
+    assert said == [
+        {"holds": True},
+        {"wrong": 0, "dropped_reads_zeros": True, "child_holds": 0, "holds": True},
+        {"holds": False},
+    ]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from uffdd.core.events import Fork, ProcId, UffdEvent
 from uffdd.core.wire import decode_messages
-from uffdd.daemon.doors.native.listener import ReplyChannel
+from uffdd.daemon.doors.native.listener import ReplyChannel, let_go
 from uffdd.daemon.lifecycle import Daemon, Reporter, Restore, Resumed, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.image.criu.reader import CriuImageReader, CriuLayout
@@ -164,10 +164,20 @@ async def _resume_generation(
         for events in replay.values():
             claimed.update(e.child_fd for e in events if isinstance(e, Fork))
         reporter, close_reply = await _reporter(root)
+        kept = Uffd(os.dup(resumed.uffd.fd)) if isinstance(reporter, ReplyChannel) else None
 
         def close(
-            resumed: Resumed = resumed, close_reply: Callable[[], None] = close_reply
+            resumed: Resumed = resumed,
+            close_reply: Callable[[], None] = close_reply,
+            reporter: Reporter = reporter,
+            kept: Uffd | None = kept,
+            root: Record = root,
         ) -> None:
+            # A native restorer keeps its copy until it reads Resident: let go first.
+            if kept is not None:
+                if isinstance(reporter, ReplyChannel) and reporter.resident and root.pidfd >= 0:
+                    let_go(kept, root.pid, root.pidfd, root.handover_id)
+                kept.close()
             close_reply()
             resumed.close()
 

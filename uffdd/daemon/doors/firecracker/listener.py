@@ -9,12 +9,17 @@ little for an fd that arrives after its payload (Firecracker's own example handl
 retries the read 5 times, 100 ms apart; we wait up to ``fd_wait`` seconds), and then
 hands each pair to the daemon with ``Daemon.start``.
 
+Before serving a pair it proves the uffd is the VMM's (``kernel/ownership.py``): the
+peer holds the same uffd (Firecracker keeps its copy) and every guest region is
+registered for missing faults in its own memory, checked with its pidfd open.
+
 Refusals are logged, the connection is closed, every fd received is closed, and the
 listener serves everyone else. A refused VMM cannot be left as it is: it keeps its own
 copy of the uffd, so its first touch of guest memory would block forever. Once a peer
 has shown it is a VMM waiting for service (it sent a uffd, or a region list) and its
 handover is refused, it is killed (SIGKILL through the pidfd), as the native handover
-kills a process it cannot serve. A peer of a uid we do not serve is never signalled.
+kills a process it cannot serve. A peer of a uid we do not serve is never signalled,
+nor one whose uffd is not proven its own (its memory does not wait on that uffd).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from uffdd.daemon.doors.firecracker.restore import VmRestore
 from uffdd.daemon.doors.native.listener import PeerCredentials, peer_credentials
 from uffdd.daemon.lifecycle import Daemon, Restore, Resumed, SilentReporter
 from uffdd.keeper.journal import Record
+from uffdd.kernel.ownership import prove_owner
 from uffdd.kernel.uffd import Feature, Uffd
 from uffdd.log import get_logger
 
@@ -350,6 +356,19 @@ class _Server:
                 lazy = lazy_regions(regions, layout.regions, layout.image_id)
             except PayloadError as exc:
                 raise Refused(str(exc), vmm=True) from None
+            # The VMM keeps its copy: it must hold this uffd and have registered its
+            # guest memory with it, or it is not waiting on it (and is not ours to kill).
+            disproof = await asyncio.to_thread(
+                prove_owner,
+                pidfd,
+                peer.pid,
+                uffd.fd,
+                [(r.base_host_virt_addr, r.size) for r in regions],
+            )
+            if disproof is not None:
+                raise Refused(
+                    f"the userfaultfd is not proven the VMM's: {disproof.reason}", vmm=False
+                )
             name = f"fc{peer.pid}-{next(self._names)}"
             restore_pidfd = os.dup(pidfd)
             restore = VmRestore(name, peer.pid, restore_pidfd, uffd, lazy, self.restores.discard)

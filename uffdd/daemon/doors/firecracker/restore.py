@@ -25,8 +25,8 @@ import signal
 from collections.abc import Callable
 
 from uffdd.core.errors import UffdOpError
-from uffdd.core.events import Fork
 from uffdd.core.process import LazyRegion
+from uffdd.daemon.doors.native.listener import drain_events
 from uffdd.daemon.executor import TreeOutcome
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
@@ -92,14 +92,7 @@ class VmRestore:
 
     def _drain(self) -> None:
         """Read (and so complete) events raised before the unregister took effect."""
-        try:
-            events = self.uffd.read_events()
-        except UffdOpError as exc:
-            _log.warning("reading a resident VM's uffd failed", vm=self.name, error=str(exc))
-            return
-        for event in events:
-            if isinstance(event, Fork):  # only when the VMM asked for EVENT_FORK
-                os.close(event.child_fd)
+        drain_events(self.uffd)
 
     def close_now(self) -> None:
         """The VMM exited, or uffdd stops: close the uffd and the pidfd (idempotent)."""

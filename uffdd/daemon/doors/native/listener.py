@@ -2,19 +2,19 @@
 
 Why a module of its own: this is uffdd's front door for untrusted local peers. Every
 way a restorer can be wrong or hostile (wrong uid, garbage, no fd, many fds, an fd that
-is not a userfaultfd, a uffd without the event features, a pid that is not its own,
-a hang-up or silence mid-handshake) ends here with a precise ``HandoverError`` to the
-peer when it is still there, a log line, every received fd closed, and the listener
-accepting the next connection. What passes comes out as one typed :class:`Handover`.
-The protocol is in ``proto/uffdd/v1/handover.proto``; the pure checks in
-``uffdd.core.handover``.
+is not a userfaultfd, a uffd without the event features, a pid that is not its own, a
+uffd that belongs to another process, a hang-up or silence mid-handshake) ends here
+with a precise ``HandoverError`` to the peer when it is still there, a log line, every
+received fd closed, nothing tracked or signalled, and the listener accepting the next
+connection. What passes comes out as one typed :class:`Handover`. The protocol is in
+``proto/uffdd/v1/handover.proto``; the pure checks in ``uffdd.core.handover``.
 
 The daemon's use::
 
     listener = Listener.bind(Path("/run/uffdd/handover.sock"))   # or Listener.adopt(fd)
     async def on_handover(handover: Handover) -> None:
         start_restore(handover)          # owns it from here; return promptly
-        await handover.reply.send_ack()  # the restorer now closes its copy of the uffd
+        await handover.reply.send_ack()  # the restorer keeps its copy until the end
     await accept_handovers(listener.sock, on_handover, policy=HandoverPolicy())
 
     # later, in the restore's task, once every page is in (or after handover.kill()):
@@ -25,12 +25,20 @@ Pid rule: SO_PEERCRED names the *connecting* process. The claimed pid (0 = the p
 must be the peer or a descendant of it: a restorer may hand over for a child it forked
 and restored, never for an unrelated process. A pidfd is opened on it so the daemon can
 later signal the right process even if the pid number is reused.
+
+Ownership rule: the uffd must be the claimed process's (``kernel/ownership.py``): that
+process holds a copy of it (kcmp), and every region is mapped and registered for
+missing faults in its own memory, checked with its pidfd open. So the restorer keeps
+its copy at least until the ack (``uffdd.restorer`` keeps it until Resident or Failed);
+when the claimed process is a descendant of the peer, the descendant must hold one.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
+import errno
 import os
 import signal
 import socket
@@ -40,7 +48,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uffdd.core.errors import ConfigError, InternalError, PeerProtocolError
+from uffdd.core.errors import ConfigError, InternalError, PeerProtocolError, UffdOpError
+from uffdd.core.events import Fork
 from uffdd.core.handover import (
     DEFAULT_SOCKET_PATH,
     MAX_REQUEST_BYTES,
@@ -57,6 +66,7 @@ from uffdd.core.handover import (
     ResidentSummary,
 )
 from uffdd.kernel.fdpass import close_fds, fds_in, wait_readable
+from uffdd.kernel.ownership import MISSING_FLAG, Unproven, pidfd_alive, prove_owner, read_vmas
 from uffdd.kernel.uffd import Feature, Uffd
 from uffdd.kernel.unix_listener import bind_listener, unlink_if_ours
 from uffdd.log import get_logger
@@ -71,6 +81,7 @@ __all__ = [
     "PeerCredentials",
     "ReplyChannel",
     "accept_handovers",
+    "drain_events",
     "receive_handover",
 ]
 
@@ -104,8 +115,6 @@ class HandoverPolicy:
     """Peer uids (SO_PEERCRED) accepted; default root and the daemon's own uid."""
     limits: HandoverLimits = field(default_factory=HandoverLimits)
     required_features: Feature = REQUIRED_FEATURES
-    check_mappings: bool = True
-    """Require every region to be mapped in the claimed process (/proc/<pid>/maps)."""
     handshake_timeout: float = 10.0
     """Seconds a peer has from connecting to sending its request."""
     send_timeout: float = 5.0
@@ -203,6 +212,8 @@ class ReplyChannel:
         self.handover_id = handover_id
         self._send_timeout = send_timeout
         self.acked = False
+        self.resident = False
+        """Resident was reported (delivered or not): the process is fully served."""
 
     @property
     def closed(self) -> bool:
@@ -214,7 +225,8 @@ class ReplyChannel:
         return -1 if self._sock is None else self._sock.fileno()
 
     async def send_ack(self) -> bool:
-        """Tell the restorer the daemon holds the uffd now (it closes its own copy).
+        """Tell the restorer the daemon serves the uffd now (it keeps its own copy until
+        Resident or Failed, or the connection ends).
 
         False means the restorer did not get it: it then treats the handover as failed
         (closes its uffd, unmaps what it mapped), so the daemon should drop the Handover.
@@ -254,6 +266,7 @@ class ReplyChannel:
     async def send_resident(self, summary: ResidentSummary) -> bool:
         """Report full residency (the source may be released), then close."""
         self._require_ack("resident")
+        self.resident = True
         try:
             return await self._send(summary)
         finally:
@@ -325,6 +338,15 @@ class Handover:
     Owns ``uffd``, ``pidfd`` and ``reply`` until :meth:`close`. Never close a live
     process's uffd before it is fully resident (later faults would read zeros): kill it
     first (:meth:`kill`) when it cannot be served.
+
+    The restorer keeps its own copy of the uffd until it hears Resident or Failed, so
+    closing ours does not unregister the process's memory. Left registered with no
+    reader, the process's next fork, mremap, munmap or madvise(DONTNEED) would wait for
+    someone to read its event. So :meth:`close` after a Resident report first lets go
+    of the memory through a copy kept here (``uffd`` itself is the executor's, closed
+    when it releases the process): every VMA registered through this uffd is
+    unregistered (its pages are all in; the kernel then handles them as ordinary
+    memory) and the events raised meanwhile are read.
     """
 
     handover_id: str
@@ -338,6 +360,13 @@ class Handover:
     """The features negotiated on ``uffd`` (a superset of the policy's required ones)."""
     uffd: Uffd
     reply: ReplyChannel
+    kept: Uffd | None = None
+    """The daemon's second copy, for the let-go at :meth:`close` (made from ``uffd``
+    when not given)."""
+
+    def __post_init__(self) -> None:
+        if self.kept is None:
+            self.kept = Uffd(os.dup(self.uffd.fd))
 
     @property
     def image_id(self) -> str:
@@ -363,12 +392,69 @@ class Handover:
         return True
 
     def close(self) -> None:
-        """Close the uffd, the pidfd and the connection (idempotent)."""
+        """Close the uffd, the pidfd and the connection (idempotent); after a Resident
+        report, let go of the process's memory first."""
         self.uffd.close()
         self.reply.close()
+        kept, self.kept = self.kept, None
         pidfd, self.pidfd = self.pidfd, -1
-        if pidfd >= 0:
-            os.close(pidfd)
+        try:
+            if kept is not None and self.reply.resident and pidfd >= 0:
+                self._let_go(kept, pidfd)
+        finally:
+            if kept is not None:
+                kept.close()
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def _let_go(self, kept: Uffd, pidfd: int) -> None:
+        let_go(kept, self.pid, pidfd, self.handover_id)
+
+
+def let_go(kept: Uffd, pid: int, pidfd: int, handover_id: str) -> None:
+    """Unregister what ``kept`` (a copy of a resident process's uffd) registered in
+    process ``pid``, then read the events raised before that: the restorer keeps its
+    own copy until it reads Resident, and meanwhile the process's next fork, mremap,
+    munmap or madvise would wait for a reader. A VMA registered through another uffd of
+    the process refuses (EINVAL) and is left alone; any other failure kills the process
+    (it would wait forever on the restorer's copy)."""
+    if not pidfd_alive(pidfd):
+        return
+    log = _log.bind(handover=handover_id, pid=pid)
+    try:
+        vmas = read_vmas(pid)
+    except OSError as exc:
+        vmas = []
+        log.warning("cannot read a resident process's mappings", error=str(exc))
+    for vma in vmas:
+        if MISSING_FLAG not in vma.flags:
+            continue
+        try:
+            kept.unregister(vma.start, vma.end - vma.start)
+        except UffdOpError as exc:
+            if exc.errno == errno.EINVAL:
+                continue
+            log.error("cannot let go of a resident process's memory: killing it", error=str(exc))
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            return
+    drain_events(kept)
+
+
+def drain_events(uffd: Uffd) -> None:
+    """Read (and so complete) every pending message of a uffd nobody serves any more,
+    closing the uffds of FORK events (their children's memory is let go with them)."""
+    while True:
+        try:
+            events = uffd.read_events()
+        except UffdOpError as exc:
+            _log.warning("reading a let-go uffd failed", error=str(exc))
+            return
+        if not events:
+            return
+        for event in events:
+            if isinstance(event, Fork):
+                os.close(event.child_fd)
 
 
 # -- receiving one handover ---------------------------------------------------------------
@@ -449,11 +535,10 @@ async def _handshake(
     try:
         pid, pidfd = _open_process(peer, request.pid)
         try:
-            if policy.check_mappings:
-                # In a thread: reading /proc/PID/maps waits for the process's mmap lock,
-                # which a busy restore holds often (10 ms a read with 64 restores at
-                # once, all of it stalling every other restore on the loop).
-                await asyncio.to_thread(_check_mapped, pid, request.regions)
+            # In a thread: /proc/PID/smaps waits for the process's mmap lock, which a
+            # busy restore holds often (10 ms a read with 64 restores at once, all of
+            # it stalling every other restore on the loop).
+            await asyncio.to_thread(_prove_owner, pid, pidfd, uffd, request.regions)
         except BaseException:
             os.close(pidfd)
             raise
@@ -566,37 +651,21 @@ def _is_descendant(pid: int, ancestor: int) -> bool:
     return False
 
 
-def _check_mapped(pid: int, regions: tuple[HandoverRegion, ...]) -> None:
-    """Every region must lie inside the process's mappings (contiguous ones may join)."""
-    try:
-        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as f:
-            spans = [
-                (int(lo, 16), int(hi, 16))
-                for lo, hi in (line.split(" ", 1)[0].split("-") for line in f if line.strip())
-            ]
-    except OSError as exc:
-        raise HandoverRejected(
-            ErrorCode.BAD_PID, f"cannot read the mappings of pid {pid}: {exc.strerror or exc}"
-        ) from None
-    merged: list[list[int]] = []
-    for lo, hi in sorted(spans):
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    index = 0
-    for region in regions:  # sorted by run address
-        while index < len(merged) and merged[index][1] <= region.run_address:
-            index += 1
-        if not (
-            index < len(merged)
-            and merged[index][0] <= region.run_address
-            and region.run_end <= merged[index][1]
-        ):
-            raise HandoverRejected(
-                ErrorCode.BAD_REGIONS,
-                f"region [{region.run_address:#x}, +{region.length:#x}) is not mapped in pid {pid}",
-            )
+_PROOF_CODES = {
+    Unproven.GONE: ErrorCode.BAD_PID,
+    Unproven.UNREADABLE: ErrorCode.BAD_PID,
+    Unproven.NOT_HELD: ErrorCode.BAD_PID,
+    Unproven.NOT_MAPPED: ErrorCode.BAD_REGIONS,
+    Unproven.NOT_REGISTERED: ErrorCode.BAD_REGIONS,
+}
+
+
+def _prove_owner(pid: int, pidfd: int, uffd: Uffd, regions: tuple[HandoverRegion, ...]) -> None:
+    """The uffd must be the claimed process's: it holds a copy, and every region is
+    mapped and registered for missing faults in its own memory (``kernel/ownership``)."""
+    disproof = prove_owner(pidfd, pid, uffd.fd, [(r.run_address, r.length) for r in regions])
+    if disproof is not None:
+        raise HandoverRejected(_PROOF_CODES[disproof.unproven], disproof.reason)
 
 
 # -- the accept loop ------------------------------------------------------------------------
