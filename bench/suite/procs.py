@@ -98,3 +98,33 @@ def usage(pid: int) -> Usage:
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) * 1024
     return Usage(cpu, peak)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Resident and proportional set size of a live process (``smaps_rollup``), bytes.
+
+    PSS splits each page shared with other processes (a copy-on-write twin's, say)
+    between them: it is what the process adds to the machine, RSS what it touches.
+    """
+
+    rss: int
+    pss: int
+
+
+def memory(pid: int) -> Memory:
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name, _, rest = line.partition(":")
+            if name in ("Rss", "Pss"):
+                fields[name] = int(rest.split()[0]) * 1024
+    return Memory(fields["Rss"], fields["Pss"])
+
+
+def command_name(pid: int) -> str:
+    """``/proc/PID/comm`` ("" once the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
