@@ -102,14 +102,16 @@ def usage(pid: int) -> Usage:
 
 @dataclass(frozen=True)
 class Memory:
-    """Resident and proportional set size of a live process (``smaps_rollup``), bytes.
+    """Resident, proportional and private set size of a live process
+    (``smaps_rollup``), bytes.
 
     PSS splits each page shared with other processes (a copy-on-write twin's, say)
-    between them: it is what the process adds to the machine, RSS what it touches.
+    between them; private pages (USS) are what the process's death would free.
     """
 
     rss: int
     pss: int
+    private: int
 
 
 def memory(pid: int) -> Memory:
@@ -117,14 +119,6 @@ def memory(pid: int) -> Memory:
     with open(f"/proc/{pid}/smaps_rollup") as rollup:
         for line in rollup:
             name, _, rest = line.partition(":")
-            if name in ("Rss", "Pss"):
+            if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
                 fields[name] = int(rest.split()[0]) * 1024
-    return Memory(fields["Rss"], fields["Pss"])
-
-
-def command_name(pid: int) -> str:
-    """``/proc/PID/comm`` ("" once the process is gone)."""
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
+    return Memory(fields["Rss"], fields["Pss"], fields["Private_Clean"] + fields["Private_Dirty"])

@@ -42,20 +42,22 @@ from typing import Any
 from suite import services
 from suite.build import Built
 from suite.images import BenchImage, random_image
-from suite.procs import Memory, command_name, memory, running
+from suite.procs import Memory, memory, running
 from suite.report import fmt, fx, table
 from suite.stats import Summary, ratio
+from uffdd.keeper.journal import process_alive
 
 MiB = 1 << 20
 DEMAND_NS = 5000
 """An access of at least 5 us waited for its page (bench/README.md)."""
 KILL_AFTER_S = 1.0
+KILL_AFTER_QUICK_S = 0.25
+"""--quick's image (64 MiB) can be read whole within a second on a quiet machine."""
 BULK_RATE = "16M"
 """The page server's cap on the sweep: the restore is far from resident at the kill."""
 FAULT_AROUND = 4096
 """One page per demand fault: with the default 64 KiB the random reads alone fetch the
 whole image in a fraction of a second (a 64 KiB block per fault), before any kill."""
-TWIN = "uffdd-twin"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Restart:
 def run(built: Built, workdir: Path, images: Path, quick: bool) -> str:
     size = (64 if quick else 256) * MiB
     rounds = 2 if quick else 4
+    kill = KILL_AFTER_QUICK_S if quick else KILL_AFTER_S
     image = random_image(images, size)
     cold_ms: list[float] = []
     restarts: list[Restart] = []
@@ -85,11 +88,11 @@ def run(built: Built, workdir: Path, images: Path, quick: bool) -> str:
             # Alternate which side goes first, so a slow spell hits both alike.
             if index % 2 == 0:
                 cold_ms.append(_cold_start(workdir / f"cold-{index}", target))
-                restarts.append(_restart(built, image, workdir / f"restart-{index}", target))
+                restarts.append(_restart(built, image, workdir / f"restart-{index}", target, kill))
             else:
-                restarts.append(_restart(built, image, workdir / f"restart-{index}", target))
+                restarts.append(_restart(built, image, workdir / f"restart-{index}", target, kill))
                 cold_ms.append(_cold_start(workdir / f"cold-{index}", target))
-    return _report(image, rounds, cold_ms, restarts)
+    return _report(image, rounds, kill, cold_ms, restarts)
 
 
 def _daemon_command(base: Path, target: str) -> list[str]:
@@ -139,32 +142,44 @@ def _logged_at(log: Path, event: str, process: subprocess.Popen[bytes]) -> float
         time.sleep(0.01)
 
 
-def _twin_of(pid: int, state: Path) -> int:
+@dataclass(frozen=True)
+class _Process:
+    """A process by pid and start time (``/proc/PID/stat``), as the journal notes it."""
+
+    pid: int
+    started: str
+
+    def alive(self) -> bool:
+        return process_alive(self.pid, self.started)
+
+
+def _twin_of(pid: int, state: Path) -> _Process:
     """The keeper twin of daemon ``pid``, as its journal names it."""
     (noted,) = state.glob(f"gen-{pid}-*/twin")
-    twin = int(noted.read_text().split()[0])
-    if command_name(twin) != TWIN:
-        raise RuntimeError(f"daemon {pid}: its twin {twin} is {command_name(twin)!r}")
-    return twin
+    twin, started = noted.read_text().split()
+    found = _Process(int(twin), started)
+    if not found.alive():
+        raise RuntimeError(f"daemon {pid}: its twin {twin} is not running")
+    return found
 
 
 @contextlib.contextmanager
-def _reaped_keeper(pid: int) -> Iterator[None]:
+def _reaped_keeper(keeper: _Process) -> Iterator[None]:
     """The killed daemon's twin (the keeper, reparented: not ours to wait for) must be
     gone when the round ends; if it is not, it is killed and the round fails."""
     try:
         yield
     finally:
         deadline = time.monotonic() + 30
-        while command_name(pid) and time.monotonic() < deadline:
+        while keeper.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if command_name(pid):
+        if keeper.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            raise RuntimeError(f"the keeper {pid} was still running after the round")
+                os.kill(keeper.pid, signal.SIGKILL)
+            raise RuntimeError(f"the keeper {keeper.pid} was still running after the round")
 
 
-def _restart(built: Built, image: BenchImage, base: Path, target: str) -> Restart:
+def _restart(built: Built, image: BenchImage, base: Path, target: str, kill: float) -> Restart:
     base.mkdir()
     first_log, second_log = base / "first.log", base / "daemon.log"
     handover = base / "handover.sock"
@@ -186,8 +201,10 @@ def _restart(built: Built, image: BenchImage, base: Path, target: str) -> Restar
                 if faulter.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"no handover: {faulter.communicate(timeout=10)[1]}")
                 time.sleep(0.005)
-            time.sleep(KILL_AFTER_S)  # the experiment's own timing: the kill point
-            daemon_memory, twin_memory = memory(first.pid), memory(twin)
+            time.sleep(kill)  # the experiment's own timing: the kill point
+            if any(e.get("event") == "fully resident" for e in _events(first_log)):
+                raise RuntimeError("the restore was resident before the kill: a bigger image")
+            daemon_memory, twin_memory = memory(first.pid), memory(twin.pid)
             killed = time.monotonic()
             os.kill(first.pid, signal.SIGKILL)
             first.wait(10)
@@ -261,11 +278,13 @@ def _spread(values: list[float], digits: int = 1) -> str:
     return f"{fmt(_median(values), digits)} ({fmt(min(values), digits)}-{fmt(max(values), digits)})"
 
 
-def _report(image: BenchImage, rounds: int, cold_ms: list[float], runs: list[Restart]) -> str:
+def _report(
+    image: BenchImage, rounds: int, kill: float, cold_ms: list[float], runs: list[Restart]
+) -> str:
     header = (
         f"## restart ({image.length // MiB} MiB random data, every page read once in random "
         f"order; page server on loopback TCP, sweep capped at {BULK_RATE}/s; `uffdd daemon` "
-        f"SIGKILLed {KILL_AFTER_S:g} s after the handover and started again at once with "
+        f"SIGKILLed {kill:g} s after the handover and started again at once with "
         f"the same state directory; {rounds} rounds alternating with a cold start; every "
         "page read verified)"
     )
@@ -282,7 +301,9 @@ def _report(image: BenchImage, rounds: int, cold_ms: list[float], runs: list[Res
     cold = _median(cold_ms)
     p50_before = _median([r.before.p50 for r in runs])
     p99_before = _median([r.before.p99 for r in runs])
+    daemon_rss = _median([r.daemon.rss / MiB for r in runs])
     daemon_pss = _median([r.daemon.pss / MiB for r in runs])
+    daemon_private = _median([r.daemon.private / MiB for r in runs])
 
     def row(figure: str, values: list[float], reference: str, against: float) -> list[str]:
         return [figure, _spread(values), reference, fx(ratio(_median(values), against))]
@@ -300,11 +321,12 @@ def _report(image: BenchImage, rounds: int, cold_ms: list[float], runs: list[Res
             f"before the kill {fmt(p50_before, 0)}", p50_before),
         row("demand p99 after the resume (us)", [r.after.p99 for r in runs],
             f"before the kill {fmt(p99_before, 0)}", p99_before),
+        row("keeper twin RSS (MiB, before the kill)", [r.twin.rss / MiB for r in runs],
+            f"daemon RSS {fmt(daemon_rss)}", daemon_rss),
         row("keeper twin PSS (MiB, before the kill)", [r.twin.pss / MiB for r in runs],
             f"daemon PSS {fmt(daemon_pss)}", daemon_pss),
-        row("keeper twin RSS (MiB, before the kill)", [r.twin.rss / MiB for r in runs],
-            f"daemon RSS {fmt(_median([r.daemon.rss / MiB for r in runs]))}",
-            _median([r.daemon.rss / MiB for r in runs])),
+        row("keeper twin private (MiB, before the kill)", [r.twin.private / MiB for r in runs],
+            f"daemon private {fmt(daemon_private)}", daemon_private),
     ]  # fmt: skip
     summary = table(["figure (ms unless named)", "median (min-max)", "reference", "ratio"], rows)
     return "\n\n".join([header, summary, per_round])
