@@ -83,9 +83,7 @@ class Timer:
     def __init__(self, library: Path) -> None:
         self._lib = ctypes.CDLL(str(library))
         self._lib.touch.restype = ctypes.c_uint64
-        self._lib.touch.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        self._lib.touch_stamped.restype = ctypes.c_uint64
-        self._lib.touch_stamped.argtypes = [
+        self._lib.touch.argtypes = [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p,
         ]  # fmt: skip
 
@@ -95,18 +93,12 @@ class Timer:
         latencies: array.array[int] | None,
         starts: array.array[int] | None = None,
     ) -> int:
-        """Read a byte of each address; latencies (and starts, if given) in ns."""
+        """Read a byte of each address; latencies and starts (each if given) in ns."""
         if not where:
             return 0
-        if starts is not None:
-            assert latencies is not None
-            stamped: int = self._lib.touch_stamped(
-                where.buffer_info()[0], len(where), starts.buffer_info()[0],
-                latencies.buffer_info()[0],
-            )  # fmt: skip
-            return stamped
+        start = None if starts is None else starts.buffer_info()[0]
         out = None if latencies is None else latencies.buffer_info()[0]
-        total: int = self._lib.touch(where.buffer_info()[0], len(where), out)
+        total: int = self._lib.touch(where.buffer_info()[0], len(where), start, out)
         return total
 
 

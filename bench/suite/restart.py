@@ -68,6 +68,8 @@ class Restart:
     longest_ms: float
     socket_ms: float
     resumed_ms: float
+    keeper_ms: float
+    """From the kill to the keeper's log line saying it holds the processes."""
     before: Summary
     after: Summary
     read_before_kill: int
@@ -130,11 +132,12 @@ def _events(log: Path) -> list[dict[str, Any]]:
 
 
 def _logged_at(log: Path, event: str, process: subprocess.Popen[bytes]) -> float:
-    """The wall-clock time of ``event``'s first line in ``log`` (waits, bounded)."""
+    """The wall-clock time of the first line in ``log`` whose event starts with
+    ``event`` (waits, bounded)."""
     deadline = time.monotonic() + 60
     while True:
         for entry in _events(log):
-            if entry.get("event") == event:
+            if str(entry.get("event")).startswith(event):
                 return datetime.fromisoformat(entry["timestamp"]).timestamp()
         if process.poll() is not None or time.monotonic() > deadline:
             tail = log.read_text(errors="replace")[-3000:]
@@ -205,7 +208,7 @@ def _restart(built: Built, image: BenchImage, base: Path, target: str, kill: flo
             if any(e.get("event") == "fully resident" for e in _events(first_log)):
                 raise RuntimeError("the restore was resident before the kill: a bigger image")
             daemon_memory, twin_memory = memory(first.pid), memory(twin.pid)
-            killed = time.monotonic()
+            killed, killed_wall = time.monotonic(), time.time()
             os.kill(first.pid, signal.SIGKILL)
             first.wait(10)
             dead = time.monotonic()
@@ -216,6 +219,7 @@ def _restart(built: Built, image: BenchImage, base: Path, target: str, kill: flo
                     listening = _wait_socket(handover, second, second_log)
                     resumed_wall = _logged_at(second_log, "resumed", second)
                     done = services.collect(faulter, lat, timeout=600)
+                    holding_wall = _logged_at(first_log, "the daemon died: holding", second)
         finally:
             if faulter.poll() is None:
                 faulter.kill()
@@ -226,6 +230,7 @@ def _restart(built: Built, image: BenchImage, base: Path, target: str, kill: flo
         stamps, done.latencies_us, killed, dead,
         socket_ms=(listening - exec_mono) * 1000,
         resumed_ms=(resumed_wall - exec_wall) * 1000,
+        keeper_ms=(holding_wall - killed_wall) * 1000,
         daemon=daemon_memory, twin=twin_memory,
     )  # fmt: skip
 
@@ -238,6 +243,7 @@ def _measure(
     *,
     socket_ms: float,
     resumed_ms: float,
+    keeper_ms: float,
     daemon: Memory,
     twin: Memory,
 ) -> Restart:
@@ -259,6 +265,7 @@ def _measure(
         longest_ms=max(latencies_us) / 1000,
         socket_ms=socket_ms,
         resumed_ms=resumed_ms,
+        keeper_ms=keeper_ms,
         before=Summary.of([us for us in before if us * 1000 >= DEMAND_NS]),
         after=Summary.of([us for us in after if us * 1000 >= DEMAND_NS]),
         read_before_kill=len(before),
@@ -290,10 +297,10 @@ def _report(
     )
     per_round = table(
         ["round", "pause ms", "longest ms", "exec->socket ms", "exec->resumed ms",
-         "cold start ms", "demand p50/p99 before us", "after us", "read before kill"],
+         "keeper ms", "cold start ms", "demand p50/p99 before us", "after us", "read before kill"],
         [
             [str(i), fmt(r.pause_ms), fmt(r.longest_ms), fmt(r.socket_ms), fmt(r.resumed_ms),
-             fmt(cold), f"{fmt(r.before.p50, 0)}/{fmt(r.before.p99, 0)}",
+             fmt(r.keeper_ms), fmt(cold), f"{fmt(r.before.p50, 0)}/{fmt(r.before.p99, 0)}",
              f"{fmt(r.after.p50, 0)}/{fmt(r.after.p99, 0)}", f"{r.read_before_kill}/{r.pages}"]
             for i, (r, cold) in enumerate(zip(runs, cold_ms, strict=True))
         ],
@@ -314,6 +321,8 @@ def _report(
         row('new daemon: exec -> "resumed"', [r.resumed_ms for r in runs],
             f"cold start {fmt(cold)}", cold),
         row("new daemon: exec -> handover socket", [r.socket_ms for r in runs],
+            f"cold start {fmt(cold)}", cold),
+        row("keeper: kill -> holding the processes", [r.keeper_ms for r in runs],
             f"cold start {fmt(cold)}", cold),
         row("longest access", [r.longest_ms for r in runs],
             f"demand p99 before the kill {fmt(p99_before / 1000, 2)}", p99_before / 1000),
