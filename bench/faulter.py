@@ -16,7 +16,10 @@ Accesses are timed by the C loop of ``bench/c/faulter.c`` (loaded with ctypes, G
 released, one volatile byte read per page between two clock_gettime calls), never by
 Python. The same loop is run again on the then-resident pages: that is the timing
 overhead, reported beside every result. Per-access latencies go to ``--lat-out`` as
-raw native uint64 nanoseconds; one JSON line on stdout carries the rest.
+raw native uint64 nanoseconds (with ``--stamps-out``, each access's CLOCK_MONOTONIC
+start too, to place it against another process's events); one JSON line on stdout
+carries the rest. ``--verify all`` checks every page read against the image, not a
+sample of 64.
 """
 
 from __future__ import annotations
@@ -80,13 +83,22 @@ class Timer:
     def __init__(self, library: Path) -> None:
         self._lib = ctypes.CDLL(str(library))
         self._lib.touch.restype = ctypes.c_uint64
-        self._lib.touch.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        self._lib.touch.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p,
+        ]  # fmt: skip
 
-    def touch(self, where: array.array[int], latencies: array.array[int] | None) -> int:
+    def touch(
+        self,
+        where: array.array[int],
+        latencies: array.array[int] | None,
+        starts: array.array[int] | None = None,
+    ) -> int:
+        """Read a byte of each address; latencies and starts (each if given) in ns."""
         if not where:
             return 0
+        start = None if starts is None else starts.buffer_info()[0]
         out = None if latencies is None else latencies.buffer_info()[0]
-        total: int = self._lib.touch(where.buffer_info()[0], len(where), out)
+        total: int = self._lib.touch(where.buffer_info()[0], len(where), start, out)
         return total
 
 
@@ -121,8 +133,12 @@ def start_reference(args: argparse.Namespace) -> tuple[subprocess.Popen[str], Uf
 
 
 def verify(args: argparse.Namespace, where: array.array[int]) -> int:
-    """Compare up to 64 touched pages with the image data file; returns mismatches."""
-    sample = random.Random(1).sample(list(where), min(64, len(where)))
+    """Compare touched pages (up to 64 of them, or all with ``--verify all``) with the
+    image data file; returns mismatches."""
+    if args.verify == "all":
+        sample = sorted(where)
+    else:
+        sample = random.Random(1).sample(list(where), min(64, len(where)))
     bad = 0
     with open(args.data, "rb") as data:
         for address in sample:
@@ -163,6 +179,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--wait-resident", type=float, default=0.0)
     parser.add_argument("--lat-out", type=Path)
+    parser.add_argument("--stamps-out", type=Path, help="each access's start, monotonic ns")
+    parser.add_argument("--verify", choices=("sample", "all"), default="sample")
+    parser.add_argument("--handed-over-file", type=Path, help="created once handed over")
     parser.add_argument("--start-file", type=Path, help="start once this file exists")
     parser.add_argument("--warm-memory", type=int, default=0, help="bytes; see warm_memory")
     args = parser.parse_args()
@@ -171,6 +190,7 @@ def main() -> None:
     timer = Timer(args.timer_lib)
     where = addresses(args)
     latencies = array.array("Q", bytes(8 * len(where)))  # allocated before the clock
+    starts = array.array("Q", bytes(8 * len(where))) if args.stamps_out else None
     result: dict[str, Any] = {"pid": os.getpid()}
     if args.warm_memory:
         result["warm_s"] = warm_memory(args.warm_memory)
@@ -187,7 +207,9 @@ def main() -> None:
     else:
         handler, uffd = start_reference(args)
     result["handover_s"] = time.monotonic() - t0
-    result["touch_s"] = timer.touch(where, latencies) / 1e9
+    if args.handed_over_file is not None:
+        args.handed_over_file.touch()
+    result["touch_s"] = timer.touch(where, latencies, starts) / 1e9
     if restore is not None and args.wait_resident:
         summary = restore.wait_resident(timeout=args.wait_resident)
         result["resident_s"] = time.monotonic() - t0
@@ -210,6 +232,9 @@ def main() -> None:
     if args.lat_out is not None:
         with args.lat_out.open("wb") as out_file:
             latencies.tofile(out_file)
+    if args.stamps_out is not None and starts is not None:
+        with args.stamps_out.open("wb") as out_file:
+            starts.tofile(out_file)
     if restore is not None:
         restore.close()
     print(json.dumps(result), flush=True)

@@ -2,7 +2,7 @@
 
 Run::
 
-    .venv/bin/python bench/run.py [--quick] [--scenario local,remote,residency,many]
+    .venv/bin/python bench/run.py [--quick] [--scenario local,remote,residency,many,restart]
                                   [--engine NAME=VALUE ...]
 
 Why one command: the figures in bench/README.md must be reproducible as they are.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite import local, machine, many, profile, remote, residency, services
+from suite import local, machine, many, profile, remote, residency, restart, services
 from suite.build import BUILD_DIR, Built, build
 
 from uffdd.config import Engine, build_engine, engine_pairs
@@ -35,6 +35,7 @@ SCENARIOS: dict[str, Scenario] = {
     "remote": remote.run,
     "residency": residency.run,
     "many": many.run,
+    "restart": restart.run,
 }
 
 

@@ -98,3 +98,27 @@ def usage(pid: int) -> Usage:
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) * 1024
     return Usage(cpu, peak)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Resident, proportional and private set size of a live process
+    (``smaps_rollup``), bytes.
+
+    PSS splits each page shared with other processes (a copy-on-write twin's, say)
+    between them; private pages (USS) are what the process's death would free.
+    """
+
+    rss: int
+    pss: int
+    private: int
+
+
+def memory(pid: int) -> Memory:
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name, _, rest = line.partition(":")
+            if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                fields[name] = int(rest.split()[0]) * 1024
+    return Memory(fields["Rss"], fields["Pss"], fields["Private_Clean"] + fields["Private_Dirty"])

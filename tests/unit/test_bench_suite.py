@@ -7,6 +7,7 @@ one tiny faulting run against the C reference checks the whole measuring chain.
 
 from __future__ import annotations
 
+import array
 import math
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from suite import services
 from suite.build import build
 from suite.images import random_image
+from suite.procs import Memory
+from suite.restart import _measure
 from suite.stats import Summary, percentile, pow2_histogram, ratio
 
 
@@ -51,3 +54,23 @@ def test_c_references_build_and_serve_a_tiny_run(tmp_path: Path) -> None:
     assert len(run.latencies_us) == 8
     assert run.result["reference"]["faults"] == 8
     assert run.result["mismatches"] == 0
+
+
+def test_a_restart_pause_ends_with_the_first_demand_fault_after_the_reaping(
+    tmp_path: Path,
+) -> None:
+    # (start s, latency us): a fault before the kill; one the dying daemon served after
+    # the kill but before it was reaped; a resident read; the blocked fault; one more.
+    accesses = [(9.0, 100.0), (9.99, 15000.0), (10.006, 1.0), (10.007, 493000.0), (10.6, 50.0)]
+    stamps = tmp_path / "stamps.bin"
+    stamps.write_bytes(array.array("Q", (round(s * 1e9) for s, _ in accesses)).tobytes())
+    memory = Memory(rss=3, pss=2, private=1)
+    measured = _measure(
+        stamps, [us for _, us in accesses], killed=10.0, dead=10.006,
+        socket_ms=1.0, resumed_ms=2.0, keeper_ms=3.0, daemon=memory, twin=memory,
+    )  # fmt: skip
+    assert measured.pause_ms == pytest.approx(500.0, abs=0.01)
+    assert measured.longest_ms == pytest.approx(493.0)
+    assert measured.read_before_kill == 1
+    assert (measured.before.count, measured.before.p50) == (1, 100.0)
+    assert (measured.after.count, measured.after.p50) == (1, 50.0)
