@@ -83,15 +83,15 @@ POINTS: dict[str, tuple[str | None, ...]] = {
 }
 DEADLINE_REASON = "resumed within"
 """In the reason of a kill at the deadline (``... no daemon resumed within N s ...``)."""
-UNPROVEN = "while reading the uffd"
+UNPROVEN = "with no journal of the uffd"
 """In the reason of a kill of a tree whose state the journal cannot prove."""
 IN_HANDOVER = "while the restore was being handed over"
 """In the reason of a kill of a CRIU restore whose handover (before its restore-finished
 marker) the daemon's death interrupted: criu restore fails such a restore itself."""
-UNPROVABLE = (None, "uffd-read")
-"""Deaths after which the journal may not prove a tree's state (inside a read: between
-read() and keeping what it returned; an outside SIGKILL may land there): the tree is
-killed at once with ``UNPROVEN`` as the reason, even when a daemon is started again."""
+UNPROVABLE: tuple[str | None, ...] = ()
+"""Deaths after which the journal may not prove a tree's state: none (every read lands
+in the journal's slot first, so a death inside one is replayed); a kill with
+``UNPROVEN`` as its reason is a failure."""
 RESUMED_EVENT = '"resumed"'
 """A resumed daemon's log event (JSON), once per tree taken back."""
 RESUMED = "resumed"

@@ -28,7 +28,7 @@ static void serve(struct served *s)
     CHECK(readable(r.uffd, 10000));
     s->rc = uffdd_fast_serve(r.uffd, &range, 1, data, verified, sizeof verified, CHUNK_SHIFT,
                              &PLAN, (char *)s->rest, UFFDD_FAST_BATCH, s->done,
-                             4 * UFFDD_FAST_BATCH, &s->out);
+                             4 * UFFDD_FAST_BATCH, &s->out, NULL, NULL);
 }
 
 /* A thread reads page ``page``; C serves it; its bytes are the data's. */
@@ -197,7 +197,7 @@ int main(void)
     struct uffdd_fast_range range = {base, base + PAGES * P, 0};
     s.rc = uffdd_fast_serve(r.uffd, &range, 1, data, verified, sizeof verified, CHUNK_SHIFT,
                             &PLAN, (char *)s.rest, UFFDD_FAST_BATCH, s.done,
-                            4 * UFFDD_FAST_BATCH, &s.out);
+                            4 * UFFDD_FAST_BATCH, &s.out, NULL, NULL);
     CHECK_EQ(s.rc, 0);
     CHECK_EQ(s.out.nread, 0);
     /* a block that is no power of two is refused, and so is a whole-block plan (for
@@ -205,12 +205,12 @@ int main(void)
     const struct uffdd_plan whole = {AROUND, 1};
     s.rc = uffdd_fast_serve(r.uffd, &range, 1, data, verified, sizeof verified, CHUNK_SHIFT,
                             &whole, (char *)s.rest, UFFDD_FAST_BATCH, s.done,
-                            4 * UFFDD_FAST_BATCH, &s.out);
+                            4 * UFFDD_FAST_BATCH, &s.out, NULL, NULL);
     CHECK_EQ(s.rc, -EINVAL);
     const struct uffdd_plan odd = {3 * P, 0};
     s.rc = uffdd_fast_serve(r.uffd, &range, 1, data, verified, sizeof verified, CHUNK_SHIFT,
                             &odd, (char *)s.rest, UFFDD_FAST_BATCH, s.done,
-                            4 * UFFDD_FAST_BATCH, &s.out);
+                            4 * UFFDD_FAST_BATCH, &s.out, NULL, NULL);
     CHECK_EQ(s.rc, -EINVAL);
     region_free(&r);
     return 0;

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from uffdd.client.page_client import Chunk
 from uffdd.core.actions import (
@@ -73,10 +74,11 @@ from uffdd.core.wire import decode_messages
 from uffdd.daemon.crash import crash_point
 from uffdd.daemon.routes import DemandRoute, LocalRoute
 from uffdd.daemon.sources import FetchHandle, LocalData, PageSource, local_data_of
-from uffdd.keeper.journal import READING, Generation, Record
+from uffdd.keeper.journal import SLOT_SIZE, Generation, Record
 from uffdd.kernel.proc import kill_tree, resident_spans
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
+from uffdd.native._ffi import ffi
 from uffdd.native.fast_serve import FastStatus, FastTable
 from uffdd.native.installer import Installer
 
@@ -143,6 +145,11 @@ class Executor:
         self.journal = journal
         """Where every process's layout is written down before it matters (a restarted
         daemon resumes from it); None: nothing outlives this daemon."""
+        self._marks_c: Any = None
+        self._slots_c: Any = None
+        if journal is not None:
+            self._marks_c = ffi.from_buffer("uint8_t[]", journal.marks, require_writable=True)
+            self._slots_c = ffi.from_buffer("uint8_t[]", journal.slots, require_writable=True)
         self._deadlines = {
             Priority.URGENT: self.tracker.policy.urgent_deadline,
             Priority.BULK: self.tracker.policy.bulk_deadline,
@@ -332,23 +339,21 @@ class Executor:
         table = None
         if tree.local is not None:
             table = self._local.table(self.tracker.process(proc), tree.local)
-        raw: list[bytes] = []
-        self._mark(uffd.fd, READING)
         with self._reading() as fence:
             if table is not None:
-                drained, error = self._serve_fast(proc, uffd, table, events, raw)
+                drained, error = self._serve_fast(proc, uffd, table, events)
                 now = time.monotonic()  # the rest was read just now, at the end of it
             else:
                 drained = False
-            while not drained and (batch := uffd.read_raw(_READ_BATCH)):
-                crash_point("uffd-read")
-                events.extend(decode_messages(batch))
-                raw.append(batch)
             layout = any(not isinstance(e, PageFault | FastServed) for e in events)
-            if layout and self.journal is not None:
-                self.journal.hold(uffd.fd, b"".join(raw))
-            elif not layout:
-                self._mark(uffd.fd, 0)  # faults only: nothing to write down
+            while not drained and not layout and (batch := self._read(uffd)):
+                read = decode_messages(batch)
+                events.extend(read)
+                # A batch with a layout event stays in the journal's slot until journaled:
+                # no read may overwrite it, so the rest is read on the next turn.
+                layout = any(not isinstance(e, PageFault) for e in read)
+                if self.journal is not None:
+                    self.journal.settle(uffd.fd, len(read), layout)
             if layout and fence is not None:
                 fence(uffd)
         fd = uffd.fd
@@ -438,6 +443,12 @@ class Executor:
         """What a resuming daemon needs of ``proc`` now."""
         return self.tracker.process(proc).checkpoint()
 
+    def _journal_pointers(self, fd: int) -> tuple[Any, Any] | None:
+        """The journal's mark and slot of ``fd`` as C pointers, for a C reader."""
+        if self._marks_c is None or not 0 <= fd < len(self._marks_c):
+            return None
+        return self._marks_c + fd, self._slots_c + fd * SLOT_SIZE
+
     def _mark(self, fd: int, value: int) -> None:
         if self.journal is not None:
             self.journal.mark(fd, value)
@@ -456,26 +467,32 @@ class Executor:
     def read_on_loop(self, proc: ProcId) -> None:
         self._loop.add_reader(self._uffds[proc].fd, self._readable, proc)
 
+    def _read(self, uffd: Uffd) -> bytes:
+        """One read of ``uffd`` (journaled: ``keeper/journal.py:Generation.read_uffd``)."""
+        if self.journal is None:
+            return uffd.read_raw(_READ_BATCH)
+        raw = self.journal.read_uffd(uffd.fd)
+        crash_point("uffd-read")
+        return raw
+
     def _serve_fast(
         self,
         proc: ProcId,
         uffd: Uffd,
         table: FastTable,
         events: list[UffdEvent | FastServed],
-        raw: list[bytes],
     ) -> tuple[bool, int]:
-        """Answer what C can; append a FastServed and the rest's events, in order (and
-        the rest's raw records to ``raw``). Returns (the fd is drained, errno of a
-        failed read)."""
+        """Answer what C can; append a FastServed and the rest's events, in order.
+        Returns (the fd is drained, errno of a failed read)."""
+        journal = self._journal_pointers(uffd.fd)
         while True:
             read_at = time.monotonic()
-            result = uffd.fast_serve(table)
+            result = uffd.fast_serve(table, journal)
             if result.faults or result.installs:
                 installs = tuple((RunAddr(run), length) for run, length in result.installs)
                 events.append(FastServed(proc, installs, result.faults, read_at))
             if result.rest:
                 events.extend(decode_messages(result.rest))
-                raw.append(bytes(result.rest))
             if result.error or result.status is not FastStatus.FULL:
                 return result.status is FastStatus.DRAINED, result.error
 

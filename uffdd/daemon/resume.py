@@ -30,7 +30,6 @@ from uffdd.image.criu.reader import CriuImageReader, CriuLayout
 from uffdd.keeper import handback
 from uffdd.keeper.journal import (
     FD_STORE_PREFIX,
-    READING,
     Generation,
     Record,
     process_alive,
@@ -131,8 +130,8 @@ async def _resume_generation(
         if root.proc != root_name or root.uffd < 0:
             _fail(root, "the journal has no root record for this tree")
             continue
-        if any(old.marked(r.uffd) == READING for r in members):
-            _fail(root, "the uffdd daemon died while reading its uffd")
+        if not all(old.provable(r) for r in members):
+            _fail(root, "the uffdd daemon died with no journal of its uffd")
             continue
         missing = [r.proc for r in members if r.uffd not in fds]
         lost = [

@@ -14,10 +14,10 @@ overwrites what the keeper of the dead one reads):
 - ``GEN/procs/<proc>.json``: one :class:`Record` per process (written whole, renamed);
 - ``GEN/marks``: one byte per descriptor number of the daemon's table (``READING`` while
   that uffd is being read, ``HELD`` while a batch with a layout event read from it is
-  kept in its slot and not yet journaled), then one slot per descriptor number: the last
-  such batch, raw, with its sequence number. A daemon that resumes replays a held batch
-  the checkpoint does not include yet; only a death while ``READING`` (between a read()
-  and the copy to its slot: microseconds) leaves a process that cannot be proven;
+  not yet journaled), then one slot per descriptor number, which the kernel's read()
+  writes the messages into (zeroed before each read; the sequence number and count of
+  a held batch in its header). A daemon that resumes replays what a read consumed that
+  the checkpoint does not include: no moment of the daemon's death loses an event;
 - ``GEN/handovers/<name>.json``: a handover still in progress (CRIU's connection before
   its restore-finished marker: uffds may still be in flight on it), as a
   :class:`PendingHandover`; a death then kills that restore whole;
@@ -45,7 +45,7 @@ from uffdd.core.addresses import ImageAddr, RunAddr
 from uffdd.core.errors import ConfigError
 from uffdd.core.events import Fork
 from uffdd.core.process import Checkpoint, LazyRegion
-from uffdd.core.wire import EVENT_PAGEFAULT, decode_messages
+from uffdd.core.wire import decode_messages
 from uffdd.log import get_logger
 
 _log = get_logger("uffdd.keeper.journal")
@@ -227,25 +227,37 @@ class Generation:
         the marks: nothing can be proven of it)."""
         return self._marks[fd] if 0 <= fd < self.mark_slots else READING
 
-    def hold(self, fd: int, raw: bytes) -> None:
-        """Keep the layout events of a batch read from ``fd`` (raw uffd_msg records)
-        until the batch is journaled (the C demand thread does the same itself). Faults
-        are left out: a resuming daemon wakes every waiter, and they fault again. More
-        layout events than a slot holds leave the mark at ``READING``: unprovable."""
+    def read_uffd(self, fd: int) -> bytes:
+        """A journaled read of uffd ``fd`` (what ``csrc/uffd.c:uffd_read_journaled``
+        does in C): the kernel writes the messages into ``fd``'s slot, zeroed first,
+        while the mark says ``READING``. b"" when nothing is queued. Settle it with
+        :meth:`settle`. Past the marks: a plain read, and the process unprovable."""
+        if not 0 <= fd < self.mark_slots:
+            try:
+                return os.read(fd, SLOT_MESSAGES * MSG_SIZE)
+            except BlockingIOError:
+                return b""
+        messages = self._slots[fd * SLOT_SIZE + _HEADER.size : (fd + 1) * SLOT_SIZE]
+        messages[:] = bytes(len(messages))
+        self._marks[fd] = READING
+        try:
+            count = os.readv(fd, [messages])
+        except BlockingIOError:
+            self._marks[fd] = 0
+            return b""
+        return bytes(messages[:count])
+
+    def settle(self, fd: int, count: int, layout: bool) -> None:
+        """After a journaled read of ``count`` messages: one with a layout event is
+        ``HELD`` (its count, the next sequence number) until journaled; one without is
+        unmarked at once (faults are asked again on resume)."""
         if not 0 <= fd < self.mark_slots:
             return
-        layout = b"".join(
-            raw[at : at + MSG_SIZE]
-            for at in range(0, len(raw) - MSG_SIZE + 1, MSG_SIZE)
-            if raw[at] != EVENT_PAGEFAULT
-        )
-        count = len(layout) // MSG_SIZE
-        if count > SLOT_MESSAGES:
-            self._marks[fd] = READING
+        if not layout:
+            self._marks[fd] = 0
             return
         slot = self._slots[fd * SLOT_SIZE : (fd + 1) * SLOT_SIZE]
         sequence, _ = _HEADER.unpack_from(slot)
-        slot[_HEADER.size : _HEADER.size + len(layout)] = layout
         struct.pack_into("=I", slot, 8, count)
         struct.pack_into("=Q", slot, 0, sequence + 1)
         self._marks[fd] = HELD
@@ -260,12 +272,25 @@ class Generation:
         return sequence, bytes(slot[_HEADER.size : _HEADER.size + count * MSG_SIZE])
 
     def pending(self, record: Record) -> bytes:
-        """The held batch of ``record``'s uffd its checkpoint does not include (raw), or
-        b"" when there is none."""
-        if self.marked(record.uffd) != HELD:
+        """What a read of ``record``'s uffd consumed that its checkpoint does not
+        include (raw messages), for a resuming daemon to replay: a read cut short by the
+        death (``READING``: every message the kernel wrote into the zeroed slot), or a
+        held batch not journaled yet (``HELD``, newer than the record's ``applied``)."""
+        mark = self.marked(record.uffd)
+        if mark == READING and 0 <= record.uffd < self.mark_slots:
+            start = record.uffd * SLOT_SIZE + _HEADER.size
+            raw = bytes(self._slots[start : start + SLOT_MESSAGES * MSG_SIZE])
+            messages = [raw[at : at + MSG_SIZE] for at in range(0, len(raw), MSG_SIZE)]
+            return b"".join(m for m in messages if m[0] != 0)
+        if mark != HELD:
             return b""
         sequence, raw = self.held(record.uffd)
         return raw if sequence > record.applied else b""
+
+    def provable(self, record: Record) -> bool:
+        """Whether what the dead daemon knew of ``record``'s process can be proven: its
+        uffd's descriptor number had a mark (else a read of it was never journaled)."""
+        return 0 <= record.uffd < self.mark_slots
 
     def write(self, record: Record) -> None:
         """Write (or replace) a process's record; it is whole or absent, never half."""
@@ -334,9 +359,12 @@ class Generation:
         return found
 
     def close(self) -> None:
-        self._marks.release()
-        self._slots.release()
-        self._file.close()
+        # A C reader's pointer into the marks may outlive this (until the interpreter
+        # exits): then the mapping stays, and is unmapped with the process.
+        with contextlib.suppress(BufferError):
+            self._marks.release()
+            self._slots.release()
+            self._file.close()
 
     def discard(self) -> None:
         """Remove this generation (its processes ended or were taken over)."""

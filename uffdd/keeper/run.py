@@ -31,7 +31,6 @@ from pathlib import Path
 from uffdd.core.handover import Failed
 from uffdd.keeper.handback import send_all, wait_taken
 from uffdd.keeper.journal import (
-    READING,
     Generation,
     PendingHandover,
     Record,
@@ -79,18 +78,19 @@ class Keeper:
             records = []
         for record in records:
             self.trees.setdefault(record.root, []).append(record)
-        # Before anything is closed: a handover in progress may have uffds in flight on
-        # its connection, which closing it would release.
-        for pending in self.generation.pending_handovers():
-            self._kill_handover(pending)
-        self._close_unnamed()
+        # A handover in progress may have uffds in flight on its connection, which
+        # closing it would release: those stay open until their senders are killed.
+        pending = self.generation.pending_handovers()
+        self._close_unnamed(keep={p.conn for p in pending})
+        for handover in pending:
+            self._kill_handover(handover)
         for root, members in list(self.trees.items()):
-            unproven = [r.proc for r in members if self.generation.marked(r.uffd) == READING]
+            unproven = [r.proc for r in members if not self.generation.provable(r)]
             if unproven or not any(r.proc == root for r in members):
                 self._kill(
                     root,
-                    "the uffdd daemon died while reading the uffd of "
-                    f"{', '.join(unproven) or root}: what it read is lost, so the "
+                    "the uffdd daemon died with no journal of the uffd of "
+                    f"{', '.join(unproven) or root}: what it read is not known, so the "
                     "process cannot be served right",
                 )
         if not self.trees:
@@ -143,8 +143,8 @@ class Keeper:
                 held.extend(fork_children(self.generation.pending(record)))
         return held
 
-    def _close_unnamed(self) -> None:
-        keep = {0, 1, 2, *self._held()}
+    def _close_unnamed(self, keep: set[int]) -> None:
+        keep = {0, 1, 2, *self._held(), *keep}
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd not in keep:

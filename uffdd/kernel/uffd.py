@@ -501,10 +501,11 @@ class Uffd:
         except OSError as exc:  # EINVAL: the API handshake has not happened yet
             raise UffdOpError("read", exc.errno or 0) from exc
 
-    def fast_serve(self, table: FastTable) -> FastResult:
+    def fast_serve(self, table: FastTable, journal: tuple[Any, Any] | None = None) -> FastResult:
         """Answer queued faults on ``table``'s pages in C (the GIL released meanwhile):
-        ``native.fast_serve.fast_serve`` on this fd, which says what comes back."""
-        return fast_serve(self.fd, table)
+        ``native.fast_serve.fast_serve`` on this fd, which says what comes back;
+        ``journal``: where each read is journaled (mark and slot pointers)."""
+        return fast_serve(self.fd, table, journal)
 
     def read_events(self, max_messages: int = 64) -> list[UffdEvent]:
         """Read and decode pending messages; a Fork's ``child_fd`` belongs to the caller."""

@@ -101,6 +101,8 @@ class _Lib:
         done: _cffi_backend.FFI.CData,
         done_cap: int,
         out: _cffi_backend.FFI.CData,
+        mark: _cffi_backend.FFI.CData,
+        slot: _cffi_backend.FFI.CData,
         /,
     ) -> int: ...
     def uffdd_installer_new(

@@ -103,19 +103,21 @@ class FastTable:
                 ffi.release(export)
 
 
-def fast_serve(fd: int, table: FastTable) -> FastResult:
+def fast_serve(fd: int, table: FastTable, journal: tuple[Any, Any] | None = None) -> FastResult:
     """Answer the faults queued on uffd ``fd`` that ``table`` covers, in C.
 
     Messages are taken in order. A read that holds a layout event comes back whole,
     its faults unanswered; otherwise the first message C cannot answer (a fault outside
     the table or on unverified data, an ioctl error other than EEXIST) ends the fast
     path for this call: it and every later message of its read come back raw in
-    ``rest``, and more may be queued behind them.
+    ``rest``, and more may be queued behind them. ``journal``: the (mark, slot) pointers
+    each read is journaled in (``csrc/uffd.c:uffd_read_journaled``).
     """
+    mark, slot = journal if journal is not None else (ffi.NULL, ffi.NULL)
     t = table
     rc = lib.uffdd_fast_serve(
         fd, t._ranges, t._count, t._data, t._verified, t._verified_len, t._shift, t._plan,
-        t._rest, lib.UFFDD_FAST_BATCH, t._done, _DONE_CAP, t._out,
+        t._rest, lib.UFFDD_FAST_BATCH, t._done, _DONE_CAP, t._out, mark, slot,
     )  # fmt: skip
     out = t._out
     done = t._done

@@ -86,34 +86,15 @@ struct uffdd_demander {
     size_t slot_size;
 };
 
-#define MARK_READING 1 /* keeper/journal.py: READING, HELD */
-#define MARK_HELD 2
-
-/* The journal's mark of ``fd``: a death while it is READING leaves a process nobody can
-   prove; a HELD batch is in the fd's slot, for a daemon that resumes to replay. */
-static void demand_mark(struct uffdd_demander *d, int fd, uint8_t value)
+/* The journal's mark and slot of ``fd`` (keeper/journal.py), or NULLs. */
+static uint8_t *demand_slot(struct uffdd_demander *d, int fd, uint8_t **mark)
 {
-    if (d->marks && fd >= 0 && (size_t)fd < d->nmarks)
-        __atomic_store_n(&d->marks[fd], value, __ATOMIC_SEQ_CST);
-}
-
-/* Copy a batch with a layout event to ``fd``'s slot (sequence number last), then mark
-   it HELD: the loop clears the mark once the batch is journaled. */
-static void demand_hold(struct uffdd_demander *d, int fd, const struct uffd_msg *msgs,
-                        size_t count)
-{
-    if (!d->marks || fd < 0 || (size_t)fd >= d->nmarks)
-        return;
-    uint8_t *slot = d->slots + (size_t)fd * d->slot_size;
-    size_t room = (d->slot_size - 16) / sizeof *msgs;
-    uint32_t n = (uint32_t)(count < room ? count : room);
-    uint64_t sequence;
-    memcpy(&sequence, slot, sizeof sequence);
-    memcpy(slot + 16, msgs, n * sizeof *msgs);
-    memcpy(slot + 8, &n, sizeof n);
-    sequence++;
-    __atomic_store_n((uint64_t *)(void *)slot, sequence, __ATOMIC_SEQ_CST);
-    demand_mark(d, fd, MARK_HELD);
+    if (!d->marks || fd < 0 || (size_t)fd >= d->nmarks) {
+        *mark = NULL;
+        return NULL;
+    }
+    *mark = &d->marks[fd];
+    return d->slots + (size_t)fd * d->slot_size;
 }
 
 /* Install [run, run+len) with waking ioctls: copied from src, or zero-filled when src
@@ -373,17 +354,15 @@ static int demand_read(struct uffdd_demander *d, struct demand_batch *b)
     }
     if (d->installer)
         uffdd_installer_hold(d->installer);
-    demand_mark(d, p->fd, MARK_READING);
-    ssize_t n = read(p->fd, b->msgs, sizeof b->msgs);
+    uint8_t *mark;
+    uint8_t *slot = demand_slot(d, p->fd, &mark);
+    ssize_t n = uffd_read_journaled(p->fd, b->msgs, DEMAND_MAX, mark, slot);
     int err = n < 0 ? errno : 0;
     b->r = (struct uffdd_demand_report){.token = p->token, .read_at = monotonic_now()};
     b->count = n > 0 ? (size_t)n / sizeof b->msgs[0] : 0;
     b->ndone = 0;
     b->layout = uffd_msgs_hold_layout(b->msgs, b->count);
-    if (b->layout)
-        demand_hold(d, p->fd, b->msgs, b->count);
-    else
-        demand_mark(d, p->fd, 0);
+    uffd_read_settled(mark, slot, b->count, b->layout);
     if (b->layout && d->installer)
         uffdd_installer_fence_held(d->installer, p->fd);
     if (d->installer)
@@ -648,9 +627,9 @@ int uffdd_demander_add(struct uffdd_demander *d, int fd, uint64_t token, const c
     return rc < 0 ? rc : (int)slot;
 }
 
-/* Mark each read in ``marks[fd]`` from now on (``n`` entries; NULL: no marks), and keep
-   each batch with a layout event in ``slots + fd * slot_size`` until the loop clears the
-   mark. The slot size is 8-aligned and holds at least one message after its 16 bytes. */
+/* Journal each read from now on (``uffd_read_journaled``): marks in ``marks[fd]`` (``n``
+   entries; NULL: none), messages in ``slots + fd * slot_size`` (16 header bytes, then
+   room for DEMAND_MAX messages). */
 void uffdd_demander_marks(struct uffdd_demander *d, uint8_t *marks, size_t n, uint8_t *slots,
                           size_t slot_size)
 {

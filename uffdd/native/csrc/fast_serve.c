@@ -104,7 +104,7 @@ int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nrang
                      const char *data, const uint8_t *verified, size_t nverified,
                      unsigned chunk_shift, const struct uffdd_plan *plan, char *rest,
                      size_t rest_cap, struct uffdd_fast_done *done, size_t done_cap,
-                     struct uffdd_fast_out *out)
+                     struct uffdd_fast_out *out, uint8_t *mark, uint8_t *slot)
 {
     struct fast_ctx c = {fd,          ranges, nranges, data, verified, nverified,
                          chunk_shift, plan,   done,    out};
@@ -117,16 +117,20 @@ int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nrang
     for (;;) {
         if (done_cap - out->ndone < 2 * UFFDD_FAST_BATCH)
             return 2;
-        ssize_t n = read(fd, msgs, sizeof(msgs));
+        ssize_t n = uffd_read_journaled(fd, msgs, UFFDD_FAST_BATCH, mark, slot);
         if (n < 0) {
-            if (errno == EINTR)
+            int err = errno;
+            uffd_read_settled(mark, slot, 0, 0);
+            if (err == EINTR)
                 continue;
-            return errno == EAGAIN ? 0 : -errno;
+            return err == EAGAIN ? 0 : -err;
         }
         size_t count = (size_t)n / sizeof(struct uffd_msg);
+        int layout = uffd_msgs_hold_layout(msgs, count);
+        uffd_read_settled(mark, slot, count, layout);
         if (count == 0)
             return 0;
-        if (uffd_msgs_hold_layout(msgs, count)) { /* all of it is the core's (uffdd.h) */
+        if (layout) { /* all of it is the core's (uffdd.h) */
             memcpy(rest, msgs, count * sizeof(struct uffd_msg));
             out->nrest = count;
             out->nread += count;

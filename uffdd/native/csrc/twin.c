@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -45,7 +46,9 @@ struct linux_dirent64 {
     char d_name[];
 };
 
-/* Clear FD_CLOEXEC on every open descriptor (getdents64 on /proc/self/fd: no malloc). */
+/* Clear FD_CLOEXEC on every open descriptor (getdents64 on /proc/self/fd: no malloc),
+   and close every listening socket at once: a daemon started again must be able to bind
+   the dead one's addresses long before the keeper's Python has started. */
 static void keep_across_exec(void)
 {
     int dir = (int)syscall(SYS_openat, AT_FDCWD, "/proc/self/fd", O_RDONLY | O_DIRECTORY);
@@ -67,6 +70,12 @@ static void keep_across_exec(void)
                 fd = fd * 10 + (*c - '0');
             if (fd == dir)
                 continue;
+            int listening = 0;
+            socklen_t size = sizeof listening;
+            if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &size) == 0 && listening) {
+                close(fd);
+                continue;
+            }
             int flags = fcntl(fd, F_GETFD);
             if (flags >= 0 && (flags & FD_CLOEXEC))
                 fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);

@@ -93,7 +93,7 @@ int uffdd_fast_serve(int fd, const struct uffdd_fast_range *ranges, size_t nrang
                      const char *data, const uint8_t *verified, size_t nverified,
                      unsigned chunk_shift, const struct uffdd_plan *plan, char *rest,
                      size_t rest_cap, struct uffdd_fast_done *done, size_t done_cap,
-                     struct uffdd_fast_out *out);
+                     struct uffdd_fast_out *out, uint8_t *mark, uint8_t *slot);
 
 /* -- the background installer, and the fence table (installer.c) -------------------- */
 
@@ -276,6 +276,9 @@ int uffdd_twin_spawn(int daemon_pidfd, const char *path, char *const argv[], cha
    that lands would put snapshot data where zeros are right. The core answers them,
    after the event (docs/architecture.md, section 5.3). */
 int uffd_msgs_hold_layout(const struct uffd_msg *msgs, size_t n);
+ssize_t uffd_read_journaled(int fd, struct uffd_msg *msgs, size_t cap, uint8_t *mark,
+                            uint8_t *slot);
+void uffd_read_settled(uint8_t *mark, uint8_t *slot, size_t count, int layout);
 
 /* -- common.c: eventfds, threads, sockets, time ------------------------------------- */
 
