@@ -35,7 +35,7 @@ from uffdd.keeper.journal import (
     process_alive,
     stored_names,
 )
-from uffdd.keeper.run import tell_restorer
+from uffdd.keeper.run import kill_proven, tell_restorer
 from uffdd.kernel.fdpass import close_fds
 from uffdd.kernel.proc import kill_tree
 from uffdd.kernel.uffd import Uffd
@@ -123,6 +123,8 @@ async def _resume_generation(
                 members[0].with_descriptors(fds),
                 "the daemon died while the restore was being handed over",
             )
+        for _, pid, started in pending.received:
+            kill_proven(pid, started)
         old.end_handover(pending.name)
     for root_name, members in trees.items():
         members.sort(key=lambda r: r.proc.count("."))  # parents before their children

@@ -151,6 +151,10 @@ class PendingHandover:
     name: str
     pid: int
     conn: int
+    received: tuple[tuple[int, int, str], ...] = ()
+    """(descriptor number, sender pid, its start time) of every uffd received on the
+    connection: a task whose uffd the daemon held but had not journaled yet is killed too
+    (by a pidfd of the pid, proven by the start time)."""
 
 
 def fork_children(raw: bytes) -> list[int]:
@@ -345,7 +349,9 @@ class Generation:
         found = []
         for path in sorted(self._handovers.glob("*.json")):
             with contextlib.suppress(ValueError, TypeError, OSError):
-                found.append(PendingHandover(**json.loads(path.read_text())))
+                raw = json.loads(path.read_text())
+                raw["received"] = tuple(tuple(r) for r in raw.get("received", ()))
+                found.append(PendingHandover(**raw))
         return found
 
     def records(self) -> list[Record]:

@@ -81,7 +81,9 @@ class Keeper:
         # A handover in progress may have uffds in flight on its connection, which
         # closing it would release: those stay open until their senders are killed.
         pending = self.generation.pending_handovers()
-        self._close_unnamed(keep={p.conn for p in pending})
+        self._close_unnamed(
+            keep={fd for p in pending for fd in (p.conn, *(r[0] for r in p.received))}
+        )
         for handover in pending:
             self._kill_handover(handover)
         for root, members in list(self.trees.items()):
@@ -122,8 +124,12 @@ class Keeper:
             if any(r.handover_id == pending.name for r in members):
                 self._kill(root, reason)
         senders = _kill_in_flight(pending.conn)
-        with contextlib.suppress(OSError):
-            os.close(pending.conn)
+        for _, pid, started in pending.received:
+            if kill_proven(pid, started):
+                senders.append(pid)
+        for fd in (pending.conn, *(r[0] for r in pending.received)):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         _log.error(
             "ended a restore handed over when the daemon died",
             handover=pending.name,
@@ -196,6 +202,21 @@ class Keeper:
                 self.generation.keeper_socket.unlink()
 
 
+def kill_proven(pid: int, started: str) -> bool:
+    """Kill process ``pid``'s tree if it is the one that started at ``started``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not process_alive(pid, started):
+            return False
+        kill_tree(pid, pidfd)
+        return True
+    finally:
+        os.close(pidfd)
+
+
 def _kill_in_flight(conn: int) -> list[int]:
     """Kill the sender of every uffd still queued on the handover connection ``conn``
     (its task would read zeros once the connection closes), by a pidfd opened at once
@@ -221,7 +242,7 @@ def _kill_in_flight(conn: int) -> list[int]:
                     finally:
                         os.close(pidfd)
             close_fds(fds)
-            if not data and not ancillary:
+            if not data:  # the end (credentials still come with it: not a message)
                 break
     finally:
         sock.detach()

@@ -38,7 +38,7 @@ from uffdd.daemon.lifecycle import Daemon, Door, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.image.criu.images import CriuImageError, read_pstree
 from uffdd.image.criu.reader import CriuImageReader, CriuLayout, image_id_for
-from uffdd.keeper.journal import PendingHandover
+from uffdd.keeper.journal import PendingHandover, start_time
 from uffdd.kernel.fdpass import (
     CREDENTIALS_SPACE,
     Credentials,
@@ -181,6 +181,16 @@ class CriuRestore:
         self._pending = PendingHandover(f"criu-{peer}-{id(self):x}", peer, conn.fileno())
         self.daemon.journal.begin_handover(self._pending)
 
+    def _received(self, fd: int, sender: int) -> None:
+        """Journal a uffd received and not served yet, with its sender (before anything
+        can wait): should the daemon die before its task is journaled, that task dies."""
+        if self._pending is None:
+            return
+        assert self.daemon.journal is not None
+        received = (*self._pending.received, (fd, sender, start_time(sender)))
+        self._pending = replace(self._pending, received=received)
+        self.daemon.journal.begin_handover(self._pending)
+
     def _end(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
@@ -232,6 +242,7 @@ class CriuRestore:
             except CriuProtocolError:
                 close_fds(fds)
                 raise
+            self._received(fds[0], sender)
             await self._start(pid, sender, fds[0])
 
     async def _start(self, pid: int, sender: int, fd: int) -> None:
