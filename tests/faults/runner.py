@@ -86,8 +86,9 @@ DEADLINE_REASON = "resumed within"
 UNPROVEN = "with no journal of the uffd"
 """In the reason of a kill of a tree whose state the journal cannot prove."""
 IN_HANDOVER = "while the restore was being handed over"
-"""In the reason of a kill of a CRIU restore whose handover (before its restore-finished
-marker) the daemon's death interrupted: criu restore fails such a restore itself."""
+"""In the reason of a kill of a restore whose handover the daemon's death interrupted (a
+CRIU restore before its restore-finished marker; a VMM whose uffd was not journaled yet):
+it cannot be resumed."""
 UNPROVABLE: tuple[str | None, ...] = ()
 """Deaths after which the journal may not prove a tree's state: none (every read lands
 in the journal's slot first, so a death inside one is replayed); a kill with
@@ -99,6 +100,7 @@ CHILD_KILLED = "resumed, a child killed"
 KILLED = "killed at the deadline"
 UNPROVABLE_KILL = "killed, unprovable"
 HANDOVER_KILL = "killed, handover cut"
+STOPPED = "killed by the graceful stop"
 FINISHED_FIRST = "finished first"
 FAILED = "FAILED"
 OUTCOMES = (
@@ -107,6 +109,7 @@ OUTCOMES = (
     KILLED,
     UNPROVABLE_KILL,
     HANDOVER_KILL,
+    STOPPED,
     FINISHED_FIRST,
     FAILED,
 )
@@ -560,11 +563,19 @@ WORKLOADS: dict[str, type[Workload]] = {
 def _logs(run: Path) -> list[Path]:
     """Everything the daemons and the keeper wrote (their logs, the state directory)."""
     found = []
-    for path in sorted(run.rglob("*")):
-        with contextlib.suppress(OSError):  # a keeper may remove its journal meanwhile
-            if path.is_file() and (path.suffix == ".log" or any("state" in p for p in path.parts)):
+    for directory, _, files in os.walk(run):  # a keeper may remove its journal meanwhile
+        for name in files:
+            path = Path(directory) / name
+            if path.suffix == ".log" or any("state" in p for p in path.parts):
                 found.append(path)
-    return found
+    return sorted(found)
+
+
+def _logged(run: Path, text: str) -> bool:
+    """Whether any log of the run holds ``text``."""
+    return any(
+        text in path.read_text(errors="replace") for path in _logs(run) if path.suffix == ".log"
+    )
 
 
 def _leftovers(run: Path) -> dict[int, str]:
@@ -710,6 +721,11 @@ def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> 
             return result(CHILD_KILLED)
         return result(RESUMED)
     if not died:
+        # SIGTERM with nothing being served yet never reaches the grace crash point: the
+        # graceful stop itself kills a VMM half-way through its handover, and says why.
+        stopped = "uffdd stopped during the handover"
+        if scenario.point == "grace" and ending.killed and _logged(run, stopped):
+            return result(STOPPED, stopped)
         return result(FAILED, f"the daemon did not die and the workload failed: {ending.detail}")
     if not ending.killed:
         return result(FAILED, f"neither completed nor killed: {ending.detail}")
@@ -722,7 +738,7 @@ def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> 
     reasons = kill_reasons(_logs(run))
     if not reasons:
         return result(FAILED, f"the tree was killed and no {KILLED_TREE!r} says why")
-    if scenario.dialect == "criu" and any(IN_HANDOVER in r for r in reasons):
+    if any(IN_HANDOVER in r for r in reasons):
         if not all(IN_HANDOVER in r or UNPROVEN in r or DEADLINE_REASON in r for r in reasons):
             return result(FAILED, f"a cut handover, killed for another reason too: {reasons}")
         return result(HANDOVER_KILL, "; ".join(sorted(set(reasons))))

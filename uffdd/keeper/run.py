@@ -130,13 +130,14 @@ class Keeper:
         for fd in (pending.conn, *(r[0] for r in pending.received)):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        _log.error(
-            "ended a restore handed over when the daemon died",
-            handover=pending.name,
-            restorer=pending.pid,
-            in_flight=senders,
-            reason=reason,
-        )
+        if senders:
+            _log.error(
+                "killed restore tree",
+                proc=pending.name,
+                restorer=pending.pid,
+                killed=senders,
+                reason=reason,
+            )
         self.generation.end_handover(pending.name)
 
     def _held(self) -> list[int]:

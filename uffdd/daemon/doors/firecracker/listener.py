@@ -49,7 +49,7 @@ from uffdd.daemon.doors.firecracker.endpoint import FirecrackerSocket, drain_now
 from uffdd.daemon.doors.firecracker.restore import VmRestore
 from uffdd.daemon.doors.native.listener import PeerCredentials, peer_credentials
 from uffdd.daemon.lifecycle import Daemon, Restore, Resumed, SilentReporter
-from uffdd.keeper.journal import Record
+from uffdd.keeper.journal import PendingHandover, Record, start_time
 from uffdd.kernel.ownership import prove_owner
 from uffdd.kernel.uffd import Feature, Uffd
 from uffdd.log import get_logger
@@ -83,6 +83,8 @@ class _Pending:
     fds: list[int] = field(default_factory=list)
     waiting: bool = False
     """A valid region list arrived: a VMM waits for its handover to complete."""
+    journaled: str = ""
+    """The name of its pending handover in the journal, until its restore is journaled."""
 
     def shows_vmm(self) -> bool:
         """Whether the peer is a VMM waiting for service (judged when uffdd stops)."""
@@ -226,6 +228,11 @@ class _Server:
             except OSError as exc:
                 _log.warning("the Firecracker peer is gone", pid=peer.pid, error=str(exc))
                 return
+            # The VMM's guest memory is registered and it runs on once it has sent its
+            # uffd: should the daemon die before the restore is journaled, nobody would
+            # ever answer it, so the keeper kills it (keeper/journal.py:PendingHandover).
+            pending.journaled = f"fc-{peer.pid}-{id(conn):x}"
+            self._journal(pending, peer, conn)
             try:
                 await self._pairs(conn, peer, pidfd, pending)
             except Refused as exc:
@@ -238,12 +245,30 @@ class _Server:
                     self._refuse(peer, pidfd, "uffdd stopped during the handover", vmm=True)
                 raise
         finally:
+            self._journaled(pending)
             for fd in pending.fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             if pidfd >= 0:
                 os.close(pidfd)
             conn.close()
+
+    def _journal(self, pending: _Pending, peer: PeerCredentials, conn: socket.socket) -> None:
+        if self.daemon.journal is not None:
+            self.daemon.journal.begin_handover(
+                PendingHandover(
+                    pending.journaled,
+                    peer.pid,
+                    conn.fileno(),
+                    received=((-1, peer.pid, start_time(peer.pid)),),
+                )
+            )
+
+    def _journaled(self, pending: _Pending) -> None:
+        """The connection's handover is over, or its restore journaled."""
+        if pending.journaled and self.daemon.journal is not None:
+            self.daemon.journal.end_handover(pending.journaled)
+        pending.journaled = ""
 
     def _refuse(self, peer: PeerCredentials, pidfd: int, reason: str, *, vmm: bool) -> None:
         kill = vmm and self.policy.kill_refused
@@ -308,6 +333,7 @@ class _Server:
                     os.close(fd)
                 fds.clear()
             await self._handover(peer, pidfd, regions, uffd_fd)
+            self._journaled(pending)  # its restore is journaled now
             pending.waiting = False
 
     async def resume(self, record: Record, uffd: Uffd) -> Resumed:
