@@ -944,22 +944,29 @@ def restore(
     """
     labels = _labels(label_pairs)
     from uffdd.core.errors import UffddError  # noqa: PLC0415
-    from uffdd.restorer import restore_and_check  # noqa: PLC0415
+    from uffdd.restorer import HandedOver, restore_and_check, watched  # noqa: PLC0415
 
     with _open_image(image_dir) as reader:
-        try:
-            report = restore_and_check(
+
+        def body(hand_over: Callable[[HandedOver], None]) -> dict[str, Any]:
+            return restore_and_check(
                 reader,
                 socket_path,
                 image_id=image_id,
                 page_server=page_server,
                 at_image_addresses=placement == "image",
                 verify=verify,
-                wait_resident=wait_resident,
+                wait_resident=False,
                 timeout=timeout,
                 labels=labels,
+                on_handed_over=hand_over if wait_resident else None,
             )
-        except (UffddError, OSError) as exc:
+
+        try:
+            # The memory is restored in a child; this process keeps the line back to
+            # the daemon, so the reason of a kill reaches stderr.
+            report = watched(body, timeout) if wait_resident else body(lambda _: None)
+        except (UffddError, OSError, TimeoutError) as exc:
             click.echo(f"uffdd restore: {exc}", err=True)
             sys.exit(EXIT_FAILED)
     click.echo(json.dumps(report))

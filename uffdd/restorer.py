@@ -42,7 +42,9 @@ import array
 import contextlib
 import ctypes
 import errno
+import json
 import os
+import select
 import socket
 import time
 import weakref
@@ -438,6 +440,7 @@ def restore_and_check(
     wait_resident: bool = True,
     timeout: float = 60.0,
     labels: Mapping[str, str] | None = None,
+    on_handed_over: Callable[[HandedOver], None] | None = None,
 ) -> dict[str, Any]:
     """``uffdd restore``: map every region of ``reader``'s image into this process, hand
     them over to the daemon at ``socket_path``, then read every page (each read of a
@@ -461,6 +464,8 @@ def restore_and_check(
     started = time.monotonic()
     with restorer.restore(wanted, specs, page_server=page_server) as restore:
         handed_over = time.monotonic()
+        if on_handed_over is not None:
+            on_handed_over(restore)
         mismatches: list[int] = []
         for region in restore.regions:
             if verify:
@@ -484,6 +489,115 @@ def restore_and_check(
         "seconds_to_check": round(checked - handed_over, 6),
         "resident": None if summary is None else _summary_dict(summary),
     }
+
+
+def watched(
+    body: Callable[[Callable[[HandedOver], None]], dict[str, Any]], timeout: float
+) -> dict[str, Any]:
+    """Run ``body`` (a restore into this process's memory, such as
+    :func:`restore_and_check` with ``wait_resident=False``) in a forked child, and keep the
+    line back to the daemon here, in a process the daemon never kills.
+
+    Why: a restored process the daemon cannot serve is killed; if it were the restorer
+    too, the reason (``Failed``) would die with it. The child hands this process a copy of
+    its connection (``on_handed_over``) and reads it no more; this process waits for
+    ``Resident`` (added to the child's report as ``resident``) or ``Failed`` (raised as
+    RestoreFailed with the daemon's reason, whether or not the child was killed), and only
+    then lets the child end: its memory must live until the daemon lets go of it.
+    """
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the restored process
+        here.close()
+        os._exit(_watched_child(body, there))
+    there.close()
+    try:
+        return _watch(here, pid, timeout)
+    finally:
+        here.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _watched_child(
+    body: Callable[[Callable[[HandedOver], None]], dict[str, Any]], line: socket.socket
+) -> int:
+    def hand_over(restore: HandedOver) -> None:
+        sock = restore._sock
+        assert sock is not None
+        line.sendmsg(
+            [b"conn"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
+        )
+
+    try:
+        result: dict[str, Any] = {"report": body(hand_over)}
+    except (UffddError, OSError) as exc:
+        result = {"error": str(exc)}
+    line.send(json.dumps(result).encode())
+    line.recv(16)  # until the watcher says the daemon let go (or it went away)
+    return 0 if "report" in result else 1
+
+
+def _watch(line: socket.socket, child: int, timeout: float) -> dict[str, Any]:
+    """The watcher's side of :func:`watched`."""
+    conn: socket.socket | None = None
+    outcome: dict[str, Any] | None = None
+    summary: ResidentSummary | None = None
+    deadline = time.monotonic() + timeout
+    try:
+        while outcome is None or (conn is not None and summary is None):
+            waiting = [line] if outcome is None else []
+            if conn is not None and summary is None:
+                waiting.append(conn)
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select(waiting, [], [], max(left, 0))
+            if not ready:
+                raise TimeoutError(f"the restore did not end within {timeout:g} s")
+            if line in ready:
+                data, ancillary, _, _ = line.recvmsg(1 << 20, socket.CMSG_SPACE(4))
+                fds = [fd for level, kind, raw in ancillary if kind == socket.SCM_RIGHTS
+                       for fd in array.array("i", raw)]  # fmt: skip
+                if fds:
+                    conn = socket.socket(fileno=fds[0])
+                elif data:
+                    outcome = json.loads(data)
+                else:  # the restored process died
+                    reason = _failed_reason(conn) or "the restored process died"
+                    raise RestoreFailed(reason)
+            if conn is not None and conn in ready:
+                data = conn.recv(MAX_REPLY_BYTES)
+                reply = decode_reply(data) if data else None
+                if isinstance(reply, ResidentSummary):
+                    summary = reply
+                elif isinstance(reply, Failed):
+                    raise RestoreFailed(reply.reason)
+                elif reply is None:
+                    raise RestoreFailed("the daemon hung up before the memory was resident")
+        assert outcome is not None
+        if "error" in outcome:
+            raise RestoreFailed(str(outcome["error"]))
+        report: dict[str, Any] = outcome["report"]
+        if summary is not None:
+            report["resident"] = _summary_dict(summary)
+        return report
+    finally:
+        with contextlib.suppress(OSError):
+            line.send(b"done")
+        if conn is not None:
+            conn.close()
+
+
+def _failed_reason(conn: socket.socket | None) -> str | None:
+    """The reason of a Failed already sent on ``conn`` (the restored process died)."""
+    if conn is None:
+        return None
+    conn.setblocking(False)
+    with contextlib.suppress(OSError):
+        while data := conn.recv(MAX_REPLY_BYTES):
+            reply = decode_reply(data)
+            if isinstance(reply, Failed):
+                return reply.reason
+    return None
 
 
 def _summary_dict(summary: ResidentSummary) -> dict[str, float]:

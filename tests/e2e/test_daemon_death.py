@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,31 @@ def test_without_a_restart_the_keeper_kills_the_tree_and_says_why(
     assert all(p["mismatches"] == 0 for p in restored.events if p["event"] == "phase")
     (killed,) = _kills(log)
     assert "no daemon resumed within 1 s" in str(killed["reason"])
+
+
+def test_uffdd_restore_prints_the_reason_when_its_memory_is_killed(
+    images: Path, tmp_path: Path
+) -> None:
+    # `uffdd restore` restores into a child and keeps the line to the daemon itself:
+    # the keeper's Failed reaches its stderr though the memory's process was killed.
+    log = tmp_path / "daemon.log"
+    with (
+        page_server(tmp_path, images, "--bulk-rate-limit", "2M") as (_, target),
+        daemon(tmp_path, target, "--resume-deadline", "1") as first,
+    ):
+        restore = subprocess.Popen(
+            [sys.executable, "-m", "uffdd", "restore", str(images / "demo"),
+             "--handover", str(tmp_path / "handover.sock"), "--timeout", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_until(
+            lambda: any(e["event"] == "serving" for e in _log_events(log)),
+            "the daemon serving the restore",
+            timeout=30,
+        )
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        out, err = restore.communicate(timeout=60)
+    assert restore.returncode == 3, (out, err)
+    assert "no daemon resumed within 1 s" in err
+    assert out == ""
