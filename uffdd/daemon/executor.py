@@ -145,11 +145,10 @@ class Executor:
         self.journal = journal
         """Where every process's layout is written down before it matters (a restarted
         daemon resumes from it); None: nothing outlives this daemon."""
-        self._marks_c: Any = None
-        self._slots_c: Any = None
+        self._journal_c: Any = None
+        """The journal's mapping as C sees it (released at :meth:`close`)."""
         if journal is not None:
-            self._marks_c = ffi.from_buffer("uint8_t[]", journal.marks, require_writable=True)
-            self._slots_c = ffi.from_buffer("uint8_t[]", journal.slots, require_writable=True)
+            self._journal_c = ffi.from_buffer("uint8_t[]", journal.mapping, require_writable=True)
         self._deadlines = {
             Priority.URGENT: self.tracker.policy.urgent_deadline,
             Priority.BULK: self.tracker.policy.bulk_deadline,
@@ -172,6 +171,7 @@ class Executor:
                 self._installer,
                 policy.fault_plan(round_trip=True),
                 journal=journal,
+                journal_c=self._journal_c,
             )
             if demand_lane and self._installer is not None  # its safety needs the fence
             else None
@@ -445,9 +445,10 @@ class Executor:
 
     def _journal_pointers(self, fd: int) -> tuple[Any, Any] | None:
         """The journal's mark and slot of ``fd`` as C pointers, for a C reader."""
-        if self._marks_c is None or not 0 <= fd < len(self._marks_c):
+        journal = self.journal
+        if self._journal_c is None or journal is None or not 0 <= fd < journal.mark_slots:
             return None
-        return self._marks_c + fd, self._slots_c + fd * SLOT_SIZE
+        return self._journal_c + fd, self._journal_c + journal.mark_slots + fd * SLOT_SIZE
 
     def _mark(self, fd: int, value: int) -> None:
         if self.journal is not None:
@@ -790,6 +791,9 @@ class Executor:
             self._installer.close()
             self._installer = None
             self._background.clear()
+        if self._journal_c is not None:  # after every C reader stopped
+            ffi.release(self._journal_c)
+            self._journal_c = None
 
 
 def _micros(seconds: float | None) -> float | None:

@@ -62,7 +62,7 @@ async def _resume_all(daemon: Daemon) -> None:
     for old in daemon.state.generations(besides=daemon.journal.name):
         await _keeper_ready(old, daemon.config.resume_deadline)
         try:
-            taken = handback.take_back(old.keeper_socket)
+            taken = handback.take_back(old.keeper_address)
         except (OSError, ValueError, ConnectionError) as exc:
             _log.error("cannot take back from a keeper", generation=old.name, error=str(exc))
             old.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from uffdd.client.demand_lane import DemandLane, DemandThread
 from uffdd.core.actions import Action
@@ -112,9 +112,12 @@ class DemandRoute:
         plan: FaultPlan,
         *,
         journal: Generation | None = None,
+        journal_c: object = None,
     ) -> None:
         self._host = host
         self._journal = journal
+        self._journal_c: Any = journal_c
+        """The journal's mapping as C sees it (owned by the executor)."""
         """Whose read marks and held batches each thread keeps (``keeper/journal.py``)."""
         self._loop = loop
         self._installer = installer
@@ -171,8 +174,9 @@ class DemandRoute:
             _log.warning("no demand thread", error=str(exc))
             lane.close()
             return None
-        if self._journal is not None:
-            thread.mark_reads(self._journal.marks, self._journal.slots, SLOT_SIZE)
+        if self._journal_c is not None and self._journal is not None:
+            slots = self._journal_c + self._journal.mark_slots
+            thread.mark_reads(self._journal_c, self._journal.mark_slots, slots, SLOT_SIZE)
         self._demanders[id(lane)] = thread
         self._loop.add_reader(thread.fd, self._take_demand, thread)
         return thread

@@ -192,23 +192,26 @@ class Generation:
                 file.truncate(count * (1 + SLOT_SIZE))
         with marks.open("r+b") as file:
             self._file = mmap.mmap(file.fileno(), 0)
+        self._dir = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.mark_slots = len(self._file) // (1 + SLOT_SIZE)
-        self._marks = memoryview(self._file)[: self.mark_slots]
-        self._slots = memoryview(self._file)[self.mark_slots :]
+        """Marks come first, one byte per descriptor number; the slots follow."""
 
     @property
-    def marks(self) -> memoryview:
-        """The marks, shared with the C demand thread (``uffdd_demander_marks``)."""
-        return self._marks
-
-    @property
-    def slots(self) -> memoryview:
-        """The held batches' slots (``SLOT_SIZE`` each), shared with the C demand thread."""
-        return self._slots
+    def mapping(self) -> mmap.mmap:
+        """The marks and the slots, for a C reader (``ffi.from_buffer``: the marks at its
+        start, the slots ``mark_slots`` bytes in). No view of it is kept here: the
+        mapping is unmapped only when nothing refers to it any more."""
+        return self._file
 
     @property
     def keeper_socket(self) -> Path:
         return self.path / "keeper.sock"
+
+    @property
+    def keeper_address(self) -> Path:
+        """``keeper_socket`` as a path short enough for a socket address whatever the
+        state directory's length (through this generation's directory descriptor)."""
+        return Path(f"/proc/self/fd/{self._dir}/keeper.sock")
 
     def twin_started(self, pid: int) -> None:
         """Note the daemon's twin (a resuming daemon waits for it to become the keeper)."""
@@ -224,12 +227,12 @@ class Generation:
 
     def mark(self, fd: int, value: int) -> None:
         if 0 <= fd < self.mark_slots:
-            self._marks[fd] = value
+            self._file[fd] = value
 
     def marked(self, fd: int) -> int:
         """The mark of ``fd``: 0, ``READING`` or ``HELD`` (``READING`` for a number past
         the marks: nothing can be proven of it)."""
-        return self._marks[fd] if 0 <= fd < self.mark_slots else READING
+        return self._file[fd] if 0 <= fd < self.mark_slots else READING
 
     def read_uffd(self, fd: int) -> bytes:
         """A journaled read of uffd ``fd`` (what ``csrc/uffd.c:uffd_read_journaled``
@@ -241,15 +244,17 @@ class Generation:
                 return os.read(fd, SLOT_MESSAGES * MSG_SIZE)
             except BlockingIOError:
                 return b""
-        messages = self._slots[fd * SLOT_SIZE + _HEADER.size : (fd + 1) * SLOT_SIZE]
-        messages[:] = bytes(len(messages))
-        self._marks[fd] = READING
+        start = self._slot(fd) + _HEADER.size
+        end = start + SLOT_MESSAGES * MSG_SIZE
+        self._file[start:end] = bytes(end - start)
+        self._file[fd] = READING
         try:
-            count = os.readv(fd, [messages])
+            with memoryview(self._file) as whole, whole[start:end] as messages:
+                count = os.readv(fd, [messages])
         except BlockingIOError:
-            self._marks[fd] = 0
+            self._file[fd] = 0
             return b""
-        return bytes(messages[:count])
+        return self._file[start : start + count]
 
     def settle(self, fd: int, count: int, layout: bool) -> None:
         """After a journaled read of ``count`` messages: one with a layout event is
@@ -258,22 +263,22 @@ class Generation:
         if not 0 <= fd < self.mark_slots:
             return
         if not layout:
-            self._marks[fd] = 0
+            self._file[fd] = 0
             return
-        slot = self._slots[fd * SLOT_SIZE : (fd + 1) * SLOT_SIZE]
-        sequence, _ = _HEADER.unpack_from(slot)
-        struct.pack_into("=I", slot, 8, count)
-        struct.pack_into("=Q", slot, 0, sequence + 1)
-        self._marks[fd] = HELD
+        at = self._slot(fd)
+        sequence, _ = _HEADER.unpack_from(self._file, at)
+        struct.pack_into("=I", self._file, at + 8, count)
+        struct.pack_into("=Q", self._file, at, sequence + 1)
+        self._file[fd] = HELD
 
     def held(self, fd: int) -> tuple[int, bytes]:
         """The sequence number of ``fd``'s last held batch, and its raw messages."""
         if not 0 <= fd < self.mark_slots:
             return 0, b""
-        slot = self._slots[fd * SLOT_SIZE : (fd + 1) * SLOT_SIZE]
-        sequence, count = _HEADER.unpack_from(slot)
+        at = self._slot(fd)
+        sequence, count = _HEADER.unpack_from(self._file, at)
         count = min(count, SLOT_MESSAGES)
-        return sequence, bytes(slot[_HEADER.size : _HEADER.size + count * MSG_SIZE])
+        return sequence, self._file[at + _HEADER.size : at + _HEADER.size + count * MSG_SIZE]
 
     def pending(self, record: Record) -> bytes:
         """What a read of ``record``'s uffd consumed that its checkpoint does not
@@ -282,14 +287,18 @@ class Generation:
         held batch not journaled yet (``HELD``, newer than the record's ``applied``)."""
         mark = self.marked(record.uffd)
         if mark == READING and 0 <= record.uffd < self.mark_slots:
-            start = record.uffd * SLOT_SIZE + _HEADER.size
-            raw = bytes(self._slots[start : start + SLOT_MESSAGES * MSG_SIZE])
+            start = self._slot(record.uffd) + _HEADER.size
+            raw = self._file[start : start + SLOT_MESSAGES * MSG_SIZE]
             messages = [raw[at : at + MSG_SIZE] for at in range(0, len(raw), MSG_SIZE)]
             return b"".join(m for m in messages if m[0] != 0)
         if mark != HELD:
             return b""
         sequence, raw = self.held(record.uffd)
         return raw if sequence > record.applied else b""
+
+    def _slot(self, fd: int) -> int:
+        """Where ``fd``'s slot starts in the mapping."""
+        return self.mark_slots + fd * SLOT_SIZE
 
     def provable(self, record: Record) -> bool:
         """Whether what the dead daemon knew of ``record``'s process can be proven: its
@@ -367,9 +376,10 @@ class Generation:
     def close(self) -> None:
         # A C reader's pointer into the marks may outlive this (until the interpreter
         # exits): then the mapping stays, and is unmapped with the process.
+        if self._dir >= 0:
+            os.close(self._dir)
+            self._dir = -1
         with contextlib.suppress(BufferError):
-            self._marks.release()
-            self._slots.release()
             self._file.close()
 
     def discard(self) -> None:

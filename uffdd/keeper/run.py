@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import select
 import socket
@@ -52,21 +53,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--generation", required=True)
     parser.add_argument("--resume-deadline", type=float, required=True)
     parser.add_argument("--log-format", default="json")
+    inherited = _open_descriptors()
     args = parser.parse_args(argv)
     configure_logging(json=args.log_format == "json")
     if _daemon_alive(args.generation):
         return 0  # not a death: the daemon closed the descriptor the twin watched
     generation = Generation(args.state_dir / args.generation, create=False)
+    keeper = Keeper(generation, args.resume_deadline, inherited)
     try:
-        return Keeper(generation, args.resume_deadline).run()
+        return keeper.run()
+    except BaseException as exc:
+        # The keeper is the last holder: whatever went wrong, nothing it holds may be
+        # released to read zeros. Kill what it still holds, then fail.
+        _log.error("the keeper failed: killing what it holds", error=repr(exc))
+        for root in list(keeper.trees):
+            keeper.kill(root, f"the uffdd keeper failed ({exc!r}): the process is killed")
+        raise
     finally:
         generation.close()
 
 
 class Keeper:
-    def __init__(self, generation: Generation, deadline: float) -> None:
+    def __init__(self, generation: Generation, deadline: float, inherited: set[int]) -> None:
         self.generation = generation
         self.deadline = deadline
+        self.inherited = inherited
+        """The descriptors the dead daemon left (the keeper's own are not among them)."""
         self.trees: dict[str, list[Record]] = {}
 
     def run(self) -> int:
@@ -89,7 +101,7 @@ class Keeper:
         for root, members in list(self.trees.items()):
             unproven = [r.proc for r in members if not self.generation.provable(r)]
             if unproven or not any(r.proc == root for r in members):
-                self._kill(
+                self.kill(
                     root,
                     "the uffdd daemon died with no journal of the uffd of "
                     f"{', '.join(unproven) or root}: what it read is not known, so the "
@@ -112,7 +124,7 @@ class Keeper:
             "the process is killed rather than left reading wrong memory"
         )
         for root in list(self.trees):
-            self._kill(root, reason)
+            self.kill(root, reason)
         self.generation.discard()
         return 0
 
@@ -122,7 +134,7 @@ class Keeper:
         )
         for root, members in list(self.trees.items()):
             if any(r.handover_id == pending.name for r in members):
-                self._kill(root, reason)
+                self.kill(root, reason)
         senders = _kill_in_flight(pending.conn)
         for _, pid, started in pending.received:
             if kill_proven(pid, started):
@@ -152,13 +164,12 @@ class Keeper:
 
     def _close_unnamed(self, keep: set[int]) -> None:
         keep = {0, 1, 2, *self._held(), *keep}
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
+        for fd in sorted(self.inherited):
             if fd not in keep:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _kill(self, root: str, reason: str) -> None:
+    def kill(self, root: str, reason: str) -> None:
         members = self.trees.pop(root)
         for record in members:  # first: a restorer that is not the process hears it
             if record.conn >= 0:
@@ -175,7 +186,7 @@ class Keeper:
 
     def _wait_for_daemon(self) -> bool:
         """Hand everything to the first daemon that takes it back in time."""
-        sock, _, _ = bind_listener(self.generation.keeper_socket, socket.SOCK_SEQPACKET)
+        sock, _, _ = bind_listener(self.generation.keeper_address, socket.SOCK_SEQPACKET)
         sock.setblocking(True)
         end = time.monotonic() + self.deadline
         try:
@@ -248,6 +259,16 @@ def _kill_in_flight(conn: int) -> list[int]:
     finally:
         sock.detach()
     return killed
+
+
+def _open_descriptors() -> set[int]:
+    """The descriptors open now (not the one that listing them opened for a moment)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(int(name), fcntl.F_GETFD)
+            found.add(int(name))
+    return found
 
 
 def _trusted(conn: socket.socket) -> bool:

@@ -79,7 +79,6 @@ class Demander:
     Every uffd handed to it must be watched by ``installer``."""
 
     _handle: Any = None  # until started (a refused __init__ leaves nothing to stop)
-    _marks: Any = None  # the read marks C writes (kept alive while the thread runs)
 
     def __init__(
         self,
@@ -138,17 +137,11 @@ class Demander:
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
 
-    def mark_reads(self, marks: Any, slots: Any, slot_size: int) -> None:
-        """Mark each read of a uffd in ``marks`` (one byte per fd number) and keep each
-        batch with a layout event in ``slots`` (``slot_size`` bytes per fd number) until
-        the loop clears its mark (``keeper/journal.py``). Both writable buffers stay
-        referenced here until :meth:`close`."""
-        mark_buffer = ffi.from_buffer("uint8_t[]", marks, require_writable=True)
-        slot_buffer = ffi.from_buffer("uint8_t[]", slots, require_writable=True)
-        self._marks = (mark_buffer, slot_buffer)
-        lib.uffdd_demander_marks(
-            self._handle, mark_buffer, len(mark_buffer), slot_buffer, slot_size
-        )
+    def mark_reads(self, marks: Any, count: int, slots: Any, slot_size: int) -> None:
+        """Journal each read of a uffd (``keeper/journal.py``): its mark in ``marks``
+        (``count`` bytes, one per fd number), its messages in ``slots`` (``slot_size``
+        bytes per fd number). The memory must outlive the thread (the caller's)."""
+        lib.uffdd_demander_marks(self._handle, marks, count, slots, slot_size)
 
     def remove(self, slot: int) -> None:
         """Stop serving the slot's uffd; the thread no longer touches it afterwards."""
