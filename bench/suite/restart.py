@@ -45,7 +45,7 @@ from suite.images import BenchImage, random_image
 from suite.procs import Memory, memory, running
 from suite.report import fmt, fx, table
 from suite.stats import Summary, ratio
-from uffdd.keeper.journal import process_alive
+from uffdd.kernel.proc import process_alive
 
 MiB = 1 << 20
 DEMAND_NS = 5000

@@ -67,11 +67,17 @@ def fds_of(pid: int) -> list[str]:
     return found
 
 
+TWIN_PIDFDS = 2
+"""The pidfds a daemon always holds: its own (its twin watches it) and its twin's."""
+
+
 def settle_fds(pid: int) -> list[str]:
-    """The daemon's fds once it holds no uffd and no pidfd (bounded wait: VMMs exited)."""
+    """The daemon's fds once it holds no uffd and no pidfd of a VMM (bounded wait: VMMs
+    exited)."""
     for _ in range(1500):
         fds = fds_of(pid)
-        if not any("userfaultfd" in fd or "pidfd" in fd for fd in fds):
+        pidfds = sum("pidfd" in fd for fd in fds)
+        if not any("userfaultfd" in fd for fd in fds) and pidfds <= TWIN_PIDFDS:
             return fds
         time.sleep(0.02)
     raise AssertionError(f"the daemon still holds {fds_of(pid)}")

@@ -31,9 +31,10 @@ from uffdd.daemon.crash import crash_point
 from uffdd.daemon.executor import Executor, TreeOutcome
 from uffdd.daemon.sources import PageSource
 from uffdd.image.store import ImageStore
-from uffdd.keeper.journal import Generation, Record, StateDir, start_time
+from uffdd.keeper.journal import Generation, Record, StateDir
 from uffdd.keeper.twin import Twin
 from uffdd.kernel.memory import keep_freed_memory
+from uffdd.kernel.proc import start_time
 from uffdd.kernel.sched import short_slice
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger

@@ -32,12 +32,11 @@ from uffdd.keeper.journal import (
     FD_STORE_PREFIX,
     Generation,
     Record,
-    process_alive,
     stored_names,
 )
-from uffdd.keeper.run import kill_proven, tell_restorer
+from uffdd.keeper.run import tell_restorer
 from uffdd.kernel.fdpass import close_fds
-from uffdd.kernel.proc import kill_tree
+from uffdd.kernel.proc import kill_proven, kill_tree, process_alive
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.systemd import by_name

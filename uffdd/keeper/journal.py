@@ -46,6 +46,7 @@ from uffdd.core.errors import ConfigError
 from uffdd.core.events import Fork
 from uffdd.core.process import Checkpoint, LazyRegion
 from uffdd.core.wire import decode_messages
+from uffdd.kernel.proc import process_alive, start_time
 from uffdd.log import get_logger
 
 _log = get_logger("uffdd.keeper.journal")
@@ -408,23 +409,3 @@ class StateDir:
         for path in sorted(self.path.glob("gen-*")):
             if path.name != besides and (path / "marks").exists():
                 yield Generation(path, create=False)
-
-
-def start_time(pid: int) -> str:
-    """When ``pid`` started (clock ticks since boot): with the pid, names one process;
-    "" when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :].split()[19]
-
-
-def process_alive(pid: int, started: str) -> bool:
-    """Whether the process ``pid`` that started at ``started`` still runs (not a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0] not in ("Z", "X") and fields[19] == started

@@ -36,10 +36,8 @@ from uffdd.keeper.journal import (
     PendingHandover,
     Record,
     fork_children,
-    process_alive,
 )
-from uffdd.kernel.fdpass import CREDENTIALS_SPACE, close_fds, credentials_in, fds_in
-from uffdd.kernel.proc import kill_tree
+from uffdd.kernel.proc import kill_proven, kill_senders_in_flight, kill_tree, process_alive
 from uffdd.kernel.unix_listener import bind_listener
 from uffdd.log import configure_logging, get_logger
 from uffdd.wire.handover import encode_reply
@@ -135,7 +133,7 @@ class Keeper:
         for root, members in list(self.trees.items()):
             if any(r.handover_id == pending.name for r in members):
                 self.kill(root, reason)
-        senders = _kill_in_flight(pending.conn)
+        senders = kill_senders_in_flight(pending.conn)
         for _, pid, started in pending.received:
             if kill_proven(pid, started):
                 senders.append(pid)
@@ -212,53 +210,6 @@ class Keeper:
             sock.close()
             with contextlib.suppress(OSError):
                 self.generation.keeper_socket.unlink()
-
-
-def kill_proven(pid: int, started: str) -> bool:
-    """Kill process ``pid``'s tree if it is the one that started at ``started``."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        if not process_alive(pid, started):
-            return False
-        kill_tree(pid, pidfd)
-        return True
-    finally:
-        os.close(pidfd)
-
-
-def _kill_in_flight(conn: int) -> list[int]:
-    """Kill the sender of every uffd still queued on the handover connection ``conn``
-    (its task would read zeros once the connection closes), by a pidfd opened at once
-    on the pid its message's credentials name; the pids killed."""
-    killed = []
-    sock = socket.socket(fileno=conn)
-    try:
-        sock.setblocking(False)
-        room = socket.CMSG_SPACE(4 * 16) + CREDENTIALS_SPACE
-        while True:
-            try:
-                data, ancillary, _, _ = sock.recvmsg(64, room)
-            except OSError:
-                break
-            fds = fds_in(ancillary)
-            sender = credentials_in(ancillary)
-            if fds and sender is not None and sender.pid > 0:
-                with contextlib.suppress(OSError):
-                    pidfd = os.pidfd_open(sender.pid)
-                    try:
-                        kill_tree(sender.pid, pidfd)
-                        killed.append(sender.pid)
-                    finally:
-                        os.close(pidfd)
-            close_fds(fds)
-            if not data:  # the end (credentials still come with it: not a message)
-                break
-    finally:
-        sock.detach()
-    return killed
 
 
 def _open_descriptors() -> set[int]:

@@ -16,8 +16,11 @@ import contextlib
 import os
 import select
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+from uffdd.kernel.fdpass import CREDENTIALS_SPACE, close_fds, credentials_in, fds_in
 
 KILL_ROUNDS = 64
 """At most this many walks over a tree being killed. Each walk stops the processes it
@@ -236,3 +239,70 @@ def resident_spans(pid: int, pidfd: int, spans: list[tuple[int, int]]) -> list[t
     except OSError:
         return []
     return found if pidfd_alive(pidfd) else []
+
+
+def start_time(pid: int) -> str:
+    """When ``pid`` started (clock ticks since boot): with the pid, names one process;
+    "" when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+def process_alive(pid: int, started: str) -> bool:
+    """Whether the process ``pid`` that started at ``started`` still runs (not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] not in ("Z", "X") and fields[19] == started
+
+
+def kill_proven(pid: int, started: str) -> bool:
+    """Kill process ``pid``'s tree if it is the one that started at ``started``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not process_alive(pid, started):
+            return False
+        kill_tree(pid, pidfd)
+        return True
+    finally:
+        os.close(pidfd)
+
+
+def kill_senders_in_flight(conn: int) -> list[int]:
+    """Kill the sender of every uffd still queued on the handover connection ``conn``
+    (its task would read zeros once the connection closes), by a pidfd opened at once
+    on the pid its message's credentials name; the pids killed."""
+    killed = []
+    sock = socket.socket(fileno=conn)
+    try:
+        sock.setblocking(False)
+        room = socket.CMSG_SPACE(4 * 16) + CREDENTIALS_SPACE
+        while True:
+            try:
+                data, ancillary, _, _ = sock.recvmsg(64, room)
+            except OSError:
+                break
+            fds = fds_in(ancillary)
+            sender = credentials_in(ancillary)
+            if fds and sender is not None and sender.pid > 0:
+                with contextlib.suppress(OSError):
+                    pidfd = os.pidfd_open(sender.pid)
+                    try:
+                        kill_tree(sender.pid, pidfd)
+                        killed.append(sender.pid)
+                    finally:
+                        os.close(pidfd)
+            close_fds(fds)
+            if not data:  # the end (credentials still come with it: not a message)
+                break
+    finally:
+        sock.detach()
+    return killed

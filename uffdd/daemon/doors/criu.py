@@ -38,7 +38,7 @@ from uffdd.daemon.lifecycle import Daemon, Door, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
 from uffdd.image.criu.images import CriuImageError, read_pstree
 from uffdd.image.criu.reader import CriuImageReader, CriuLayout, image_id_for
-from uffdd.keeper.journal import PendingHandover, start_time
+from uffdd.keeper.journal import PendingHandover
 from uffdd.kernel.fdpass import (
     CREDENTIALS_SPACE,
     Credentials,
@@ -48,7 +48,13 @@ from uffdd.kernel.fdpass import (
     pass_credentials,
     wait_readable,
 )
-from uffdd.kernel.proc import UnprovenProcess, open_proven
+from uffdd.kernel.proc import (
+    UnprovenProcess,
+    kill_proven,
+    kill_senders_in_flight,
+    open_proven,
+    start_time,
+)
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 
@@ -162,7 +168,15 @@ class CriuRestore:
             await self._kill_all(reason)
             return CriuResult(EXIT_FAILED, reason)
         except asyncio.CancelledError:
-            self._kill_started("uffdd stopped during the handover")
+            reason = "uffdd stopped during the handover"
+            self._kill_started(reason)
+            # A task whose uffd arrived and is not served yet, or is still in flight,
+            # would read zeros once the connection closes: it dies with the restore.
+            pending = self._pending.received if self._pending is not None else ()
+            cut = [pid for _, pid, started in pending if kill_proven(pid, started)]
+            cut += kill_senders_in_flight(conn.fileno())
+            if cut:
+                _log.error("killed restore tree", proc="criu handover", pids=cut, reason=reason)
             raise
         finally:
             conn.close()

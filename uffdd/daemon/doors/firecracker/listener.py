@@ -49,8 +49,9 @@ from uffdd.daemon.doors.firecracker.endpoint import FirecrackerSocket, drain_now
 from uffdd.daemon.doors.firecracker.restore import VmRestore
 from uffdd.daemon.doors.native.listener import PeerCredentials, peer_credentials
 from uffdd.daemon.lifecycle import Daemon, Restore, Resumed, SilentReporter
-from uffdd.keeper.journal import PendingHandover, Record, start_time
+from uffdd.keeper.journal import PendingHandover, Record
 from uffdd.kernel.ownership import prove_owner
+from uffdd.kernel.proc import start_time
 from uffdd.kernel.uffd import Feature, Uffd
 from uffdd.log import get_logger
 
