@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from uffdd.core.errors import UffdOpError
 from uffdd.core.process import LazyRegion
-from uffdd.daemon.doors.native.listener import drain_events
+from uffdd.daemon.doors.native.listener import drain_events, let_go
 from uffdd.daemon.executor import TreeOutcome
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
@@ -75,6 +75,10 @@ class VmRestore:
             self.kill()
             self.resident = False
             return
+        # Every other range this uffd registers too (guest memory outside the image): with
+        # nothing registered left, no event of the VMM can ever wait for a reader, not
+        # even once this daemon is gone (the VM is no longer journaled).
+        let_go(self.uffd, self.pid, self.pidfd, self.name)
         _log.info("resident VM memory unregistered; watching until the VMM exits", vm=self.name)
         loop = asyncio.get_running_loop()
         loop.add_reader(self.uffd.fd, self._drain)
