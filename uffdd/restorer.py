@@ -552,7 +552,7 @@ def _watch(line: socket.socket, child: int, timeout: float) -> dict[str, Any]:
             left = deadline - time.monotonic()
             ready, _, _ = select.select(waiting, [], [], max(left, 0))
             if not ready:
-                raise TimeoutError(f"the restore did not end within {timeout:g} s")
+                raise TimeoutError(f"the restore made no progress for {timeout:g} s")
             if line in ready:
                 data, ancillary, _, _ = line.recvmsg(1 << 20, socket.CMSG_SPACE(4))
                 fds = [fd for level, kind, raw in ancillary if kind == socket.SCM_RIGHTS
@@ -567,6 +567,7 @@ def _watch(line: socket.socket, child: int, timeout: float) -> dict[str, Any]:
             if conn is not None and conn in ready:
                 data = conn.recv(MAX_REPLY_BYTES)
                 reply = decode_reply(data) if data else None
+                deadline = time.monotonic() + timeout  # the daemon is making progress
                 if isinstance(reply, ResidentSummary):
                     summary = reply
                 elif isinstance(reply, Failed):
