@@ -724,7 +724,8 @@ def _classify(scenario: Scenario, run: Path, workload: Workload, died: bool) -> 
         # SIGTERM with nothing being served yet never reaches the grace crash point: the
         # graceful stop itself kills a VMM half-way through its handover, and says why.
         stopped = "uffdd stopped during the handover"
-        if scenario.point == "grace" and ending.killed and _logged(run, stopped):
+        ended = ending.killed or scenario.dialect == "criu"  # (its double: see below)
+        if scenario.point == "grace" and ended and _logged(run, stopped):
             return result(STOPPED, stopped)
         return result(FAILED, f"the daemon did not die and the workload failed: {ending.detail}")
     if not ending.killed:

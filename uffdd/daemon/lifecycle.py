@@ -179,6 +179,29 @@ class Daemon:
         self.journal: Generation | None = None
         self._twin: Twin | None = None
 
+    def prepare(self) -> None:
+        """The journal and the twin, before any socket a restore can come in on is
+        bound (a uffd may arrive in its queue at once): from here on no uffd this
+        daemon holds dies with it. The twin comes first while the daemon is small (it
+        keeps a copy-on-write image of it). :meth:`run` calls it if nobody did; one
+        that prepared and then does not run must :meth:`abandon`."""
+        if self.journal is not None:
+            return
+        self.journal = self.state.new_generation(fd_store=systemd.under_systemd())
+        self._twin = Twin(
+            self.state.path, self.journal.name, self.config.resume_deadline, self.config.log_format
+        )
+        self.journal.twin_started(self._twin.pid)
+
+    def abandon(self) -> None:
+        """Undo :meth:`prepare` for a daemon that will not run (its start failed)."""
+        if self._twin is not None:
+            self._twin.close()
+            self._twin = None
+        if self.journal is not None:
+            self.journal.discard()
+            self.journal = None
+
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM and SIGINT do)."""
         self._stopping.set()
@@ -201,17 +224,8 @@ class Daemon:
         Firecracker), each a coroutine run for the daemon's life and cancelled at stop.
         """
         loop = asyncio.get_running_loop()
-        # The twin first, while the daemon is small (it shares the descriptor table and
-        # holds a copy-on-write image of the rest): from here on no uffd this daemon
-        # holds dies with it.
-        self.journal = self.state.new_generation(fd_store=systemd.under_systemd())
-        self._twin = Twin(
-            self.state.path,
-            self.journal.name,
-            self.config.resume_deadline,
-            self.config.log_format,
-        )
-        self.journal.twin_started(self._twin.pid)
+        self.prepare()
+        assert self._twin is not None
         loop.add_reader(self._twin.pidfd, self._twin_died)
         keep_freed_memory()  # receive buffers stay warm (see there)
         self._executor = Executor(
@@ -255,8 +269,7 @@ class Daemon:
             if self._store is not None:
                 self._store.close()
             loop.remove_reader(self._twin.pidfd)
-            self._twin.close()
-            self.journal.discard()
+            self.abandon()  # every restore ended: the twin and the journal go
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             _log.info("stopped")

@@ -26,16 +26,19 @@ _log = get_logger("uffdd.daemon.lifecycle")
 def run_daemon(config: DaemonConfig) -> None:
     """Serve handed-over userfaultfds until stopped; ConfigError (logged) if it cannot
     start."""
+    daemon = Daemon(config)
+    daemon.prepare()  # before any door is bound
     try:
         doors = firecracker_doors(config.firecracker, config)
         try:
             listeners: list[Door] = [resume_door, native_door(), *doors.doors]
             if config.criu_images:
                 listeners.append(_criu_door(config))
-            asyncio.run(Daemon(config).run(listeners))
+            asyncio.run(daemon.run(listeners))
         finally:
             doors.close()
     except ConfigError as exc:
+        daemon.abandon()
         _log.error("cannot start", error=str(exc))
         raise
 

@@ -394,13 +394,13 @@ class StateDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise ConfigError(f"state directory {path}: {exc.strerror or exc}") from exc
 
     def new_generation(self, *, fd_store: bool = False) -> Generation:
-        """A fresh journal for this daemon instance."""
+        """A fresh journal for this daemon instance (the directory made if need be)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"state directory {self.path}: {exc.strerror or exc}") from exc
         name = f"gen-{os.getpid()}-{start_time(os.getpid())}"
         return Generation(self.path / name, create=True, fd_store=fd_store)
 

@@ -474,7 +474,12 @@ async def _lazy_pages(config: LazyPagesConfig, resume: Door | None) -> CriuResul
     if not settings.state_dir:
         settings = replace(settings, state_dir=str(config.work_dir / "uffdd-state"))
     daemon = Daemon(settings)
-    listener = bind_lazy_pages_socket(config.work_dir)
+    daemon.prepare()  # criu restore hands over as soon as the socket exists
+    try:
+        listener = bind_lazy_pages_socket(config.work_dir)
+    except BaseException:
+        daemon.abandon()
+        raise
     _log.info("listening", socket=str(config.work_dir / LAZY_PAGES_SOCKET),
               images=str(config.images_dir), page_server=target)  # fmt: skip
     results: list[CriuResult] = []

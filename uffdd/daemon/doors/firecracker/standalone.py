@@ -34,6 +34,12 @@ def run_firecracker(config: FirecrackerConfig, resume: Door | None = None) -> No
     start (an unusable socket path, memory file or image)."""
     backing: Backing | None = None
     listening: FirecrackerSocket | None = None
+    settings = config.daemon
+    if not settings.state_dir:
+        settings = replace(settings, state_dir=str(config.socket.parent / "uffdd-state"))
+    daemon = Daemon(settings)
+    daemon.prepare()  # a VMM hands over as soon as the socket exists
+    ran = False
     try:
         if config.mem_file is not None:
             cache = config.cache_dir or default_cache_dir()
@@ -53,14 +59,14 @@ def run_firecracker(config: FirecrackerConfig, resume: Door | None = None) -> No
             else FirecrackerPolicy(allowed_uids=uids, fd_wait=config.fd_wait)
         )
         door = firecracker_door(listening, backing, policy)
-        settings = config.daemon
-        if not settings.state_dir:
-            settings = replace(settings, state_dir=str(config.socket.parent / "uffdd-state"))
-        asyncio.run(Daemon(settings).run([door] if resume is None else [resume, door]))
+        ran = True
+        asyncio.run(daemon.run([door] if resume is None else [resume, door]))
     except ConfigError as exc:
         _log.error("cannot start", error=str(exc))
         raise
     finally:
+        if not ran:
+            daemon.abandon()
         if listening is not None:
             listening.close()
         if backing is not None:
