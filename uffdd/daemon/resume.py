@@ -36,7 +36,7 @@ from uffdd.keeper.journal import (
 )
 from uffdd.keeper.run import tell_restorer
 from uffdd.kernel.fdpass import close_fds
-from uffdd.kernel.proc import kill_proven, kill_tree, process_alive
+from uffdd.kernel.proc import kill_proven, kill_tree
 from uffdd.kernel.uffd import Uffd
 from uffdd.log import get_logger
 from uffdd.systemd import by_name
@@ -237,21 +237,6 @@ def _with_forks(record: Record, members: list[Record]) -> Record:
     return replace(record, checkpoint=replace(record.checkpoint, forks=forks, handed_over=True))
 
 
-def _reopen(pid: int, started: str) -> int:
-    """A pidfd of process ``pid`` if it is provably the one journaled (same start
-    time), else -1: for a root or restorer whose own pidfd was lost."""
-    if not started or pid <= 0:
-        return -1
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return -1
-    if process_alive(pid, started):
-        return pidfd
-    os.close(pidfd)
-    return -1
-
-
 async def _take_over(daemon: Daemon, root: Record) -> Resumed:
     """The root's page source and the uffd the executor reads: from its door when the
     door registered a way (Firecracker), else from the journaled page source. ``root``
@@ -305,8 +290,9 @@ async def _reporter(root: Record) -> tuple[Reporter, Callable[[], None]]:
 def _fail(root: Record, reason: str) -> None:
     """Kill a tree that cannot be resumed (by its pidfd, taken back), and say why."""
     _log.error("killed restore tree", proc=ProcId(root.proc), reason=reason, by="resume")
-    pidfd = root.pidfd if root.pidfd >= 0 else _reopen(root.pid, root.started)
-    if pidfd >= 0:
-        kill_tree(root.pid, pidfd)
+    if root.pidfd >= 0:
+        kill_tree(root.pid, root.pidfd)
+    else:  # its pidfd was lost: only the very process that started then
+        kill_proven(root.pid, root.started)
     if root.conn >= 0:
         tell_restorer(root.conn, reason)

@@ -33,6 +33,7 @@ from uffdd.core.addresses import RunAddr
 from uffdd.core.errors import ImageError, PageServerError, PeerProtocolError
 from uffdd.core.events import ProcId
 from uffdd.core.process import LazyRegion
+from uffdd.daemon.doors.native.listener import peer_credentials
 from uffdd.daemon.executor import TreeOutcome
 from uffdd.daemon.lifecycle import Daemon, Door, Restore, SilentReporter
 from uffdd.daemon.sources import LocalImageSource, PageSource
@@ -190,8 +191,7 @@ class CriuRestore:
         """Journal the handover as in progress: should the daemon die before the
         restore-finished marker, the restore ends (keeper/journal.py: PendingHandover)."""
         assert self.daemon.journal is not None
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        peer, _, _ = struct.unpack("3i", creds)
+        peer = peer_credentials(conn).pid
         self._pending = PendingHandover(f"criu-{peer}-{id(self):x}", peer, conn.fileno())
         self.daemon.journal.begin_handover(self._pending)
 
