@@ -389,6 +389,12 @@ class Generation:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def daemon_alive(generation: str) -> bool:
+    """Whether the daemon of ``generation`` (``gen-PID-STARTTIME``) still runs."""
+    _, pid, started = generation.split("-", 2)
+    return process_alive(int(pid), started)
+
+
 class StateDir:
     """``DIR``: the generations of every daemon instance that used it."""
 
@@ -405,7 +411,10 @@ class StateDir:
         return Generation(self.path / name, create=True, fd_store=fd_store)
 
     def generations(self, *, besides: str = "") -> Iterator[Generation]:
-        """The journals of earlier instances (oldest first)."""
+        """The journals of earlier instances that died (oldest first): a daemon that
+        still runs on the same state directory keeps its own."""
         for path in sorted(self.path.glob("gen-*")):
-            if path.name != besides and (path / "marks").exists():
+            if path.name == besides or daemon_alive(path.name):
+                continue
+            if (path / "marks").exists():
                 yield Generation(path, create=False)

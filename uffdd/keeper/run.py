@@ -35,9 +35,10 @@ from uffdd.keeper.journal import (
     Generation,
     PendingHandover,
     Record,
+    daemon_alive,
     fork_children,
 )
-from uffdd.kernel.proc import kill_proven, kill_senders_in_flight, kill_tree, process_alive
+from uffdd.kernel.proc import kill_proven, kill_senders_in_flight, kill_tree
 from uffdd.kernel.unix_listener import bind_listener
 from uffdd.log import configure_logging, get_logger
 from uffdd.wire.handover import encode_reply
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inherited = _open_descriptors()
     args = parser.parse_args(argv)
     configure_logging(json=args.log_format == "json")
-    if _daemon_alive(args.generation):
+    if daemon_alive(args.generation):
         return 0  # not a death: the daemon closed the descriptor the twin watched
     generation = Generation(args.state_dir / args.generation, create=False)
     keeper = Keeper(generation, args.resume_deadline, inherited)
@@ -237,9 +238,3 @@ def tell_restorer(conn: int, reason: str) -> None:
         with contextlib.suppress(OSError):
             sock.sendall(encode_reply(Failed(reason)))
         sock.detach()
-
-
-def _daemon_alive(generation: str) -> bool:
-    """Whether the daemon of ``generation`` (``gen-PID-STARTTIME``) still runs."""
-    _, pid, started = generation.split("-", 2)
-    return process_alive(int(pid), started)
